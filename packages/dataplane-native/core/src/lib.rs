@@ -1,0 +1,14 @@
+//! Ferry's block data plane core: volumes with changed-block tracking and generations, the NBD
+//! server that serves them and the NBD client that imports from other servers.
+//!
+//! This crate must never depend on napi or know about JavaScript; `ferry-dataplane-native` is the
+//! one thin binding layer.
+
+pub mod error;
+pub mod nbd;
+pub mod registry;
+pub mod size;
+pub mod stats;
+pub mod volume;
+
+pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! NBD protocol: wire constants, the server (handshake, option haggling, transmission) and the client.
+
+pub mod proto;
