@@ -46,6 +46,15 @@ pub enum Error {
     #[error("NBD server {peer} refused {what}: {why}")]
     Refused { peer: String, what: String, why: String },
 
+    /// A command failed on the server: `errno` is the wire error number (`nbd::proto::EIO`, ...)
+    /// and `message` the server's text from a structured error chunk, if it sent one.
+    #[error(
+        "NBD server {peer} failed {command} at offset {offset}, length {length}: {} (errno {errno}){}",
+        crate::nbd::proto::errno_name(*.errno),
+        if .message.is_empty() { String::new() } else { format!(": {}", .message) }
+    )]
+    ServerError { peer: String, command: &'static str, offset: u64, length: u64, errno: u32, message: String },
+
     #[error("import of '{name}' from {source_desc} failed: {why}")]
     Import { name: String, source_desc: String, why: String },
 
@@ -78,6 +87,7 @@ impl Error {
             Error::CorruptMetadata { .. } => "ERR_CORRUPT_METADATA",
             Error::Protocol { .. } => "ERR_NBD_PROTOCOL",
             Error::Refused { .. } => "ERR_NBD_REFUSED",
+            Error::ServerError { .. } => "ERR_NBD_SERVER",
             Error::Import { .. } => "ERR_IMPORT",
             Error::Service { .. } => "ERR_SERVICE",
             Error::ReadOnly { .. } => "ERR_READ_ONLY",
@@ -93,6 +103,7 @@ impl Error {
             Error::ReadOnly { .. } => proto::EPERM,
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => proto::EINVAL,
             Error::NotSupported(_) => proto::ENOTSUP,
+            Error::ServerError { errno, .. } => *errno,
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => proto::ENOSPC,
                 Some(libc::EINVAL) => proto::EINVAL,

@@ -4,11 +4,15 @@
 //! This crate must never depend on napi or know about JavaScript; `ferry-dataplane-native` is the
 //! one thin binding layer.
 
+pub mod activity_log;
+pub mod bitmap;
+pub mod data_dir;
 pub mod error;
 pub mod nbd;
 pub mod registry;
 pub mod size;
 pub mod stats;
 pub mod volume;
+pub mod volume_meta;
 
 pub use error::{Error, Result};

@@ -1,23 +1,153 @@
-//! STUB API — being implemented; signatures are stable.
-use crate::volume::Volume;
+//! `Registry`: the open volumes of one data directory while a service runs, shared by the NBD
+//! server and the control socket; group cuts across them; leases that make a served volume busy.
+
+use crate::data_dir::DataDir;
+use crate::error::{Error, Result};
+use crate::volume::{Volume, VolumeInfo};
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// The open volumes of one data directory, shared by the NBD server and the control socket.
-pub struct Registry {}
+pub struct Registry {
+    dir: DataDir,
+    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+}
 
 /// A connection's hold on an export; while any lease exists the volume counts as busy.
-pub struct ExportLease { volume: Arc<Volume> }
+pub struct ExportLease {
+    volume: Arc<Volume>,
+}
 
 impl std::ops::Deref for ExportLease {
     type Target = Arc<Volume>;
-    fn deref(&self) -> &Arc<Volume> { &self.volume }
+    fn deref(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+}
+
+impl Drop for ExportLease {
+    fn drop(&mut self) {
+        self.volume.drop_lease();
+    }
 }
 
 impl Registry {
+    /// Open every volume of `dir`. The caller must hold the directory's lock.
+    pub fn open(dir: DataDir) -> Result<Arc<Registry>> {
+        let mut volumes = BTreeMap::new();
+        for name in dir.volume_names()? {
+            let v = dir.open_volume(&name)?;
+            volumes.insert(name, Arc::new(v));
+        }
+        Ok(Arc::new(Registry { dir, volumes: RwLock::new(volumes) }))
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dir
+    }
+
     /// Names of all exports, sorted.
-    pub fn names(&self) -> Vec<String> { todo!() }
+    pub fn names(&self) -> Vec<String> {
+        self.volumes.read().keys().cloned().collect()
+    }
+
     /// Look up an export without leasing it (OPT_INFO, OPT_LIST_META_CONTEXT).
-    pub fn get(&self, name: &str) -> Option<Arc<Volume>> { todo!() }
+    pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
+        self.volumes.read().get(name).cloned()
+    }
+
+    pub fn require(&self, name: &str) -> Result<Arc<Volume>> {
+        self.get(name).ok_or_else(|| Error::UnknownVolume { name: name.to_string(), dir: self.dir.root().to_path_buf() })
+    }
+
     /// Lease an export for a connection entering transmission (OPT_GO / EXPORT_NAME).
-    pub fn lease(&self, name: &str) -> Option<ExportLease> { todo!() }
+    pub fn lease(&self, name: &str) -> Option<ExportLease> {
+        let v = self.get(name)?;
+        v.add_lease();
+        Some(ExportLease { volume: v })
+    }
+
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        self.volumes.read().values().map(|v| v.info()).collect()
+    }
+
+    pub fn create(&self, name: &str, size: u64, granularity: u64) -> Result<VolumeInfo> {
+        let mut vols = self.volumes.write();
+        self.dir.create_volume(name, size, granularity)?;
+        let v = Arc::new(self.dir.open_volume(name)?);
+        let info = v.info();
+        vols.insert(name.to_string(), v);
+        Ok(info)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut vols = self.volumes.write();
+        let v = vols
+            .get(name)
+            .ok_or_else(|| Error::UnknownVolume { name: name.to_string(), dir: self.dir.root().to_path_buf() })?;
+        let n = v.leases();
+        if n > 0 {
+            return Err(Error::VolumeBusy {
+                name: name.to_string(),
+                why: format!("{n} NBD connection(s) are using it; disconnect them first"),
+            });
+        }
+        vols.remove(name);
+        self.dir.delete_volume(name)
+    }
+
+    /// Close the open generation of every named volume at one consistency point: writes to all of
+    /// them are paused (guards taken in name order, so concurrent group cuts cannot deadlock)
+    /// before any is committed. Returns `(volume, closed generation)` in the order given.
+    pub fn cut(&self, names: &[String]) -> Result<Vec<(String, u64)>> {
+        if names.is_empty() {
+            return Err(Error::InvalidArgument("cut needs at least one volume name".into()));
+        }
+        let mut vols: Vec<Arc<Volume>> = names.iter().map(|n| self.require(n)).collect::<Result<_>>()?;
+        vols.sort_by(|a, b| a.name().cmp(b.name()));
+        vols.dedup_by(|a, b| a.name() == b.name());
+        let cut_id = format!("cut-{}-{}", crate::volume_meta::now_ms(), std::process::id());
+        let guards: Vec<_> = vols.iter().map(|v| v.lock_for_cut()).collect();
+        let mut closed = BTreeMap::new();
+        for g in guards {
+            let name = g.volume().name().to_string();
+            closed.insert(name, g.commit(&cut_id)?);
+        }
+        Ok(names.iter().map(|n| (n.clone(), closed[n])).collect())
+    }
+
+    /// Close every volume cleanly (service stop).
+    pub fn close_all(&self) -> Result<()> {
+        let mut first_err = None;
+        for v in self.volumes.read().values() {
+            if let Err(e) = v.close() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_cut_and_busy_delete() {
+        let t = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(t.path()).unwrap();
+        let _lock = dd.try_lock().unwrap().unwrap();
+        let reg = Registry::open(dd).unwrap();
+        reg.create("a", 1 << 20, 65536).unwrap();
+        reg.create("b", 1 << 20, 65536).unwrap();
+        reg.get("a").unwrap().write_at(0, &[1; 4096], false).unwrap();
+        let r = reg.cut(&["b".into(), "a".into()]).unwrap();
+        assert_eq!(r, vec![("b".to_string(), 1), ("a".to_string(), 1)]);
+        assert_eq!(reg.cut(&["nope".into()]).unwrap_err().code(), "ERR_UNKNOWN_VOLUME");
+        let lease = reg.lease("a").unwrap();
+        assert_eq!(reg.delete("a").unwrap_err().code(), "ERR_VOLUME_BUSY");
+        drop(lease);
+        reg.delete("a").unwrap();
+        assert_eq!(reg.names(), vec!["b".to_string()]);
+    }
 }

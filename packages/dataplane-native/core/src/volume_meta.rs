@@ -1,0 +1,65 @@
+//! `VolumeMeta`: a volume's persistent description (geometry and generation history), stored as
+//! JSON and replaced crash-safely (temp file + fsync + rename). It is the commit point of a cut.
+
+use crate::bitmap::write_atomic;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const META_VERSION: u32 = 1;
+pub const DEFAULT_KEEP_GENERATIONS: usize = 8;
+
+/// A closed generation whose bitmap is still kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationRecord {
+    pub generation: u64,
+    /// Shared by every volume closed in the same group cut.
+    pub cut_id: String,
+    /// Milliseconds since the Unix epoch.
+    pub closed_at_ms: u64,
+    pub dirty_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMeta {
+    pub version: u32,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u64,
+    pub granularity: u64,
+    pub created_at_ms: u64,
+    /// Bumped when the volume changes role (promote); generations restart under a new epoch.
+    pub epoch: u64,
+    /// The generation that writes currently land in.
+    pub open_generation: u64,
+    /// Closed generations still kept, oldest first.
+    pub generations: Vec<GenerationRecord>,
+    pub keep_generations: usize,
+    pub read_only: bool,
+}
+
+impl VolumeMeta {
+    pub fn load(path: &Path, name: &str) -> Result<VolumeMeta> {
+        let corrupt = |why: String| Error::CorruptMetadata { name: name.to_string(), path: path.to_path_buf(), why };
+        let bytes = std::fs::read(path).map_err(|e| corrupt(e.to_string()))?;
+        let meta: VolumeMeta = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if meta.version != META_VERSION {
+            return Err(corrupt(format!("unsupported version {}", meta.version)));
+        }
+        if meta.size == 0 || meta.size % meta.block_size != 0 || !meta.granularity.is_power_of_two() {
+            return Err(corrupt("inconsistent geometry".into()));
+        }
+        Ok(meta)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("meta serializes");
+        write_atomic(path, &bytes)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
