@@ -1,0 +1,70 @@
+import { access, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { Sandbox } from "./sandbox.js";
+import { waitFor } from "./wait-for.js";
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe("Sandbox", () => {
+  it("ends its running processes and removes its directories on cleanup", async () => {
+    const sandbox = new Sandbox();
+    const dir = await sandbox.dir();
+    await writeFile(join(dir, "file"), "x");
+    const child = sandbox.spawn("sleep", ["1000"]);
+    const pid = child.pid ?? -1;
+    expect(isAlive(pid)).toBe(true);
+
+    await sandbox.cleanup();
+
+    expect(isAlive(pid)).toBe(false);
+    await expect(access(dir)).rejects.toThrow(/ENOENT/);
+  });
+
+  it("reports exit status and output of a finished run", async () => {
+    const sandbox = new Sandbox();
+    try {
+      const result = await sandbox.run("sh", ["-c", "echo out; echo err >&2; exit 3"]);
+      expect(result).toEqual({ code: 3, signal: null, stdout: "out\n", stderr: "err\n" });
+    } finally {
+      await sandbox.cleanup();
+    }
+  });
+
+  it("kills a run that outlives its timeout", async () => {
+    const sandbox = new Sandbox();
+    try {
+      await expect(sandbox.run("sleep", ["1000"], { timeoutMs: 200 })).rejects.toThrow(/did not finish within 200 ms/);
+    } finally {
+      await sandbox.cleanup();
+    }
+  });
+});
+
+describe("waitFor", () => {
+  it("returns the first value the probe yields", async () => {
+    let calls = 0;
+    await expect(waitFor("the third call", () => (++calls >= 3 ? calls : undefined), { intervalMs: 1 })).resolves.toBe(
+      3,
+    );
+  });
+
+  it("fails with what it waited for and the last error once the deadline passes", async () => {
+    await expect(
+      waitFor(
+        "a thing",
+        () => {
+          throw new Error("not yet");
+        },
+        { timeoutMs: 50, intervalMs: 10 },
+      ),
+    ).rejects.toThrow(/waiting for a thing: not yet/);
+  });
+});
