@@ -1,0 +1,15 @@
+/** Public face of @ferry/cli: the command tree and its entry point, for embedding and tests. */
+
+export {
+  BindingUnavailable,
+  describeError,
+  ExitCode,
+  FerryCliError,
+  Interrupted,
+  ToolFailed,
+  ToolMissing,
+  UnexpectedStats,
+  UsageError,
+} from "./errors.js";
+export { main } from "./main.js";
+export { createProgram, type ProgramIo } from "./program.js";
