@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Brings this machine (Debian 12) to what `npm run demo` and `npm test` need, and builds the repo.
+# Idempotent and quick when everything is already there: Debian packages are installed only when
+# missing, `npm ci` runs only when node_modules is older than package-lock.json, and the build goes
+# through turbo's cache.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DEBIAN_PACKAGES=(qemu-utils nbdkit libnbd-bin nbd-server fio)
+NPM_STAMP=node_modules/.ferry-npm-ci.stamp
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+ensure_debian_packages() {
+  local missing=() pkg
+  for pkg in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$pkg")
+  done
+  ((${#missing[@]} == 0)) && return 0
+
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || die "need root or sudo to install: ${missing[*]}"
+    sudo=(sudo -n)
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_rust() {
+  # shellcheck source=infra/env.sh
+  . infra/env.sh
+  command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found (nor ~/.cargo/env): install a Rust toolchain (rustup, stable >= 1.80)"
+}
+
+ensure_node_modules() {
+  if [[ ! -f $NPM_STAMP || package-lock.json -nt $NPM_STAMP ]]; then
+    say "installing npm dependencies (npm ci)"
+    npm ci --no-audit --no-fund
+    touch "$NPM_STAMP"
+  fi
+}
+
+ensure_debian_packages
+ensure_rust
+ensure_node_modules
+say "building (turbo, cached)"
+npx --no-install turbo run build --output-logs=errors-only
