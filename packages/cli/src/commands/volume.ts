@@ -85,6 +85,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
 
   volume
     .command("delete")
+    .summary("delete a volume")
     .description("delete a volume and its generations (refused while a client has it open)")
     .argument("<name>", "volume name")
     .addOption(dataOption())
@@ -96,6 +97,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
 
   volume
     .command("serve")
+    .summary("serve the volumes over NBD in the foreground")
     .description(
       "serve every volume of the data directory over NBD, in the foreground; SIGTERM or SIGINT stops it cleanly.\n" +
         `Listens on ${DEFAULT_LISTEN} unless --listen or --socket is given.`,
@@ -129,6 +131,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
 
   volume
     .command("cut")
+    .summary("close the open generation of volumes (one consistency group)")
     .description(
       "close the open generation of one or more volumes atomically (one consistency group) and open the next; prints the closed generation numbers",
     )
