@@ -53,7 +53,11 @@ impl ActivityLog {
     }
 
     /// Open (or create) the log of a volume of `size` bytes; returns what the last run left hot.
-    pub fn open(path: &Path, size: u64, granularity: u64) -> Result<(ActivityLog, Option<Recovered>)> {
+    pub fn open(
+        path: &Path,
+        size: u64,
+        granularity: u64,
+    ) -> Result<(ActivityLog, Option<Recovered>)> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -66,14 +70,24 @@ impl ActivityLog {
         let recovered = Self::read_newest(&file, n);
         let (seq, id) = match &recovered {
             Some((seq, r)) => (*seq, r.id),
-            None => (0, GenerationId { epoch: 0, generation: 0 }),
+            None => (
+                0,
+                GenerationId {
+                    epoch: 0,
+                    generation: 0,
+                },
+            ),
         };
         let log = ActivityLog {
             path: path.to_path_buf(),
             file,
             extent_size,
             hot: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            state: Mutex::new(State { id, seq, hot: Vec::new() }),
+            state: Mutex::new(State {
+                id,
+                seq,
+                hot: Vec::new(),
+            }),
         };
         Ok((log, recovered.map(|(_, r)| r)))
     }
@@ -113,21 +127,31 @@ impl ActivityLog {
     /// Is there room to add `first..=last` without flushing the bitmap first?
     pub fn has_room(&self, first: u32, last: u32) -> bool {
         let st = self.state.lock();
-        let missing = (first..=last).filter(|e| !self.hot[*e as usize].load(Ordering::Acquire)).count();
+        let missing = (first..=last)
+            .filter(|e| !self.hot[*e as usize].load(Ordering::Acquire))
+            .count();
         st.hot.len() + missing <= CAPACITY
     }
 
     /// Persist `first..=last` as hot for generation `id`. When `start_over` is set (the caller has
     /// just persisted the whole bitmap), the previous hot set is dropped first.
     /// Returns false when there is no room and `start_over` was not set.
-    pub fn make_hot(&self, id: GenerationId, first: u32, last: u32, start_over: bool) -> Result<bool> {
+    pub fn make_hot(
+        &self,
+        id: GenerationId,
+        first: u32,
+        last: u32,
+        start_over: bool,
+    ) -> Result<bool> {
         let mut st = self.state.lock();
         if start_over {
             for e in st.hot.drain(..) {
                 self.hot[e as usize].store(false, Ordering::Release);
             }
         }
-        let missing: Vec<u32> = (first..=last).filter(|e| !self.hot[*e as usize].load(Ordering::Acquire)).collect();
+        let missing: Vec<u32> = (first..=last)
+            .filter(|e| !self.hot[*e as usize].load(Ordering::Acquire))
+            .collect();
         if missing.is_empty() && st.id == id && !start_over {
             return Ok(true);
         }
@@ -172,7 +196,9 @@ impl ActivityLog {
         self.file
             .write_all_at(&buf, slot * SLOT_LEN)
             .ctx(|| format!("cannot write activity log {}", self.path.display()))?;
-        self.file.sync_data().ctx(|| format!("cannot fsync activity log {}", self.path.display()))
+        self.file
+            .sync_data()
+            .ctx(|| format!("cannot fsync activity log {}", self.path.display()))
     }
 }
 
@@ -190,10 +216,19 @@ fn decode_slot(buf: &[u8], n_extents: usize) -> Option<(u64, Recovered)> {
         return None;
     }
     let extents: Vec<u32> = (0..count)
-        .map(|i| u32::from_le_bytes(buf[HEADER_LEN + i * 4..HEADER_LEN + i * 4 + 4].try_into().unwrap()))
+        .map(|i| {
+            u32::from_le_bytes(
+                buf[HEADER_LEN + i * 4..HEADER_LEN + i * 4 + 4]
+                    .try_into()
+                    .unwrap(),
+            )
+        })
         .filter(|e| (*e as usize) < n_extents)
         .collect();
-    let id = GenerationId { epoch: u64_at(8), generation: u64_at(16) };
+    let id = GenerationId {
+        epoch: u64_at(8),
+        generation: u64_at(16),
+    };
     Some((u64_at(24), Recovered { id, extents }))
 }
 
@@ -204,7 +239,10 @@ const _: () = assert!(HEADER_LEN + CAPACITY * 4 + 8 <= SLOT_LEN as usize);
 mod tests {
     use super::*;
 
-    const G1: GenerationId = GenerationId { epoch: 1, generation: 1 };
+    const G1: GenerationId = GenerationId {
+        epoch: 1,
+        generation: 1,
+    };
 
     #[test]
     fn hot_extents_survive_reopen() {
@@ -237,7 +275,11 @@ mod tests {
         f.write_all_at(&[0xff; 16], 40).unwrap();
         let (al, rec) = ActivityLog::open(&p, 1 << 30, 65536).unwrap();
         assert_eq!(rec.unwrap().extents, vec![0]);
-        al.reset(GenerationId { epoch: 1, generation: 2 }).unwrap();
+        al.reset(GenerationId {
+            epoch: 1,
+            generation: 2,
+        })
+        .unwrap();
         drop(al);
         let (_, rec) = ActivityLog::open(&p, 1 << 30, 65536).unwrap();
         let rec = rec.unwrap();

@@ -7,7 +7,7 @@
 use crate::error::{Error, IoContext, Result};
 use crate::nbd::proto::STATE_DIRTY;
 use crate::volume::StatusExtent;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +16,7 @@ const MAGIC: &[u8; 8] = b"FERRYBM1";
 const HEADER_LEN: usize = 8 + 8 + 8 + 8 + 8 + 8;
 
 /// A byte range of a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {
     pub offset: u64,
     pub length: u64,
@@ -50,7 +50,11 @@ impl DirtyBitmap {
         assert!(granularity.is_power_of_two());
         let nbits = size.div_ceil(granularity);
         let words = (0..nbits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        DirtyBitmap { size, granularity, words }
+        DirtyBitmap {
+            size,
+            granularity,
+            words,
+        }
     }
 
     pub fn granularity(&self) -> u64 {
@@ -80,7 +84,11 @@ impl DirtyBitmap {
             let w = (b / 64) as usize;
             let lo = b % 64;
             let hi = (last - (b - lo)).min(63);
-            let mask = if hi - lo == 63 { u64::MAX } else { ((1u64 << (hi - lo + 1)) - 1) << lo };
+            let mask = if hi - lo == 63 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo + 1)) - 1) << lo
+            };
             // Skip the atomic RMW when already set: the common case for hot blocks.
             if self.words[w].load(Ordering::Relaxed) & mask != mask {
                 self.words[w].fetch_or(mask, Ordering::Relaxed);
@@ -95,7 +103,10 @@ impl DirtyBitmap {
     }
 
     pub fn dirty_blocks(&self) -> u64 {
-        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
     }
 
     /// Bytes covered by dirty blocks (the last block clipped to the volume size).
@@ -130,8 +141,13 @@ impl DirtyBitmap {
                 let start = (wi as u64 * 64 + bit) * self.granularity;
                 let end = ((wi as u64 * 64 + bit + run) * self.granularity).min(self.size);
                 match out.last_mut() {
-                    Some(last) if last.offset + last.length == start => last.length = end - last.offset,
-                    _ => out.push(Extent { offset: start, length: end - start }),
+                    Some(last) if last.offset + last.length == start => {
+                        last.length = end - last.offset
+                    }
+                    _ => out.push(Extent {
+                        offset: start,
+                        length: end - start,
+                    }),
                 }
                 if bit + run >= 64 {
                     break;
@@ -155,7 +171,10 @@ impl DirtyBitmap {
             while next < end && self.is_dirty(next / self.granularity) == dirty {
                 next = ((next / self.granularity + 1) * self.granularity).min(end);
             }
-            out.push(StatusExtent { length: next - pos, flags: if dirty { STATE_DIRTY } else { 0 } });
+            out.push(StatusExtent {
+                length: next - pos,
+                flags: if dirty { STATE_DIRTY } else { 0 },
+            });
             pos = next;
         }
         out
@@ -178,7 +197,11 @@ impl DirtyBitmap {
     }
 
     /// Decode a bitmap written by `encode`. Errors on any corruption or geometry mismatch.
-    pub fn decode(bytes: &[u8], size: u64, granularity: u64) -> std::result::Result<(GenerationId, DirtyBitmap), String> {
+    pub fn decode(
+        bytes: &[u8],
+        size: u64,
+        granularity: u64,
+    ) -> std::result::Result<(GenerationId, DirtyBitmap), String> {
         if bytes.len() < HEADER_LEN + 8 || &bytes[0..8] != MAGIC {
             return Err("not a Ferry bitmap (bad magic or truncated)".into());
         }
@@ -187,9 +210,18 @@ impl DirtyBitmap {
             return Err("checksum mismatch".into());
         }
         let u = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap());
-        let id = GenerationId { epoch: u(8), generation: u(16) };
+        let id = GenerationId {
+            epoch: u(8),
+            generation: u(16),
+        };
         if u(24) != size || u(32) != granularity {
-            return Err(format!("geometry {}:{} does not match volume {}:{}", u(24), u(32), size, granularity));
+            return Err(format!(
+                "geometry {}:{} does not match volume {}:{}",
+                u(24),
+                u(32),
+                size,
+                granularity
+            ));
         }
         let bm = DirtyBitmap::new(size, granularity);
         let n = u(40) as usize;
@@ -213,12 +245,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("path has a parent");
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).ctx(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes).ctx(|| format!("cannot write {}", tmp.display()))?;
-    f.sync_all().ctx(|| format!("cannot fsync {}", tmp.display()))?;
+    f.write_all(bytes)
+        .ctx(|| format!("cannot write {}", tmp.display()))?;
+    f.sync_all()
+        .ctx(|| format!("cannot fsync {}", tmp.display()))?;
     drop(f);
-    std::fs::rename(&tmp, path).ctx(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .ctx(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     let d = std::fs::File::open(dir).ctx(|| format!("cannot open directory {}", dir.display()))?;
-    d.sync_all().map_err(|e| Error::io(format!("cannot fsync directory {}", dir.display()), e))
+    d.sync_all()
+        .map_err(|e| Error::io(format!("cannot fsync directory {}", dir.display()), e))
 }
 
 #[cfg(test)]
@@ -234,9 +270,18 @@ mod tests {
         assert_eq!(
             bm.extents(),
             vec![
-                Extent { offset: 0, length: 65536 },
-                Extent { offset: 65536 * 2, length: 65536 * 2 },
-                Extent { offset: 65536 * 15, length: 65536 }
+                Extent {
+                    offset: 0,
+                    length: 65536
+                },
+                Extent {
+                    offset: 65536 * 2,
+                    length: 65536 * 2
+                },
+                Extent {
+                    offset: 65536 * 15,
+                    length: 65536
+                }
             ]
         );
         assert_eq!(bm.dirty_blocks(), 4);
@@ -247,7 +292,13 @@ mod tests {
         let size = 65536 * 130 + 4096;
         let bm = DirtyBitmap::new(size, 65536);
         bm.mark(65536 * 60, 65536 * 71);
-        assert_eq!(bm.extents(), vec![Extent { offset: 65536 * 60, length: size - 65536 * 60 }]);
+        assert_eq!(
+            bm.extents(),
+            vec![Extent {
+                offset: 65536 * 60,
+                length: size - 65536 * 60
+            }]
+        );
         bm.mark_all();
         assert_eq!(bm.dirty_bytes(), size);
     }
@@ -260,9 +311,18 @@ mod tests {
         assert_eq!(
             s,
             vec![
-                StatusExtent { length: 65536 - 4096, flags: 0 },
-                StatusExtent { length: 65536, flags: STATE_DIRTY },
-                StatusExtent { length: 65536 + 4096, flags: 0 }
+                StatusExtent {
+                    length: 65536 - 4096,
+                    flags: 0
+                },
+                StatusExtent {
+                    length: 65536,
+                    flags: STATE_DIRTY
+                },
+                StatusExtent {
+                    length: 65536 + 4096,
+                    flags: 0
+                }
             ]
         );
         assert_eq!(bm.status(0, 65536 * 8, 1).len(), 1);
@@ -272,14 +332,19 @@ mod tests {
     fn encode_decode_round_trip_and_detects_corruption() {
         let bm = DirtyBitmap::new(1 << 30, 65536);
         bm.mark(12345678, 999999);
-        let id = GenerationId { epoch: 1, generation: 7 };
+        let id = GenerationId {
+            epoch: 1,
+            generation: 7,
+        };
         let mut bytes = bm.encode(id);
         let (id2, bm2) = DirtyBitmap::decode(&bytes, 1 << 30, 65536).unwrap();
         assert_eq!(id2, id);
         assert_eq!(bm2.extents(), bm.extents());
         let mid = bytes.len() / 2;
         bytes[mid] ^= 1;
-        assert!(DirtyBitmap::decode(&bytes, 1 << 30, 65536).unwrap_err().contains("checksum"));
+        assert!(DirtyBitmap::decode(&bytes, 1 << 30, 65536)
+            .unwrap_err()
+            .contains("checksum"));
         assert!(DirtyBitmap::decode(&bm.encode(id), 1 << 29, 65536).is_err());
     }
 }

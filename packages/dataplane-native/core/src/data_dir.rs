@@ -28,13 +28,23 @@ pub struct DirLock {
 impl DataDir {
     /// Open `root`, creating it if missing, and check that it is writable.
     pub fn open(root: &Path) -> Result<DataDir> {
-        let bad = |why: String| Error::DataDir { dir: root.to_path_buf(), why };
-        std::fs::create_dir_all(root.join(VOLUMES))
-            .map_err(|e| bad(format!("cannot create it ({e}); pass --data with a writable directory")))?;
+        let bad = |why: String| Error::DataDir {
+            dir: root.to_path_buf(),
+            why,
+        };
+        std::fs::create_dir_all(root.join(VOLUMES)).map_err(|e| {
+            bad(format!(
+                "cannot create it ({e}); pass --data with a writable directory"
+            ))
+        })?;
         let probe = root.join(format!(".probe-{}", std::process::id()));
         File::create(&probe)
             .and_then(|mut f| f.write_all(b"ok"))
-            .map_err(|e| bad(format!("not writable ({e}); fix its permissions or pass another --data")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "not writable ({e}); fix its permissions or pass another --data"
+                ))
+            })?;
         let _ = std::fs::remove_file(&probe);
         let root = root.canonicalize().map_err(|e| bad(e.to_string()))?;
         Ok(DataDir { root })
@@ -76,9 +86,25 @@ impl DataDir {
         Ok(Some(DirLock { _file: file }))
     }
 
+    /// The error for "someone else holds the lock", naming the holder's pid when known.
+    pub fn busy(&self, hint: &str) -> Error {
+        Error::DataDirBusy {
+            dir: self.root.clone(),
+            holder: self
+                .lock_holder()
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default(),
+            hint: hint.to_string(),
+        }
+    }
+
     /// The pid written by the current lock holder, for error messages.
     pub fn lock_holder(&self) -> Option<u32> {
-        std::fs::read_to_string(self.root.join(LOCK_FILE)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.root.join(LOCK_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn validate_name(name: &str) -> Result<()> {
@@ -86,7 +112,9 @@ impl DataDir {
             && name.len() <= 64
             && !name.starts_with('.')
             && !name.starts_with('-')
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
         if ok {
             Ok(())
         } else {
@@ -101,7 +129,9 @@ impl DataDir {
                 why: "a volume size must be a positive multiple of 4096 (4K), e.g. 1G".into(),
             });
         }
-        if !granularity.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity) {
+        if !granularity.is_power_of_two()
+            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
+        {
             return Err(Error::BadSize {
                 input: granularity.to_string(),
                 why: format!(
@@ -122,7 +152,10 @@ impl DataDir {
         Self::validate_name(name)?;
         Self::validate_geometry(size, granularity)?;
         if self.exists(name) {
-            return Err(Error::VolumeExists { name: name.to_string(), dir: self.root.clone() });
+            return Err(Error::VolumeExists {
+                name: name.to_string(),
+                dir: self.root.clone(),
+            });
         }
         Volume::create(&self.volume_dir(name), name, size, granularity)
     }
@@ -130,7 +163,10 @@ impl DataDir {
     pub fn open_volume(&self, name: &str) -> Result<Volume> {
         Self::validate_name(name)?;
         if !self.exists(name) {
-            return Err(Error::UnknownVolume { name: name.to_string(), dir: self.root.clone() });
+            return Err(Error::UnknownVolume {
+                name: name.to_string(),
+                dir: self.root.clone(),
+            });
         }
         Volume::open(&self.volume_dir(name), name)
     }
@@ -154,7 +190,10 @@ impl DataDir {
         Self::validate_name(name)?;
         let dir = self.volume_dir(name);
         if !dir.is_dir() {
-            return Err(Error::UnknownVolume { name: name.to_string(), dir: self.root.clone() });
+            return Err(Error::UnknownVolume {
+                name: name.to_string(),
+                dir: self.root.clone(),
+            });
         }
         // Rename first so a crash mid-delete never leaves a half-deleted volume that looks whole.
         let doomed = self.root.join(VOLUMES).join(format!(".deleting-{name}"));
@@ -184,11 +223,21 @@ mod tests {
     #[test]
     fn validates_names_and_geometry() {
         for bad in ["", ".x", "-x", "a/b", "a b", &"x".repeat(65)] {
-            assert_eq!(DataDir::validate_name(bad).unwrap_err().code(), "ERR_BAD_NAME", "{bad}");
+            assert_eq!(
+                DataDir::validate_name(bad).unwrap_err().code(),
+                "ERR_BAD_NAME",
+                "{bad}"
+            );
         }
         DataDir::validate_name("db-1.data_2").unwrap();
-        assert_eq!(DataDir::validate_geometry(4095, 65536).unwrap_err().code(), "ERR_BAD_SIZE");
-        assert_eq!(DataDir::validate_geometry(4096, 3000).unwrap_err().code(), "ERR_BAD_SIZE");
+        assert_eq!(
+            DataDir::validate_geometry(4095, 65536).unwrap_err().code(),
+            "ERR_BAD_SIZE"
+        );
+        assert_eq!(
+            DataDir::validate_geometry(4096, 3000).unwrap_err().code(),
+            "ERR_BAD_SIZE"
+        );
         DataDir::validate_geometry(4096, 4096).unwrap();
     }
 
@@ -197,7 +246,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dd = DataDir::open(&t.path().join("d")).unwrap();
         dd.create_volume("a", 1 << 20, 65536).unwrap();
-        assert_eq!(dd.create_volume("a", 1 << 20, 65536).unwrap_err().code(), "ERR_VOLUME_EXISTS");
+        assert_eq!(
+            dd.create_volume("a", 1 << 20, 65536).unwrap_err().code(),
+            "ERR_VOLUME_EXISTS"
+        );
         assert_eq!(dd.list_offline().unwrap()[0].name, "a");
         let l = dd.try_lock().unwrap().unwrap();
         assert!(dd.try_lock().unwrap().is_none(), "second lock must fail");
@@ -205,7 +257,10 @@ mod tests {
         drop(l);
         assert!(dd.try_lock().unwrap().is_some());
         dd.delete_volume("a").unwrap();
-        assert_eq!(dd.delete_volume("a").unwrap_err().code(), "ERR_UNKNOWN_VOLUME");
+        assert_eq!(
+            dd.delete_volume("a").unwrap_err().code(),
+            "ERR_UNKNOWN_VOLUME"
+        );
         assert!(dd.volume_names().unwrap().is_empty());
     }
 

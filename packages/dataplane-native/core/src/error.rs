@@ -38,13 +38,21 @@ pub enum Error {
     },
 
     #[error("metadata of volume '{name}' is corrupt ({path}): {why}")]
-    CorruptMetadata { name: String, path: PathBuf, why: String },
+    CorruptMetadata {
+        name: String,
+        path: PathBuf,
+        why: String,
+    },
 
     #[error("NBD protocol error talking to {peer}: {why}")]
     Protocol { peer: String, why: String },
 
     #[error("NBD server {peer} refused {what}: {why}")]
-    Refused { peer: String, what: String, why: String },
+    Refused {
+        peer: String,
+        what: String,
+        why: String,
+    },
 
     /// A command failed on the server: `errno` is the wire error number (`nbd::proto::EIO`, ...)
     /// and `message` the server's text from a structured error chunk, if it sent one.
@@ -53,27 +61,54 @@ pub enum Error {
         crate::nbd::proto::errno_name(*.errno),
         if .message.is_empty() { String::new() } else { format!(": {}", .message) }
     )]
-    ServerError { peer: String, command: &'static str, offset: u64, length: u64, errno: u32, message: String },
+    ServerError {
+        peer: String,
+        command: &'static str,
+        offset: u64,
+        length: u64,
+        errno: u32,
+        message: String,
+    },
 
     #[error("import of '{name}' from {source_desc} failed: {why}")]
-    Import { name: String, source_desc: String, why: String },
+    Import {
+        name: String,
+        source_desc: String,
+        why: String,
+    },
 
     #[error("the volume service for {dir} is not reachable: {why}")]
     Service { dir: PathBuf, why: String },
+
+    #[error("data directory {dir} is in use by another volume service{holder}: {hint}")]
+    DataDirBusy {
+        dir: PathBuf,
+        holder: String,
+        hint: String,
+    },
 
     #[error("volume '{name}' is read-only")]
     ReadOnly { name: String },
 
     #[error("request on volume '{name}' is out of range: offset {offset} + length {length} > size {size}")]
-    OutOfRange { name: String, offset: u64, length: u64, size: u64 },
+    OutOfRange {
+        name: String,
+        offset: u64,
+        length: u64,
+        size: u64,
+    },
 
     #[error("not supported: {0}")]
     NotSupported(String),
+
+    /// An error reported by the running volume service over its control socket.
+    #[error("{message}")]
+    Remote { code: String, message: String },
 }
 
 impl Error {
     /// Stable code for programs (the JavaScript `error.code`).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
             Error::UnknownVolume { .. } => "ERR_UNKNOWN_VOLUME",
             Error::VolumeExists { .. } => "ERR_VOLUME_EXISTS",
@@ -90,9 +125,11 @@ impl Error {
             Error::ServerError { .. } => "ERR_NBD_SERVER",
             Error::Import { .. } => "ERR_IMPORT",
             Error::Service { .. } => "ERR_SERVICE",
+            Error::DataDirBusy { .. } => "ERR_DATA_DIR_BUSY",
             Error::ReadOnly { .. } => "ERR_READ_ONLY",
             Error::OutOfRange { .. } => "ERR_OUT_OF_RANGE",
             Error::NotSupported(_) => "ERR_NOT_SUPPORTED",
+            Error::Remote { code, .. } => code,
         }
     }
 
@@ -116,7 +153,10 @@ impl Error {
     }
 
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -129,6 +169,9 @@ pub trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io { context: context(), source })
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
     }
 }

@@ -5,11 +5,16 @@
 //! one thin binding layer.
 
 pub mod activity_log;
+pub mod admin;
 pub mod bitmap;
 pub mod data_dir;
+pub mod control;
 pub mod error;
+pub mod import;
+pub mod import_volume;
 pub mod nbd;
 pub mod registry;
+pub mod service;
 pub mod size;
 pub mod stats;
 pub mod volume;

@@ -39,7 +39,24 @@ impl Registry {
             let v = dir.open_volume(&name)?;
             volumes.insert(name, Arc::new(v));
         }
-        Ok(Arc::new(Registry { dir, volumes: RwLock::new(volumes) }))
+        Ok(Arc::new(Registry {
+            dir,
+            volumes: RwLock::new(volumes),
+        }))
+    }
+
+    /// Open only the named volumes (an offline group cut). The caller must hold the lock.
+    pub fn open_subset(dir: DataDir, names: &[String]) -> Result<Arc<Registry>> {
+        let mut volumes = BTreeMap::new();
+        for name in names {
+            if !volumes.contains_key(name) {
+                volumes.insert(name.clone(), Arc::new(dir.open_volume(name)?));
+            }
+        }
+        Ok(Arc::new(Registry {
+            dir,
+            volumes: RwLock::new(volumes),
+        }))
     }
 
     pub fn data_dir(&self) -> &DataDir {
@@ -57,7 +74,10 @@ impl Registry {
     }
 
     pub fn require(&self, name: &str) -> Result<Arc<Volume>> {
-        self.get(name).ok_or_else(|| Error::UnknownVolume { name: name.to_string(), dir: self.dir.root().to_path_buf() })
+        self.get(name).ok_or_else(|| Error::UnknownVolume {
+            name: name.to_string(),
+            dir: self.dir.root().to_path_buf(),
+        })
     }
 
     /// Lease an export for a connection entering transmission (OPT_GO / EXPORT_NAME).
@@ -82,9 +102,10 @@ impl Registry {
 
     pub fn delete(&self, name: &str) -> Result<()> {
         let mut vols = self.volumes.write();
-        let v = vols
-            .get(name)
-            .ok_or_else(|| Error::UnknownVolume { name: name.to_string(), dir: self.dir.root().to_path_buf() })?;
+        let v = vols.get(name).ok_or_else(|| Error::UnknownVolume {
+            name: name.to_string(),
+            dir: self.dir.root().to_path_buf(),
+        })?;
         let n = v.leases();
         if n > 0 {
             return Err(Error::VolumeBusy {
@@ -101,12 +122,21 @@ impl Registry {
     /// before any is committed. Returns `(volume, closed generation)` in the order given.
     pub fn cut(&self, names: &[String]) -> Result<Vec<(String, u64)>> {
         if names.is_empty() {
-            return Err(Error::InvalidArgument("cut needs at least one volume name".into()));
+            return Err(Error::InvalidArgument(
+                "cut needs at least one volume name".into(),
+            ));
         }
-        let mut vols: Vec<Arc<Volume>> = names.iter().map(|n| self.require(n)).collect::<Result<_>>()?;
+        let mut vols: Vec<Arc<Volume>> = names
+            .iter()
+            .map(|n| self.require(n))
+            .collect::<Result<_>>()?;
         vols.sort_by(|a, b| a.name().cmp(b.name()));
         vols.dedup_by(|a, b| a.name() == b.name());
-        let cut_id = format!("cut-{}-{}", crate::volume_meta::now_ms(), std::process::id());
+        let cut_id = format!(
+            "cut-{}-{}",
+            crate::volume_meta::now_ms(),
+            std::process::id()
+        );
         let guards: Vec<_> = vols.iter().map(|v| v.lock_for_cut()).collect();
         let mut closed = BTreeMap::new();
         for g in guards {
@@ -140,10 +170,16 @@ mod tests {
         let reg = Registry::open(dd).unwrap();
         reg.create("a", 1 << 20, 65536).unwrap();
         reg.create("b", 1 << 20, 65536).unwrap();
-        reg.get("a").unwrap().write_at(0, &[1; 4096], false).unwrap();
+        reg.get("a")
+            .unwrap()
+            .write_at(0, &[1; 4096], false)
+            .unwrap();
         let r = reg.cut(&["b".into(), "a".into()]).unwrap();
         assert_eq!(r, vec![("b".to_string(), 1), ("a".to_string(), 1)]);
-        assert_eq!(reg.cut(&["nope".into()]).unwrap_err().code(), "ERR_UNKNOWN_VOLUME");
+        assert_eq!(
+            reg.cut(&["nope".into()]).unwrap_err().code(),
+            "ERR_UNKNOWN_VOLUME"
+        );
         let lease = reg.lease("a").unwrap();
         assert_eq!(reg.delete("a").unwrap_err().code(), "ERR_VOLUME_BUSY");
         drop(lease);

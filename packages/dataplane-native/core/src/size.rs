@@ -4,12 +4,19 @@ use crate::error::{Error, Result};
 
 /// Parse a size with an optional binary suffix (K, M, G, T, optionally followed by `i`/`iB`/`B`).
 pub fn parse_size(input: &str) -> Result<u64> {
-    let bad = |why: &str| Error::BadSize { input: input.to_string(), why: why.to_string() };
+    let bad = |why: &str| Error::BadSize {
+        input: input.to_string(),
+        why: why.to_string(),
+    };
     let s = input.trim();
     if s.is_empty() {
-        return Err(bad("empty; write bytes or a number with K, M, G or T, e.g. 1G"));
+        return Err(bad(
+            "empty; write bytes or a number with K, M, G or T, e.g. 1G",
+        ));
     }
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, suffix) = s.split_at(split);
     let mult: u64 = match suffix.to_ascii_uppercase().as_str() {
         "" | "B" => 1,
@@ -17,7 +24,11 @@ pub fn parse_size(input: &str) -> Result<u64> {
         "M" | "MB" | "MI" | "MIB" => 1 << 20,
         "G" | "GB" | "GI" | "GIB" => 1 << 30,
         "T" | "TB" | "TI" | "TIB" => 1 << 40,
-        _ => return Err(bad("unknown suffix; use K, M, G or T (powers of 1024), e.g. 64K or 1G")),
+        _ => {
+            return Err(bad(
+                "unknown suffix; use K, M, G or T (powers of 1024), e.g. 64K or 1G",
+            ))
+        }
     };
     if num.is_empty() {
         return Err(bad("no number before the suffix"));
@@ -41,7 +52,12 @@ pub fn parse_size(input: &str) -> Result<u64> {
 
 /// Format bytes compactly with a binary suffix when exact (`1G`), else with two decimals.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
     for (unit, mult) in UNITS {
         if bytes >= mult {
             if bytes % mult == 0 {
@@ -68,7 +84,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for s in ["", "G", "1X", "abc", "99999999999999999999", "1.0000001K", "-1"] {
+        for s in [
+            "",
+            "G",
+            "1X",
+            "abc",
+            "99999999999999999999",
+            "1.0000001K",
+            "-1",
+        ] {
             let e = parse_size(s).unwrap_err();
             assert_eq!(e.code(), "ERR_BAD_SIZE", "{s}");
             assert!(e.to_string().contains(&format!("'{s}'")), "{e}");

@@ -11,15 +11,17 @@ use crate::bitmap::{DirtyBitmap, Extent, GenerationId};
 use crate::error::{Error, IoContext, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::stats::{Op, Stats};
-use crate::volume_meta::{now_ms, GenerationRecord, VolumeMeta, DEFAULT_KEEP_GENERATIONS, META_VERSION};
+use crate::volume_meta::{
+    now_ms, GenerationRecord, VolumeMeta, DEFAULT_KEEP_GENERATIONS, META_VERSION,
+};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,7 +57,10 @@ impl BitmapRef {
             return Some(BitmapRef::Open);
         }
         let n = name.strip_prefix("gen-")?;
-        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+        if n.is_empty()
+            || !n.bytes().all(|b| b.is_ascii_digit())
+            || (n.len() > 1 && n.starts_with('0'))
+        {
             return None;
         }
         n.parse().ok().map(BitmapRef::Generation)
@@ -79,7 +84,7 @@ pub struct ZeroFlags {
 }
 
 /// What `ferry volume list` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeInfo {
     pub name: String,
@@ -109,6 +114,9 @@ pub struct Volume {
     al: ActivityLog,
     stats: Stats,
     leases: AtomicUsize,
+    /// Off only for benchmarks that measure what tracking costs; a volume served untracked has
+    /// its whole open bitmap marked dirty when tracking is turned off (see `set_tracking`).
+    tracking: AtomicBool,
 }
 
 pub type SharedVolume = Arc<Volume>;
@@ -122,9 +130,12 @@ impl Volume {
         let tmp = parent.join(format!(".creating-{name}"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).ctx(|| format!("cannot create {}", tmp.display()))?;
-        let data = File::create(tmp.join(DATA_FILE)).ctx(|| format!("cannot create data file in {}", tmp.display()))?;
-        data.set_len(size).ctx(|| format!("cannot size data file to {size} bytes"))?;
-        data.sync_all().ctx(|| "cannot fsync data file".to_string())?;
+        let data = File::create(tmp.join(DATA_FILE))
+            .ctx(|| format!("cannot create data file in {}", tmp.display()))?;
+        data.set_len(size)
+            .ctx(|| format!("cannot size data file to {size} bytes"))?;
+        data.sync_all()
+            .ctx(|| "cannot fsync data file".to_string())?;
         let meta = VolumeMeta {
             version: META_VERSION,
             name: name.to_string(),
@@ -138,11 +149,16 @@ impl Volume {
             keep_generations: DEFAULT_KEEP_GENERATIONS,
             read_only: false,
         };
-        let id = GenerationId { epoch: 1, generation: 1 };
+        let id = GenerationId {
+            epoch: 1,
+            generation: 1,
+        };
         DirtyBitmap::new(size, granularity).save(&tmp.join(OPEN_BITMAP_FILE), id)?;
         meta.save(&tmp.join(META_FILE))?;
         std::fs::rename(&tmp, dir).ctx(|| format!("cannot move {} into place", tmp.display()))?;
-        File::open(parent).and_then(|d| d.sync_all()).ctx(|| format!("cannot fsync {}", parent.display()))
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .ctx(|| format!("cannot fsync {}", parent.display()))
     }
 
     /// Open a volume, recovering its open bitmap after an unclean stop.
@@ -154,7 +170,10 @@ impl Volume {
             .write(!meta.read_only)
             .open(&data_path)
             .ctx(|| format!("cannot open {}", data_path.display()))?;
-        let len = file.metadata().ctx(|| format!("cannot stat {}", data_path.display()))?.len();
+        let len = file
+            .metadata()
+            .ctx(|| format!("cannot stat {}", data_path.display()))?
+            .len();
         if len != meta.size {
             return Err(Error::CorruptMetadata {
                 name: name.to_string(),
@@ -163,14 +182,22 @@ impl Volume {
             });
         }
         let (size, gran) = (meta.size, meta.granularity);
-        let id = GenerationId { epoch: meta.epoch, generation: meta.open_generation };
+        let id = GenerationId {
+            epoch: meta.epoch,
+            generation: meta.open_generation,
+        };
         let (al, recovered) = ActivityLog::open(&dir.join(ACTIVITY_LOG_FILE), size, gran)?;
 
-        let bitmap = match std::fs::read(dir.join(OPEN_BITMAP_FILE)).ok().map(|b| DirtyBitmap::decode(&b, size, gran)) {
+        let bitmap = match std::fs::read(dir.join(OPEN_BITMAP_FILE))
+            .ok()
+            .map(|b| DirtyBitmap::decode(&b, size, gran))
+        {
             Some(Ok((bid, bm))) if bid == id => bm,
             // A crash between a cut's commit and the reset of the open bitmap: no write reached
             // the new generation yet (writes resume only after the reset).
-            Some(Ok((bid, _))) if bid.epoch == id.epoch && bid.generation + 1 == id.generation => DirtyBitmap::new(size, gran),
+            Some(Ok((bid, _))) if bid.epoch == id.epoch && bid.generation + 1 == id.generation => {
+                DirtyBitmap::new(size, gran)
+            }
             // Missing, corrupt or from an unknown generation: never trust it, everything is dirty.
             _ => {
                 let bm = DirtyBitmap::new(size, gran);
@@ -187,9 +214,15 @@ impl Volume {
 
         let mut closed = BTreeMap::new();
         for g in &meta.generations {
-            let gid = GenerationId { epoch: meta.epoch, generation: g.generation };
+            let gid = GenerationId {
+                epoch: meta.epoch,
+                generation: g.generation,
+            };
             let path = dir.join(format!("gen-{}.bitmap", g.generation));
-            let bm = match std::fs::read(&path).ok().map(|b| DirtyBitmap::decode(&b, size, gran)) {
+            let bm = match std::fs::read(&path)
+                .ok()
+                .map(|b| DirtyBitmap::decode(&b, size, gran))
+            {
                 Some(Ok((bid, bm))) if bid == gid => bm,
                 _ => {
                     let bm = DirtyBitmap::new(size, gran);
@@ -213,6 +246,7 @@ impl Volume {
             al,
             stats: Stats::default(),
             leases: AtomicUsize::new(0),
+            tracking: AtomicBool::new(true),
         };
         // Persist what recovery concluded and start with an empty activity log.
         if !vol.read_only {
@@ -260,13 +294,20 @@ impl Volume {
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::OutOfRange { name: self.name.clone(), offset, length, size: self.size }),
+            _ => Err(Error::OutOfRange {
+                name: self.name.clone(),
+                offset,
+                length,
+                size: self.size,
+            }),
         }
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly { name: self.name.clone() });
+            return Err(Error::ReadOnly {
+                name: self.name.clone(),
+            });
         }
         Ok(())
     }
@@ -274,7 +315,9 @@ impl Volume {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let t = Instant::now();
-        self.file.read_exact_at(buf, offset).ctx(|| format!("read of volume '{}' at {offset} failed", self.name))?;
+        self.file
+            .read_exact_at(buf, offset)
+            .ctx(|| format!("read of volume '{}' at {offset} failed", self.name))?;
         self.stats.record(Op::Read, buf.len() as u64, t.elapsed());
         Ok(())
     }
@@ -286,6 +329,10 @@ impl Volume {
         self.check_range(offset, length)?;
         if length == 0 {
             return Ok(());
+        }
+        if !self.tracking.load(Ordering::Relaxed) {
+            let _gen = self.gate.read();
+            return op();
         }
         let (first, last) = self.al.extents_of(offset, length);
         loop {
@@ -314,7 +361,9 @@ impl Volume {
     pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let t = Instant::now();
         self.modify(offset, data.len() as u64, || {
-            self.file.write_all_at(data, offset).ctx(|| format!("write to volume '{}' at {offset} failed", self.name))
+            self.file
+                .write_all_at(data, offset)
+                .ctx(|| format!("write to volume '{}' at {offset} failed", self.name))
         })?;
         if fua {
             self.flush_data()?;
@@ -325,7 +374,9 @@ impl Volume {
 
     pub fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
         let t = Instant::now();
-        self.modify(offset, length, || self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, offset, length))?;
+        self.modify(offset, length, || {
+            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, offset, length)
+        })?;
         if fua {
             self.flush_data()?;
         }
@@ -336,11 +387,20 @@ impl Volume {
     pub fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
         let t = Instant::now();
         self.modify(offset, length, || {
-            let mode = if flags.may_trim { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
+            let mode = if flags.may_trim {
+                libc::FALLOC_FL_PUNCH_HOLE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE
+            };
             match self.fallocate(mode, offset, length) {
-                Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(Error::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                {
                     if flags.fast {
-                        return Err(Error::NotSupported(format!("fast zeroing on volume '{}'", self.name)));
+                        return Err(Error::NotSupported(format!(
+                            "fast zeroing on volume '{}'",
+                            self.name
+                        )));
                     }
                     self.write_zero_bytes(offset, length)
                 }
@@ -359,7 +419,9 @@ impl Volume {
         let end = offset + length;
         while offset < end {
             let n = (end - offset).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset).ctx(|| format!("zeroing volume '{}' at {offset} failed", self.name))?;
+            self.file
+                .write_all_at(&zeros[..n], offset)
+                .ctx(|| format!("zeroing volume '{}' at {offset} failed", self.name))?;
             offset += n as u64;
         }
         Ok(())
@@ -368,11 +430,19 @@ impl Volume {
     fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> Result<()> {
         // SAFETY: plain syscall on a file descriptor we own.
         let rc = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), mode | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, length as libc::off_t)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
         };
         if rc != 0 {
             return Err(Error::io(
-                format!("fallocate on volume '{}' at {offset}+{length} failed", self.name),
+                format!(
+                    "fallocate on volume '{}' at {offset}+{length} failed",
+                    self.name
+                ),
                 std::io::Error::last_os_error(),
             ));
         }
@@ -380,7 +450,9 @@ impl Volume {
     }
 
     fn flush_data(&self) -> Result<()> {
-        self.file.sync_data().ctx(|| format!("fsync of volume '{}' failed", self.name))
+        self.file
+            .sync_data()
+            .ctx(|| format!("fsync of volume '{}' failed", self.name))
     }
 
     /// Make every completed write durable (NBD FLUSH; with one shared file descriptor this covers
@@ -405,7 +477,10 @@ impl Volume {
             let (run_end, flags) = if data < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.raw_os_error() != Some(libc::ENXIO) {
-                    return Err(Error::io(format!("SEEK_DATA on volume '{}' failed", self.name), err));
+                    return Err(Error::io(
+                        format!("SEEK_DATA on volume '{}' failed", self.name),
+                        err,
+                    ));
                 }
                 (end, STATE_HOLE | STATE_ZERO)
             } else if data as u64 > pos {
@@ -420,17 +495,29 @@ impl Volume {
                 }
                 ((hole as u64).min(end), 0)
             };
-            out.push(StatusExtent { length: run_end - pos, flags });
+            out.push(StatusExtent {
+                length: run_end - pos,
+                flags,
+            });
             pos = run_end;
         }
         Ok(out)
     }
 
     /// `qemu:dirty-bitmap:*` for `[offset, offset+length)`.
-    pub fn dirty_status(&self, which: BitmapRef, offset: u64, length: u64) -> Result<Vec<StatusExtent>> {
+    pub fn dirty_status(
+        &self,
+        which: BitmapRef,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<StatusExtent>> {
         self.check_range(offset, length)?;
         match which {
-            BitmapRef::Open => Ok(self.gate.read().bitmap.status(offset, length, MAX_STATUS_RUNS)),
+            BitmapRef::Open => Ok(self
+                .gate
+                .read()
+                .bitmap
+                .status(offset, length, MAX_STATUS_RUNS)),
             BitmapRef::Generation(n) => match self.closed.read().get(&n) {
                 Some(bm) => Ok(bm.status(offset, length, MAX_STATUS_RUNS)),
                 None => Err(Error::InvalidArgument(format!(
@@ -462,7 +549,10 @@ impl Volume {
     /// Pause writes to this volume until the guard is committed or dropped. A group cut takes the
     /// guards of all its volumes (in name order) before committing any of them.
     pub fn lock_for_cut(&self) -> CutGuard<'_> {
-        CutGuard { vol: self, gen: self.gate.write() }
+        CutGuard {
+            vol: self,
+            gen: self.gate.write(),
+        }
     }
 
     /// Persist the open bitmap and empty the activity log: what a clean stop leaves behind.
@@ -479,6 +569,18 @@ impl Volume {
         }
         self.flush_data()?;
         self.checkpoint()
+    }
+
+    /// Turn changed-block tracking off (benchmarks only) or back on. Turning it off marks the
+    /// whole volume dirty first, so the bitmap stays a superset of what changed.
+    pub fn set_tracking(&self, on: bool) -> Result<()> {
+        if !on {
+            let gen = self.gate.write();
+            gen.bitmap.mark_all();
+            gen.bitmap.save(&self.dir.join(OPEN_BITMAP_FILE), gen.id)?;
+        }
+        self.tracking.store(on, Ordering::SeqCst);
+        Ok(())
     }
 
     pub(crate) fn add_lease(&self) {
@@ -518,13 +620,23 @@ impl CutGuard<'_> {
         });
         next.open_generation = closed_id.generation + 1;
         let excess = next.generations.len().saturating_sub(next.keep_generations);
-        let pruned: Vec<u64> = next.generations.drain(..excess).map(|g| g.generation).collect();
+        let pruned: Vec<u64> = next
+            .generations
+            .drain(..excess)
+            .map(|g| g.generation)
+            .collect();
         next.save(&v.dir.join(META_FILE))?;
         *meta = next;
         drop(meta);
 
-        let new_id = GenerationId { epoch: closed_id.epoch, generation: closed_id.generation + 1 };
-        let closed_bitmap = std::mem::replace(&mut self.gen.bitmap, DirtyBitmap::new(v.size, v.granularity));
+        let new_id = GenerationId {
+            epoch: closed_id.epoch,
+            generation: closed_id.generation + 1,
+        };
+        let closed_bitmap = std::mem::replace(
+            &mut self.gen.bitmap,
+            DirtyBitmap::new(v.size, v.granularity),
+        );
         self.gen.id = new_id;
         {
             let mut closed = v.closed.write();
@@ -534,7 +646,9 @@ impl CutGuard<'_> {
                 let _ = std::fs::remove_file(v.dir.join(format!("gen-{g}.bitmap")));
             }
         }
-        self.gen.bitmap.save(&v.dir.join(OPEN_BITMAP_FILE), new_id)?;
+        self.gen
+            .bitmap
+            .save(&v.dir.join(OPEN_BITMAP_FILE), new_id)?;
         v.al.reset(new_id)?;
         Ok(closed_id.generation)
     }
@@ -573,8 +687,17 @@ mod tests {
         let mut buf = [0u8; 100];
         v.read_at(70000, &mut buf).unwrap();
         assert_eq!(buf, [7u8; 100]);
-        assert_eq!(v.dirty_extents(), vec![Extent { offset: 65536, length: 65536 }]);
-        assert_eq!(v.write_at(16 << 20, &[1], false).unwrap_err().code(), "ERR_OUT_OF_RANGE");
+        assert_eq!(
+            v.dirty_extents(),
+            vec![Extent {
+                offset: 65536,
+                length: 65536
+            }]
+        );
+        assert_eq!(
+            v.write_at(16 << 20, &[1], false).unwrap_err().code(),
+            "ERR_OUT_OF_RANGE"
+        );
     }
 
     #[test]
@@ -584,15 +707,33 @@ mod tests {
         v.write_at(0, &[1u8; 4096], false).unwrap();
         assert_eq!(v.lock_for_cut().commit("c1").unwrap(), 1);
         assert!(v.dirty_extents().is_empty());
-        assert_eq!(v.generation_extents(1).unwrap(), vec![Extent { offset: 0, length: 65536 }]);
+        assert_eq!(
+            v.generation_extents(1).unwrap(),
+            vec![Extent {
+                offset: 0,
+                length: 65536
+            }]
+        );
         v.trim(1 << 20, 4096, false).unwrap();
         assert_eq!(v.bitmaps(), vec![BitmapRef::Open, BitmapRef::Generation(1)]);
         v.close().unwrap();
         drop(v);
         let v = Volume::open(&dir, "v").unwrap();
         assert_eq!(v.info().open_generation, 2);
-        assert_eq!(v.dirty_extents(), vec![Extent { offset: 1 << 20, length: 65536 }]);
-        assert_eq!(v.generation_extents(1).unwrap(), vec![Extent { offset: 0, length: 65536 }]);
+        assert_eq!(
+            v.dirty_extents(),
+            vec![Extent {
+                offset: 1 << 20,
+                length: 65536
+            }]
+        );
+        assert_eq!(
+            v.generation_extents(1).unwrap(),
+            vec![Extent {
+                offset: 0,
+                length: 65536
+            }]
+        );
     }
 
     #[test]
@@ -600,13 +741,19 @@ mod tests {
         let (_t, dir) = new_volume(64 << 20);
         let v = Volume::open(&dir, "v").unwrap();
         v.write_at(10 << 20, &[9u8; 4096], false).unwrap();
-        v.write_zeroes(33 << 20, 8192, ZeroFlags::default()).unwrap();
+        v.write_zeroes(33 << 20, 8192, ZeroFlags::default())
+            .unwrap();
         // No close(): simulate kill -9 by leaking the volume.
         std::mem::forget(v);
         let v = Volume::open(&dir, "v").unwrap();
         let dirty = v.dirty_extents();
         for off in [10u64 << 20, 33 << 20] {
-            assert!(dirty.iter().any(|e| e.offset <= off && off < e.offset + e.length), "{off} missing from {dirty:?}");
+            assert!(
+                dirty
+                    .iter()
+                    .any(|e| e.offset <= off && off < e.offset + e.length),
+                "{off} missing from {dirty:?}"
+            );
         }
         // False positives are limited to the hot 4 MiB extents.
         assert!(v.info().dirty_bytes <= 8 << 20);
@@ -619,14 +766,20 @@ mod tests {
         let v = Volume::open(&dir, "v").unwrap();
         let n = crate::activity_log::CAPACITY as u64 + 4;
         for e in 0..n {
-            v.write_at(e * crate::activity_log::EXTENT_SIZE, &[1u8; 4096], false).unwrap();
+            v.write_at(e * crate::activity_log::EXTENT_SIZE, &[1u8; 4096], false)
+                .unwrap();
         }
         std::mem::forget(v);
         let v = Volume::open(&dir, "v").unwrap();
         let dirty = v.dirty_extents();
         for e in 0..n {
             let off = e * crate::activity_log::EXTENT_SIZE;
-            assert!(dirty.iter().any(|x| x.offset <= off && off < x.offset + x.length), "extent {e} lost");
+            assert!(
+                dirty
+                    .iter()
+                    .any(|x| x.offset <= off && off < x.offset + x.length),
+                "extent {e} lost"
+            );
         }
     }
 
@@ -634,13 +787,33 @@ mod tests {
     fn allocation_reports_holes() {
         let (_t, dir) = new_volume(16 << 20);
         let v = Volume::open(&dir, "v").unwrap();
-        assert_eq!(v.allocation(0, 16 << 20).unwrap(), vec![StatusExtent { length: 16 << 20, flags: STATE_HOLE | STATE_ZERO }]);
+        assert_eq!(
+            v.allocation(0, 16 << 20).unwrap(),
+            vec![StatusExtent {
+                length: 16 << 20,
+                flags: STATE_HOLE | STATE_ZERO
+            }]
+        );
         v.write_at(4 << 20, &[5u8; 1 << 20], false).unwrap();
         let a = v.allocation(0, 16 << 20).unwrap();
         assert_eq!(a.iter().map(|e| e.length).sum::<u64>(), 16 << 20);
         assert!(a.iter().any(|e| e.flags == 0));
-        v.write_zeroes(4 << 20, 1 << 20, ZeroFlags { may_trim: true, ..Default::default() }).unwrap();
-        assert_eq!(v.allocation(0, 16 << 20).unwrap(), vec![StatusExtent { length: 16 << 20, flags: STATE_HOLE | STATE_ZERO }]);
+        v.write_zeroes(
+            4 << 20,
+            1 << 20,
+            ZeroFlags {
+                may_trim: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            v.allocation(0, 16 << 20).unwrap(),
+            vec![StatusExtent {
+                length: 16 << 20,
+                flags: STATE_HOLE | STATE_ZERO
+            }]
+        );
         let mut buf = vec![1u8; 4096];
         v.read_at(4 << 20, &mut buf).unwrap();
         assert!(buf.iter().all(|b| *b == 0));

@@ -42,13 +42,19 @@ pub struct VolumeMeta {
 
 impl VolumeMeta {
     pub fn load(path: &Path, name: &str) -> Result<VolumeMeta> {
-        let corrupt = |why: String| Error::CorruptMetadata { name: name.to_string(), path: path.to_path_buf(), why };
+        let corrupt = |why: String| Error::CorruptMetadata {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            why,
+        };
         let bytes = std::fs::read(path).map_err(|e| corrupt(e.to_string()))?;
-        let meta: VolumeMeta = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let meta: VolumeMeta =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
         if meta.version != META_VERSION {
             return Err(corrupt(format!("unsupported version {}", meta.version)));
         }
-        if meta.size == 0 || meta.size % meta.block_size != 0 || !meta.granularity.is_power_of_two() {
+        if meta.size == 0 || meta.size % meta.block_size != 0 || !meta.granularity.is_power_of_two()
+        {
             return Err(corrupt("inconsistent geometry".into()));
         }
         Ok(meta)
@@ -61,5 +67,8 @@ impl VolumeMeta {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -1,0 +1,204 @@
+//! `Admin`: the volume operations behind `ferry volume …`, working the same whether or not a
+//! service runs for the data directory. With a service, requests go over its control socket (it
+//! owns the volumes); without one, they run here on the files under the directory's lock.
+//! `ServiceControl` is the service-side handler of the same requests.
+
+use crate::bitmap::Extent;
+use crate::control::{ControlClient, ControlHandler, ControlRequest, Progress};
+use crate::data_dir::{DataDir, DirLock};
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::stats::StatsSnapshot;
+use crate::volume::{Volume, VolumeInfo};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub struct Admin {
+    dir: DataDir,
+}
+
+enum Mode {
+    Remote(ControlClient),
+    Local(DirLock),
+}
+
+fn to_value<T: Serialize>(v: T) -> Value {
+    serde_json::to_value(v).expect("serializable")
+}
+
+fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::Protocol {
+        peer: "volume service".into(),
+        why: e.to_string(),
+    })
+}
+
+impl Admin {
+    pub fn open(dir: &Path) -> Result<Admin> {
+        Ok(Admin {
+            dir: DataDir::open(dir)?,
+        })
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    fn mode(&self) -> Result<Mode> {
+        if let Some(c) = ControlClient::connect(&self.dir.control_socket(), self.dir.root()) {
+            return Ok(Mode::Remote(c));
+        }
+        match self.dir.try_lock()? {
+            Some(lock) => Ok(Mode::Local(lock)),
+            None => Err(self.dir.busy(
+                "its control socket does not answer yet; retry in a moment, or stop that process",
+            )),
+        }
+    }
+
+    fn run(&self, req: ControlRequest, progress: &(dyn Fn(Progress) + Sync)) -> Result<Value> {
+        match self.mode()? {
+            Mode::Remote(c) => c.request(&req, progress),
+            Mode::Local(_lock) => local(&self.dir, req, progress),
+        }
+    }
+
+    pub fn create(&self, name: &str, size: u64, granularity: u64) -> Result<VolumeInfo> {
+        from_value(self.run(
+            ControlRequest::Create {
+                name: name.into(),
+                size,
+                granularity,
+            },
+            &|_| {},
+        )?)
+    }
+
+    pub fn list(&self) -> Result<Vec<VolumeInfo>> {
+        from_value(self.run(ControlRequest::List, &|_| {})?)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        self.run(ControlRequest::Delete { name: name.into() }, &|_| {})
+            .map(|_| ())
+    }
+
+    pub fn dirty(&self, name: &str) -> Result<Vec<Extent>> {
+        from_value(self.run(ControlRequest::Dirty { name: name.into() }, &|_| {})?)
+    }
+
+    /// Returns `(volume, closed generation)` per name, in the order given.
+    pub fn cut(&self, names: &[String]) -> Result<Vec<(String, u64)>> {
+        from_value(self.run(
+            ControlRequest::Cut {
+                names: names.to_vec(),
+            },
+            &|_| {},
+        )?)
+    }
+
+    /// Per-volume I/O statistics of the running service (empty when none runs).
+    pub fn stats(&self) -> Result<BTreeMap<String, Value>> {
+        from_value(self.run(ControlRequest::Stats, &|_| {})?)
+    }
+
+    pub fn import(
+        &self,
+        name: &str,
+        source: &str,
+        size: Option<u64>,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<VolumeInfo> {
+        from_value(self.run(
+            ControlRequest::Import {
+                name: name.into(),
+                source: source.into(),
+                size,
+            },
+            progress,
+        )?)
+    }
+}
+
+/// Offline execution, under the data directory's lock.
+fn local(
+    dir: &DataDir,
+    req: ControlRequest,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Value> {
+    let with_volume = |name: &str, f: &dyn Fn(&Volume) -> Result<Value>| -> Result<Value> {
+        let v = dir.open_volume(name)?;
+        let r = f(&v);
+        v.close()?;
+        r
+    };
+    match req {
+        ControlRequest::Ping => Ok(Value::Null),
+        ControlRequest::List => Ok(to_value(dir.list_offline()?)),
+        ControlRequest::Create {
+            name,
+            size,
+            granularity,
+        } => {
+            dir.create_volume(&name, size, granularity)?;
+            with_volume(&name, &|v| Ok(to_value(v.info())))
+        }
+        ControlRequest::Delete { name } => dir.delete_volume(&name).map(|_| Value::Null),
+        ControlRequest::Dirty { name } => with_volume(&name, &|v| Ok(to_value(v.dirty_extents()))),
+        ControlRequest::Cut { names } => {
+            // Reuse the registry's group cut over just the named volumes.
+            let reg = Registry::open_subset(dir.clone(), &names)?;
+            let r = reg.cut(&names);
+            reg.close_all()?;
+            Ok(to_value(r?))
+        }
+        ControlRequest::Stats => Ok(to_value(BTreeMap::<String, StatsSnapshot>::new())),
+        ControlRequest::Import { name, source, size } => {
+            crate::import_volume::import(dir, &name, &source, size, progress).map(to_value)
+        }
+    }
+}
+
+/// The running service's handler for control requests.
+pub struct ServiceControl {
+    pub registry: Arc<Registry>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl ControlHandler for ServiceControl {
+    fn handle(
+        &self,
+        req: ControlRequest,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<Value> {
+        let reg = &self.registry;
+        match req {
+            ControlRequest::Ping => Ok(Value::Null),
+            ControlRequest::List => Ok(to_value(reg.list())),
+            ControlRequest::Create {
+                name,
+                size,
+                granularity,
+            } => Ok(to_value(reg.create(&name, size, granularity)?)),
+            ControlRequest::Delete { name } => reg.delete(&name).map(|_| Value::Null),
+            ControlRequest::Dirty { name } => Ok(to_value(reg.require(&name)?.dirty_extents())),
+            ControlRequest::Cut { names } => Ok(to_value(reg.cut(&names)?)),
+            ControlRequest::Stats => {
+                let m: BTreeMap<String, StatsSnapshot> = reg
+                    .names()
+                    .into_iter()
+                    .filter_map(|n| reg.get(&n).map(|v| (n, v.stats().snapshot())))
+                    .collect();
+                Ok(to_value(m))
+            }
+            ControlRequest::Import { name, source, size } => {
+                crate::import_volume::import_registered(reg, &name, &source, size, progress)
+                    .map(to_value)
+            }
+        }
+    }
+}

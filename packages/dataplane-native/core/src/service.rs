@@ -1,0 +1,131 @@
+//! `VolumeService`: a running volume service — the data directory's lock, its open volumes, the
+//! NBD server and the control socket — on its own tokio runtime, so the data path never runs on
+//! (or waits for) the embedding process's event loop.
+
+use crate::admin::ServiceControl;
+use crate::data_dir::{DataDir, DirLock};
+use crate::error::{Error, Result};
+use crate::nbd::server::NbdServer;
+use crate::registry::Registry;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    /// `HOST:PORT` for NBD over TCP. Neither this nor `socket` set means 127.0.0.1:10809.
+    pub listen: Option<String>,
+    /// Unix socket path for NBD.
+    pub socket: Option<PathBuf>,
+    /// Benchmarks only: serve without changed-block tracking (every volume is marked wholly
+    /// dirty first, so nothing is ever missed).
+    pub untracked: bool,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+pub struct VolumeService {
+    runtime: Option<tokio::runtime::Runtime>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    registry: Arc<Registry>,
+    tcp_addr: Option<SocketAddr>,
+    socket_path: Option<PathBuf>,
+    control_path: PathBuf,
+    _lock: DirLock,
+}
+
+pub fn parse_listen(addr: &str) -> Result<SocketAddr> {
+    let bad = |why: &str| Error::Listen {
+        addr: addr.to_string(),
+        why: why.to_string(),
+    };
+    let mut addrs = addr
+        .to_socket_addrs()
+        .map_err(|_| bad("not HOST:PORT, e.g. 127.0.0.1:10809"))?;
+    addrs.next().ok_or_else(|| bad("resolves to no address"))
+}
+
+impl VolumeService {
+    pub fn start(opts: ServeOptions) -> Result<VolumeService> {
+        let dir = DataDir::open(&opts.data_dir)?;
+        let lock = dir
+            .try_lock()?
+            .ok_or_else(|| dir.busy("stop it or pass another --data"))?;
+        let tcp = match (&opts.listen, &opts.socket) {
+            (Some(l), _) => Some(parse_listen(l)?),
+            (None, None) => Some(parse_listen(DEFAULT_LISTEN)?),
+            (None, Some(_)) => None,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferry-dataplane")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start the data-plane runtime", e))?;
+        let registry = Registry::open(dir.clone())?;
+        if opts.untracked {
+            for n in registry.names() {
+                registry.require(&n)?.set_tracking(false)?;
+            }
+        }
+        let control_path = dir.control_socket();
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+
+        let (server, control) = runtime.block_on(async {
+            let server = NbdServer::bind(registry.clone(), tcp, opts.socket.clone()).await?;
+            let control = crate::control::bind(&control_path)?;
+            Ok::<_, Error>((server, control))
+        })?;
+        let tcp_addr = server.local_addr();
+        let handler = Arc::new(ServiceControl {
+            registry: registry.clone(),
+            runtime: runtime.handle().clone(),
+        });
+        let tasks = vec![
+            runtime.spawn(server.run(rx.clone())),
+            runtime.spawn(crate::control::serve(control, handler, rx)),
+        ];
+        Ok(VolumeService {
+            runtime: Some(runtime),
+            shutdown,
+            tasks,
+            registry,
+            tcp_addr,
+            socket_path: opts.socket,
+            control_path,
+            _lock: lock,
+        })
+    }
+
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    pub fn socket_path(&self) -> Option<&PathBuf> {
+        self.socket_path.as_ref()
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Stop accepting, let in-flight requests finish, close every volume cleanly. Blocking.
+    pub fn stop(mut self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        if let Some(rt) = self.runtime.take() {
+            rt.block_on(async {
+                for t in self.tasks.drain(..) {
+                    let _ = t.await;
+                }
+            });
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_file(&self.control_path);
+        if let Some(s) = &self.socket_path {
+            let _ = std::fs::remove_file(s);
+        }
+        self.registry.close_all()
+    }
+}
