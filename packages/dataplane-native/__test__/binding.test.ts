@@ -16,9 +16,10 @@ import {
   importVolume,
   listVolumes,
   parseSize,
-  VolumeService,
+  startVolumeService,
+  type VolumeService,
   volumeStats,
-} from "../index.js";
+} from "../binding.js";
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -37,8 +38,8 @@ afterEach(async () => {
   await sandbox.cleanup();
 });
 
-async function start(options: { listen?: string | null; socket?: string | null }): Promise<VolumeService> {
-  const service = await VolumeService.start({ dataDir: data, ...options });
+async function start(options: { listen?: string; socket?: string }): Promise<VolumeService> {
+  const service = await startVolumeService({ dataDir: data, ...options });
   services.push(service);
   return service;
 }
@@ -124,7 +125,7 @@ describe("VolumeService", () => {
   it("serves on a unix socket only when no listen address is given, and tracks writes", async () => {
     await createVolume(data, "served", 32 * MiB);
     const socket = join(data, "nbd.sock");
-    const service = await start({ socket, listen: null });
+    const service = await start({ socket });
     expect(service.tcpAddress).toBeNull();
     expect(service.socketPath).toBe(socket);
     expect(service.volumeNames).toEqual(["served"]);
@@ -156,7 +157,7 @@ describe("VolumeService", () => {
   });
 
   it("fails to start with ERR_LISTEN on an address it cannot bind", async () => {
-    const error = await failure(() => VolumeService.start({ dataDir: data, listen: "not-an-address" }));
+    const error = await failure(() => startVolumeService({ dataDir: data, listen: "not-an-address" }));
     expect(error.code).toBe("ERR_LISTEN");
     expect(error.message).toContain("not-an-address");
   });

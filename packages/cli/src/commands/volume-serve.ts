@@ -18,9 +18,9 @@ const STOP_SIGNALS = ["SIGTERM", "SIGINT"] as const;
 type StopSignal = (typeof STOP_SIGNALS)[number];
 
 export async function serveVolumes(request: ServeRequest, io: ProgramIo): Promise<void> {
-  const { VolumeService } = await dataplane();
-  const listen = request.listen ?? (request.socket === undefined ? DEFAULT_LISTEN : null);
-  const service = await VolumeService.start({ dataDir: request.dataDir, listen, socket: request.socket ?? null });
+  const { startVolumeService } = await dataplane();
+  const listen = request.listen ?? (request.socket === undefined ? DEFAULT_LISTEN : undefined);
+  const service = await startVolumeService({ dataDir: request.dataDir, listen, socket: request.socket });
 
   const names = service.volumeNames;
   const where: string[] = [];
