@@ -32,10 +32,12 @@ export async function runVolumeDemo(io: ProgramIo): Promise<void> {
   const dataDir = await mkdtemp(join(tmpdir(), "ferry-demo-"));
   let service: VolumeService | undefined;
   try {
-    const step = async <T>(work: Promise<T>): Promise<T> => {
-      abort.signal.throwIfAborted();
-      return await Promise.race([work, aborted(abort.signal)]);
-    };
+    // Every step races the interruption, so Ctrl-C goes straight to the cleanup below.
+    const interrupted = new Promise<never>((_, reject) => {
+      abort.signal.addEventListener("abort", () => reject(abort.signal.reason), { once: true });
+    });
+    interrupted.catch(() => {}); // observed by whichever step is running
+    const step = <T>(work: Promise<T>): Promise<T> => Promise.race([work, interrupted]);
 
     say(`Create a ${formatBytes(SIZE)} volume '${VOLUME}' in ${dataDir}`);
     const info = await step(native.createVolume(dataDir, VOLUME, SIZE, null));
@@ -43,7 +45,7 @@ export async function runVolumeDemo(io: ProgramIo): Promise<void> {
 
     const socket = join(dataDir, "nbd.sock");
     say("Serve it over NBD on a unix socket (in this process, on the data plane's own threads)");
-    service = await step(native.VolumeService.start({ dataDir, socket }));
+    service = await step(native.startVolumeService({ dataDir, socket }));
     const uri = `nbd+unix:///${VOLUME}?socket=${socket}`;
     show(uri);
 
@@ -82,13 +84,6 @@ export async function runVolumeDemo(io: ProgramIo): Promise<void> {
     await service?.stop();
     await rm(dataDir, { recursive: true, force: true });
   }
-}
-
-function aborted(signal: AbortSignal): Promise<never> {
-  return new Promise((_, reject) => {
-    if (signal.aborted) reject(signal.reason);
-    signal.addEventListener("abort", () => reject(signal.reason), { once: true });
-  });
 }
 
 function describeExtents(extents: readonly Extent[]): string {
