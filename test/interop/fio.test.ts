@@ -28,10 +28,13 @@ interface FioJob {
   read: { io_bytes: number };
 }
 
-/** Run fio with JSON results in a file (the nbd engine prints to stdout) and return the jobs. */
+/**
+ * Run fio with JSON results in a file (the nbd engine prints to stdout) and return the jobs. No
+ * verify state files: fio would otherwise leave them in the working directory.
+ */
 async function fio(args: string[]): Promise<FioJob[]> {
   const output = join(work, `fio-${Date.now()}.json`);
-  await fx.tool("fio", [...args, `--output=${output}`, "--output-format=json"], 300_000);
+  await fx.tool("fio", [...args, "--verify_state_save=0", `--output=${output}`, "--output-format=json"], 300_000);
   const report = JSON.parse(await readFile(output, "utf8")) as { jobs: FioJob[] };
   return report.jobs;
 }
