@@ -14,6 +14,7 @@ use crate::registry::Registry;
 use crate::size::format_size;
 use crate::volume::{Volume, VolumeInfo, BLOCK_SIZE, DEFAULT_GRANULARITY};
 use std::path::Path;
+use std::sync::Arc;
 
 enum Source {
     Nbd(NbdClient),
@@ -129,6 +130,28 @@ fn copy(
     vol.flush()
 }
 
+/// Size, create, copy; on failure `discard` removes the half-made volume so nothing half-imported
+/// stays behind.
+fn run_import(
+    name: &str,
+    source: &str,
+    size: Option<u64>,
+    progress: &(dyn Fn(Progress) + Sync),
+    create: impl FnOnce(u64) -> Result<Arc<Volume>>,
+    discard: impl FnOnce(),
+) -> Result<Arc<Volume>> {
+    let (src, source_size) = open_source(name, source)?;
+    let vol = create(volume_size(name, source, source_size, size)?)?;
+    match copy(src, &vol, source, progress) {
+        Ok(()) => Ok(vol),
+        Err(e) => {
+            drop(vol);
+            discard();
+            Err(e)
+        }
+    }
+}
+
 /// Offline import (the caller holds the data directory's lock).
 pub fn import(
     dir: &DataDir,
@@ -144,25 +167,18 @@ pub fn import(
             dir: dir.root().to_path_buf(),
         });
     }
-    let (src, source_size) = open_source(name, source)?;
-    let vsize = volume_size(name, source, source_size, size)?;
-    dir.create_volume(name, vsize, DEFAULT_GRANULARITY)?;
-    let vol = dir.open_volume(name)?;
-    match copy(src, &vol, source, progress) {
-        Ok(()) => {
-            vol.close()?;
-            Ok(vol.info())
-        }
-        Err(e) => {
-            // Nothing half-imported stays behind.
-            drop(vol);
-            let _ = dir.delete_volume(name);
-            Err(e)
-        }
-    }
+    let create = |vsize| {
+        dir.create_volume(name, vsize, DEFAULT_GRANULARITY)?;
+        Ok(Arc::new(dir.open_volume(name)?))
+    };
+    let vol = run_import(name, source, size, progress, create, || {
+        let _ = dir.delete_volume(name);
+    })?;
+    vol.close()?;
+    Ok(vol.info())
 }
 
-/// Import into a running service: the new volume is registered (and servable) once complete.
+/// Import into a running service: the new volume is registered (and servable) once created.
 pub fn import_registered(
     reg: &Registry,
     name: &str,
@@ -177,17 +193,14 @@ pub fn import_registered(
             dir: reg.data_dir().root().to_path_buf(),
         });
     }
-    let (src, source_size) = open_source(name, source)?;
-    let vsize = volume_size(name, source, source_size, size)?;
-    reg.create(name, vsize, DEFAULT_GRANULARITY)?;
-    let vol = reg.require(name)?;
-    match copy(src, &vol, source, progress) {
-        Ok(()) => Ok(vol.info()),
-        Err(e) => {
-            let _ = reg.delete(name);
-            Err(e)
-        }
-    }
+    let create = |vsize| {
+        reg.create(name, vsize, DEFAULT_GRANULARITY)?;
+        reg.require(name)
+    };
+    let vol = run_import(name, source, size, progress, create, || {
+        let _ = reg.delete(name);
+    })?;
+    Ok(vol.info())
 }
 
 #[cfg(test)]

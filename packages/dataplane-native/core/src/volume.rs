@@ -275,6 +275,8 @@ impl Volume {
     }
 
     pub fn info(&self) -> VolumeInfo {
+        // Never hold `meta` while taking the gate: a cut takes the gate first, then `meta`.
+        let dirty_bytes = self.gate.read().bitmap.dirty_bytes();
         let meta = self.meta.lock();
         VolumeInfo {
             name: self.name.clone(),
@@ -283,7 +285,7 @@ impl Volume {
             open_generation: meta.open_generation,
             generations: meta.generations.iter().map(|g| g.generation).collect(),
             read_only: self.read_only,
-            dirty_bytes: self.gate.read().bitmap.dirty_bytes(),
+            dirty_bytes,
         }
     }
 
