@@ -132,6 +132,89 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// Minimum block size we advertise: Ferry volumes do I/O in 4 KiB units.
 pub const MIN_BLOCK: u32 = 4096;
 
+/// Oldstyle greeting's second magic (`cliserv_magic`); only recognised to refuse it clearly.
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
+/// IANA port for NBD, the default of `nbd://` URIs.
+pub const DEFAULT_PORT: u16 = 10809;
+/// Length of an option reply header: magic, option, reply type, length.
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+/// Payload length of `NBD_REP_INFO` / `NBD_INFO_EXPORT`: type, size, transmission flags.
+pub const INFO_EXPORT_LEN: u32 = 12;
+/// Payload length of `NBD_REP_INFO` / `NBD_INFO_BLOCK_SIZE`: type, minimum, preferred, maximum.
+pub const INFO_BLOCK_SIZE_LEN: u32 = 14;
+/// Reply to `NBD_OPT_EXPORT_NAME`: size and transmission flags, then 124 zero bytes unless
+/// NO_ZEROES was agreed.
+pub const EXPORT_NAME_REPLY_LEN: usize = 10;
+pub const EXPORT_NAME_REPLY_ZEROES: usize = 124;
+/// Largest minimum block size a server may advertise.
+pub const MAX_MIN_BLOCK: u32 = 64 * 1024;
+/// Block size limits when the server advertises none: the spec's interoperable defaults.
+pub const DEFAULT_MIN_BLOCK: u32 = 1;
+pub const DEFAULT_PREFERRED_BLOCK: u32 = 4096;
+pub const DEFAULT_MAX_BLOCK: u32 = 32 * 1024 * 1024;
+/// A maximum block size of all ones means "no inherent limit".
+pub const BLOCK_SIZE_UNLIMITED: u32 = u32::MAX;
+/// Fixed fields of chunk payloads: OFFSET_DATA's offset, OFFSET_HOLE's offset + size, an error
+/// chunk's errno + message length, ERROR_OFFSET's trailing offset, BLOCK_STATUS's context id and
+/// each descriptor.
+pub const OFFSET_DATA_HEADER_LEN: u32 = 8;
+pub const OFFSET_HOLE_LEN: u32 = 12;
+pub const ERROR_CHUNK_HEADER_LEN: u32 = 6;
+pub const ERROR_OFFSET_TRAILER_LEN: u32 = 8;
+pub const BLOCK_STATUS_HEADER_LEN: u32 = 4;
+pub const BLOCK_DESCRIPTOR_LEN: u32 = 8;
+/// Bit 15 marks every error chunk type, known or not.
+pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+
+/// Symbolic name of a wire error number, for messages.
+pub fn errno_name(errno: u32) -> &'static str {
+    match errno {
+        EPERM => "EPERM",
+        EIO => "EIO",
+        ENOMEM => "ENOMEM",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        EOVERFLOW => "EOVERFLOW",
+        ENOTSUP => "ENOTSUP",
+        ESHUTDOWN => "ESHUTDOWN",
+        _ => "unknown error",
+    }
+}
+
+/// Human name of an option, for error messages.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        OPT_ABORT => "NBD_OPT_ABORT",
+        OPT_LIST => "NBD_OPT_LIST",
+        OPT_STARTTLS => "NBD_OPT_STARTTLS",
+        OPT_INFO => "NBD_OPT_INFO",
+        OPT_GO => "NBD_OPT_GO",
+        OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        OPT_EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
+        _ => "unknown option",
+    }
+}
+
+/// Human name of an option error reply, for error messages.
+pub fn option_error_name(reply: u32) -> &'static str {
+    match reply {
+        REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP (not supported)",
+        REP_ERR_POLICY => "NBD_REP_ERR_POLICY (forbidden by server policy)",
+        REP_ERR_INVALID => "NBD_REP_ERR_INVALID (invalid request)",
+        REP_ERR_PLATFORM => "NBD_REP_ERR_PLATFORM (not available on the server's platform)",
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD (the server requires TLS)",
+        REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN (no such export)",
+        REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN (server is shutting down)",
+        REP_ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD (block size negotiation required)",
+        REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG (request or reply too large)",
+        REP_ERR_EXT_HEADER_REQD => "NBD_REP_ERR_EXT_HEADER_REQD (extended headers required)",
+        _ => "unknown error reply",
+    }
+}
+
 /// A transmission-phase request as it appears on the wire (compact headers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
