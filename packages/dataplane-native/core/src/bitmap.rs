@@ -97,6 +97,43 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clear every block that lies wholly inside `[offset, offset+length)` (a partial block at
+    /// either edge stays set: clearing must never lose a change).
+    pub fn clear(&self, offset: u64, length: u64) {
+        let end = (offset + length).min(self.size);
+        let first = offset.div_ceil(self.granularity);
+        // The last block may be partial at the volume's end; it counts as whole there.
+        let last_excl = if end == self.size {
+            self.nbits()
+        } else {
+            end / self.granularity
+        };
+        for b in first..last_excl {
+            let w = (b / 64) as usize;
+            self.words[w].fetch_and(!(1u64 << (b % 64)), Ordering::Relaxed);
+        }
+    }
+
+    /// Is any block overlapping `[offset, offset+length)` set?
+    pub fn any_in(&self, offset: u64, length: u64) -> bool {
+        if length == 0 || offset >= self.size {
+            return false;
+        }
+        let end = (offset + length).min(self.size);
+        (offset / self.granularity..=(end - 1) / self.granularity).any(|b| self.is_dirty(b))
+    }
+
+    /// A copy with the same bits.
+    pub fn duplicate(&self) -> DirtyBitmap {
+        let copy = DirtyBitmap::new(self.size, self.granularity);
+        copy.union_with(self);
+        copy
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     pub fn is_dirty(&self, block: u64) -> bool {
         let w = (block / 64) as usize;
         w < self.words.len() && self.words[w].load(Ordering::Relaxed) & (1 << (block % 64)) != 0
@@ -326,6 +363,21 @@ mod tests {
             ]
         );
         assert_eq!(bm.status(0, 65536 * 8, 1).len(), 1);
+    }
+
+    #[test]
+    fn clear_keeps_partial_edges() {
+        let bm = DirtyBitmap::new(65536 * 4 + 4096, 65536);
+        bm.mark_all();
+        bm.clear(4096, 65536 * 2);
+        assert!(bm.is_dirty(0) && !bm.is_dirty(1) && bm.is_dirty(2));
+        bm.clear(65536 * 4, 4096);
+        assert!(
+            !bm.is_dirty(4),
+            "the partial last block is whole at the volume's end"
+        );
+        assert!(bm.any_in(0, 1) && !bm.any_in(65536, 65536) && !bm.any_in(1 << 30, 1));
+        assert_eq!(bm.duplicate().extents(), bm.extents());
     }
 
     #[test]

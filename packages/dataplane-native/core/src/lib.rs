@@ -9,6 +9,7 @@ pub mod admin;
 pub mod bitmap;
 pub mod data_dir;
 pub mod control;
+pub mod cut_image;
 pub mod error;
 pub mod import;
 pub mod import_volume;

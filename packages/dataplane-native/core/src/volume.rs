@@ -8,6 +8,7 @@
 
 use crate::activity_log::ActivityLog;
 use crate::bitmap::{DirtyBitmap, Extent, GenerationId};
+use crate::cut_image::CutImage;
 use crate::error::{Error, IoContext, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::stats::{Op, Stats};
@@ -117,6 +118,8 @@ pub struct Volume {
     /// Off only for benchmarks that measure what tracking costs; a volume served untracked has
     /// its whole open bitmap marked dirty when tracking is turned off (see `set_tracking`).
     tracking: AtomicBool,
+    /// The content at the last cut, preserved while it is being shipped (copy-before-write).
+    image: RwLock<Option<Arc<CutImage>>>,
 }
 
 pub type SharedVolume = Arc<Volume>;
@@ -247,6 +250,7 @@ impl Volume {
             stats: Stats::default(),
             leases: AtomicUsize::new(0),
             tracking: AtomicBool::new(true),
+            image: RwLock::new(None),
         };
         // Persist what recovery concluded and start with an empty activity log.
         if !vol.read_only {
@@ -334,6 +338,7 @@ impl Volume {
         }
         if !self.tracking.load(Ordering::Relaxed) {
             let _gen = self.gate.read();
+            self.preserve_for_image(offset, length)?;
             return op();
         }
         let (first, last) = self.al.extents_of(offset, length);
@@ -341,12 +346,36 @@ impl Volume {
             let gen = self.gate.read();
             if self.al.is_hot(first, last) {
                 gen.bitmap.mark(offset, length);
+                self.preserve_for_image(offset, length)?;
                 return op();
             }
             let id = gen.id;
             drop(gen);
             self.make_hot(id, first, last)?;
         }
+    }
+
+    fn preserve_for_image(&self, offset: u64, length: u64) -> Result<()> {
+        match self.image.read().as_ref() {
+            Some(img) => img.preserve(&self.file, offset, length),
+            None => Ok(()),
+        }
+    }
+
+    /// Read the content of the generation being shipped, as it was at its cut.
+    pub fn read_cut(&self, image: &CutImage, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        image.read(&self.file, offset, buf)
+    }
+
+    /// The image being shipped, if any.
+    pub fn cut_image(&self) -> Option<Arc<CutImage>> {
+        self.image.read().clone()
+    }
+
+    /// Shipping of the image is over (complete, or abandoned for a later cut).
+    pub fn release_cut_image(&self) {
+        *self.image.write() = None;
     }
 
     fn make_hot(&self, id: GenerationId, first: u32, last: u32) -> Result<()> {
@@ -658,6 +687,23 @@ impl CutGuard<'_> {
     pub fn volume(&self) -> &Volume {
         self.vol
     }
+
+    /// Commit the cut and keep the closed generation readable as it was at the cut while writes
+    /// go on (for shipping). Any previous image is released.
+    pub fn commit_with_image(self, cut_id: &str) -> Result<(u64, Arc<CutImage>)> {
+        let v = self.vol;
+        let generation = self.gen.id.generation;
+        // Created before the commit releases the gate, so no write can slip in unpreserved.
+        let image = Arc::new(CutImage::create(&v.dir, generation, &self.gen.bitmap)?);
+        *v.image.write() = Some(image.clone());
+        match self.commit(cut_id) {
+            Ok(g) => Ok((g, image)),
+            Err(e) => {
+                *v.image.write() = None;
+                Err(e)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -783,6 +829,43 @@ mod tests {
                 "extent {e} lost"
             );
         }
+    }
+
+    #[test]
+    fn cut_image_reads_the_cut_while_writes_go_on() {
+        let (_t, dir) = new_volume(4 << 20);
+        let v = Volume::open(&dir, "v").unwrap();
+        v.write_at(0, &[1u8; 131072], false).unwrap();
+        v.write_at(1 << 20, &[2u8; 4096], false).unwrap();
+        let (g, img) = v.lock_for_cut().commit_with_image("c").unwrap();
+        assert_eq!(g, 1);
+        assert_eq!(img.pending_bytes(), 131072 + 65536);
+        // Writes after the cut, to pending and to clean blocks, and a trim.
+        v.write_at(4096, &[9u8; 4096], false).unwrap();
+        v.write_at(2 << 20, &[9u8; 4096], false).unwrap();
+        v.trim(1 << 20, 65536, false).unwrap();
+        let mut buf = vec![0u8; 131072];
+        v.read_cut(&img, 0, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 1),
+            "image shows the cut, not the later write"
+        );
+        let mut b2 = vec![0u8; 4096];
+        v.read_cut(&img, 1 << 20, &mut b2).unwrap();
+        assert!(
+            b2.iter().all(|b| *b == 2),
+            "trimmed after the cut, still there in the image"
+        );
+        v.read_at(4096, &mut b2).unwrap();
+        assert!(
+            b2.iter().all(|b| *b == 9),
+            "the volume itself has the new data"
+        );
+        img.shipped(0, 131072);
+        assert_eq!(img.pending_bytes(), 65536);
+        v.release_cut_image();
+        drop(img);
+        assert!(!dir.join("cut-image-1.side").exists());
     }
 
     #[test]
