@@ -25,12 +25,6 @@ export abstract class FerryCliError extends Error {
   }
 }
 
-/** A command line that cannot be acted on (beyond what commander itself rejects). */
-export class UsageError extends FerryCliError {
-  readonly code = "ERR_USAGE";
-  override readonly exitCode = ExitCode.usage;
-}
-
 /** The native addon `@ferry/dataplane-native` could not be loaded (not built, or built for another platform). */
 export class BindingUnavailable extends FerryCliError {
   readonly code = "ERR_BINDING_UNAVAILABLE";

@@ -9,7 +9,6 @@ export {
   ToolFailed,
   ToolMissing,
   UnexpectedStats,
-  UsageError,
 } from "./errors.js";
 export { main } from "./main.js";
 export { createProgram, type ProgramIo } from "./program.js";
