@@ -6,6 +6,7 @@
 
 pub mod activity_log;
 pub mod admin;
+pub mod apply_txn;
 pub mod bitmap;
 pub mod data_dir;
 pub mod control;
@@ -15,6 +16,7 @@ pub mod import;
 pub mod import_volume;
 pub mod nbd;
 pub mod registry;
+pub mod replication;
 pub mod service;
 pub mod size;
 pub mod stats;

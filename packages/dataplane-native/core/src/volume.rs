@@ -7,13 +7,14 @@
 //! bitmap comes from the `ActivityLog`. This module must never talk to the network.
 
 use crate::activity_log::ActivityLog;
+use crate::apply_txn::{ApplyTxn, TxnId};
 use crate::bitmap::{DirtyBitmap, Extent, GenerationId};
 use crate::cut_image::CutImage;
 use crate::error::{Error, IoContext, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::stats::{Op, Stats};
 use crate::volume_meta::{
-    now_ms, GenerationRecord, VolumeMeta, DEFAULT_KEEP_GENERATIONS, META_VERSION,
+    now_ms, GenerationRecord, ReplicaState, VolumeMeta, DEFAULT_KEEP_GENERATIONS, META_VERSION,
 };
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
@@ -108,7 +109,8 @@ pub struct Volume {
     file: File,
     size: u64,
     granularity: u64,
-    read_only: bool,
+    /// Clients may not write (a read-only volume, or a replica).
+    read_only: AtomicBool,
     gate: RwLock<OpenGeneration>,
     closed: RwLock<BTreeMap<u64, Arc<DirtyBitmap>>>,
     meta: Mutex<VolumeMeta>,
@@ -120,6 +122,8 @@ pub struct Volume {
     tracking: AtomicBool,
     /// The content at the last cut, preserved while it is being shipped (copy-before-write).
     image: RwLock<Option<Arc<CutImage>>>,
+    /// On a replica, the generation being applied (its before-images serve readers meanwhile).
+    txn: RwLock<Option<Arc<ApplyTxn>>>,
 }
 
 pub type SharedVolume = Arc<Volume>;
@@ -151,6 +155,7 @@ impl Volume {
             generations: Vec::new(),
             keep_generations: DEFAULT_KEEP_GENERATIONS,
             read_only: false,
+            replica: None,
         };
         let id = GenerationId {
             epoch: 1,
@@ -183,6 +188,14 @@ impl Volume {
                 path: data_path,
                 why: format!("data file is {len} bytes, metadata says {}", meta.size),
             });
+        }
+        if !meta.read_only {
+            // An interrupted apply is rolled back unless its generation was committed.
+            let committed = meta
+                .replica
+                .as_ref()
+                .map(|r| (r.epoch, r.last_complete_generation));
+            ApplyTxn::recover(dir, &file, |t| committed == Some((t.epoch, t.target)))?;
         }
         let (size, gran) = (meta.size, meta.granularity);
         let id = GenerationId {
@@ -236,13 +249,14 @@ impl Volume {
             closed.insert(g.generation, Arc::new(bm));
         }
 
+        let meta_read_only = meta.read_only;
         let vol = Volume {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             file,
             size,
             granularity: gran,
-            read_only: meta.read_only,
+            read_only: AtomicBool::new(meta.read_only || meta.replica.is_some()),
             gate: RwLock::new(OpenGeneration { id, bitmap }),
             closed: RwLock::new(closed),
             meta: Mutex::new(meta),
@@ -251,9 +265,10 @@ impl Volume {
             leases: AtomicUsize::new(0),
             tracking: AtomicBool::new(true),
             image: RwLock::new(None),
+            txn: RwLock::new(None),
         };
         // Persist what recovery concluded and start with an empty activity log.
-        if !vol.read_only {
+        if !meta_read_only {
             vol.checkpoint()?;
         }
         Ok(vol)
@@ -269,7 +284,7 @@ impl Volume {
         self.granularity
     }
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Relaxed)
     }
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -288,7 +303,7 @@ impl Volume {
             granularity: self.granularity,
             open_generation: meta.open_generation,
             generations: meta.generations.iter().map(|g| g.generation).collect(),
-            read_only: self.read_only,
+            read_only: self.read_only(),
             dirty_bytes,
         }
     }
@@ -310,7 +325,7 @@ impl Volume {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::ReadOnly {
                 name: self.name.clone(),
             });
@@ -324,6 +339,10 @@ impl Volume {
         self.file
             .read_exact_at(buf, offset)
             .ctx(|| format!("read of volume '{}' at {offset} failed", self.name))?;
+        // After the data, never before: see `ApplyTxn::overlay`.
+        if let Some(txn) = self.txn.read().as_ref() {
+            txn.overlay(offset, buf)?;
+        }
         self.stats.record(Op::Read, buf.len() as u64, t.elapsed());
         Ok(())
     }
@@ -595,7 +614,7 @@ impl Volume {
 
     /// Clean stop: data and bitmap durable, activity log empty.
     pub fn close(&self) -> Result<()> {
-        if self.read_only {
+        if self.meta.lock().read_only {
             return Ok(());
         }
         self.flush_data()?;
@@ -614,6 +633,118 @@ impl Volume {
         Ok(())
     }
 
+    /// The replica state, if this volume is a replica.
+    pub fn replica(&self) -> Option<ReplicaState> {
+        self.meta.lock().replica.clone()
+    }
+
+    /// Make this (new, empty) volume a replica of `source_site`'s volume; no generation yet.
+    pub fn make_replica(&self, source_site: &str, epoch: u64) -> Result<()> {
+        let mut meta = self.meta.lock();
+        let mut next = meta.clone();
+        next.replica = Some(ReplicaState {
+            source_site: source_site.to_string(),
+            epoch,
+            last_complete_generation: 0,
+            last_complete_at_ms: now_ms(),
+        });
+        next.save(&self.dir.join(META_FILE))?;
+        *meta = next;
+        self.read_only.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn require_replica(&self) -> Result<ReplicaState> {
+        self.replica().ok_or_else(|| {
+            Error::InvalidArgument(format!("volume '{}' is not a replica", self.name))
+        })
+    }
+
+    /// Start applying generation `target` of the source (epoch `epoch`) to this replica.
+    pub fn begin_apply(&self, epoch: u64, target: u64) -> Result<Arc<ApplyTxn>> {
+        let rep = self.require_replica()?;
+        let mut slot = self.txn.write();
+        if let Some(t) = slot.as_ref() {
+            if t.id().epoch == epoch && t.id().target == target {
+                return Ok(t.clone());
+            }
+            return Err(Error::VolumeBusy {
+                name: self.name.clone(),
+                why: format!(
+                    "generation {} is being applied; finish or abort it first",
+                    t.id().target
+                ),
+            });
+        }
+        let id = TxnId {
+            epoch,
+            base: rep.last_complete_generation,
+            target,
+        };
+        let txn = Arc::new(ApplyTxn::begin(&self.dir, id, self.size, self.granularity)?);
+        *slot = Some(txn.clone());
+        Ok(txn)
+    }
+
+    /// Apply a batch of changes of the running transaction: before-images first (durable), then
+    /// the data.
+    pub fn apply_batch(&self, txn: &ApplyTxn, ops: &[ApplyOp<'_>]) -> Result<()> {
+        for op in ops {
+            self.check_range(op.offset(), op.length())?;
+            txn.save_before_images(&self.file, op.offset(), op.length())?;
+        }
+        txn.sync()?;
+        for op in ops {
+            match op {
+                ApplyOp::Data { offset, data } => self
+                    .file
+                    .write_all_at(data, *offset)
+                    .ctx(|| format!("applying to replica '{}' at {offset} failed", self.name))?,
+                ApplyOp::Zero { offset, length } => {
+                    self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, *offset, *length)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Commit the running transaction: the replica now holds generation `target` completely.
+    pub fn commit_apply(&self, txn: &ApplyTxn) -> Result<()> {
+        self.flush_data()?;
+        let id = txn.id();
+        {
+            let mut meta = self.meta.lock();
+            let mut next = meta.clone();
+            let rep = next.replica.as_mut().ok_or_else(|| {
+                Error::InvalidArgument(format!("volume '{}' is not a replica", self.name))
+            })?;
+            rep.epoch = id.epoch;
+            rep.last_complete_generation = id.target;
+            rep.last_complete_at_ms = now_ms();
+            next.save(&self.dir.join(META_FILE))?;
+            *meta = next;
+        }
+        if let Some(t) = self.txn.write().take() {
+            let _ = Arc::try_unwrap(t).map(|t| t.finish());
+        }
+        let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
+        Ok(())
+    }
+
+    /// Abort the running transaction, restoring the last complete generation.
+    pub fn abort_apply(&self) -> Result<()> {
+        let Some(t) = self.txn.write().take() else {
+            return Ok(());
+        };
+        match Arc::try_unwrap(t) {
+            Ok(t) => t.abort(&self.file).map(|_| ()),
+            Err(_) => {
+                // Someone still holds it; recover from the journal file directly.
+                ApplyTxn::recover(&self.dir, &self.file, |_| false).map(|_| ())
+            }
+        }
+    }
+
     pub(crate) fn add_lease(&self) {
         self.leases.fetch_add(1, Ordering::SeqCst);
     }
@@ -622,6 +753,33 @@ impl Volume {
     }
     pub fn leases(&self) -> usize {
         self.leases.load(Ordering::SeqCst)
+    }
+}
+
+/// One change applied to a replica.
+pub enum ApplyOp<'a> {
+    Data {
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// Zeroes (holes, zero runs, trims at the source).
+    Zero {
+        offset: u64,
+        length: u64,
+    },
+}
+
+impl ApplyOp<'_> {
+    fn offset(&self) -> u64 {
+        match self {
+            ApplyOp::Data { offset, .. } | ApplyOp::Zero { offset, .. } => *offset,
+        }
+    }
+    fn length(&self) -> u64 {
+        match self {
+            ApplyOp::Data { data, .. } => data.len() as u64,
+            ApplyOp::Zero { length, .. } => *length,
+        }
     }
 }
 
@@ -866,6 +1024,63 @@ mod tests {
         v.release_cut_image();
         drop(img);
         assert!(!dir.join("cut-image-1.side").exists());
+    }
+
+    #[test]
+    fn replica_applies_generations_atomically() {
+        let (_t, dir) = new_volume(4 << 20);
+        let v = Volume::open(&dir, "v").unwrap();
+        v.make_replica("site-a", 1).unwrap();
+        assert_eq!(
+            v.write_at(0, &[1], false).unwrap_err().code(),
+            "ERR_READ_ONLY"
+        );
+        let txn = v.begin_apply(1, 1).unwrap();
+        v.apply_batch(
+            &txn,
+            &[ApplyOp::Data {
+                offset: 0,
+                data: &[5u8; 8192],
+            }],
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 8192];
+        v.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "readers see the last complete generation mid-apply"
+        );
+        v.commit_apply(&txn).unwrap();
+        drop(txn);
+        v.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 5));
+        assert_eq!(v.replica().unwrap().last_complete_generation, 1);
+
+        // Generation 2 interrupted by a crash: rolled back at the next open.
+        let txn = v.begin_apply(1, 2).unwrap();
+        v.apply_batch(
+            &txn,
+            &[
+                ApplyOp::Data {
+                    offset: 0,
+                    data: &[6u8; 4096],
+                },
+                ApplyOp::Zero {
+                    offset: 1 << 20,
+                    length: 65536,
+                },
+            ],
+        )
+        .unwrap();
+        std::mem::forget(txn);
+        std::mem::forget(v);
+        let v = Volume::open(&dir, "v").unwrap();
+        v.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 5),
+            "the interrupted generation is rolled back"
+        );
+        assert_eq!(v.replica().unwrap().last_complete_generation, 1);
     }
 
     #[test]

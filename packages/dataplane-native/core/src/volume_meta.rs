@@ -21,6 +21,18 @@ pub struct GenerationRecord {
     pub dirty_bytes: u64,
 }
 
+/// Present on a replica: which generation of its source it holds, completely.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaState {
+    pub source_site: String,
+    /// The source's epoch the generations below belong to.
+    pub epoch: u64,
+    /// The last generation applied completely (0: none yet).
+    pub last_complete_generation: u64,
+    pub last_complete_at_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeMeta {
@@ -38,6 +50,10 @@ pub struct VolumeMeta {
     pub generations: Vec<GenerationRecord>,
     pub keep_generations: usize,
     pub read_only: bool,
+    /// Set while the volume is a replica of another site's volume: NBD clients may only read it,
+    /// and it changes only by applying complete generations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaState>,
 }
 
 impl VolumeMeta {
