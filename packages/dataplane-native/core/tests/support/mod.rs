@@ -1,0 +1,4 @@
+//! Harnesses shared by the integration tests; a test file pulls them in with `mod support;`.
+//! Each module starts real components and cleans them up on `Drop`.
+
+pub mod nats_sites;
