@@ -49,3 +49,4 @@ export const cutVolumes = wrap(native.cutVolumes);
 export const volumeStats = wrap(native.volumeStats);
 export const importVolume = wrap(native.importVolume);
 export const startVolumeService = wrap(native.startVolumeService);
+export const replicate = wrap(native.replicate);

@@ -191,6 +191,21 @@ pub async fn import_volume(
     .map(Into::into)
 }
 
+/// A replication request to the running service of `dataDir`, as JSON text (`{"op":
+/// "replicateStart", …}`, `replicateStatus`, `replicateSync`, `replicateStop`); answers JSON text.
+#[napi]
+pub async fn replicate(data_dir: String, request_json: String) -> Result<String> {
+    let req: ferry_dataplane::control::ControlRequest = serde_json::from_str(&request_json)
+        .map_err(|e| {
+            coded(
+                "ERR_INVALID_ARGUMENT",
+                format!("malformed replication request: {e}"),
+            )
+        })?;
+    let v = blocking(move || admin(&data_dir)?.replicate(req)).await?;
+    serde_json::to_string(&v).map_err(internal)
+}
+
 #[napi(object)]
 pub struct ServeOptions {
     pub data_dir: String,
@@ -200,6 +215,14 @@ pub struct ServeOptions {
     pub socket: Option<String>,
     /// Benchmarks only: serve without changed-block tracking (volumes are marked wholly dirty).
     pub untracked: Option<bool>,
+    /// This site's name, to join it for replication (with `region` and `nats`).
+    pub site: Option<String>,
+    /// This site's region (residency rules name regions).
+    pub region: Option<String>,
+    /// The site's NATS server, `nats://user:password@host:port`.
+    pub nats: Option<String>,
+    /// Regions allowed to hold copies of this site's volumes (default: any).
+    pub allow_regions: Option<Vec<String>>,
 }
 
 /// A running volume service: NBD exports plus the control socket, on the data plane's own threads.
@@ -218,6 +241,10 @@ pub async fn start_volume_service(options: ServeOptions) -> Result<VolumeService
         listen: options.listen,
         socket: options.socket.map(PathBuf::from),
         untracked: options.untracked.unwrap_or(false),
+        site: options.site,
+        region: options.region,
+        nats: options.nats,
+        allow_regions: options.allow_regions.unwrap_or_default(),
     };
     let svc = blocking(move || CoreService::start(opts)).await?;
     Ok(VolumeService {

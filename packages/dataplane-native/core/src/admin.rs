@@ -8,6 +8,8 @@ use crate::control::{ControlClient, ControlHandler, ControlRequest, Progress};
 use crate::data_dir::{DataDir, DirLock};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
+use crate::replication::manager::Replication;
+use crate::replication::shipper::{Mode, PairConfig};
 use crate::stats::StatsSnapshot;
 use crate::volume::{Volume, VolumeInfo};
 use serde::de::DeserializeOwned;
@@ -21,7 +23,7 @@ pub struct Admin {
     dir: DataDir,
 }
 
-enum Mode {
+enum Access {
     Remote(ControlClient),
     Local(DirLock),
 }
@@ -48,12 +50,12 @@ impl Admin {
         &self.dir
     }
 
-    fn mode(&self) -> Result<Mode> {
+    fn access(&self) -> Result<Access> {
         if let Some(c) = ControlClient::connect(&self.dir.control_socket(), self.dir.root()) {
-            return Ok(Mode::Remote(c));
+            return Ok(Access::Remote(c));
         }
         match self.dir.try_lock()? {
-            Some(lock) => Ok(Mode::Local(lock)),
+            Some(lock) => Ok(Access::Local(lock)),
             None => Err(self.dir.busy(
                 "its control socket does not answer yet; retry in a moment, or stop that process",
             )),
@@ -61,9 +63,9 @@ impl Admin {
     }
 
     fn run(&self, req: ControlRequest, progress: &(dyn Fn(Progress) + Sync)) -> Result<Value> {
-        match self.mode()? {
-            Mode::Remote(c) => c.request(&req, progress),
-            Mode::Local(_lock) => local(&self.dir, req, progress),
+        match self.access()? {
+            Access::Remote(c) => c.request(&req, progress),
+            Access::Local(_lock) => local(&self.dir, req, progress),
         }
     }
 
@@ -104,6 +106,11 @@ impl Admin {
     /// Per-volume I/O statistics of the running service (empty when none runs).
     pub fn stats(&self) -> Result<BTreeMap<String, Value>> {
         from_value(self.run(ControlRequest::Stats, &|_| {})?)
+    }
+
+    /// A replication request (start, status, sync, stop); answered by the running service.
+    pub fn replicate(&self, req: ControlRequest) -> Result<Value> {
+        self.run(req, &|_| {})
     }
 
     pub fn import(
@@ -160,6 +167,14 @@ fn local(
         ControlRequest::Import { name, source, size } => {
             crate::import_volume::import(dir, &name, &source, size, progress).map(to_value)
         }
+        ControlRequest::ReplicateStatus => Ok(Value::Array(Vec::new())),
+        ControlRequest::ReplicateStart { .. } | ControlRequest::ReplicateSync { .. } | ControlRequest::ReplicateStop { .. } => {
+            Err(Error::InvalidArgument(format!(
+                "replication needs a running volume service for {}: start `ferry volume serve --data {} --site NAME --region REGION --nats URL`",
+                dir.root().display(),
+                dir.root().display()
+            )))
+        }
     }
 }
 
@@ -167,6 +182,17 @@ fn local(
 pub struct ServiceControl {
     pub registry: Arc<Registry>,
     pub runtime: tokio::runtime::Handle,
+    pub replication: Option<Arc<Replication>>,
+}
+
+impl ServiceControl {
+    fn replication(&self) -> Result<&Arc<Replication>> {
+        self.replication.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "this volume service has not joined a site: restart it with --site NAME --region REGION --nats URL".into(),
+            )
+        })
+    }
 }
 
 impl ControlHandler for ServiceControl {
@@ -198,6 +224,54 @@ impl ControlHandler for ServiceControl {
             ControlRequest::Import { name, source, size } => {
                 crate::import_volume::import_registered(reg, &name, &source, size, progress)
                     .map(to_value)
+            }
+            ControlRequest::ReplicateStart {
+                volumes,
+                to,
+                mode,
+                interval_ms,
+                rate,
+                level,
+            } => {
+                let mode = match mode.as_str() {
+                    "async" => Mode::Async,
+                    "sync" => Mode::Sync,
+                    other => {
+                        return Err(Error::InvalidArgument(format!(
+                            "--mode {other}: use async or sync"
+                        )))
+                    }
+                };
+                let level = level.unwrap_or(crate::replication::frame::DEFAULT_LEVEL);
+                let cfg = PairConfig {
+                    group: String::new(),
+                    volumes,
+                    target_site: to,
+                    mode,
+                    interval_ms,
+                    rate,
+                    level,
+                    max_message: crate::replication::frame::DEFAULT_MAX_MESSAGE,
+                };
+                Ok(to_value(self.replication()?.start_pair(cfg)?))
+            }
+            ControlRequest::ReplicateStatus => Ok(to_value(match &self.replication {
+                Some(r) => r.status(),
+                None => Vec::new(),
+            })),
+            ControlRequest::ReplicateSync { volumes } => {
+                let r = self.replication()?.clone();
+                Ok(to_value(
+                    self.runtime
+                        .block_on(async move { r.sync(&volumes).await })?,
+                ))
+            }
+            ControlRequest::ReplicateStop { volumes } => {
+                let r = self.replication()?.clone();
+                Ok(to_value(
+                    self.runtime
+                        .block_on(async move { r.stop_pair(&volumes).await })?,
+                ))
             }
         }
     }

@@ -117,10 +117,16 @@ impl ApplyTxn {
         self.id
     }
 
+    /// The first generation of a replica: there is no complete generation to protect, so
+    /// nothing is journaled; undoing it empties the replica, and readers see zeroes meanwhile.
+    pub fn is_initial(&self) -> bool {
+        self.id.base == 0
+    }
+
     /// Journal the before-images of every block of `[offset, offset+length)` not journaled yet.
     /// Not durable until `sync`.
     pub fn save_before_images(&self, data: &File, offset: u64, length: u64) -> Result<()> {
-        if length == 0 {
+        if length == 0 || self.is_initial() {
             return Ok(());
         }
         let end = (offset + length).min(self.size);
@@ -153,6 +159,9 @@ impl ApplyTxn {
 
     /// Make the journaled before-images durable; call before writing the data they protect.
     pub fn sync(&self) -> Result<()> {
+        if self.is_initial() {
+            return Ok(());
+        }
         self.journal
             .sync_data()
             .ctx(|| format!("cannot fsync {}", self.path.display()))
@@ -161,6 +170,10 @@ impl ApplyTxn {
     /// Replace, in `buf` (read from the replica at `offset`), every byte of a block modified by
     /// this transaction with its before-image. Call after reading the data, never before.
     pub fn overlay(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.is_initial() {
+            buf.fill(0);
+            return Ok(());
+        }
         let idx = self.index.lock();
         if idx.blocks.is_empty() || buf.is_empty() {
             return Ok(());
@@ -188,6 +201,15 @@ impl ApplyTxn {
 
     /// Write every before-image back to `data` and make it durable (abort or crash recovery).
     fn roll_back(journal: &File, path: &Path, granularity: u64, data: &File) -> Result<u64> {
+        let mut h = [0u8; HEADER_LEN as usize];
+        journal
+            .read_exact_at(&mut h, 0)
+            .ctx(|| format!("reading {}", path.display()))?;
+        if let Some((id, size, _)) = parse_header(&h) {
+            if id.base == 0 {
+                return empty_replica(data, size);
+            }
+        }
         let len = journal
             .metadata()
             .ctx(|| format!("cannot stat {}", path.display()))?
@@ -271,6 +293,29 @@ impl ApplyTxn {
     }
 }
 
+/// Undo of an initial generation: the replica reads as zeroes again.
+fn empty_replica(data: &File, size: u64) -> Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fallocate on a descriptor we own.
+    let rc = unsafe {
+        libc::fallocate(
+            data.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            size as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            "emptying the replica after an interrupted initial sync",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    data.sync_data()
+        .ctx(|| "cannot fsync the replica".to_string())?;
+    Ok(size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +356,36 @@ mod tests {
         data.read_exact_at(&mut buf, 69950).unwrap();
         assert!(buf.iter().all(|b| *b == 7));
         assert!(!ApplyTxn::journal_path(t.path()).exists());
+    }
+
+    #[test]
+    fn initial_generation_needs_no_journal() {
+        let (t, data) = setup();
+        let txn = ApplyTxn::begin(
+            t.path(),
+            TxnId {
+                epoch: 1,
+                base: 0,
+                target: 1,
+            },
+            1 << 20,
+            65536,
+        )
+        .unwrap();
+        txn.save_before_images(&data, 0, 1 << 20).unwrap();
+        assert_eq!(txn.journaled_bytes(), 0);
+        let mut buf = vec![1u8; 100];
+        txn.overlay(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        std::mem::forget(txn);
+        ApplyTxn::recover(t.path(), &data, |_| false)
+            .unwrap()
+            .unwrap();
+        data.read_exact_at(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "an interrupted initial sync leaves an empty replica"
+        );
     }
 
     #[test]

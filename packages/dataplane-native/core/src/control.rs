@@ -39,6 +39,22 @@ pub enum ControlRequest {
         source: String,
         size: Option<u64>,
     },
+    #[serde(rename_all = "camelCase")]
+    ReplicateStart {
+        volumes: Vec<String>,
+        to: String,
+        mode: String,
+        interval_ms: u64,
+        rate: Option<u64>,
+        level: Option<i32>,
+    },
+    ReplicateStatus,
+    ReplicateSync {
+        volumes: Vec<String>,
+    },
+    ReplicateStop {
+        volumes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

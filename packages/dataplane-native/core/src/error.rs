@@ -87,6 +87,9 @@ pub enum Error {
         hint: String,
     },
 
+    #[error("residency: volume(s) {volume} may not be replicated to site {site}: its region {region} is not among the allowed regions [{allowed}]")]
+    Residency { volume: String, site: String, region: String, allowed: String },
+
     #[error("volume '{name}' is read-only")]
     ReadOnly { name: String },
 
@@ -100,6 +103,11 @@ pub enum Error {
 
     #[error("not supported: {0}")]
     NotSupported(String),
+
+    /// A replication message that fails decoding or verification: bytes from the peer site that
+    /// must be dropped (and resent), never applied.
+    #[error("replication frame refused: {why}")]
+    Frame { why: String },
 
     /// An error reported by the running volume service over its control socket.
     #[error("{message}")]
@@ -126,9 +134,11 @@ impl Error {
             Error::Import { .. } => "ERR_IMPORT",
             Error::Service { .. } => "ERR_SERVICE",
             Error::DataDirBusy { .. } => "ERR_DATA_DIR_BUSY",
+            Error::Residency { .. } => "ERR_RESIDENCY",
             Error::ReadOnly { .. } => "ERR_READ_ONLY",
             Error::OutOfRange { .. } => "ERR_OUT_OF_RANGE",
             Error::NotSupported(_) => "ERR_NOT_SUPPORTED",
+            Error::Frame { .. } => "ERR_FRAME",
             Error::Remote { code, .. } => code,
         }
     }

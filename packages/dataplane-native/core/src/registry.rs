@@ -146,6 +146,38 @@ impl Registry {
         Ok(names.iter().map(|n| (n.clone(), closed[n])).collect())
     }
 
+    /// A group cut that keeps each volume's content at the cut readable for shipping: returns
+    /// `(volume, closed generation, image)` in the order given. `since` holds, per volume, the
+    /// last generation the target has completely (see `CutGuard::commit_with_image`).
+    pub fn cut_with_images(
+        &self,
+        names: &[String],
+        since: &BTreeMap<String, Option<u64>>,
+    ) -> Result<Vec<(String, u64, Arc<crate::cut_image::CutImage>)>> {
+        let mut vols: Vec<Arc<Volume>> = names
+            .iter()
+            .map(|n| self.require(n))
+            .collect::<Result<_>>()?;
+        vols.sort_by(|a, b| a.name().cmp(b.name()));
+        vols.dedup_by(|a, b| a.name() == b.name());
+        let cut_id = format!(
+            "cut-{}-{}",
+            crate::volume_meta::now_ms(),
+            std::process::id()
+        );
+        let guards: Vec<_> = vols.iter().map(|v| v.lock_for_cut()).collect();
+        let mut out = BTreeMap::new();
+        for g in guards {
+            let name = g.volume().name().to_string();
+            let base = since.get(&name).copied().flatten();
+            out.insert(name, g.commit_with_image(&cut_id, base)?);
+        }
+        Ok(names
+            .iter()
+            .map(|n| (n.clone(), out[n].0, out[n].1.clone()))
+            .collect())
+    }
+
     /// Close every volume cleanly (service stop).
     pub fn close_all(&self) -> Result<()> {
         let mut first_err = None;

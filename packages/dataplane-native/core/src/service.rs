@@ -7,6 +7,8 @@ use crate::data_dir::{DataDir, DirLock};
 use crate::error::{Error, Result};
 use crate::nbd::server::NbdServer;
 use crate::registry::Registry;
+use crate::replication::manager::Replication;
+use crate::replication::shipper::SiteIdentity;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +23,12 @@ pub struct ServeOptions {
     /// Benchmarks only: serve without changed-block tracking (every volume is marked wholly
     /// dirty first, so nothing is ever missed).
     pub untracked: bool,
+    /// Join a site for replication: this site's name and region, and its NATS server.
+    pub site: Option<String>,
+    pub region: Option<String>,
+    pub nats: Option<String>,
+    /// Regions allowed to hold copies of this site's volumes (empty: any).
+    pub allow_regions: Vec<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -33,6 +41,7 @@ pub struct VolumeService {
     tcp_addr: Option<SocketAddr>,
     socket_path: Option<PathBuf>,
     control_path: PathBuf,
+    replication: Option<Arc<Replication>>,
     _lock: DirLock,
 }
 
@@ -73,20 +82,45 @@ impl VolumeService {
         let control_path = dir.control_socket();
         let (shutdown, rx) = tokio::sync::watch::channel(false);
 
-        let (server, control) = runtime.block_on(async {
+        let identity = match (&opts.site, &opts.region, &opts.nats) {
+            (None, None, None) => None,
+            (Some(site), Some(region), Some(nats)) => Some((
+                SiteIdentity { site: site.clone(), region: region.clone(), allowed_regions: opts.allow_regions.clone() },
+                nats.clone(),
+            )),
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "--site, --region and --nats go together: give all three to join a site for replication".into(),
+                ))
+            }
+        };
+        let (server, control, replication) = runtime.block_on(async {
             let server = NbdServer::bind(registry.clone(), tcp, opts.socket.clone()).await?;
             let control = crate::control::bind(&control_path)?;
-            Ok::<_, Error>((server, control))
+            let replication = match identity {
+                Some((me, url)) => Some(Replication::start(me, &url, registry.clone()).await?),
+                None => None,
+            };
+            Ok::<_, Error>((server, control, replication))
         })?;
         let tcp_addr = server.local_addr();
         let handler = Arc::new(ServiceControl {
             registry: registry.clone(),
             runtime: runtime.handle().clone(),
+            replication: replication.clone(),
         });
-        let tasks = vec![
+        let mut tasks = vec![
             runtime.spawn(server.run(rx.clone())),
-            runtime.spawn(crate::control::serve(control, handler, rx)),
+            runtime.spawn(crate::control::serve(control, handler, rx.clone())),
         ];
+        if let Some(r) = &replication {
+            let r = r.clone();
+            tasks.push(runtime.spawn(async move {
+                if let Err(e) = r.serve(rx).await {
+                    log::error!("replication receiver stopped: {e}");
+                }
+            }));
+        }
         Ok(VolumeService {
             runtime: Some(runtime),
             shutdown,
@@ -95,6 +129,7 @@ impl VolumeService {
             tcp_addr,
             socket_path: opts.socket,
             control_path,
+            replication,
             _lock: lock,
         })
     }
@@ -115,6 +150,9 @@ impl VolumeService {
     pub fn stop(mut self) -> Result<()> {
         let _ = self.shutdown.send(true);
         if let Some(rt) = self.runtime.take() {
+            if let Some(r) = self.replication.take() {
+                rt.block_on(r.shutdown());
+            }
             rt.block_on(async {
                 for t in self.tasks.drain(..) {
                     let _ = t.await;

@@ -686,6 +686,11 @@ impl Volume {
         Ok(txn)
     }
 
+    /// The generation being applied, if any.
+    pub fn applying(&self) -> Option<Arc<ApplyTxn>> {
+        self.txn.read().clone()
+    }
+
     /// Apply a batch of changes of the running transaction: before-images first (durable), then
     /// the data.
     pub fn apply_batch(&self, txn: &ApplyTxn, ops: &[ApplyOp<'_>]) -> Result<()> {
@@ -846,13 +851,34 @@ impl CutGuard<'_> {
         self.vol
     }
 
-    /// Commit the cut and keep the closed generation readable as it was at the cut while writes
-    /// go on (for shipping). Any previous image is released.
-    pub fn commit_with_image(self, cut_id: &str) -> Result<(u64, Arc<CutImage>)> {
+    /// Commit the cut and keep the content at the cut readable while writes go on (for
+    /// shipping). The image's pending blocks are the changes since generation `since` (the last
+    /// one the target holds completely, `None` when it holds none): the union of the kept bitmaps
+    /// after it — or the whole volume when a bitmap in between is no longer kept.
+    pub fn commit_with_image(
+        self,
+        cut_id: &str,
+        since: Option<u64>,
+    ) -> Result<(u64, Arc<CutImage>)> {
         let v = self.vol;
         let generation = self.gen.id.generation;
+        let pending = DirtyBitmap::new(v.size, v.granularity);
+        let closed = v.closed.read();
+        let complete = match since {
+            Some(k) if k < generation => (k + 1..generation).all(|g| closed.contains_key(&g)),
+            _ => false,
+        };
+        if complete {
+            for g in since.unwrap_or(0) + 1..generation {
+                pending.union_with(&closed[&g]);
+            }
+            pending.union_with(&self.gen.bitmap);
+        } else {
+            pending.mark_all();
+        }
+        drop(closed);
         // Created before the commit releases the gate, so no write can slip in unpreserved.
-        let image = Arc::new(CutImage::create(&v.dir, generation, &self.gen.bitmap)?);
+        let image = Arc::new(CutImage::create(&v.dir, generation, &pending)?);
         *v.image.write() = Some(image.clone());
         match self.commit(cut_id) {
             Ok(g) => Ok((g, image)),
@@ -995,7 +1021,7 @@ mod tests {
         let v = Volume::open(&dir, "v").unwrap();
         v.write_at(0, &[1u8; 131072], false).unwrap();
         v.write_at(1 << 20, &[2u8; 4096], false).unwrap();
-        let (g, img) = v.lock_for_cut().commit_with_image("c").unwrap();
+        let (g, img) = v.lock_for_cut().commit_with_image("c", Some(0)).unwrap();
         assert_eq!(g, 1);
         assert_eq!(img.pending_bytes(), 131072 + 65536);
         // Writes after the cut, to pending and to clean blocks, and a trim.

@@ -1,0 +1,345 @@
+//! `Replication`: a volume service's replication role at its site — the receiver for pairs that
+//! target this site, and the shippers of pairs that start here, with their configuration persisted
+//! in `<data dir>/replication/` so a restarted service resumes every pair.
+
+use super::protocol::{
+    control_subject, frames_subject, valid_site_name, ControlMessage, ControlReply,
+};
+use super::receiver::Receiver;
+use super::shipper::{Mode, PairConfig, PairStatus, Shipper, SiteIdentity};
+use crate::bitmap::write_atomic;
+use crate::error::{Error, IoContext, Result};
+use crate::registry::Registry;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+struct RunningPair {
+    shipper: Arc<Shipper>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Replication {
+    me: SiteIdentity,
+    registry: Arc<Registry>,
+    nats: async_nats::Client,
+    receiver: Arc<Receiver>,
+    pairs: Mutex<BTreeMap<String, RunningPair>>,
+    dir: PathBuf,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Connect to the site's NATS server. Credentials come from the URL
+/// (`nats://user:password@host:port`); the client does not take them from there by itself.
+pub async fn connect_nats(nats_url: &str, site: &str) -> Result<async_nats::Client> {
+    let bad = |why: String| Error::Service {
+        dir: redact(nats_url).into(),
+        why,
+    };
+    let mut url = url::Url::parse(nats_url).map_err(|e| {
+        bad(format!(
+            "not a NATS URL ({e}); use nats://user:password@host:port"
+        ))
+    })?;
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("ferry-dataplane {site}"))
+        .connection_timeout(std::time::Duration::from_secs(5));
+    if !url.username().is_empty() {
+        let user = percent_decode(url.username());
+        let password = percent_decode(url.password().unwrap_or(""));
+        opts = opts.user_and_password(user, password);
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    opts.connect(url.as_str()).await.map_err(|e| {
+        bad(format!("cannot connect to NATS: {e}; check --nats (nats://user:password@host:port) and that the server runs"))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// A URL fit for messages: the password replaced.
+pub fn redact(nats_url: &str) -> String {
+    match url::Url::parse(nats_url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => nats_url.to_string(),
+    }
+}
+
+/// The group id of a set of volumes shipped to a site.
+pub fn group_id(target: &str, volumes: &[String]) -> String {
+    let mut v = volumes.to_vec();
+    v.sort();
+    format!("{target}/{}", v.join("+"))
+}
+
+impl Replication {
+    /// Join the site's NATS and resume the pairs configured in the data directory.
+    pub async fn start(
+        me: SiteIdentity,
+        nats_url: &str,
+        registry: Arc<Registry>,
+    ) -> Result<Arc<Replication>> {
+        if !valid_site_name(&me.site) {
+            return Err(Error::InvalidArgument(format!(
+                "site name '{}' must be 1-64 characters from [A-Za-z0-9_-]",
+                me.site
+            )));
+        }
+        let nats = connect_nats(nats_url, &me.site).await?;
+        let dir = registry.data_dir().root().join("replication");
+        std::fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+        let receiver = Arc::new(Receiver::new(&me.site, &me.region, registry.clone()));
+        let r = Arc::new(Replication {
+            me,
+            registry,
+            nats,
+            receiver,
+            pairs: Mutex::new(BTreeMap::new()),
+            dir,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        for entry in std::fs::read_dir(&r.dir).ctx(|| format!("cannot list {}", r.dir.display()))? {
+            let path = entry
+                .ctx(|| "listing replication configs".to_string())?
+                .path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let bytes =
+                    std::fs::read(&path).ctx(|| format!("cannot read {}", path.display()))?;
+                let cfg: PairConfig =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMetadata {
+                        name: path.display().to_string(),
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+                r.spawn(cfg);
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    fn config_path(&self, group: &str) -> PathBuf {
+        let safe: String = group
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{safe}.json"))
+    }
+
+    fn spawn(&self, cfg: PairConfig) {
+        let shipper = Shipper::new(
+            cfg.clone(),
+            self.me.clone(),
+            self.registry.clone(),
+            self.nats.clone(),
+        );
+        let (stop, rx) = watch::channel(false);
+        let task = self.runtime.spawn(shipper.clone().run(rx));
+        self.pairs.lock().insert(
+            cfg.group,
+            RunningPair {
+                shipper,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Start shipping `cfg.volumes` (one consistency group) to `cfg.target_site`. Idempotent for
+    /// the same group; a volume may belong to one pair only.
+    pub fn start_pair(&self, mut cfg: PairConfig) -> Result<PairStatus> {
+        if !valid_site_name(&cfg.target_site) {
+            return Err(Error::InvalidArgument(format!(
+                "target site '{}' is not a valid site name",
+                cfg.target_site
+            )));
+        }
+        if cfg.target_site == self.me.site {
+            return Err(Error::InvalidArgument(format!(
+                "site {} cannot replicate to itself: give another site with --to",
+                self.me.site
+            )));
+        }
+        if cfg.mode == Mode::Sync {
+            return Err(Error::NotSupported(
+                "synchronous replication is not available yet in this build; use --mode async"
+                    .into(),
+            ));
+        }
+        if cfg.volumes.is_empty() {
+            return Err(Error::InvalidArgument(
+                "replicate start needs at least one volume".into(),
+            ));
+        }
+        for v in &cfg.volumes {
+            let vol = self.registry.require(v)?;
+            if vol.replica().is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "volume '{v}' is a replica here; promote it before replicating it elsewhere"
+                )));
+            }
+        }
+        cfg.group = group_id(&cfg.target_site, &cfg.volumes);
+        let pairs = self.pairs.lock();
+        if let Some(p) = pairs.get(&cfg.group) {
+            return Ok(p.shipper.status());
+        }
+        for (g, p) in pairs.iter() {
+            if let Some(v) = cfg
+                .volumes
+                .iter()
+                .find(|v| p.shipper.config().volumes.contains(v))
+            {
+                return Err(Error::VolumeBusy {
+                    name: v.clone(),
+                    why: format!("it is already replicated by pair {g}; stop that pair first"),
+                });
+            }
+        }
+        drop(pairs);
+        let bytes = serde_json::to_vec_pretty(&cfg).expect("config serializes");
+        write_atomic(&self.config_path(&cfg.group), &bytes)?;
+        self.spawn(cfg.clone());
+        Ok(self.pairs.lock()[&cfg.group].shipper.status())
+    }
+
+    pub fn status(&self) -> Vec<PairStatus> {
+        self.pairs
+            .lock()
+            .values()
+            .map(|p| p.shipper.status())
+            .collect()
+    }
+
+    fn pair_of(&self, volumes: &[String]) -> Result<Arc<Shipper>> {
+        let pairs = self.pairs.lock();
+        pairs
+            .values()
+            .find(|p| {
+                volumes
+                    .iter()
+                    .all(|v| p.shipper.config().volumes.contains(v))
+            })
+            .map(|p| p.shipper.clone())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "no replication pair holds all of {}: see `ferry replicate status`",
+                    volumes.join(", ")
+                ))
+            })
+    }
+
+    /// Cut now and wait until the target holds that generation completely.
+    pub async fn sync(&self, volumes: &[String]) -> Result<PairStatus> {
+        let s = self.pair_of(volumes)?;
+        s.sync_now().await?;
+        Ok(s.status())
+    }
+
+    /// Stop the pair holding `volumes` and forget its configuration.
+    pub async fn stop_pair(&self, volumes: &[String]) -> Result<PairStatus> {
+        let group = self.pair_of(volumes)?.config().group.clone();
+        let p = self.pairs.lock().remove(&group).expect("pair exists");
+        let _ = p.stop.send(true);
+        let _ = p.task.await;
+        for v in &p.shipper.config().volumes {
+            if let Some(vol) = self.registry.get(v) {
+                vol.release_cut_image();
+            }
+        }
+        let _ = std::fs::remove_file(self.config_path(&group));
+        let mut s = p.shipper.status();
+        s.state = "stopped".into();
+        Ok(s)
+    }
+
+    /// Answer replication traffic addressed to this site until `shutdown` turns true.
+    pub async fn serve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let mut ctl = self
+            .nats
+            .subscribe(control_subject(&self.me.site))
+            .await
+            .map_err(|e| Error::Service {
+                dir: "nats".into(),
+                why: format!("cannot subscribe: {e}"),
+            })?;
+        let mut frames = self
+            .nats
+            .subscribe(frames_subject(&self.me.site))
+            .await
+            .map_err(|e| Error::Service {
+                dir: "nats".into(),
+                why: format!("cannot subscribe: {e}"),
+            })?;
+        loop {
+            let (msg, is_frame) = tokio::select! {
+                _ = shutdown.changed() => break,
+                m = ctl.next() => match m { Some(m) => (m, false), None => break },
+                m = frames.next() => match m { Some(m) => (m, true), None => break },
+            };
+            let Some(reply_to) = msg.reply.clone() else {
+                continue;
+            };
+            let receiver = self.receiver.clone();
+            let nats = self.nats.clone();
+            // Frames are applied one at a time per site (a bounded queue: the subscription),
+            // control messages likewise; each is blocking file I/O.
+            let answer = tokio::task::spawn_blocking(move || {
+                let r = if is_frame {
+                    receiver.frame(&msg.payload).map(|_| ControlReply::ok())
+                } else {
+                    serde_json::from_slice::<ControlMessage>(&msg.payload)
+                        .map_err(|e| {
+                            Error::InvalidArgument(format!("malformed control message: {e}"))
+                        })
+                        .and_then(|m| receiver.control(m))
+                };
+                r.unwrap_or_else(|e| ControlReply::error(&e))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                ControlReply::error(&Error::io(
+                    "receiver task",
+                    std::io::Error::other(e.to_string()),
+                ))
+            });
+            let body = serde_json::to_vec(&answer).expect("reply serializes");
+            let _ = nats.publish(reply_to, body.into()).await;
+        }
+        Ok(())
+    }
+
+    /// Stop every shipper (service stop); configurations stay, so the pairs resume on restart.
+    pub async fn shutdown(&self) {
+        let pairs: Vec<RunningPair> = std::mem::take(&mut *self.pairs.lock())
+            .into_values()
+            .collect();
+        for p in pairs {
+            let _ = p.stop.send(true);
+            let _ = p.task.await;
+        }
+        // Bounded: with the server gone, a flush would wait for it forever.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.nats.flush()).await;
+    }
+}

@@ -1,0 +1,160 @@
+//! The replication session protocol between two sites' data planes: subjects and control
+//! messages (JSON). Data frames are `frame`'s business; this file names where they go and what
+//! the control conversation around them says.
+//!
+//! A session ships one consistency group from a source site to a target site:
+//! `Open` (target checks residency, creates missing replicas, reports what it holds) →
+//! per generation: `Begin` → data frames (each acknowledged after it is applied) → `Commit`
+//! (every volume of the group moves to the generation together).
+
+use serde::{Deserialize, Serialize};
+
+/// Control requests to a site's data plane.
+pub fn control_subject(site: &str) -> String {
+    format!("ferry.dp.{site}.ctl")
+}
+
+/// Data frames to a site's data plane.
+pub fn frames_subject(site: &str) -> String {
+    format!("ferry.dp.{site}.frames")
+}
+
+/// A site name is one NATS subject token.
+pub fn valid_site_name(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= 64
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSpec {
+    pub name: String,
+    pub size: u64,
+    pub granularity: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum ControlMessage {
+    #[serde(rename_all = "camelCase")]
+    Open {
+        group: String,
+        source_site: String,
+        source_region: String,
+        /// Regions allowed to hold a copy of this group; empty means any.
+        allowed_regions: Vec<String>,
+        volumes: Vec<VolumeSpec>,
+    },
+    /// Start applying the given generation of each volume.
+    #[serde(rename_all = "camelCase")]
+    Begin {
+        group: String,
+        volumes: Vec<GenerationRef>,
+    },
+    /// Every volume of the group now holds its given generation completely.
+    #[serde(rename_all = "camelCase")]
+    Commit {
+        group: String,
+        volumes: Vec<GenerationRef>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Abort { group: String, volumes: Vec<String> },
+}
+
+/// One volume's generation (generation numbers are per volume).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationRef {
+    pub name: String,
+    pub epoch: u64,
+    pub generation: u64,
+}
+
+/// What the target holds of one volume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaReport {
+    pub name: String,
+    pub epoch: u64,
+    pub last_complete_generation: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaReport>,
+}
+
+impl ControlReply {
+    pub fn ok() -> ControlReply {
+        ControlReply {
+            ok: true,
+            code: None,
+            message: None,
+            region: None,
+            replicas: Vec::new(),
+        }
+    }
+
+    pub fn error(e: &crate::error::Error) -> ControlReply {
+        ControlReply {
+            ok: false,
+            code: Some(e.code().to_string()),
+            message: Some(e.to_string()),
+            region: None,
+            replicas: Vec::new(),
+        }
+    }
+
+    /// The reply as an error, if it is one.
+    pub fn into_result(self) -> crate::error::Result<ControlReply> {
+        if self.ok {
+            return Ok(self);
+        }
+        Err(crate::error::Error::Remote {
+            code: self.code.unwrap_or_else(|| "ERR_REMOTE".into()),
+            message: self
+                .message
+                .unwrap_or_else(|| "the target site refused without a reason".into()),
+        })
+    }
+}
+
+/// Is `region` allowed by `allowed` (empty = any)?
+pub fn region_allowed(region: &str, allowed: &[String]) -> bool {
+    allowed.is_empty() || allowed.iter().any(|r| r == region)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_stable_json() {
+        let m = ControlMessage::Begin {
+            group: "g".into(),
+            volumes: vec![GenerationRef {
+                name: "a".into(),
+                epoch: 1,
+                generation: 2,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"op":"begin","group":"g","volumes":[{"name":"a","epoch":1,"generation":2}]}"#
+        );
+        assert!(valid_site_name("site-b") && !valid_site_name("a.b") && !valid_site_name(""));
+        assert!(region_allowed("eu-de", &[]) && !region_allowed("us-east", &["eu-de".into()]));
+    }
+}

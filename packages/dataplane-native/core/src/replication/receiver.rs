@@ -1,0 +1,233 @@
+//! `Receiver`: a site's data plane accepting replication from other sites. It answers control
+//! messages (open a group after the residency check, begin and commit generations) and applies
+//! data frames to replicas, acknowledging each only after it is applied. It refuses any frame for
+//! a volume no accepted session covers, and never applies a frame that fails verification.
+
+use super::frame::{self, Content, Message};
+use super::protocol::{region_allowed, ControlMessage, ControlReply, GenerationRef, ReplicaReport};
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::volume::ApplyOp;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn names(v: &[GenerationRef]) -> Vec<String> {
+    v.iter().map(|g| g.name.clone()).collect()
+}
+
+struct AcceptedGroup {
+    source_site: String,
+    volumes: Vec<String>,
+}
+
+pub struct Receiver {
+    site: String,
+    region: String,
+    registry: Arc<Registry>,
+    groups: Mutex<HashMap<String, AcceptedGroup>>,
+}
+
+impl Receiver {
+    pub fn new(site: &str, region: &str, registry: Arc<Registry>) -> Receiver {
+        Receiver {
+            site: site.into(),
+            region: region.into(),
+            registry,
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Handle one control message; blocking (file I/O).
+    pub fn control(&self, msg: ControlMessage) -> Result<ControlReply> {
+        match msg {
+            ControlMessage::Open {
+                group,
+                source_site,
+                source_region: _,
+                allowed_regions,
+                volumes,
+            } => {
+                if !region_allowed(&self.region, &allowed_regions) {
+                    return Err(Error::Residency {
+                        volume: volumes
+                            .iter()
+                            .map(|v| v.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        site: self.site.clone(),
+                        region: self.region.clone(),
+                        allowed: allowed_regions.join(","),
+                    });
+                }
+                let mut replicas = Vec::new();
+                for spec in &volumes {
+                    let vol = match self.registry.get(&spec.name) {
+                        Some(v) => v,
+                        None => {
+                            self.registry
+                                .create(&spec.name, spec.size, spec.granularity)?;
+                            let v = self.registry.require(&spec.name)?;
+                            v.make_replica(&source_site, 1)?;
+                            v
+                        }
+                    };
+                    let rep = vol.replica().ok_or_else(|| Error::VolumeExists {
+                        name: spec.name.clone(),
+                        dir: self.registry.data_dir().root().to_path_buf(),
+                    })?;
+                    if rep.source_site != source_site || vol.size() != spec.size {
+                        return Err(Error::InvalidArgument(format!(
+                            "volume '{}' at site {} is a replica of {} with {} bytes; the session from {} has {} bytes: delete it there first",
+                            spec.name,
+                            self.site,
+                            rep.source_site,
+                            vol.size(),
+                            source_site,
+                            spec.size
+                        )));
+                    }
+                    replicas.push(ReplicaReport {
+                        name: spec.name.clone(),
+                        epoch: rep.epoch,
+                        last_complete_generation: rep.last_complete_generation,
+                    });
+                }
+                self.groups.lock().insert(
+                    group,
+                    AcceptedGroup {
+                        source_site,
+                        volumes: volumes.into_iter().map(|v| v.name).collect(),
+                    },
+                );
+                let mut r = ControlReply::ok();
+                r.region = Some(self.region.clone());
+                r.replicas = replicas;
+                Ok(r)
+            }
+            ControlMessage::Begin { group, volumes } => {
+                self.check_group(&group, &names(&volumes))?;
+                for GenerationRef {
+                    name,
+                    epoch,
+                    generation,
+                } in volumes
+                {
+                    let v = self.registry.require(&name)?;
+                    // A generation left half-applied by an earlier attempt is rolled back first.
+                    match v.begin_apply(epoch, generation) {
+                        Ok(_) => {}
+                        Err(Error::VolumeBusy { .. }) => {
+                            v.abort_apply()?;
+                            v.begin_apply(epoch, generation)?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(ControlReply::ok())
+            }
+            ControlMessage::Commit { group, volumes } => {
+                self.check_group(&group, &names(&volumes))?;
+                // Each volume commits on its own: a crash in between leaves the group's volumes at
+                // different generations until the source re-sends the group's next generation.
+                for GenerationRef {
+                    name,
+                    epoch,
+                    generation,
+                } in volumes
+                {
+                    let v = self.registry.require(&name)?;
+                    let txn = v.applying().ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "volume '{name}' has no generation {generation} being applied"
+                        ))
+                    })?;
+                    if txn.id().epoch != epoch || txn.id().target != generation {
+                        return Err(Error::InvalidArgument(format!(
+                            "volume '{name}' is applying generation {} of epoch {}, not {generation} of {epoch}",
+                            txn.id().target,
+                            txn.id().epoch
+                        )));
+                    }
+                    v.commit_apply(&txn)?;
+                }
+                Ok(ControlReply::ok())
+            }
+            ControlMessage::Abort { group, volumes } => {
+                self.check_group(&group, &volumes)?;
+                for name in &volumes {
+                    self.registry.require(name)?.abort_apply()?;
+                }
+                Ok(ControlReply::ok())
+            }
+        }
+    }
+
+    fn check_group(&self, group: &str, volumes: &[String]) -> Result<()> {
+        let groups = self.groups.lock();
+        let g = groups.get(group).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "no replication session '{group}' is open at site {}; open it first",
+                self.site
+            ))
+        })?;
+        for v in volumes {
+            if !g.volumes.contains(v) {
+                return Err(Error::InvalidArgument(format!(
+                    "volume '{v}' is not part of session '{group}' from {}",
+                    g.source_site
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn covered(&self, volume: &str) -> bool {
+        self.groups
+            .lock()
+            .values()
+            .any(|g| g.volumes.iter().any(|v| v == volume))
+    }
+
+    /// Verify and apply one data frame; blocking.
+    pub fn frame(&self, bytes: &[u8]) -> Result<()> {
+        let msg = frame::decode(bytes)?;
+        let Message::Data(f) = msg else {
+            return Err(Error::InvalidArgument("expected a data frame".into()));
+        };
+        if !self.covered(&f.volume) {
+            return Err(Error::InvalidArgument(format!(
+                "frame for volume '{}' refused: no accepted replication session covers it at site {}",
+                f.volume, self.site
+            )));
+        }
+        let content = f.verify()?;
+        let v = self.registry.require(&f.volume)?;
+        let txn = v.applying().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "frame for volume '{}' arrived with no generation being applied",
+                f.volume
+            ))
+        })?;
+        if txn.id().epoch != f.epoch || txn.id().target != f.generation {
+            return Err(Error::InvalidArgument(format!(
+                "frame of generation {} (epoch {}) for '{}' does not match the generation being applied ({})",
+                f.generation,
+                f.epoch,
+                f.volume,
+                txn.id().target
+            )));
+        }
+        let op = match &content {
+            Content::Data(d) => ApplyOp::Data {
+                offset: f.offset,
+                data: d,
+            },
+            Content::Zero | Content::Trim => ApplyOp::Zero {
+                offset: f.offset,
+                length: f.length as u64,
+            },
+        };
+        v.apply_batch(&txn, &[op])
+    }
+}

@@ -1,0 +1,501 @@
+//! `Shipper`: the source side of one replication pair — a consistency group of volumes shipped to
+//! one target site. Each cycle cuts the group with images (copy-before-write), sends the changes
+//! since what the target holds as verified frames over NATS with a bounded window of requests in
+//! flight (each acknowledged only once applied), then commits the generation at the target.
+//! Continuous mode runs a cycle every interval; `sync` runs one now and waits for it.
+
+use super::frame::{self, FrameSizer};
+use super::protocol::{
+    control_subject, frames_subject, region_allowed, ControlMessage, ControlReply, GenerationRef,
+    ReplicaReport, VolumeSpec,
+};
+use crate::cut_image::CutImage;
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::volume::Volume;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Requests in flight per pair; with 1 MiB messages, at most ~8 MiB on the wire at once.
+pub const WINDOW: usize = 8;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const RESENDS: usize = 3;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Async,
+    Sync,
+}
+
+/// A pair as configured (persisted, so a restarted service resumes it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PairConfig {
+    pub group: String,
+    pub volumes: Vec<String>,
+    pub target_site: String,
+    pub mode: Mode,
+    pub interval_ms: u64,
+    /// Bytes per second on the wire; `None` is unlimited.
+    pub rate: Option<u64>,
+    pub level: i32,
+    pub max_message: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PairStatus {
+    pub group: String,
+    pub volumes: Vec<String>,
+    pub target: String,
+    pub mode: String,
+    /// `starting`, `syncing` (first full copy), `shipping`, `idle`, `error`.
+    pub state: String,
+    pub last_complete_generation: Option<u64>,
+    pub last_complete_at_ms: Option<u64>,
+    pub lag_seconds: f64,
+    pub bytes_raw: u64,
+    pub bytes_wire: u64,
+    pub generations_shipped: u64,
+    pub last_error: Option<String>,
+}
+
+/// Where the site's data plane sits, for residency checks and messages.
+#[derive(Debug, Clone)]
+pub struct SiteIdentity {
+    pub site: String,
+    pub region: String,
+    /// Regions allowed to hold copies of this site's volumes; empty means any.
+    pub allowed_regions: Vec<String>,
+}
+
+pub struct Shipper {
+    cfg: PairConfig,
+    me: SiteIdentity,
+    registry: Arc<Registry>,
+    nats: async_nats::Client,
+    status: Mutex<PairStatus>,
+    /// When the generation the target last completed was cut (ms since the epoch), for lag.
+    started_ms: u64,
+    bytes_raw: Arc<AtomicU64>,
+    bytes_wire: Arc<AtomicU64>,
+    sync_tx: mpsc::Sender<oneshot::Sender<Result<u64>>>,
+    sync_rx: Mutex<Option<mpsc::Receiver<oneshot::Sender<Result<u64>>>>>,
+}
+
+fn now_ms() -> u64 {
+    crate::volume_meta::now_ms()
+}
+
+impl Shipper {
+    pub fn new(
+        cfg: PairConfig,
+        me: SiteIdentity,
+        registry: Arc<Registry>,
+        nats: async_nats::Client,
+    ) -> Arc<Shipper> {
+        let (sync_tx, sync_rx) = mpsc::channel(16);
+        let status = PairStatus {
+            group: cfg.group.clone(),
+            volumes: cfg.volumes.clone(),
+            target: cfg.target_site.clone(),
+            mode: match cfg.mode {
+                Mode::Async => "async".into(),
+                Mode::Sync => "sync".into(),
+            },
+            state: "starting".into(),
+            ..Default::default()
+        };
+        Arc::new(Shipper {
+            cfg,
+            me,
+            registry,
+            nats,
+            status: Mutex::new(status),
+            started_ms: now_ms(),
+            bytes_raw: Arc::new(AtomicU64::new(0)),
+            bytes_wire: Arc::new(AtomicU64::new(0)),
+            sync_tx,
+            sync_rx: Mutex::new(Some(sync_rx)),
+        })
+    }
+
+    pub fn config(&self) -> &PairConfig {
+        &self.cfg
+    }
+
+    pub fn status(&self) -> PairStatus {
+        let mut s = self.status.lock().clone();
+        let since = s.last_complete_at_ms.unwrap_or(self.started_ms);
+        s.lag_seconds = now_ms().saturating_sub(since) as f64 / 1000.0;
+        s.bytes_raw = self.bytes_raw.load(Ordering::Relaxed);
+        s.bytes_wire = self.bytes_wire.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Cut now and wait until that generation is complete at the target.
+    pub async fn sync_now(&self) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.sync_tx.send(tx).await.map_err(|_| {
+            Error::InvalidArgument(format!(
+                "replication of group '{}' is stopped",
+                self.cfg.group
+            ))
+        })?;
+        rx.await.map_err(|_| {
+            Error::InvalidArgument(format!("replication of group '{}' stopped", self.cfg.group))
+        })?
+    }
+
+    /// Run cycles until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut sync_rx = self.sync_rx.lock().take().expect("run once");
+        let mut held: Option<HashMap<String, ReplicaReport>> = None;
+        let interval = Duration::from_millis(self.cfg.interval_ms.max(100));
+        let mut next = tokio::time::Instant::now();
+        loop {
+            let mut waiters = Vec::new();
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(next) => {}
+                w = sync_rx.recv() => match w { Some(w) => waiters.push(w), None => return },
+            }
+            while let Ok(w) = sync_rx.try_recv() {
+                waiters.push(w);
+            }
+            let r = tokio::select! {
+                _ = shutdown.changed() => return,
+                r = self.cycle(&mut held) => r,
+            };
+            match &r {
+                Ok(_) => {
+                    next = tokio::time::Instant::now() + interval;
+                    let mut st = self.status.lock();
+                    st.state = "idle".into();
+                    st.last_error = None;
+                }
+                Err(e) => {
+                    held = None;
+                    // Back off, but not past the interval: the RPO depends on retrying.
+                    next = tokio::time::Instant::now() + interval.min(Duration::from_secs(2));
+                    for name in &self.cfg.volumes {
+                        if let Some(v) = self.registry.get(name) {
+                            v.release_cut_image();
+                        }
+                    }
+                    let mut st = self.status.lock();
+                    st.state = "error".into();
+                    st.last_error = Some(e.to_string());
+                    log::warn!(
+                        "replication of group '{}' to {}: {e}",
+                        self.cfg.group,
+                        self.cfg.target_site
+                    );
+                }
+            }
+            for w in waiters {
+                let _ = w.send(match &r {
+                    Ok(g) => Ok(*g),
+                    Err(e) => Err(Error::Remote {
+                        code: e.code().to_string(),
+                        message: e.to_string(),
+                    }),
+                });
+            }
+        }
+    }
+
+    async fn request(&self, subject: String, body: Vec<u8>) -> Result<ControlReply> {
+        let reply = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.nats.request(subject.clone(), body.into()),
+        )
+        .await
+        .map_err(|_| Error::Service {
+            dir: subject.clone().into(),
+            why: format!(
+                "site {} did not answer within {REQUEST_TIMEOUT:?}",
+                self.cfg.target_site
+            ),
+        })?
+        .map_err(|e| Error::Service {
+            dir: subject.clone().into(),
+            why: format!("cannot reach site {}: {e}", self.cfg.target_site),
+        })?;
+        serde_json::from_slice::<ControlReply>(&reply.payload).map_err(|e| Error::Protocol {
+            peer: format!("site {}", self.cfg.target_site),
+            why: format!("malformed reply on {subject}: {e}"),
+        })
+    }
+
+    async fn control(&self, msg: &ControlMessage) -> Result<ControlReply> {
+        let body = serde_json::to_vec(msg).expect("control message serializes");
+        self.request(control_subject(&self.cfg.target_site), body)
+            .await?
+            .into_result()
+    }
+
+    async fn open(&self) -> Result<HashMap<String, ReplicaReport>> {
+        let volumes = self
+            .cfg
+            .volumes
+            .iter()
+            .map(|n| {
+                let v = self.registry.require(n)?;
+                Ok(VolumeSpec {
+                    name: n.clone(),
+                    size: v.size(),
+                    granularity: v.granularity(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let reply = self
+            .control(&ControlMessage::Open {
+                group: self.cfg.group.clone(),
+                source_site: self.me.site.clone(),
+                source_region: self.me.region.clone(),
+                allowed_regions: self.me.allowed_regions.clone(),
+                volumes,
+            })
+            .await?;
+        let region = reply.region.clone().unwrap_or_default();
+        // The target checked too; the source never trusts that alone.
+        if !region_allowed(&region, &self.me.allowed_regions) {
+            return Err(Error::Residency {
+                volume: self.cfg.volumes.join(","),
+                site: self.cfg.target_site.clone(),
+                region,
+                allowed: self.me.allowed_regions.join(","),
+            });
+        }
+        Ok(reply
+            .replicas
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect())
+    }
+
+    /// One generation: cut, ship, commit. Returns the highest generation now complete.
+    async fn cycle(&self, held: &mut Option<HashMap<String, ReplicaReport>>) -> Result<u64> {
+        if held.is_none() {
+            *held = Some(self.open().await?);
+        }
+        let reports = held.as_ref().expect("opened");
+        let since: BTreeMap<String, Option<u64>> = self
+            .cfg
+            .volumes
+            .iter()
+            .map(|n| {
+                let base = reports.get(n).and_then(|r| {
+                    let epoch = self.registry.get(n).map(|v| v.meta().epoch);
+                    (Some(r.epoch) == epoch && r.last_complete_generation > 0)
+                        .then_some(r.last_complete_generation)
+                });
+                (n.clone(), base)
+            })
+            .collect();
+        let initial = since.values().any(|b| b.is_none());
+        self.status.lock().state = if initial {
+            "syncing".into()
+        } else {
+            "shipping".into()
+        };
+        let cut_at = now_ms();
+        let reg = self.registry.clone();
+        let names = self.cfg.volumes.clone();
+        let since2 = since.clone();
+        let cuts = tokio::task::spawn_blocking(move || reg.cut_with_images(&names, &since2))
+            .await
+            .map_err(|e| Error::io("cut task", std::io::Error::other(e.to_string())))??;
+        let refs: Vec<GenerationRef> = cuts
+            .iter()
+            .map(|(name, g, _)| GenerationRef {
+                name: name.clone(),
+                epoch: self.registry.get(name).map(|v| v.meta().epoch).unwrap_or(1),
+                generation: *g,
+            })
+            .collect();
+        self.control(&ControlMessage::Begin {
+            group: self.cfg.group.clone(),
+            volumes: refs.clone(),
+        })
+        .await?;
+        for ((name, _, image), r) in cuts.iter().zip(&refs) {
+            let vol = self.registry.require(name)?;
+            self.ship_image(&vol, image.clone(), r).await?;
+        }
+        self.control(&ControlMessage::Commit {
+            group: self.cfg.group.clone(),
+            volumes: refs.clone(),
+        })
+        .await?;
+        let mut max_gen = 0;
+        if let Some(h) = held.as_mut() {
+            for r in &refs {
+                h.insert(
+                    r.name.clone(),
+                    ReplicaReport {
+                        name: r.name.clone(),
+                        epoch: r.epoch,
+                        last_complete_generation: r.generation,
+                    },
+                );
+                max_gen = max_gen.max(r.generation);
+            }
+        }
+        for (name, _, _) in &cuts {
+            if let Some(v) = self.registry.get(name) {
+                v.release_cut_image();
+            }
+        }
+        let mut st = self.status.lock();
+        st.last_complete_generation = Some(max_gen);
+        st.last_complete_at_ms = Some(cut_at);
+        st.generations_shipped += 1;
+        Ok(max_gen)
+    }
+
+    async fn ship_image(
+        &self,
+        vol: &Arc<Volume>,
+        image: Arc<CutImage>,
+        r: &GenerationRef,
+    ) -> Result<()> {
+        let sizer = FrameSizer::new(self.cfg.max_message)?;
+        let extents: Vec<(u64, u64)> = image
+            .pending_extents()
+            .iter()
+            .map(|e| (e.offset, e.length))
+            .collect();
+        let mut inflight = tokio::task::JoinSet::new();
+        let started = Instant::now();
+        let mut sent_wire = 0u64;
+        for (seq, piece) in sizer.pieces(extents).enumerate() {
+            while inflight.len() >= WINDOW {
+                inflight
+                    .join_next()
+                    .await
+                    .expect("non-empty")
+                    .map_err(join_err)??;
+            }
+            let mut buf = vec![0u8; piece.length as usize];
+            vol.read_cut(&image, piece.offset, &mut buf)?;
+            let msg = frame::encode_data(
+                vol.name(),
+                r.epoch,
+                r.generation,
+                seq as u64,
+                piece.offset,
+                &buf,
+                self.cfg.level,
+            )?;
+            sent_wire += msg.len() as u64;
+            if let Some(rate) = self.cfg.rate {
+                // Keep the average at or under the limit: wait until the bytes sent are due.
+                let due = Duration::from_secs_f64(sent_wire as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            let nats = self.nats.clone();
+            let subject = frames_subject(&self.cfg.target_site);
+            let image = image.clone();
+            let target = self.cfg.target_site.clone();
+            let (raw, wire) = (piece.length as u64, msg.len() as u64);
+            let stats = (self.bytes_raw.clone(), self.bytes_wire.clone());
+            inflight.spawn(async move {
+                send_frame(&nats, subject, msg, &target).await?;
+                image.shipped(piece.offset, piece.length as u64);
+                stats.0.fetch_add(raw, Ordering::Relaxed);
+                stats.1.fetch_add(wire, Ordering::Relaxed);
+                Ok::<(), Error>(())
+            });
+        }
+        while let Some(r) = inflight.join_next().await {
+            r.map_err(join_err)??;
+        }
+        Ok(())
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> Error {
+    Error::io("frame task", std::io::Error::other(e.to_string()))
+}
+
+/// Send one frame; resend it when the target says it arrived damaged.
+async fn send_frame(
+    nats: &async_nats::Client,
+    subject: String,
+    msg: Vec<u8>,
+    target: &str,
+) -> Result<()> {
+    let body: bytes::Bytes = msg.into();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let reply = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            nats.request(subject.clone(), test_hooks::maybe_corrupt(&body)),
+        )
+        .await
+        .map_err(|_| Error::Service {
+            dir: subject.clone().into(),
+            why: format!("site {target} did not acknowledge a frame within {REQUEST_TIMEOUT:?}"),
+        })?
+        .map_err(|e| Error::Service {
+            dir: subject.clone().into(),
+            why: format!("cannot reach site {target}: {e}"),
+        })?;
+        let r: ControlReply =
+            serde_json::from_slice(&reply.payload).map_err(|e| Error::Protocol {
+                peer: format!("site {target}"),
+                why: format!("malformed frame acknowledgement: {e}"),
+            })?;
+        if r.ok {
+            return Ok(());
+        }
+        if r.code.as_deref() == Some("ERR_FRAME") && attempt <= RESENDS {
+            log::warn!(
+                "site {target} refused a damaged frame, resending: {}",
+                r.message.unwrap_or_default()
+            );
+            continue;
+        }
+        return r.into_result().map(|_| ());
+    }
+}
+
+/// Fault injection for tests, named as such: with `FERRY_TEST_CORRUPT_EVERY=N` set, one frame in
+/// N is sent with a flipped byte, as a damaged network would deliver it.
+pub mod test_hooks {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+
+    pub fn maybe_corrupt(body: &bytes::Bytes) -> bytes::Bytes {
+        let every: u64 = match std::env::var("FERRY_TEST_CORRUPT_EVERY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(n) if n > 0 => n,
+            _ => return body.clone(),
+        };
+        if COUNT.fetch_add(1, Ordering::Relaxed) % every != 0 || body.len() < 2 {
+            return body.clone();
+        }
+        let mut v = body.to_vec();
+        let i = v.len() - 1;
+        v[i] ^= 0x5a;
+        v.into()
+    }
+
+    /// How many frames went through the hook.
+    pub fn frames_seen() -> u64 {
+        COUNT.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,185 @@
+//! Async replication of a consistency group between two sites over real nats-servers linked by a
+//! leafnode: a full initial sync, then deltas; the target equals the source at every completed
+//! generation, a delta ships only what changed, and residency is refused at both ends.
+
+mod support;
+
+use ferry_dataplane::admin::Admin;
+use ferry_dataplane::control::ControlRequest;
+use ferry_dataplane::service::{ServeOptions, VolumeService};
+use serde_json::Value;
+use support::nats_sites::TwoSites;
+
+struct Site {
+    dir: tempfile::TempDir,
+    svc: Option<VolumeService>,
+}
+
+impl Site {
+    fn start(name: &str, region: &str, url: String, allow: &[&str]) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = VolumeService::start(ServeOptions {
+            data_dir: dir.path().to_path_buf(),
+            listen: Some("127.0.0.1:0".into()),
+            socket: None,
+            untracked: false,
+            site: Some(name.into()),
+            region: Some(region.into()),
+            nats: Some(url),
+            allow_regions: allow.iter().map(|s| s.to_string()).collect(),
+        })
+        .unwrap();
+        Site {
+            dir,
+            svc: Some(svc),
+        }
+    }
+
+    fn admin(&self) -> Admin {
+        Admin::open(self.dir.path()).unwrap()
+    }
+
+    fn svc(&self) -> &VolumeService {
+        self.svc.as_ref().unwrap()
+    }
+
+    fn write(&self, vol: &str, offset: u64, byte: u8, len: usize) {
+        self.svc()
+            .registry()
+            .require(vol)
+            .unwrap()
+            .write_at(offset, &vec![byte; len], false)
+            .unwrap();
+    }
+
+    fn content(&self, vol: &str) -> Vec<u8> {
+        let v = self.svc().registry().require(vol).unwrap();
+        let mut buf = vec![0u8; v.size() as usize];
+        v.read_at(0, &mut buf).unwrap();
+        buf
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(s) = self.svc.take() {
+            let _ = s.stop();
+        }
+    }
+}
+
+fn start_pair(a: &Site, vols: &[&str], interval_ms: u64) -> Value {
+    a.admin()
+        .replicate(ControlRequest::ReplicateStart {
+            volumes: vols.iter().map(|s| s.to_string()).collect(),
+            to: "site-b".into(),
+            mode: "async".into(),
+            interval_ms,
+            rate: None,
+            level: None,
+        })
+        .unwrap()
+}
+
+fn sync(a: &Site, vols: &[&str]) -> ferry_dataplane::Result<Value> {
+    a.admin().replicate(ControlRequest::ReplicateSync {
+        volumes: vols.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+#[test]
+fn group_replicates_full_then_deltas() {
+    let sites = TwoSites::start();
+    let a = Site::start("site-a", "eu-es", sites.a.url(), &["eu-de"]);
+    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
+    let adm = a.admin();
+    adm.create("db", 32 << 20, 65536).unwrap();
+    adm.create("logs", 8 << 20, 65536).unwrap();
+    a.write("db", 0, 0xab, 1 << 20);
+    a.write("db", 20 << 20, 0xcd, 4096);
+    a.write("logs", 4096, 0x11, 8192);
+    // A long interval: only explicit syncs ship, so what is shipped is predictable.
+    start_pair(&a, &["db", "logs"], 3_600_000);
+    let st = sync(&a, &["db", "logs"]).unwrap();
+    assert_eq!(st["state"], "idle", "{st}");
+    assert_eq!(b.content("db"), a.content("db"));
+    assert_eq!(b.content("logs"), a.content("logs"));
+    let full_raw = st["bytesRaw"].as_u64().unwrap();
+    assert_eq!(
+        full_raw,
+        40 << 20,
+        "the initial sync covers both volumes whole"
+    );
+    assert!(
+        st["bytesWire"].as_u64().unwrap() < (4 << 20),
+        "holes and repeats compress: {st}"
+    );
+
+    // A delta: two 4 KiB writes in different 64 KiB blocks ship two blocks, not the volume.
+    a.write("db", 5 << 20, 0x77, 4096);
+    a.write("logs", 7 << 20, 0x78, 4096);
+    let st = sync(&a, &["db", "logs"]).unwrap();
+    assert_eq!(
+        st["bytesRaw"].as_u64().unwrap() - full_raw,
+        2 * 65536,
+        "{st}"
+    );
+    assert_eq!(b.content("db"), a.content("db"));
+    assert_eq!(b.content("logs"), a.content("logs"));
+    let replica = b.svc().registry().require("db").unwrap().replica().unwrap();
+    assert_eq!(replica.source_site, "site-a");
+    assert!(replica.last_complete_generation >= 2);
+
+    // The replica is read-only to clients.
+    let e = b
+        .svc()
+        .registry()
+        .require("db")
+        .unwrap()
+        .write_at(0, &[1], false)
+        .unwrap_err();
+    assert_eq!(e.code(), "ERR_READ_ONLY");
+
+    let status = adm.replicate(ControlRequest::ReplicateStatus).unwrap();
+    assert_eq!(status[0]["target"], "site-b");
+    assert_eq!(status[0]["volumes"], serde_json::json!(["db", "logs"]));
+    adm.replicate(ControlRequest::ReplicateStop {
+        volumes: vec!["db".into()],
+    })
+    .unwrap();
+    assert_eq!(
+        adm.replicate(ControlRequest::ReplicateStatus).unwrap(),
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn residency_is_refused_at_the_source_and_the_target() {
+    let sites = TwoSites::start();
+    // A may only send to us-east; B is in eu-de.
+    let a = Site::start("site-a", "eu-es", sites.a.url(), &["us-east"]);
+    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
+    a.admin().create("secret", 1 << 20, 65536).unwrap();
+    a.write("secret", 0, 0x42, 4096);
+    start_pair(&a, &["secret"], 3_600_000);
+    let e = sync(&a, &["secret"]).unwrap_err();
+    assert_eq!(e.code(), "ERR_RESIDENCY", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("secret")
+            && msg.contains("site-b")
+            && msg.contains("eu-de")
+            && msg.contains("us-east"),
+        "{msg}"
+    );
+    assert!(
+        b.svc().registry().get("secret").is_none(),
+        "nothing was created at the target"
+    );
+    let st = a
+        .admin()
+        .replicate(ControlRequest::ReplicateStatus)
+        .unwrap();
+    assert_eq!(st[0]["bytesRaw"], 0);
+    assert_eq!(st[0]["state"], "error");
+}
