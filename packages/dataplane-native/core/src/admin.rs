@@ -168,6 +168,12 @@ fn local(
             crate::import_volume::import(dir, &name, &source, size, progress).map(to_value)
         }
         ControlRequest::ReplicateStatus => Ok(Value::Array(Vec::new())),
+        ControlRequest::ReplicatePromote { volumes } => {
+            let reg = Registry::open_subset(dir.clone(), &volumes)?;
+            let r = promote(&reg, &volumes);
+            reg.close_all()?;
+            r
+        }
         ControlRequest::ReplicateStart { .. } | ControlRequest::ReplicateSync { .. } | ControlRequest::ReplicateStop { .. } => {
             Err(Error::InvalidArgument(format!(
                 "replication needs a running volume service for {}: start `ferry volume serve --data {} --site NAME --region REGION --nats URL`",
@@ -176,6 +182,30 @@ fn local(
             )))
         }
     }
+}
+
+/// Promote every named replica; answers `[{volume, generation}]` (the generation each now holds).
+fn promote(reg: &Registry, volumes: &[String]) -> Result<Value> {
+    if volumes.is_empty() {
+        return Err(Error::InvalidArgument(
+            "promote needs at least one volume".into(),
+        ));
+    }
+    let vols = volumes
+        .iter()
+        .map(|n| reg.require(n))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(v) = vols.iter().find(|v| v.replica().is_none()) {
+        return Err(Error::InvalidArgument(format!(
+            "volume '{}' is not a replica: promote runs at the target site, on replicated volumes",
+            v.name()
+        )));
+    }
+    let mut out = Vec::new();
+    for v in vols {
+        out.push(serde_json::json!({ "volume": v.name(), "generation": v.promote()? }));
+    }
+    Ok(Value::Array(out))
 }
 
 /// The running service's handler for control requests.
@@ -255,6 +285,7 @@ impl ControlHandler for ServiceControl {
                 };
                 Ok(to_value(self.replication()?.start_pair(cfg)?))
             }
+            ControlRequest::ReplicatePromote { volumes } => promote(reg, &volumes),
             ControlRequest::ReplicateStatus => Ok(to_value(match &self.replication {
                 Some(r) => r.status(),
                 None => Vec::new(),

@@ -55,6 +55,10 @@ pub enum ControlRequest {
     ReplicateStop {
         volumes: Vec<String>,
     },
+    /// At a target: make replicas writable at their last complete generation.
+    ReplicatePromote {
+        volumes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -638,6 +638,24 @@ impl Volume {
         self.meta.lock().replica.clone()
     }
 
+    /// Make a replica writable at its last complete generation (a generation being applied is
+    /// rolled back first). From here on the volume tracks its own writes under a new epoch, so its
+    /// history can never be mistaken for its former source's. Returns the generation it holds.
+    pub fn promote(&self) -> Result<u64> {
+        let rep = self.require_replica()?;
+        self.abort_apply()?;
+        let mut meta = self.meta.lock();
+        let mut next = meta.clone();
+        next.replica = None;
+        next.epoch = next.epoch.max(rep.epoch) + 1;
+        next.save(&self.dir.join(META_FILE))?;
+        *meta = next;
+        drop(meta);
+        self.gate.write().id.epoch = self.meta.lock().epoch;
+        self.read_only.store(false, Ordering::SeqCst);
+        Ok(rep.last_complete_generation)
+    }
+
     /// Make this (new, empty) volume a replica of `source_site`'s volume; no generation yet.
     pub fn make_replica(&self, source_site: &str, epoch: u64) -> Result<()> {
         let mut meta = self.meta.lock();
@@ -1107,6 +1125,61 @@ mod tests {
             "the interrupted generation is rolled back"
         );
         assert_eq!(v.replica().unwrap().last_complete_generation, 1);
+    }
+
+    #[test]
+    fn promote_rolls_back_and_opens_for_writes() {
+        let (_t, dir) = new_volume(4 << 20);
+        let v = Volume::open(&dir, "v").unwrap();
+        assert_eq!(v.promote().unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        v.make_replica("site-a", 1).unwrap();
+        let txn = v.begin_apply(1, 1).unwrap();
+        v.apply_batch(
+            &txn,
+            &[ApplyOp::Data {
+                offset: 0,
+                data: &[3u8; 4096],
+            }],
+        )
+        .unwrap();
+        v.commit_apply(&txn).unwrap();
+        let txn = v.begin_apply(1, 2).unwrap();
+        v.apply_batch(
+            &txn,
+            &[ApplyOp::Data {
+                offset: 0,
+                data: &[4u8; 4096],
+            }],
+        )
+        .unwrap();
+        drop(txn);
+        assert_eq!(v.promote().unwrap(), 1);
+        let mut buf = vec![0u8; 4096];
+        v.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 3),
+            "the interrupted generation 2 was rolled back"
+        );
+        v.write_at(8192, &[9u8; 4096], false).unwrap();
+        assert_eq!(
+            v.dirty_extents(),
+            vec![Extent {
+                offset: 0,
+                length: 65536
+            }]
+        );
+        v.close().unwrap();
+        drop(v);
+        let v = Volume::open(&dir, "v").unwrap();
+        assert!(v.replica().is_none() && !v.read_only());
+        assert_eq!(v.meta().epoch, 2);
+        assert_eq!(
+            v.dirty_extents(),
+            vec![Extent {
+                offset: 0,
+                length: 65536
+            }]
+        );
     }
 
     #[test]

@@ -140,6 +140,26 @@ fn group_replicates_full_then_deltas() {
         .unwrap_err();
     assert_eq!(e.code(), "ERR_READ_ONLY");
 
+    // Promote at B: writable at the last complete generation; A's pair is fenced off from then on.
+    let promoted = b
+        .admin()
+        .replicate(ControlRequest::ReplicatePromote {
+            volumes: vec!["db".into(), "logs".into()],
+        })
+        .unwrap();
+    assert_eq!(promoted.as_array().unwrap().len(), 2, "{promoted}");
+    b.write("db", 0, 0x99, 4096);
+    a.write("db", 1 << 20, 0x55, 4096);
+    let e = sync(&a, &["db", "logs"]).unwrap_err();
+    assert!(e.to_string().contains("not a replica"), "{e}");
+    let e = b
+        .admin()
+        .replicate(ControlRequest::ReplicatePromote {
+            volumes: vec!["db".into()],
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("is not a replica"), "{e}");
+
     let status = adm.replicate(ControlRequest::ReplicateStatus).unwrap();
     assert_eq!(status[0]["target"], "site-b");
     assert_eq!(status[0]["volumes"], serde_json::json!(["db", "logs"]));
