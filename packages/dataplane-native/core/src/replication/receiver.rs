@@ -195,14 +195,14 @@ impl Receiver {
         let Message::Data(f) = msg else {
             return Err(Error::InvalidArgument("expected a data frame".into()));
         };
-        if !self.covered(&f.volume) {
+        if !self.covered(f.volume) {
             return Err(Error::InvalidArgument(format!(
                 "frame for volume '{}' refused: no accepted replication session covers it at site {}",
                 f.volume, self.site
             )));
         }
         let content = f.verify()?;
-        let v = self.registry.require(&f.volume)?;
+        let v = self.registry.require(f.volume)?;
         let txn = v.applying().ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "frame for volume '{}' arrived with no generation being applied",
