@@ -2,16 +2,92 @@
  * `ferry volume serve`: run the volume service in the foreground until SIGTERM or SIGINT, then stop
  * it cleanly (in-flight requests finish, bitmaps are persisted) and return. The service runs on the
  * data plane's own threads; this function only starts it, reports where it listens and waits.
+ * With a site to join, the service also sends and receives replication over that site's NATS.
  */
 import { dataplane } from "../dataplane.js";
 import type { ProgramIo } from "../program.js";
 
 export const DEFAULT_LISTEN = "127.0.0.1:10809";
+export const SITE_ENV = "FERRY_SITE";
+export const NATS_ENV = "FERRY_NATS";
+
+/** The site a service joins for replication: all of it, or none (`SiteOptions` → `joinedSite`). */
+export interface SiteJoin {
+  site: string;
+  region: string;
+  /** `nats://user:password@host:port` of the site's NATS server (user ferryd). */
+  nats: string;
+  /** Regions allowed to hold copies of this site's volumes; empty means any. */
+  allowRegions: string[];
+}
 
 export interface ServeRequest {
   dataDir: string;
   listen?: string | undefined;
   socket?: string | undefined;
+  join?: SiteJoin | undefined;
+  /** Benchmarks only: no changed-block tracking (every volume is wholly dirty). */
+  untracked?: boolean | undefined;
+}
+
+/** The serve command's site options as commander leaves them, and where each value came from. */
+export interface SiteOptions {
+  site?: string | undefined;
+  region?: string | undefined;
+  nats?: string | undefined;
+  allowRegions?: string | undefined;
+  /** `env` when the value came from $FERRY_SITE / $FERRY_NATS rather than the command line. */
+  sourceOf(option: "site" | "region" | "nats"): string | undefined;
+}
+
+/** Thrown for a combination of site options that cannot work; the command reports it as bad usage. */
+export class SiteOptionsError extends Error {}
+
+/**
+ * The site to join, or undefined for a service that does not replicate. --site, --region and --nats
+ * go together: a service with only some of them could neither ship nor receive, so it is refused
+ * before anything starts.
+ */
+export function joinedSite(options: SiteOptions): SiteJoin | undefined {
+  const given = (["site", "region", "nats"] as const).filter((o) => options[o] !== undefined);
+  if (given.length === 0) {
+    if (options.allowRegions !== undefined) {
+      throw new SiteOptionsError(
+        "--allow-regions applies to a service that joins a site: add --site, --region and --nats",
+      );
+    }
+    return undefined;
+  }
+  const { site, region, nats } = options;
+  if (site === undefined || region === undefined || nats === undefined) {
+    const missing = (["site", "region", "nats"] as const).filter((o) => options[o] === undefined);
+    const fromEnv = given
+      .filter((o) => options.sourceOf(o) === "env")
+      .map((o) => `--${o} came from $${o === "site" ? SITE_ENV : NATS_ENV}`);
+    throw new SiteOptionsError(
+      `--site, --region and --nats go together: ${missing.map((o) => `--${o}`).join(" and ")} ${missing.length === 1 ? "is" : "are"} missing` +
+        `${fromEnv.length > 0 ? ` (${fromEnv.join(", ")})` : ""}; give all three to join a site for replication, or none`,
+    );
+  }
+  for (const [option, value] of [
+    ["--site", site],
+    ["--region", region],
+  ] as const) {
+    if (value.trim() === "") throw new SiteOptionsError(`${option} is empty: give a name, e.g. ${option} eu-es`);
+  }
+  let allowRegions: string[] = [];
+  if (options.allowRegions !== undefined) {
+    allowRegions = options.allowRegions
+      .split(",")
+      .map((r) => r.trim())
+      .filter((r) => r !== "");
+    if (allowRegions.length === 0) {
+      throw new SiteOptionsError(
+        `--allow-regions '${options.allowRegions}' names no region: give a comma-separated list, e.g. eu-es,eu-de, or leave it out to allow any`,
+      );
+    }
+  }
+  return { site, region, nats, allowRegions };
 }
 
 const STOP_SIGNALS = ["SIGTERM", "SIGINT"] as const;
@@ -20,7 +96,16 @@ type StopSignal = (typeof STOP_SIGNALS)[number];
 export async function serveVolumes(request: ServeRequest, io: ProgramIo): Promise<void> {
   const { startVolumeService } = await dataplane();
   const listen = request.listen ?? (request.socket === undefined ? DEFAULT_LISTEN : undefined);
-  const service = await startVolumeService({ dataDir: request.dataDir, listen, socket: request.socket });
+  const service = await startVolumeService({
+    dataDir: request.dataDir,
+    listen,
+    socket: request.socket,
+    untracked: request.untracked,
+    site: request.join?.site,
+    region: request.join?.region,
+    nats: request.join?.nats,
+    allowRegions: request.join?.allowRegions,
+  });
 
   const names = service.volumeNames;
   const where: string[] = [];
@@ -28,7 +113,9 @@ export async function serveVolumes(request: ServeRequest, io: ProgramIo): Promis
   if (service.socketPath)
     where.push(where.length > 0 ? `(unix socket ${service.socketPath})` : `nbd+unix:///?socket=${service.socketPath}`);
   const list = names.length > 0 ? ` (${names.join(", ")})` : "";
-  io.writeOut(`ferry: serving ${names.length} volume${names.length === 1 ? "" : "s"}${list} on ${where.join(" ")}\n`);
+  io.writeOut(
+    `ferry: serving ${names.length} volume${names.length === 1 ? "" : "s"}${list} on ${where.join(" ")}${siteNote(request)}\n`,
+  );
 
   const signal = await nextStopSignal();
   io.writeErr(`ferry: ${signal} received, stopping the volume service\n`);
@@ -42,6 +129,25 @@ export async function serveVolumes(request: ServeRequest, io: ProgramIo): Promis
     await service.stop();
   } finally {
     for (const s of STOP_SIGNALS) process.off(s, force);
+  }
+}
+
+/** Where the service replicates from; the NATS password never reaches the output. */
+function siteNote({ join, untracked }: ServeRequest): string {
+  let note = "";
+  if (join) {
+    const allowed = join.allowRegions.length > 0 ? `, copies only to ${join.allowRegions.join(", ")}` : "";
+    note += ` as site ${join.site} (region ${join.region}${allowed}) via NATS ${natsServer(join.nats)}`;
+  }
+  if (untracked) note += " without changed-block tracking (benchmarks only)";
+  return note;
+}
+
+function natsServer(url: string): string {
+  try {
+    return new URL(url).host || url;
+  } catch {
+    return "(unparsable URL)";
   }
 }
 

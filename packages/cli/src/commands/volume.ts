@@ -10,7 +10,15 @@ import { dataplane } from "../dataplane.js";
 import type { ProgramIo } from "../program.js";
 import { formatTable } from "../table.js";
 import { importVolumeWithProgress } from "./volume-import.js";
-import { DEFAULT_LISTEN, serveVolumes } from "./volume-serve.js";
+import {
+  DEFAULT_LISTEN,
+  joinedSite,
+  NATS_ENV,
+  SITE_ENV,
+  type SiteJoin,
+  SiteOptionsError,
+  serveVolumes,
+} from "./volume-serve.js";
 import { VolumeStatsDocument } from "./volume-stats.js";
 
 interface DataOption {
@@ -18,6 +26,15 @@ interface DataOption {
 }
 interface JsonOption {
   json?: boolean;
+}
+interface ServeOptions {
+  listen?: string;
+  socket?: string;
+  site?: string;
+  region?: string;
+  nats?: string;
+  allowRegions?: string;
+  untracked?: boolean;
 }
 
 function dataOption(): Option {
@@ -100,13 +117,43 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
     .summary("serve the volumes over NBD in the foreground")
     .description(
       "serve every volume of the data directory over NBD, in the foreground; SIGTERM or SIGINT stops it cleanly.\n" +
-        `Listens on ${DEFAULT_LISTEN} unless --listen or --socket is given.`,
+        `Listens on ${DEFAULT_LISTEN} unless --listen or --socket is given.\n` +
+        "With --site, --region and --nats (all three) the service joins that site's NATS to send and receive replication (see `ferry replicate`).",
     )
     .addOption(dataOption())
     .option("--listen <host:port>", `TCP address to listen on (default: ${DEFAULT_LISTEN} when --socket is not given)`)
     .option("--socket <path>", "unix socket to listen on")
-    .action(async (options: DataOption & { listen?: string; socket?: string }) => {
-      await serveVolumes({ dataDir: resolveDataDir(options.data), listen: options.listen, socket: options.socket }, io);
+    .addOption(new Option("--site <name>", "this site's name, to join it for replication").env(SITE_ENV))
+    .option("--region <region>", "this site's region (residency rules name regions)")
+    .addOption(
+      new Option(
+        "--nats <url>",
+        `the site's NATS server, nats://user:password@host:port (prefer $${NATS_ENV}: other users can read a command line)`,
+      ).env(NATS_ENV),
+    )
+    .option(
+      "--allow-regions <regions>",
+      "comma-separated regions allowed to hold copies of this site's volumes (default: any)",
+    )
+    .addOption(new Option("--untracked", "benchmarks only: serve without changed-block tracking").hideHelp())
+    .action(async (options: DataOption & ServeOptions, command: Command) => {
+      let join: SiteJoin | undefined;
+      try {
+        join = joinedSite({ ...options, sourceOf: (o) => command.getOptionValueSource(o) });
+      } catch (error) {
+        if (error instanceof SiteOptionsError) command.error(error.message, { code: "ferry.siteOptions" });
+        throw error;
+      }
+      await serveVolumes(
+        {
+          dataDir: resolveDataDir(options.data),
+          listen: options.listen,
+          socket: options.socket,
+          join,
+          untracked: options.untracked,
+        },
+        io,
+      );
     });
 
   volume
