@@ -5,7 +5,7 @@
  * bench and stopped by PID.
  *
  *   ferry            `ferry volume serve` (the CLI as shipped), changed-block tracking on
- *   ferry-untracked  the same service started by ferry-serve.mjs with `untracked: true`
+ *   ferry-untracked  `ferry volume serve --untracked` (hidden, benchmarks only): no changed-block tracking
  *   qemu-nbd         qemu-nbd -f raw -t -e 8 --cache=writeback (aio=threads, its default)
  *   nbdkit           nbdkit file FILE (thread model parallel, 16 threads, its defaults)
  *
@@ -20,7 +20,6 @@ import { createVolume } from "../../packages/dataplane-native/binding.js";
 export const EXPORT = "bench";
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 const FERRY_CLI = join(REPO, "packages/cli/bin/ferry.js");
-const FERRY_SERVE = fileURLToPath(new URL("./ferry-serve.mjs", import.meta.url));
 
 /**
  * Each server: `prepare(dir, size)` makes its fresh sparse backing file and says where it is;
@@ -42,7 +41,7 @@ export const SERVERS = {
     prepare: (dir, size) => SERVERS.ferry.prepare(dir, size),
     command: ({ dataDir }, listen) => [
       process.execPath,
-      [FERRY_SERVE, "--data", dataDir, ...ferryListen(listen), "--untracked"],
+      [FERRY_CLI, "volume", "serve", "--data", dataDir, ...ferryListen(listen), "--untracked"],
     ],
   },
   "qemu-nbd": {
