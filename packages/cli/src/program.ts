@@ -6,6 +6,7 @@
 import { createRequire } from "node:module";
 import { Command } from "commander";
 import { registerDemoCommand } from "./commands/demo.js";
+import { registerReplicateCommands } from "./commands/replicate.js";
 import { registerVolumeCommands } from "./commands/volume.js";
 
 const { version } = createRequire(import.meta.url)("../package.json") as { version: string };
@@ -24,7 +25,8 @@ export function createProgram(io: ProgramIo = processIo): Command {
   const program = new Command("ferry")
     .description(
       "Ferry keeps applications (VMs and Kubernetes workloads) recoverable at a second site.\n" +
-        "This is the volume service: block volumes served over NBD, with changed-block tracking and generations.",
+        "This is the volume service: block volumes served over NBD, with changed-block tracking and generations,\n" +
+        "replicated asynchronously to another site.",
     )
     .version(version, "-V, --version", "print the ferry version")
     .helpOption("-h, --help", "show help for a command")
@@ -34,6 +36,7 @@ export function createProgram(io: ProgramIo = processIo): Command {
     .configureOutput({ writeOut: io.writeOut, writeErr: io.writeErr });
 
   registerVolumeCommands(program, io);
+  registerReplicateCommands(program, io);
   registerDemoCommand(program, io);
 
   // Usage errors become one `ferry: …` line that names the command's help. Set per command

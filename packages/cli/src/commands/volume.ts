@@ -21,10 +21,10 @@ import {
 } from "./volume-serve.js";
 import { VolumeStatsDocument } from "./volume-stats.js";
 
-interface DataOption {
+export interface DataOption {
   data?: string;
 }
-interface JsonOption {
+export interface JsonOption {
   json?: boolean;
 }
 interface ServeOptions {
@@ -37,14 +37,16 @@ interface ServeOptions {
   untracked?: boolean;
 }
 
-function dataOption(): Option {
+// Shared with `ferry replicate` (commands/replicate.ts), so that --data and --json read the same
+// everywhere.
+export function dataOption(): Option {
   return new Option(
     "--data <dir>",
     `data directory holding the volumes (default: $${DATA_DIR_ENV} or ${DEFAULT_DATA_DIR})`,
   );
 }
 
-function jsonOption(): Option {
+export function jsonOption(): Option {
   return new Option("--json", "print JSON instead of a table");
 }
 

@@ -1,0 +1,312 @@
+/**
+ * `ferry replicate` between two real sites: two nats-servers linked by a leafnode (testkit's
+ * `startTwoSites`) and one `ferry volume serve` per site, joined to its site's NATS. Data goes in
+ * at A with qemu-io and is checked at B's read-only export, byte for byte; residency, the
+ * unsupported sync mode and the usage errors are checked as a user sees them: exit status and
+ * one `ferry:` line.
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { FerryCli, type FerryServe, qemuIo, Sandbox, startTwoSites, type TwoSites } from "@ferry/testkit";
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
+
+const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
+const KiB = 1024;
+const MiB = 2 ** 20;
+const VOLUME_SIZE = 4 * MiB;
+
+interface PairStatus {
+  group: string;
+  volumes: string[];
+  target: string;
+  mode: string;
+  state: string;
+  lastCompleteGeneration: number | null;
+  lastCompleteAtMs: number | null;
+  lagSeconds: number;
+  bytesRaw: number;
+  bytesWire: number;
+  generationsShipped: number;
+  lastError: string | null;
+}
+
+interface VolumeJson {
+  name: string;
+  readOnly: boolean;
+}
+
+/** A data directory and the `ferry volume serve` of one site. */
+interface SiteService {
+  data: string;
+  serve: FerryServe;
+}
+
+let sites: TwoSites;
+let sandbox: Sandbox;
+let ferry: FerryCli;
+
+beforeAll(async () => {
+  sites = await startTwoSites();
+});
+
+afterAll(async () => {
+  await sites?.stop();
+});
+
+beforeEach(() => {
+  sandbox = new Sandbox();
+  ferry = new FerryCli(sandbox, BIN);
+});
+
+// Kills every `ferry volume serve` (by PID) and removes the data directories, also after a failure.
+afterEach(async () => {
+  await sandbox.cleanup();
+});
+
+async function serveSite(site: "a" | "b", extra: readonly string[] = []): Promise<SiteService> {
+  const data = await sandbox.dir(`ferry-${site}-`);
+  const { name, region, url } = sites[site];
+  const serve = await ferry.serve([
+    "--data",
+    data,
+    "--socket",
+    join(data, "nbd.sock"),
+    "--site",
+    name,
+    "--region",
+    region,
+    "--nats",
+    url,
+    ...extra,
+  ]);
+  return { data, serve };
+}
+
+/** qemu-io on a read-only export (B's replicas refuse a read-write open). */
+async function qemuIoReadOnly(uri: string, commands: readonly string[]): Promise<void> {
+  const result = await sandbox.run("qemu-io", ["-r", "-f", "raw", uri, ...commands.flatMap((c) => ["-c", c])]);
+  if (result.code !== 0) {
+    throw new Error(`qemu-io -r ${commands.join("; ")} on ${uri}: ${result.stdout.trim()} ${result.stderr.trim()}`);
+  }
+}
+
+/** sha256 of a whole export, read with nbdcopy. */
+async function exportSha256(uri: string): Promise<string> {
+  const result = await sandbox.run("bash", ["-o", "pipefail", "-c", 'nbdcopy "$1" - | sha256sum', "bash", uri]);
+  if (result.code !== 0) throw new Error(`nbdcopy ${uri} - | sha256sum: ${result.stderr.trim()}`);
+  return result.stdout.split(" ")[0] ?? "";
+}
+
+describe("ferry replicate between two sites", () => {
+  it("ships a consistency group to site B, then only the changed blocks", async () => {
+    // Site A takes its site and NATS URL from the environment, as documented.
+    const aData = await sandbox.dir("ferry-a-");
+    const aServe = await ferry.serve(
+      ["--data", aData, "--socket", join(aData, "nbd.sock"), "--region", sites.a.region],
+      { env: { ...process.env, FERRY_SITE: sites.a.name, FERRY_NATS: sites.a.url } },
+    );
+    expect(aServe.servingLine).toContain(`as site ${sites.a.name} (region eu-es)`);
+    expect(aServe.servingLine).not.toContain(sites.a.users.ferryd.password);
+    const a: SiteService = { data: aData, serve: aServe };
+    const b = await serveSite("b");
+    expect(b.serve.servingLine).toContain(`as site ${sites.b.name} (region eu-de)`);
+
+    // Created while A serves: over the control socket.
+    for (const name of ["a", "b"]) {
+      await ferry.ok(["volume", "create", name, "--size", "4M", "--data", a.data]);
+    }
+    await qemuIo(sandbox, a.serve.uri("a"), ["write -P 0xab 0 1M"]);
+    await qemuIo(sandbox, a.serve.uri("b"), ["write -P 0xcd 2M 64K"]);
+
+    const started = await ferry.ok([
+      "replicate",
+      "start",
+      "a",
+      "b",
+      "--to",
+      "site-b",
+      "--mode",
+      "async",
+      "--interval",
+      "1h",
+      "--data",
+      a.data,
+    ]);
+    expect(started).toMatch(/^replicating a, b to site-b \(async, every 1h\): \w+\n$/);
+
+    const first = await ferry.json<PairStatus>(["replicate", "sync", "a", "b", "--data", a.data]);
+    expect(first).toMatchObject({ volumes: ["a", "b"], target: "site-b", mode: "async", state: "idle" });
+    expect(first.lastCompleteGeneration).toBeGreaterThanOrEqual(1);
+    expect(first.lastError).toBeNull();
+    // The first full copy reads both volumes whole; the mostly-zero data compresses to little.
+    expect(first.bytesRaw).toBe(2 * VOLUME_SIZE);
+    expect(first.bytesWire).toBeGreaterThan(0);
+    expect(first.bytesWire).toBeLessThan(first.bytesRaw);
+
+    const replicas = await ferry.json<VolumeJson[]>(["volume", "list", "--data", b.data]);
+    expect(replicas.map((v) => [v.name, v.readOnly])).toEqual([
+      ["a", true],
+      ["b", true],
+    ]);
+    await qemuIoReadOnly(b.serve.uri("a"), ["read -P 0xab 0 1M", "read -P 0 1M 3M"]);
+    await qemuIoReadOnly(b.serve.uri("b"), ["read -P 0 0 2M", "read -P 0xcd 2M 64K", "read -P 0 2112K 1984K"]);
+    for (const name of ["a", "b"]) {
+      expect(await exportSha256(b.serve.uri(name)), name).toBe(await exportSha256(a.serve.uri(name)));
+    }
+
+    // One 64 KiB block of a, two of b (70 KiB from 1 MiB spans two).
+    await qemuIo(sandbox, a.serve.uri("a"), ["write -P 0x11 3M 4K"]);
+    await qemuIo(sandbox, a.serve.uri("b"), ["write -P 0x22 1M 70K"]);
+    // Until the next generation is complete, B keeps showing the last one.
+    await qemuIoReadOnly(b.serve.uri("a"), ["read -P 0 3M 4K"]);
+
+    const second = await ferry.json<PairStatus>(["replicate", "sync", "a", "b", "--data", a.data]);
+    expect(second.lastCompleteGeneration).toBeGreaterThan(first.lastCompleteGeneration ?? Number.POSITIVE_INFINITY);
+    expect(second.bytesRaw - first.bytesRaw).toBe(3 * 64 * KiB);
+    await qemuIoReadOnly(b.serve.uri("a"), ["read -P 0xab 0 1M", "read -P 0x11 3M 4K", "read -P 0 3076K 1020K"]);
+    await qemuIoReadOnly(b.serve.uri("b"), ["read -P 0x22 1M 70K", "read -P 0xcd 2M 64K"]);
+    for (const name of ["a", "b"]) {
+      expect(await exportSha256(b.serve.uri(name)), name).toBe(await exportSha256(a.serve.uri(name)));
+    }
+
+    const [pair, ...others] = await ferry.json<PairStatus[]>(["replicate", "status", "--data", a.data]);
+    expect(others).toEqual([]);
+    expect(pair).toEqual({
+      group: expect.any(String),
+      volumes: ["a", "b"],
+      target: "site-b",
+      mode: "async",
+      state: "idle",
+      lastCompleteGeneration: second.lastCompleteGeneration,
+      lastCompleteAtMs: expect.any(Number),
+      lagSeconds: expect.any(Number),
+      bytesRaw: second.bytesRaw,
+      bytesWire: second.bytesWire,
+      generationsShipped: expect.any(Number),
+      lastError: null,
+    });
+    const table = await ferry.ok(["replicate", "status", "--data", a.data]);
+    expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\n/);
+    expect(table).toMatch(new RegExp(`a,b\\s+site-b\\s+async\\s+idle\\s+${second.lastCompleteGeneration}\\s`));
+
+    // Sync mode is not built: refused by the service, nothing started.
+    const syncMode = await ferry.run(["replicate", "start", "c", "--to", "site-b", "--mode", "sync", "--data", a.data]);
+    expect(syncMode.code).toBe(1);
+    expect(syncMode.stderr).toMatch(/^ferry: not supported: synchronous replication .*--mode async\n$/);
+
+    const stopped = await ferry.ok(["replicate", "stop", "a", "b", "--data", a.data]);
+    expect(stopped).toContain(
+      `stopped replicating a, b to site-b; it keeps generation ${second.lastCompleteGeneration}`,
+    );
+    expect(await ferry.json<PairStatus[]>(["replicate", "status", "--data", a.data])).toEqual([]);
+    expect(await ferry.ok(["replicate", "status", "--data", a.data])).toContain("no replication pairs");
+    await qemuIoReadOnly(b.serve.uri("a"), ["read -P 0x11 3M 4K"]);
+
+    expect(await a.serve.stop()).toEqual({ code: 0, signal: null });
+    expect(await b.serve.stop()).toEqual({ code: 0, signal: null });
+  });
+
+  it("refuses to copy a volume to a region the source site does not allow, and creates nothing there", async () => {
+    const a = await serveSite("a", ["--allow-regions", "us-east"]);
+    const b = await serveSite("b");
+    expect(a.serve.servingLine).toContain("copies only to us-east");
+    await ferry.ok(["volume", "create", "resident", "--size", "1M", "--data", a.data]);
+    await ferry.ok(["replicate", "start", "resident", "--to", "site-b", "--mode", "async", "--data", a.data]);
+
+    const sync = await ferry.run(["replicate", "sync", "resident", "--data", a.data]);
+    expect(sync.code).toBe(1);
+    expect(sync.stdout).toBe("");
+    expect(sync.stderr).toMatch(/^ferry: residency: .*\n$/);
+    for (const word of ["resident", "site-b", "eu-de", "us-east"]) expect(sync.stderr).toContain(word);
+
+    expect(await ferry.json<VolumeJson[]>(["volume", "list", "--data", b.data])).toEqual([]);
+    const [pair] = await ferry.json<PairStatus[]>(["replicate", "status", "--data", a.data]);
+    expect(pair).toMatchObject({ state: "error", lastCompleteGeneration: null, bytesRaw: 0 });
+    expect(pair?.lastError).toContain("us-east");
+  });
+
+  it("tells to start a joined volume service when none runs", async () => {
+    const data = await sandbox.dir();
+    const result = await ferry.run(["replicate", "sync", "a", "--data", data]);
+    expect(result.code).toBe(1);
+    expect(result.stderr).toMatch(/^ferry: .*`ferry volume serve --data .* --site .*`\n$/);
+  });
+
+  it("exits 2 on bad usage, naming the option and a valid form", async () => {
+    const data = await sandbox.dir();
+    const start = ["replicate", "start", "v", "--to", "site-b", "--data", data];
+    const cases: Array<[string[], RegExp]> = [
+      [
+        [...start, "--mode", "async", "--interval", "5x"],
+        /^ferry: option '--interval <duration>' argument '5x' is invalid\. .*5s/,
+      ],
+      [
+        [...start, "--mode", "async", "--interval", "0s"],
+        /^ferry: option '--interval <duration>' argument '0s' is invalid/,
+      ],
+      [[...start, "--mode", "async", "--rate", "fast"], /^ferry: option '--rate <size>': invalid size 'fast'/],
+      [[...start, "--mode", "async", "--rate", "0"], /^ferry: option '--rate <size>' argument '0' is invalid/],
+      [[...start, "--mode", "async", "--level", "20"], /^ferry: option '--level <n>' argument '20' is invalid/],
+      [[...start, "--mode", "semi"], /^ferry: option '--mode <mode>' argument 'semi' is invalid/],
+      [start, /^ferry: required option '--mode <mode>' not specified/],
+      [["replicate", "sync"], /^ferry: missing required argument 'volumes'/],
+      [["replicate", "status", "extra"], /^ferry: too many arguments/],
+    ];
+    for (const [args, message] of cases) {
+      const result = await ferry.run(args);
+      expect(result.code, args.join(" ")).toBe(2);
+      expect(result.stderr, args.join(" ")).toMatch(message);
+      expect(result.stderr.split("\n"), args.join(" ")).toHaveLength(2);
+    }
+  });
+});
+
+describe("ferry volume serve joining a site", () => {
+  it("exits 2 unless --site, --region and --nats come all together", async () => {
+    const data = await sandbox.dir();
+    const { FERRY_SITE: _site, FERRY_NATS: _nats, ...env } = process.env;
+    const cases: Array<[string[], NodeJS.ProcessEnv, RegExp]> = [
+      [["--site", "site-a"], env, /--region and --nats are missing/],
+      [
+        ["--region", "eu-es"],
+        { ...env, FERRY_NATS: sites.a.url },
+        /--site is missing \(--nats came from \$FERRY_NATS\)/,
+      ],
+      [["--allow-regions", "eu-de"], env, /--allow-regions applies to a service that joins a site/],
+      [
+        ["--site", "site-a", "--region", "eu-es", "--nats", sites.a.url, "--allow-regions", ","],
+        env,
+        /--allow-regions ',' names no region/,
+      ],
+    ];
+    for (const [args, caseEnv, message] of cases) {
+      const result = await ferry.run(["volume", "serve", "--data", data, "--socket", join(data, "s"), ...args], {
+        env: caseEnv,
+      });
+      expect(result.code, args.join(" ")).toBe(2);
+      expect(result.stderr, args.join(" ")).toMatch(message);
+      expect(result.stderr).toContain("(see 'ferry volume serve --help')");
+    }
+  });
+
+  it("fails with exit 1 when the site's NATS refuses the credentials, without printing the password", async () => {
+    const data = await sandbox.dir();
+    const url = `nats://ferryd:not-the-password@${sites.a.server}`;
+    const args = ["--data", data, "--socket", join(data, "s"), "--site", "site-a", "--region", "eu-es", "--nats", url];
+    const result = await ferry.run(["volume", "serve", ...args]);
+    expect(result.code).toBe(1);
+    expect(result.stderr).toMatch(/^ferry: .*authorization violation.*--nats/);
+    expect(result.stderr).not.toContain("not-the-password");
+  });
+
+  it("serves untracked (benchmarks only) with --untracked, which help does not show", async () => {
+    const data = await sandbox.dir();
+    expect(await ferry.ok(["volume", "serve", "--help"])).not.toContain("untracked");
+    await ferry.ok(["volume", "create", "bench", "--size", "1M", "--data", data]);
+    const serve = await ferry.serve(["--data", data, "--socket", join(data, "s"), "--untracked"]);
+    expect(serve.servingLine).toContain("without changed-block tracking");
+    // Untracked means wholly dirty: the next generation copies everything.
+    expect(await ferry.json(["volume", "dirty", "bench", "--data", data])).toEqual([{ offset: 0, length: MiB }]);
+    expect(await serve.stop()).toEqual({ code: 0, signal: null });
+  });
+});
