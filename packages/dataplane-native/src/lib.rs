@@ -55,6 +55,10 @@ pub struct VolumeInfo {
     pub generations: Vec<f64>,
     pub read_only: bool,
     pub dirty_bytes: f64,
+    /// On a replica: the site it replicates from.
+    pub replica_of: Option<String>,
+    /// On a replica: the last generation it holds completely.
+    pub replica_generation: Option<f64>,
 }
 
 impl From<ferry_dataplane::volume::VolumeInfo> for VolumeInfo {
@@ -67,6 +71,8 @@ impl From<ferry_dataplane::volume::VolumeInfo> for VolumeInfo {
             generations: v.generations.into_iter().map(|g| g as f64).collect(),
             read_only: v.read_only,
             dirty_bytes: v.dirty_bytes as f64,
+            replica_of: v.replica_of,
+            replica_generation: v.replica_generation.map(|g| g as f64),
         }
     }
 }

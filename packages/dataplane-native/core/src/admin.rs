@@ -167,7 +167,7 @@ fn local(
         ControlRequest::Import { name, source, size } => {
             crate::import_volume::import(dir, &name, &source, size, progress).map(to_value)
         }
-        ControlRequest::ReplicateStatus => Ok(Value::Array(Vec::new())),
+        ControlRequest::ReplicateStatus => Ok(to_value(crate::replication::manager::configured_pairs(dir.root()))),
         ControlRequest::ReplicatePromote { volumes } => {
             let reg = Registry::open_subset(dir.clone(), &volumes)?;
             let r = promote(&reg, &volumes);

@@ -87,8 +87,16 @@ pub enum Error {
         hint: String,
     },
 
-    #[error("residency: volume(s) {volume} may not be replicated to site {site}: its region {region} is not among the allowed regions [{allowed}]")]
-    Residency { volume: String, site: String, region: String, allowed: String },
+    #[error("residency: volume(s) {volume} may not be replicated to site {site}: its region {region} is not among the allowed regions [{allowed}]; replicate to a site in an allowed region, or change the allowed regions (--allow-regions) if your policy permits")]
+    Residency {
+        volume: String,
+        site: String,
+        region: String,
+        allowed: String,
+    },
+
+    #[error("NATS at {url}: {why}")]
+    Nats { url: String, why: String },
 
     #[error("volume '{name}' is read-only")]
     ReadOnly { name: String },
@@ -135,6 +143,7 @@ impl Error {
             Error::Service { .. } => "ERR_SERVICE",
             Error::DataDirBusy { .. } => "ERR_DATA_DIR_BUSY",
             Error::Residency { .. } => "ERR_RESIDENCY",
+            Error::Nats { .. } => "ERR_NATS",
             Error::ReadOnly { .. } => "ERR_READ_ONLY",
             Error::OutOfRange { .. } => "ERR_OUT_OF_RANGE",
             Error::NotSupported(_) => "ERR_NOT_SUPPORTED",

@@ -96,6 +96,11 @@ pub struct VolumeInfo {
     pub generations: Vec<u64>,
     pub read_only: bool,
     pub dirty_bytes: u64,
+    /// On a replica: the site it replicates from and the last generation it holds completely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_generation: Option<u64>,
 }
 
 struct OpenGeneration {
@@ -305,6 +310,8 @@ impl Volume {
             generations: meta.generations.iter().map(|g| g.generation).collect(),
             read_only: self.read_only(),
             dirty_bytes,
+            replica_of: meta.replica.as_ref().map(|r| r.source_site.clone()),
+            replica_generation: meta.replica.as_ref().map(|r| r.last_complete_generation),
         }
     }
 

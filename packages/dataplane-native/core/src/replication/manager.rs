@@ -77,6 +77,33 @@ pub fn redact(nats_url: &str) -> String {
     }
 }
 
+/// Shortest interval between cycles of a continuous pair.
+pub const MIN_INTERVAL_MS: u64 = 100;
+
+/// The pairs configured in a data directory, as status rows for when no service runs them.
+pub fn configured_pairs(data_dir: &std::path::Path) -> Vec<PairStatus> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("replication")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| serde_json::from_slice::<PairConfig>(&std::fs::read(e.path()).ok()?).ok())
+        .map(|c| PairStatus {
+            group: c.group,
+            volumes: c.volumes,
+            target: c.target_site,
+            mode: match c.mode {
+                Mode::Async => "async".into(),
+                Mode::Sync => "sync".into(),
+            },
+            state: "not running".into(),
+            last_error: Some("no volume service runs this data directory; start `ferry volume serve --site …` to resume".into()),
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// The group id of a set of volumes shipped to a site.
 pub fn group_id(target: &str, volumes: &[String]) -> String {
     let mut v = volumes.to_vec();

@@ -157,7 +157,8 @@ impl Shipper {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut sync_rx = self.sync_rx.lock().take().expect("run once");
         let mut held: Option<HashMap<String, ReplicaReport>> = None;
-        let interval = Duration::from_millis(self.cfg.interval_ms.max(100));
+        let interval =
+            Duration::from_millis(self.cfg.interval_ms.max(super::manager::MIN_INTERVAL_MS));
         let mut next = tokio::time::Instant::now();
         loop {
             let mut waiters = Vec::new();
@@ -396,7 +397,7 @@ impl Shipper {
                 self.cfg.level,
             )?;
             sent_wire += msg.len() as u64;
-            if let Some(rate) = self.cfg.rate {
+            if let Some(rate) = self.cfg.rate.filter(|r| *r > 0) {
                 // Keep the average at or under the limit: wait until the bytes sent are due.
                 let due = Duration::from_secs_f64(sent_wire as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
