@@ -33,7 +33,7 @@ ensure_rust() {
   # shellcheck source=infra/env.sh
   . infra/env.sh
   command -v cargo >/dev/null 2>&1 ||
-    die "cargo not found (nor ~/.cargo/env): install a Rust toolchain (rustup, stable >= 1.80)"
+    die "cargo not found (nor ~/.cargo/env): install a Rust toolchain (rustup, stable >= 1.87)"
 }
 
 ensure_node_modules() {

@@ -5,6 +5,19 @@
 //! unclean stop every hot extent counts as dirty, so an acknowledged write is never missing from
 //! the bitmap (false positives are fine; misses never are). Once extents are hot, writes cost no
 //! extra I/O. When the set is full, the caller persists the whole bitmap and the set starts over.
+//! The invariant: before a write to an extent returns, that extent is durably recorded as hot (or
+//! the bitmap covering it was durably flushed).
+//!
+//! Persisting costs a write and an fdatasync (milliseconds), so two things keep it off the path
+//! of most first touches:
+//! - *Group commit*: callers queue their extents and wait for one persist that covers everything
+//!   queued so far. One caller at a time (the leader) writes, without holding the lock; callers
+//!   that arrive meanwhile are all covered by the next persist.
+//! - *Read-ahead*: when an extent goes hot right after the one before it (a sequential writer),
+//!   the next `AHEAD` extents go hot with it, so a sequential stream persists once per
+//!   `AHEAD + 1` extents. They may never be written: after a crash they count as dirty, so each
+//!   such first touch adds at most `AHEAD` extents (12 MiB) of false positives. They only take
+//!   room the set has free: they can bring the next bitmap flush closer, never force one.
 //!
 //! On disk: two fixed slots written alternately with a sequence number and an xxh3 checksum, so a
 //! torn write of one slot leaves the other intact. This module must never decide what a hot extent
@@ -12,7 +25,7 @@
 
 use crate::bitmap::GenerationId;
 use crate::error::{IoContext, Result};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -23,21 +36,40 @@ const MAGIC: &[u8; 8] = b"FERRYAL1";
 pub const EXTENT_SIZE: u64 = 4 << 20;
 /// Hot extents remembered before the bitmap is flushed and the set starts over (4 GiB hot).
 pub const CAPACITY: usize = 1024;
+/// Extents made hot ahead of a sequential writer (see the module doc).
+pub const AHEAD: u32 = 3;
 const SLOT_LEN: u64 = 8192;
 const HEADER_LEN: usize = 8 + 8 + 8 + 8 + 4;
 
 struct State {
     id: GenerationId,
     seq: u64,
+    /// The log's extents in the order they joined: the first `durable_len` are on disk, the rest
+    /// wait for the next persist. Only ever appended to while a persist runs.
     hot: Vec<u32>,
+    durable_len: usize,
+    /// `queued[e]`: `e` is in `hot`.
+    queued: Vec<bool>,
+    /// Bumped on every change of `hot` or `id`; `durable` is the version on disk.
+    version: u64,
+    durable: u64,
+    /// A leader is writing the log with the lock released.
+    persisting: bool,
+    persists: u64,
 }
 
 pub struct ActivityLog {
     path: PathBuf,
     file: File,
     extent_size: u64,
+    /// `hot[e]`: `e` is durably recorded as hot — the lock-free fast path of every write.
     hot: Vec<AtomicBool>,
     state: Mutex<State>,
+    /// Signalled when a persist ends.
+    persisted: Condvar,
+    /// Tests: hold the next persist, with the lock released, until this many extents are queued.
+    #[cfg(test)]
+    hold_until_queued: std::sync::atomic::AtomicUsize,
 }
 
 /// What `open` found from the previous run.
@@ -87,7 +119,16 @@ impl ActivityLog {
                 id,
                 seq,
                 hot: Vec::new(),
+                durable_len: 0,
+                queued: vec![false; n],
+                version: 0,
+                durable: 0,
+                persisting: false,
+                persists: 0,
             }),
+            persisted: Condvar::new(),
+            #[cfg(test)]
+            hold_until_queued: Default::default(),
         };
         Ok((log, recovered.map(|(_, r)| r)))
     }
@@ -127,15 +168,22 @@ impl ActivityLog {
     /// Is there room to add `first..=last` without flushing the bitmap first?
     pub fn has_room(&self, first: u32, last: u32) -> bool {
         let st = self.state.lock();
-        let missing = (first..=last)
-            .filter(|e| !self.hot[*e as usize].load(Ordering::Acquire))
-            .count();
+        let missing = (first..=last).filter(|e| !st.queued[*e as usize]).count();
         st.hot.len() + missing <= CAPACITY
+    }
+
+    /// Persists attempted since the log was opened (tests, diagnostics).
+    pub fn persists(&self) -> u64 {
+        self.state.lock().persists
     }
 
     /// Persist `first..=last` as hot for generation `id`. When `start_over` is set (the caller has
     /// just persisted the whole bitmap), the previous hot set is dropped first.
     /// Returns false when there is no room and `start_over` was not set.
+    ///
+    /// Returning true means a persist covering the request has completed; the extents may have
+    /// been dropped again since by a concurrent start-over or `reset`, so callers re-check
+    /// `is_hot` before relying on them.
     pub fn make_hot(
         &self,
         id: GenerationId,
@@ -145,61 +193,156 @@ impl ActivityLog {
     ) -> Result<bool> {
         let mut st = self.state.lock();
         if start_over {
-            for e in st.hot.drain(..) {
-                self.hot[e as usize].store(false, Ordering::Release);
-            }
+            self.wait_idle(&mut st);
+            Self::clear(&mut st, &self.hot);
         }
-        let missing: Vec<u32> = (first..=last)
-            .filter(|e| !self.hot[*e as usize].load(Ordering::Acquire))
-            .collect();
-        if missing.is_empty() && st.id == id && !start_over {
-            return Ok(true);
-        }
-        if st.hot.len() + missing.len() > CAPACITY {
+        let missing = (first..=last).filter(|e| !st.queued[*e as usize]).count();
+        if st.hot.len() + missing > CAPACITY {
             return Ok(false);
         }
-        st.id = id;
-        st.hot.extend_from_slice(&missing);
-        self.persist(&mut st)?;
-        for e in missing {
-            self.hot[e as usize].store(true, Ordering::Release);
+        let mut changed = start_over || st.id != id;
+        if !changed && missing == 0 && self.is_hot(first, last) {
+            return Ok(true);
         }
-        Ok(true)
+        st.id = id;
+        if missing > 0 {
+            changed = true;
+            for e in first..=last {
+                Self::queue(&mut st, e);
+            }
+            let sequential = first > 0 && st.queued[first as usize - 1];
+            if sequential {
+                let end = (last as usize + 1 + AHEAD as usize).min(st.queued.len());
+                for e in last + 1..end as u32 {
+                    if st.hot.len() == CAPACITY {
+                        break;
+                    }
+                    Self::queue(&mut st, e);
+                }
+            }
+        }
+        if changed {
+            st.version += 1;
+        }
+        // Everything this caller needs is in the log once `version` is on disk.
+        let target = st.version;
+        loop {
+            if st.durable >= target {
+                return Ok(true);
+            }
+            if !st.persisting {
+                self.persist(&mut st)?;
+                return Ok(true);
+            }
+            self.persisted.wait(&mut st);
+        }
     }
 
     /// Forget every hot extent and record generation `id` (after the bitmap was persisted, on a
     /// cut or a clean shutdown).
     pub fn reset(&self, id: GenerationId) -> Result<()> {
         let mut st = self.state.lock();
-        for e in st.hot.drain(..) {
-            self.hot[e as usize].store(false, Ordering::Release);
-        }
+        self.wait_idle(&mut st);
+        Self::clear(&mut st, &self.hot);
         st.id = id;
+        st.version += 1;
         self.persist(&mut st)
     }
 
-    fn persist(&self, st: &mut State) -> Result<()> {
-        st.seq += 1;
-        let mut buf = Vec::with_capacity(SLOT_LEN as usize);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&st.id.epoch.to_le_bytes());
-        buf.extend_from_slice(&st.id.generation.to_le_bytes());
-        buf.extend_from_slice(&st.seq.to_le_bytes());
-        buf.extend_from_slice(&(st.hot.len() as u32).to_le_bytes());
-        for e in &st.hot {
-            buf.extend_from_slice(&e.to_le_bytes());
+    fn queue(st: &mut State, e: u32) {
+        if !st.queued[e as usize] {
+            st.queued[e as usize] = true;
+            st.hot.push(e);
         }
-        let sum = xxhash_rust::xxh3::xxh3_64(&buf);
-        buf.extend_from_slice(&sum.to_le_bytes());
-        buf.resize(SLOT_LEN as usize, 0);
-        let slot = st.seq % 2;
+    }
+
+    /// Drop the whole set. Only with no persist running: a leader marks what it wrote as hot.
+    fn clear(st: &mut State, hot: &[AtomicBool]) {
+        debug_assert!(!st.persisting);
+        for e in st.hot.drain(..) {
+            st.queued[e as usize] = false;
+            hot[e as usize].store(false, Ordering::Release);
+        }
+        st.durable_len = 0;
+        st.version += 1;
+    }
+
+    fn wait_idle(&self, st: &mut MutexGuard<'_, State>) {
+        while st.persisting {
+            self.persisted.wait(st);
+        }
+    }
+
+    /// Write the whole set as it is now, as the leader: the lock is released during the I/O so
+    /// other callers can queue for the next persist. Callers ensure no persist is running.
+    fn persist(&self, st: &mut MutexGuard<'_, State>) -> Result<()> {
+        debug_assert!(!st.persisting);
+        st.persisting = true;
+        st.seq += 1;
+        let (version, covered, seq) = (st.version, st.hot.len(), st.seq);
+        let buf = encode_slot(st);
+        let written = MutexGuard::unlocked(st, || {
+            #[cfg(test)]
+            self.hold_for_test();
+            self.write_slot(&buf, seq)
+        });
+        st.persisting = false;
+        st.persists += 1;
+        match &written {
+            Ok(()) => {
+                // The set only grew while unlocked (clearing waits for idle), so the first
+                // `covered` extents are exactly the ones just written.
+                for &e in &st.hot[st.durable_len..covered] {
+                    self.hot[e as usize].store(true, Ordering::Release);
+                }
+                st.durable_len = covered;
+                st.durable = version;
+            }
+            // The next attempt rewrites the same slot, never the other one, which holds the
+            // last good copy.
+            Err(_) => st.seq -= 1,
+        }
+        self.persisted.notify_all();
+        written
+    }
+
+    fn write_slot(&self, buf: &[u8], seq: u64) -> Result<()> {
         self.file
-            .write_all_at(&buf, slot * SLOT_LEN)
+            .write_all_at(buf, (seq % 2) * SLOT_LEN)
             .ctx(|| format!("cannot write activity log {}", self.path.display()))?;
         self.file
             .sync_data()
             .ctx(|| format!("cannot fsync activity log {}", self.path.display()))
     }
+
+    #[cfg(test)]
+    fn hold_for_test(&self) {
+        let want = self.hold_until_queued.swap(0, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.state.lock().hot.len() < want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{want} extents never queued"
+            );
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn encode_slot(st: &State) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(SLOT_LEN as usize);
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&st.id.epoch.to_le_bytes());
+    buf.extend_from_slice(&st.id.generation.to_le_bytes());
+    buf.extend_from_slice(&st.seq.to_le_bytes());
+    buf.extend_from_slice(&(st.hot.len() as u32).to_le_bytes());
+    for e in &st.hot {
+        buf.extend_from_slice(&e.to_le_bytes());
+    }
+    let sum = xxhash_rust::xxh3::xxh3_64(&buf);
+    buf.extend_from_slice(&sum.to_le_bytes());
+    buf.resize(SLOT_LEN as usize, 0);
+    buf
 }
 
 fn decode_slot(buf: &[u8], n_extents: usize) -> Option<(u64, Recovered)> {
@@ -299,5 +442,79 @@ mod tests {
         assert!(!al.make_hot(G1, last, last, false).unwrap());
         assert!(al.make_hot(G1, last, last, true).unwrap());
         assert!(al.is_hot(last, last) && !al.is_hot(0, 0));
+    }
+
+    /// What a writer does: persist only when the extent is not hot yet.
+    fn touch(al: &ActivityLog, e: u32) {
+        if !al.is_hot(e, e) {
+            assert!(al.make_hot(G1, e, e, false).unwrap());
+        }
+        assert!(al.is_hot(e, e));
+    }
+
+    fn recovered_after_crash(al: ActivityLog, p: &Path, size: u64) -> Vec<u32> {
+        // Like kill -9: nothing runs on the way out.
+        std::mem::forget(al);
+        let (_, rec) = ActivityLog::open(p, size, 65536).unwrap();
+        let mut extents = rec.unwrap().extents;
+        extents.sort_unstable();
+        extents
+    }
+
+    #[test]
+    fn concurrent_first_touches_share_a_persist() {
+        const N: usize = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("al");
+        let (al, _) = ActivityLog::open(&p, 1 << 30, 65536).unwrap();
+        // The first persist stays in flight until every thread has queued its extent, as a slow
+        // disk would keep it.
+        al.hold_until_queued.store(N, Ordering::SeqCst);
+        let extents: Vec<u32> = (0..N as u32).map(|i| 10 + 7 * i).collect();
+        let start = std::sync::Barrier::new(N);
+        std::thread::scope(|s| {
+            for &e in &extents {
+                let (al, start) = (&al, &start);
+                s.spawn(move || {
+                    start.wait();
+                    touch(al, e);
+                });
+            }
+        });
+        // The first caller's own persist, then one for the other N - 1 together.
+        assert_eq!(al.persists(), 2);
+        assert_eq!(recovered_after_crash(al, &p, 1 << 30), extents);
+    }
+
+    #[test]
+    fn sequential_writer_goes_hot_ahead_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("al");
+        let (al, _) = ActivityLog::open(&p, 1 << 30, 65536).unwrap();
+        for e in 0..18 {
+            touch(&al, e);
+        }
+        // 0 alone (nothing before it), then 1-4, 5-8, 9-12, 13-16 and 17-20.
+        assert_eq!(al.persists(), 6);
+        assert!(al.is_hot(18, 20) && !al.is_hot(21, 21));
+        // Every touched extent survives a crash; the false positives are the AHEAD after the last.
+        let rec = recovered_after_crash(al, &p, 1 << 30);
+        assert_eq!(rec, (0..18 + AHEAD).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn scattered_touches_and_the_volume_end_bound_the_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("al");
+        let size = 6 * EXTENT_SIZE;
+        let (al, _) = ActivityLog::open(&p, size, 65536).unwrap();
+        touch(&al, 0);
+        touch(&al, 2);
+        touch(&al, 4);
+        // Extent 3 is not in the log, so 4 does not look sequential: nothing ahead of it.
+        assert!(!al.is_hot(5, 5));
+        touch(&al, 5);
+        assert_eq!(al.persists(), 4);
+        assert_eq!(recovered_after_crash(al, &p, size), vec![0, 2, 4, 5]);
     }
 }

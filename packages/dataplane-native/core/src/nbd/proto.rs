@@ -307,13 +307,26 @@ mod tests {
 
     #[test]
     fn request_round_trips() {
-        let r = Request { flags: CMD_FLAG_FUA, kind: CMD_WRITE, cookie: 7, offset: 4096, length: 512 };
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            cookie: 7,
+            offset: 4096,
+            length: 512,
+        };
         assert_eq!(Request::parse(&r.encode()), Some(r));
     }
 
     #[test]
     fn bad_magic_is_refused() {
-        let mut b = Request { flags: 0, kind: 0, cookie: 0, offset: 0, length: 0 }.encode();
+        let mut b = Request {
+            flags: 0,
+            kind: 0,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        }
+        .encode();
         b[0] ^= 0xff;
         assert_eq!(Request::parse(&b), None);
     }

@@ -9,6 +9,9 @@
 //! reply until it is written, so a client that sends without reading stalls itself, not the
 //! server.
 //!
+//! Payload buffers are never zero-filled: WRITE payloads are read into spare capacity, and READ
+//! replies reuse the initialised buffers of finished requests (`BufferPool`).
+//!
 //! This module never decides what an export is or which contexts exist (the handshake did), and
 //! it never lets one connection's failure reach another: a protocol violation or a vanished
 //! client ends this connection only.
@@ -19,6 +22,7 @@ use crate::nbd::meta_context::MetaContext;
 use crate::nbd::proto::*;
 use crate::registry::ExportLease;
 use crate::volume::{StatusExtent, Volume, ZeroFlags};
+use parking_lot::Mutex;
 use std::io;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
@@ -38,6 +42,11 @@ const MAX_DISCARD: u32 = 2 * MAX_PAYLOAD;
 const WRITE_BUFFER: usize = 256 * 1024;
 /// Longest error text sent in a structured error chunk.
 const MAX_ERROR_MESSAGE: usize = 1024;
+/// Payload buffers smaller than this are not worth keeping: zeroing them is cheap.
+const POOLED_MIN: usize = 64 * 1024;
+/// Largest payload buffer kept for reuse, and the most bytes a connection keeps for reuse.
+const POOLED_MAX: usize = 4 * 1024 * 1024;
+const POOL_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why the transmission phase ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +74,7 @@ where
 {
     let conn = Arc::new(Connection::new(session));
     let (tx, rx) = mpsc::channel::<Reply>(MAX_REQUESTS_IN_FLIGHT);
-    let mut writer = AbortOnDrop(tokio::spawn(write_replies(writer, rx)));
+    let mut writer = AbortOnDrop(tokio::spawn(write_replies(writer, rx, conn.pool.clone())));
     let requests = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT as usize));
     let read_err =
@@ -144,9 +153,10 @@ where
         };
         let mut payload = Vec::new();
         if req.kind == CMD_WRITE {
-            payload = vec![0u8; req.length as usize];
-            match reader.read_exact(&mut payload).await {
-                Ok(_) => {}
+            let len = req.length as usize;
+            payload = conn.pool.take_empty(len);
+            match read_payload(reader, &mut payload, len).await {
+                Ok(()) => {}
                 // A client vanishing mid-payload ends this connection and nothing else.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(End::Closed),
                 Err(e) => break Err(read_err("reading a WRITE payload", e)),
@@ -155,7 +165,8 @@ where
         let conn = conn.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let reply = conn.execute(&req, payload);
+            let reply = conn.execute(&req, &payload);
+            conn.pool.give(payload);
             // A send error means the client is gone; the reply has nowhere to go.
             let _ = tx
                 .send(reply.with_budget(request_permit, bytes_permit))
@@ -183,6 +194,83 @@ where
     }
 }
 
+/// Read a WRITE payload of `len` bytes into `buf` (empty, with room for them), never
+/// zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> io::Result<()> {
+    while buf.len() < len {
+        let rest = len - buf.len();
+        // `take` keeps `read_buf` from reading past the payload into `buf`'s spare capacity.
+        if (&mut *reader).take(rest as u64).read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+/// Payload buffers of finished requests, kept for the next ones of this connection. A READ needs
+/// initialised memory to read into, and zero-filling a fresh 1 MiB buffer costs more than the
+/// read itself; a reused buffer is already initialised. Whatever it held is overwritten before
+/// it is sent, and a pool never outlives its connection, so no bytes reach another client.
+/// Bounded by `POOL_BYTES`.
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<(Vec<Vec<u8>>, usize)>,
+}
+
+impl BufferPool {
+    /// A kept buffer with room for `len` bytes, if there is one.
+    fn take(&self, len: usize) -> Option<Vec<u8>> {
+        if len < POOLED_MIN {
+            return None;
+        }
+        let mut free = self.free.lock();
+        let i = free.0.iter().rposition(|b| b.capacity() >= len)?;
+        let buf = free.0.swap_remove(i);
+        free.1 -= buf.capacity();
+        Some(buf)
+    }
+
+    /// An empty buffer with room for `len` bytes.
+    fn take_empty(&self, len: usize) -> Vec<u8> {
+        match self.take(len) {
+            Some(mut buf) => {
+                buf.clear();
+                buf
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// A buffer of `len` initialised bytes with unspecified contents, for the caller to
+    /// overwrite entirely before anyone sees them.
+    fn take_filled(&self, len: usize) -> Vec<u8> {
+        match self.take(len) {
+            // Zeroes only what the buffer's last user did not initialise.
+            Some(mut buf) => {
+                buf.resize(len, 0);
+                buf
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if !(POOLED_MIN..=POOLED_MAX).contains(&cap) {
+            return;
+        }
+        let mut free = self.free.lock();
+        if free.1 + cap <= POOL_BYTES {
+            free.0.push(buf);
+            free.1 += cap;
+        }
+    }
+}
+
 /// Cuts the writer task when the connection is dropped (e.g. by the server's shutdown grace
 /// timeout), so a client that stopped reading cannot keep it, and its socket, alive.
 struct AbortOnDrop(tokio::task::JoinHandle<io::Result<()>>);
@@ -207,12 +295,14 @@ pub(crate) async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::Receiver<Reply>,
+    pool: Arc<BufferPool>,
 ) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(reply) = next {
+        while let Some(mut reply) = next {
             reply.write_to(&mut w).await?;
+            pool.give(std::mem::take(&mut reply.data));
             // Dropping the reply here releases its request and byte permits.
             drop(reply);
             next = rx.try_recv().ok();
@@ -243,6 +333,7 @@ struct Connection {
     structured: bool,
     contexts: Vec<(u32, MetaContext)>,
     enforce_alignment: bool,
+    pool: Arc<BufferPool>,
 }
 
 impl Connection {
@@ -254,6 +345,7 @@ impl Connection {
             contexts: s.contexts,
             enforce_alignment: s.block_size_agreed,
             export: s.export,
+            pool: Arc::default(),
         }
     }
 
@@ -355,21 +447,21 @@ impl Connection {
 
     /// Run a validated request. Never panics out: a panicking volume call becomes EIO, so the
     /// client gets an answer instead of waiting forever on its cookie.
-    fn execute(&self, r: &Request, payload: Vec<u8>) -> Reply {
+    fn execute(&self, r: &Request, payload: &[u8]) -> Reply {
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.run(r, payload))) {
             Ok(reply) => reply,
             Err(_) => self.error_reply(r, EIO, "internal error in the volume service"),
         }
     }
 
-    fn run(&self, r: &Request, payload: Vec<u8>) -> Reply {
+    fn run(&self, r: &Request, payload: &[u8]) -> Reply {
         let volume = self.volume();
         let fua = r.flags & CMD_FLAG_FUA != 0;
         let (offset, length) = (r.offset, r.length as u64);
         let result = match r.kind {
             CMD_READ => return self.read(r),
             CMD_BLOCK_STATUS => return self.block_status(r),
-            CMD_WRITE => volume.write_at(offset, &payload, fua),
+            CMD_WRITE => volume.write_at(offset, payload, fua),
             CMD_FLUSH => volume.flush(),
             CMD_TRIM => match volume.trim(offset, length, fua) {
                 // TRIM is a hint: a volume that cannot discard has still done its duty.
@@ -421,7 +513,7 @@ impl Connection {
         let volume = self.volume();
         let (offset, length) = (r.offset, r.length as usize);
         if !self.structured || r.flags & CMD_FLAG_DF != 0 {
-            let mut data = vec![0u8; length];
+            let mut data = self.pool.take_filled(length);
             if let Err(e) = volume.read_at(offset, &mut data) {
                 return self.volume_error(r, &e);
             }
@@ -435,7 +527,7 @@ impl Connection {
         // Structured: zero runs go out as OFFSET_HOLE chunks and are never read.
         let runs = read_runs(volume, offset, length as u64);
         if let [(_, false)] = runs.as_slice() {
-            let mut data = vec![0u8; length];
+            let mut data = self.pool.take_filled(length);
             if let Err(e) = volume.read_at(offset, &mut data) {
                 return self.volume_error(r, &e);
             }
@@ -447,7 +539,7 @@ impl Connection {
             .map(|(range, _)| range.end - range.start)
             .sum();
         let mut reply = Reply {
-            data: vec![0u8; data_len as usize],
+            data: self.pool.take_filled(data_len as usize),
             ..Reply::default()
         };
         let mut at = 0usize;
@@ -764,5 +856,62 @@ mod tests {
         r.push_meta(b"d");
         r.push_data(2..4);
         assert_eq!(r.wire(), b"ab\x01\x02cd\x03\x04");
+    }
+
+    #[test]
+    fn payloads_arrive_whole_and_in_stream_order() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let next = [3u8; REQUEST_HEADER_LEN];
+        let mut stream = big.clone();
+        stream.extend_from_slice(&next);
+        stream.extend_from_slice(&big[..1000]);
+        block_on(async {
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let feed = tokio::spawn(async move {
+                for piece in stream.chunks(7001) {
+                    client.write_all(piece).await.unwrap();
+                }
+            });
+            let mut r = tokio::io::BufReader::with_capacity(50_000, server);
+            let mut payload = BufferPool::default().take_empty(big.len());
+            read_payload(&mut r, &mut payload, big.len()).await.unwrap();
+            assert!(payload == big, "payload differs");
+            let mut header = [0u8; REQUEST_HEADER_LEN];
+            r.read_exact(&mut header).await.unwrap();
+            assert_eq!(header, next);
+            // The client stops 1000 bytes into a 300000-byte payload.
+            let mut payload = Vec::with_capacity(big.len());
+            feed.await.unwrap();
+            let e = read_payload(&mut r, &mut payload, big.len())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        });
+    }
+
+    #[test]
+    fn buffer_pool_reuses_large_buffers_within_its_bound() {
+        let pool = BufferPool::default();
+        let mib = 1 << 20;
+        let mut a = pool.take_empty(mib);
+        a.extend_from_slice(&vec![7u8; mib]);
+        let at = a.as_ptr();
+        pool.give(a);
+        // A reused buffer keeps its (initialised) bytes and is cut or grown to the length asked.
+        let b = pool.take_filled(mib / 2);
+        assert_eq!((b.as_ptr(), b.len()), (at, mib / 2));
+        pool.give(b);
+        let c = pool.take_filled(mib);
+        assert_eq!((c.as_ptr(), c.len()), (at, mib));
+        assert!(c[..mib / 2].iter().all(|&x| x == 7) && c[mib / 2..].iter().all(|&x| x == 0));
+        // Small buffers are not kept, nor more than POOL_BYTES in all.
+        pool.give(vec![0u8; 4096]);
+        for _ in 0..POOL_BYTES / mib + 4 {
+            pool.give(vec![0u8; mib]);
+        }
+        pool.give(c);
+        let free = pool.free.lock();
+        assert!(free.1 <= POOL_BYTES && free.0.iter().all(|b| b.capacity() >= POOLED_MIN));
+        assert_eq!(free.1, free.0.iter().map(Vec::capacity).sum::<usize>());
     }
 }
