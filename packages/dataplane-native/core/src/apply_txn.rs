@@ -7,7 +7,16 @@
 //! generation is not the committed one is rolled back: the replica is again exactly its last
 //! complete generation, never a mix. While a transaction runs, readers get the before-images
 //! (`overlay`), so the replica's export keeps showing the last complete generation.
+//!
+//! Resuming: the blocks wholly applied so far form a *progress map*, saved now and then
+//! (`apply.progress`, only after the data it vouches for is durable). After the link, the
+//! source or this site restarts, the transaction is kept (`reopen`) instead of rolled back, and
+//! the source skips the blocks of the map it has not changed since the map's *reference*
+//! generation — the first generation this transaction was begun for. A resumed transaction moves
+//! on to the source's newer generation (`retarget`); the reference stays, so every block of the
+//! map holds content the source has not changed since the reference.
 
+use crate::bitmap::{write_atomic, DirtyBitmap, GenerationId};
 use crate::error::{Error, IoContext, Result};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -20,6 +29,12 @@ const MAGIC: &[u8; 8] = b"FERRYUJ1";
 const HEADER_LEN: u64 = 64;
 const RECORD_MAGIC: u32 = 0x5552_4543; // "UREC"
 const RECORD_HEADER_LEN: u64 = 4 + 8 + 4 + 8;
+const PROGRESS_FILE: &str = "apply.progress";
+const PROGRESS_MAGIC: &[u8; 8] = b"FERRYAP1";
+const PROGRESS_HEADER_LEN: usize = 8 + 4 * 8 + 8;
+/// Save the progress map after this many bytes applied, or this long, whichever comes first.
+const PROGRESS_EVERY_BYTES: u64 = 64 << 20;
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a journal is for: moving a replica from `base` to `target` under `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,12 +51,26 @@ struct Index {
 }
 
 pub struct ApplyTxn {
-    id: TxnId,
+    /// The target changes when a resumed transaction moves on to a newer generation.
+    id: Mutex<TxnId>,
+    /// The generation the progress map's blocks are known to match (see the module doc).
+    reference: u64,
     size: u64,
     granularity: u64,
     journal: File,
     path: PathBuf,
     index: Mutex<Index>,
+    /// Blocks wholly applied (the progress map).
+    applied: DirtyBitmap,
+    /// Bytes applied since the map was last saved, and when that was.
+    unsaved: Mutex<(u64, std::time::Instant)>,
+}
+
+/// What a resumable transaction tells the source: its generations and the blocks it holds.
+pub struct Progress {
+    pub id: TxnId,
+    pub reference: u64,
+    pub applied: DirtyBitmap,
 }
 
 fn header(id: TxnId, size: u64, granularity: u64) -> [u8; HEADER_LEN as usize] {
@@ -100,8 +129,10 @@ impl ApplyTxn {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .ctx(|| format!("cannot fsync {}", dir.display()))?;
+        let _ = std::fs::remove_file(Self::progress_path(dir));
         Ok(ApplyTxn {
-            id,
+            id: Mutex::new(id),
+            reference: id.target,
             size,
             granularity,
             journal,
@@ -110,17 +141,147 @@ impl ApplyTxn {
                 blocks: HashMap::new(),
                 end: HEADER_LEN,
             }),
+            applied: DirtyBitmap::new(size, granularity),
+            unsaved: Mutex::new((0, std::time::Instant::now())),
         })
     }
 
+    pub fn progress_path(dir: &Path) -> PathBuf {
+        dir.join(PROGRESS_FILE)
+    }
+
     pub fn id(&self) -> TxnId {
-        self.id
+        *self.id.lock()
     }
 
     /// The first generation of a replica: there is no complete generation to protect, so
     /// nothing is journaled; undoing it empties the replica, and readers see zeroes meanwhile.
     pub fn is_initial(&self) -> bool {
-        self.id.base == 0
+        self.id().base == 0
+    }
+
+    /// The progress map and what it refers to.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            id: self.id(),
+            reference: self.reference,
+            applied: self.applied.duplicate(),
+        }
+    }
+
+    /// `[offset, offset+length)` of `data` was written by this transaction: record its whole
+    /// blocks in the progress map, and save the map when enough has been applied since the last
+    /// save.
+    pub fn applied(&self, data: &File, offset: u64, length: u64) -> Result<()> {
+        self.applied.mark_covered(offset, length);
+        let due = {
+            let mut u = self.unsaved.lock();
+            u.0 += length;
+            let due = u.0 >= PROGRESS_EVERY_BYTES || u.1.elapsed() >= PROGRESS_EVERY;
+            if due {
+                *u = (0, std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            self.save_progress(data)?;
+        }
+        Ok(())
+    }
+
+    /// Save the progress map. The map is copied first and the data made durable after, so the
+    /// saved map never vouches for a write that could still be lost.
+    pub fn save_progress(&self, data: &File) -> Result<()> {
+        let snapshot = self.applied.duplicate();
+        data.sync_data()
+            .ctx(|| "cannot fsync the replica".to_string())?;
+        let dir = self.path.parent().expect("journal has a directory");
+        write_atomic(
+            &Self::progress_path(dir),
+            &encode_progress(self.id(), self.reference, &snapshot),
+        )
+    }
+
+    /// Move this transaction on to generation `target` of the same epoch and base (the source
+    /// resumed with a newer cut). The journal header names the new target before the map does,
+    /// so a crash in between loses the map (a full resend), never correctness.
+    pub fn retarget(&self, target: u64, data: &File) -> Result<()> {
+        let mut id = self.id.lock();
+        let next = TxnId { target, ..*id };
+        self.journal
+            .write_all_at(&header(next, self.size, self.granularity), 0)
+            .ctx(|| format!("cannot write {}", self.path.display()))?;
+        self.journal
+            .sync_data()
+            .ctx(|| format!("cannot fsync {}", self.path.display()))?;
+        *id = next;
+        drop(id);
+        self.save_progress(data)
+    }
+
+    /// After a restart: take up the transaction left in `dir` if its journal and progress map
+    /// agree and it was not committed; `None` otherwise (the caller then runs `recover`).
+    pub fn reopen(dir: &Path, committed: impl Fn(TxnId) -> bool) -> Result<Option<ApplyTxn>> {
+        let path = Self::journal_path(dir);
+        let Ok(journal) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        else {
+            return Ok(None);
+        };
+        let mut h = [0u8; HEADER_LEN as usize];
+        let Some((id, size, granularity)) = journal
+            .read_exact_at(&mut h, 0)
+            .ok()
+            .and_then(|_| parse_header(&h))
+        else {
+            return Ok(None);
+        };
+        if committed(id) || !granularity.is_power_of_two() {
+            return Ok(None);
+        }
+        let Some((pid, reference, applied)) = std::fs::read(Self::progress_path(dir))
+            .ok()
+            .and_then(|b| decode_progress(&b, size, granularity))
+        else {
+            return Ok(None);
+        };
+        if pid != id {
+            return Ok(None);
+        }
+        // Rebuild the index of before-images; a torn tail protected no write and is cut off.
+        let len = journal
+            .metadata()
+            .ctx(|| format!("cannot stat {}", path.display()))?
+            .len();
+        let mut blocks = HashMap::new();
+        let mut at = HEADER_LEN;
+        let mut head = [0u8; RECORD_HEADER_LEN as usize];
+        while at + RECORD_HEADER_LEN <= len {
+            journal
+                .read_exact_at(&mut head, at)
+                .ctx(|| format!("reading {}", path.display()))?;
+            let Some((block, n)) = parse_record(&journal, &head, at, len) else {
+                break;
+            };
+            blocks.insert(block, at + RECORD_HEADER_LEN);
+            at += RECORD_HEADER_LEN + n;
+        }
+        journal
+            .set_len(at)
+            .ctx(|| format!("cannot truncate {}", path.display()))?;
+        Ok(Some(ApplyTxn {
+            id: Mutex::new(id),
+            reference,
+            size,
+            granularity,
+            journal,
+            path,
+            index: Mutex::new(Index { blocks, end: at }),
+            applied,
+            unsaved: Mutex::new((0, std::time::Instant::now())),
+        }))
     }
 
     /// Journal the before-images of every block of `[offset, offset+length)` not journaled yet.
@@ -221,20 +382,14 @@ impl ApplyTxn {
             journal
                 .read_exact_at(&mut head, at)
                 .ctx(|| format!("reading {}", path.display()))?;
-            let magic = u32::from_le_bytes(head[0..4].try_into().unwrap());
-            let block = u64::from_le_bytes(head[4..12].try_into().unwrap());
-            let n = u32::from_le_bytes(head[12..16].try_into().unwrap()) as u64;
-            let sum = u64::from_le_bytes(head[16..24].try_into().unwrap());
-            if magic != RECORD_MAGIC || at + RECORD_HEADER_LEN + n > len || n > 64 << 20 {
-                break; // torn tail: its data write never happened (the journal is synced first)
-            }
+            // A torn tail: its data write never happened (the journal is synced first).
+            let Some((block, n)) = parse_record(journal, &head, at, len) else {
+                break;
+            };
             let mut img = vec![0u8; n as usize];
             journal
                 .read_exact_at(&mut img, at + RECORD_HEADER_LEN)
                 .ctx(|| format!("reading {}", path.display()))?;
-            if xxhash_rust::xxh3::xxh3_64(&img) != sum {
-                break;
-            }
             data.write_all_at(&img, block * granularity)
                 .ctx(|| "restoring a before-image".to_string())?;
             restored += n;
@@ -252,8 +407,10 @@ impl ApplyTxn {
         Ok(n)
     }
 
-    /// The transaction committed (or was rolled back): drop the journal.
+    /// The transaction committed (or was rolled back): drop the journal and the progress map.
     pub fn finish(self) -> Result<()> {
+        let dir = self.path.parent().expect("journal has a directory");
+        let _ = std::fs::remove_file(Self::progress_path(dir));
         std::fs::remove_file(&self.path).ctx(|| format!("cannot remove {}", self.path.display()))
     }
 
@@ -288,9 +445,60 @@ impl ApplyTxn {
         } else {
             Self::roll_back(&journal, &path, granularity, data)?
         };
+        let _ = std::fs::remove_file(Self::progress_path(dir));
         std::fs::remove_file(&path).ctx(|| format!("cannot remove {}", path.display()))?;
         Ok(Some((id, restored)))
     }
+}
+
+/// A whole, checksummed before-image record at `at` (header already read into `head`):
+/// `(block, length)`, or `None` at a torn or damaged record.
+fn parse_record(journal: &File, head: &[u8], at: u64, len: u64) -> Option<(u64, u64)> {
+    let magic = u32::from_le_bytes(head[0..4].try_into().unwrap());
+    let block = u64::from_le_bytes(head[4..12].try_into().unwrap());
+    let n = u32::from_le_bytes(head[12..16].try_into().unwrap()) as u64;
+    let sum = u64::from_le_bytes(head[16..24].try_into().unwrap());
+    if magic != RECORD_MAGIC || at + RECORD_HEADER_LEN + n > len || n > 64 << 20 {
+        return None;
+    }
+    let mut img = vec![0u8; n as usize];
+    journal
+        .read_exact_at(&mut img, at + RECORD_HEADER_LEN)
+        .ok()?;
+    (xxhash_rust::xxh3::xxh3_64(&img) == sum).then_some((block, n))
+}
+
+/// `magic, epoch, base, target, reference, xxh3 of those` + the map (a checksummed bitmap).
+fn encode_progress(id: TxnId, reference: u64, map: &DirtyBitmap) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(PROGRESS_HEADER_LEN);
+    buf.extend_from_slice(PROGRESS_MAGIC);
+    for v in [id.epoch, id.base, id.target, reference] {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    let sum = xxhash_rust::xxh3::xxh3_64(&buf);
+    buf.extend_from_slice(&sum.to_le_bytes());
+    buf.extend_from_slice(&map.encode(GenerationId {
+        epoch: id.epoch,
+        generation: reference,
+    }));
+    buf
+}
+
+fn decode_progress(b: &[u8], size: u64, granularity: u64) -> Option<(TxnId, u64, DirtyBitmap)> {
+    if b.len() < PROGRESS_HEADER_LEN || &b[0..8] != PROGRESS_MAGIC {
+        return None;
+    }
+    let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    if xxhash_rust::xxh3::xxh3_64(&b[0..40]) != u(40) {
+        return None;
+    }
+    let id = TxnId {
+        epoch: u(8),
+        base: u(16),
+        target: u(24),
+    };
+    let (bid, map) = DirtyBitmap::decode(&b[PROGRESS_HEADER_LEN..], size, granularity).ok()?;
+    (bid.epoch == id.epoch && bid.generation == u(32)).then_some((id, u(32), map))
 }
 
 /// Undo of an initial generation: the replica reads as zeroes again.
@@ -417,6 +625,58 @@ mod tests {
         assert_eq!(found.1, 0);
         data.read_exact_at(&mut buf[..10], 0).unwrap();
         assert_eq!(&buf[..10], &[1u8; 10]);
+    }
+
+    #[test]
+    fn a_reopened_transaction_keeps_its_progress_and_before_images() {
+        let (t, data) = setup();
+        let txn = ApplyTxn::begin(t.path(), ID, 1 << 20, 65536).unwrap();
+        txn.save_before_images(&data, 0, 3 * 65536).unwrap();
+        txn.sync().unwrap();
+        data.write_all_at(&[1u8; 3 * 65536], 0).unwrap();
+        txn.applied(&data, 0, 2 * 65536 + 10).unwrap(); // block 2 only partly: not in the map
+        txn.save_progress(&data).unwrap();
+        std::mem::forget(txn); // crash
+        assert!(ApplyTxn::reopen(t.path(), |id| id.target == 4)
+            .unwrap()
+            .is_none());
+        let txn = ApplyTxn::reopen(t.path(), |_| false).unwrap().unwrap();
+        assert_eq!((txn.id(), txn.progress().reference), (ID, 4));
+        let p = txn.progress();
+        assert!(p.applied.is_dirty(0) && p.applied.is_dirty(1) && !p.applied.is_dirty(2));
+        // Readers still see the last complete generation.
+        let mut buf = vec![0u8; 3 * 65536];
+        data.read_exact_at(&mut buf, 0).unwrap();
+        txn.overlay(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 7));
+        // Moving on to a newer generation keeps the map and its reference, and survives a crash.
+        txn.retarget(6, &data).unwrap();
+        std::mem::forget(txn);
+        let txn = ApplyTxn::reopen(t.path(), |_| false).unwrap().unwrap();
+        assert_eq!((txn.id().target, txn.progress().reference), (6, 4));
+        assert_eq!(txn.progress().applied.dirty_blocks(), 2);
+        // Abort still restores everything journaled before the first crash.
+        txn.abort(&data).unwrap();
+        data.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|b| *b == 7));
+        assert!(!ApplyTxn::progress_path(t.path()).exists());
+    }
+
+    #[test]
+    fn without_a_matching_progress_map_nothing_is_reopened() {
+        let (t, data) = setup();
+        let txn = ApplyTxn::begin(t.path(), ID, 1 << 20, 65536).unwrap();
+        txn.applied(&data, 0, 65536).unwrap();
+        std::mem::forget(txn); // never saved
+        assert!(ApplyTxn::reopen(t.path(), |_| false).unwrap().is_none());
+        let txn = ApplyTxn::begin(t.path(), ID, 1 << 20, 65536).unwrap();
+        txn.save_progress(&data).unwrap();
+        std::mem::forget(txn);
+        let p = ApplyTxn::progress_path(t.path());
+        let mut b = std::fs::read(&p).unwrap();
+        b[20] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        assert!(ApplyTxn::reopen(t.path(), |_| false).unwrap().is_none());
     }
 
     #[test]

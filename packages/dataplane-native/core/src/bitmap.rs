@@ -97,20 +97,44 @@ impl DirtyBitmap {
         }
     }
 
-    /// Clear every block that lies wholly inside `[offset, offset+length)` (a partial block at
-    /// either edge stays set: clearing must never lose a change).
-    pub fn clear(&self, offset: u64, length: u64) {
+    /// Blocks lying wholly inside `[offset, offset+length)`; the last block may be partial at the
+    /// volume's end and counts as whole there.
+    fn covered_blocks(&self, offset: u64, length: u64) -> std::ops::Range<u64> {
         let end = (offset + length).min(self.size);
         let first = offset.div_ceil(self.granularity);
-        // The last block may be partial at the volume's end; it counts as whole there.
         let last_excl = if end == self.size {
             self.nbits()
         } else {
             end / self.granularity
         };
-        for b in first..last_excl {
+        first..last_excl.max(first)
+    }
+
+    /// Clear every block that lies wholly inside `[offset, offset+length)` (a partial block at
+    /// either edge stays set: clearing must never lose a change).
+    pub fn clear(&self, offset: u64, length: u64) {
+        for b in self.covered_blocks(offset, length) {
             let w = (b / 64) as usize;
             self.words[w].fetch_and(!(1u64 << (b % 64)), Ordering::Relaxed);
+        }
+    }
+
+    /// Mark every block that lies wholly inside `[offset, offset+length)` (the last block of the
+    /// volume counts as whole when the range reaches the end): for maps of blocks known complete.
+    pub fn mark_covered(&self, offset: u64, length: u64) {
+        let blocks = self.covered_blocks(offset, length);
+        if !blocks.is_empty() {
+            self.mark_blocks(blocks.start, blocks.end - 1);
+        }
+    }
+
+    /// Clear in `self` every block set in `other` (same geometry).
+    pub fn subtract(&self, other: &DirtyBitmap) {
+        for (a, b) in self.words.iter().zip(other.words.iter()) {
+            let v = b.load(Ordering::Relaxed);
+            if v != 0 {
+                a.fetch_and(!v, Ordering::Relaxed);
+            }
         }
     }
 
@@ -322,6 +346,20 @@ mod tests {
             ]
         );
         assert_eq!(bm.dirty_blocks(), 4);
+    }
+
+    #[test]
+    fn covered_marks_only_whole_blocks_and_subtract_clears() {
+        let g = 65536;
+        let bm = DirtyBitmap::new(10 * g + 100, g);
+        bm.mark_covered(g / 2, 2 * g); // blocks 0 and 2 are partial: only 1
+        bm.mark_covered(9 * g, g + 100); // the short last block counts as whole
+        let blocks = |b: &DirtyBitmap| (0..11).filter(|i| b.is_dirty(*i)).collect::<Vec<_>>();
+        assert_eq!(blocks(&bm), vec![1, 9, 10]);
+        let other = DirtyBitmap::new(10 * g + 100, g);
+        other.mark(9 * g, 1);
+        bm.subtract(&other);
+        assert_eq!(blocks(&bm), vec![1, 10]);
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl DataDir {
     }
 
     pub fn validate_geometry(size: u64, granularity: u64) -> Result<()> {
-        if size == 0 || size % BLOCK_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::BadSize {
                 input: size.to_string(),
                 why: "a volume size must be a positive multiple of 4096 (4K), e.g. 1G".into(),

@@ -8,6 +8,15 @@ use parking_lot::RwLock;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// What the target holds of one volume, for a shipping cut.
+#[derive(Default)]
+pub struct CutBase {
+    /// The last generation it holds completely.
+    pub since: Option<u64>,
+    /// Blocks it holds of an interrupted transfer.
+    pub resume: Option<crate::volume::Resume>,
+}
+
 pub struct Registry {
     dir: DataDir,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
@@ -117,10 +126,10 @@ impl Registry {
         self.dir.delete_volume(name)
     }
 
-    /// Close the open generation of every named volume at one consistency point: writes to all of
-    /// them are paused (guards taken in name order, so concurrent group cuts cannot deadlock)
-    /// before any is committed. Returns `(volume, closed generation)` in the order given.
-    pub fn cut(&self, names: &[String]) -> Result<Vec<(String, u64)>> {
+    /// Pause writes to every named volume for one consistency point: guards taken in name order
+    /// (so concurrent group cuts cannot deadlock) before any is committed. Returns the volumes,
+    /// deduplicated, and the cut's id.
+    fn pause_all(&self, names: &[String]) -> Result<(Vec<Arc<Volume>>, String)> {
         if names.is_empty() {
             return Err(Error::InvalidArgument(
                 "cut needs at least one volume name".into(),
@@ -137,6 +146,13 @@ impl Registry {
             crate::volume_meta::now_ms(),
             std::process::id()
         );
+        Ok((vols, cut_id))
+    }
+
+    /// Close the open generation of every named volume at one consistency point. Returns
+    /// `(volume, closed generation)` in the order given.
+    pub fn cut(&self, names: &[String]) -> Result<Vec<(String, u64)>> {
+        let (vols, cut_id) = self.pause_all(names)?;
         let guards: Vec<_> = vols.iter().map(|v| v.lock_for_cut()).collect();
         let mut closed = BTreeMap::new();
         for g in guards {
@@ -147,30 +163,22 @@ impl Registry {
     }
 
     /// A group cut that keeps each volume's content at the cut readable for shipping: returns
-    /// `(volume, closed generation, image)` in the order given. `since` holds, per volume, the
-    /// last generation the target has completely (see `CutGuard::commit_with_image`).
+    /// `(volume, closed generation, image)` in the order given. `bases` holds, per volume, what
+    /// the target has (see `CutGuard::commit_with_image`).
     pub fn cut_with_images(
         &self,
         names: &[String],
-        since: &BTreeMap<String, Option<u64>>,
+        bases: &BTreeMap<String, CutBase>,
     ) -> Result<Vec<(String, u64, Arc<crate::cut_image::CutImage>)>> {
-        let mut vols: Vec<Arc<Volume>> = names
-            .iter()
-            .map(|n| self.require(n))
-            .collect::<Result<_>>()?;
-        vols.sort_by(|a, b| a.name().cmp(b.name()));
-        vols.dedup_by(|a, b| a.name() == b.name());
-        let cut_id = format!(
-            "cut-{}-{}",
-            crate::volume_meta::now_ms(),
-            std::process::id()
-        );
+        let (vols, cut_id) = self.pause_all(names)?;
         let guards: Vec<_> = vols.iter().map(|v| v.lock_for_cut()).collect();
         let mut out = BTreeMap::new();
         for g in guards {
             let name = g.volume().name().to_string();
-            let base = since.get(&name).copied().flatten();
-            out.insert(name, g.commit_with_image(&cut_id, base)?);
+            let base = bases.get(&name);
+            let since = base.and_then(|b| b.since);
+            let resume = base.and_then(|b| b.resume.as_ref());
+            out.insert(name, g.commit_with_image(&cut_id, since, resume)?);
         }
         Ok(names
             .iter()

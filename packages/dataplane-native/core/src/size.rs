@@ -60,7 +60,7 @@ pub fn format_size(bytes: u64) -> String {
     ];
     for (unit, mult) in UNITS {
         if bytes >= mult {
-            if bytes % mult == 0 {
+            if bytes.is_multiple_of(mult) {
                 return format!("{}{}", bytes / mult, unit);
             }
             return format!("{:.2}{}", bytes as f64 / mult as f64, unit);

@@ -194,13 +194,21 @@ impl Volume {
                 why: format!("data file is {len} bytes, metadata says {}", meta.size),
             });
         }
+        let mut resumable = None;
         if !meta.read_only {
-            // An interrupted apply is rolled back unless its generation was committed.
+            // An interrupted apply is taken up again when its progress map allows resuming it,
+            // else rolled back, unless its generation was committed.
             let committed = meta
                 .replica
                 .as_ref()
                 .map(|r| (r.epoch, r.last_complete_generation));
-            ApplyTxn::recover(dir, &file, |t| committed == Some((t.epoch, t.target)))?;
+            let is_committed = |t: TxnId| committed == Some((t.epoch, t.target));
+            if meta.replica.is_some() {
+                resumable = ApplyTxn::reopen(dir, is_committed)?;
+            }
+            if resumable.is_none() {
+                ApplyTxn::recover(dir, &file, is_committed)?;
+            }
         }
         let (size, gran) = (meta.size, meta.granularity);
         let id = GenerationId {
@@ -270,7 +278,7 @@ impl Volume {
             leases: AtomicUsize::new(0),
             tracking: AtomicBool::new(true),
             image: RwLock::new(None),
-            txn: RwLock::new(None),
+            txn: RwLock::new(resumable.map(Arc::new)),
         };
         // Persist what recovery concluded and start with an empty activity log.
         if !meta_read_only {
@@ -624,6 +632,9 @@ impl Volume {
         if self.meta.lock().read_only {
             return Ok(());
         }
+        if let Some(t) = self.applying() {
+            t.save_progress(&self.file)?;
+        }
         self.flush_data()?;
         self.checkpoint()
     }
@@ -685,12 +696,23 @@ impl Volume {
         })
     }
 
-    /// Start applying generation `target` of the source (epoch `epoch`) to this replica.
-    pub fn begin_apply(&self, epoch: u64, target: u64) -> Result<Arc<ApplyTxn>> {
+    /// Start applying generation `target` of the source (epoch `epoch`) to this replica. With
+    /// `resume_from`, the transaction applying that generation moves on to `target`, keeping what
+    /// it applied (the source skips those blocks); it must still be the one running.
+    pub fn begin_apply(
+        &self,
+        epoch: u64,
+        target: u64,
+        resume_from: Option<u64>,
+    ) -> Result<Arc<ApplyTxn>> {
         let rep = self.require_replica()?;
         let mut slot = self.txn.write();
         if let Some(t) = slot.as_ref() {
             if t.id().epoch == epoch && t.id().target == target {
+                return Ok(t.clone());
+            }
+            if t.id().epoch == epoch && resume_from == Some(t.id().target) {
+                t.retarget(target, &self.file)?;
                 return Ok(t.clone());
             }
             return Err(Error::VolumeBusy {
@@ -700,6 +722,12 @@ impl Volume {
                     t.id().target
                 ),
             });
+        }
+        if let Some(from) = resume_from {
+            return Err(Error::InvalidArgument(format!(
+                "volume '{}' has no generation {from} being applied to resume; start generation {target} afresh",
+                self.name
+            )));
         }
         let id = TxnId {
             epoch,
@@ -734,6 +762,7 @@ impl Volume {
                     self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, *offset, *length)?
                 }
             }
+            txn.applied(&self.file, op.offset(), op.length())?;
         }
         Ok(())
     }
@@ -757,6 +786,7 @@ impl Volume {
         if let Some(t) = self.txn.write().take() {
             let _ = Arc::try_unwrap(t).map(|t| t.finish());
         }
+        let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
         let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
         Ok(())
     }
@@ -811,6 +841,13 @@ impl ApplyOp<'_> {
             ApplyOp::Zero { length, .. } => *length,
         }
     }
+}
+
+/// What the target already holds of an interrupted transfer (see `commit_with_image`).
+pub struct Resume {
+    /// The generation the held blocks are known to match.
+    pub reference: u64,
+    pub applied: DirtyBitmap,
 }
 
 /// Writes to one volume paused for a cut.
@@ -876,30 +913,57 @@ impl CutGuard<'_> {
         self.vol
     }
 
+    /// Blocks changed after generation `since` up to this cut, if every generation in between
+    /// is still known.
+    fn changes_since(
+        &self,
+        closed: &BTreeMap<u64, Arc<DirtyBitmap>>,
+        since: Option<u64>,
+    ) -> Option<DirtyBitmap> {
+        let generation = self.gen.id.generation;
+        let k = since.filter(|k| *k < generation)?;
+        if !(k + 1..generation).all(|g| closed.contains_key(&g)) {
+            return None;
+        }
+        let out = DirtyBitmap::new(self.vol.size, self.vol.granularity);
+        for g in k + 1..generation {
+            out.union_with(&closed[&g]);
+        }
+        out.union_with(&self.gen.bitmap);
+        Some(out)
+    }
+
     /// Commit the cut and keep the content at the cut readable while writes go on (for
     /// shipping). The image's pending blocks are the changes since generation `since` (the last
     /// one the target holds completely, `None` when it holds none): the union of the kept bitmaps
     /// after it — or the whole volume when a bitmap in between is no longer kept.
+    ///
+    /// With `resume`, the target already holds some blocks from an interrupted transfer: those it
+    /// holds as of the resume's reference generation and that did not change since are not
+    /// pending. When the changes since the reference are not all known, nothing is skipped.
     pub fn commit_with_image(
         self,
         cut_id: &str,
         since: Option<u64>,
+        resume: Option<&Resume>,
     ) -> Result<(u64, Arc<CutImage>)> {
         let v = self.vol;
         let generation = self.gen.id.generation;
-        let pending = DirtyBitmap::new(v.size, v.granularity);
         let closed = v.closed.read();
-        let complete = match since {
-            Some(k) if k < generation => (k + 1..generation).all(|g| closed.contains_key(&g)),
-            _ => false,
-        };
-        if complete {
-            for g in since.unwrap_or(0) + 1..generation {
-                pending.union_with(&closed[&g]);
+        let pending = match self.changes_since(&closed, since) {
+            Some(p) => p,
+            None => {
+                let all = DirtyBitmap::new(v.size, v.granularity);
+                all.mark_all();
+                all
             }
-            pending.union_with(&self.gen.bitmap);
-        } else {
-            pending.mark_all();
+        };
+        if let Some(r) = resume {
+            if let Some(changed) = self.changes_since(&closed, Some(r.reference)) {
+                let skip = r.applied.duplicate();
+                skip.subtract(&changed);
+                pending.subtract(&skip);
+            }
         }
         drop(closed);
         // Created before the commit releases the gate, so no write can slip in unpreserved.
@@ -1046,7 +1110,10 @@ mod tests {
         let v = Volume::open(&dir, "v").unwrap();
         v.write_at(0, &[1u8; 131072], false).unwrap();
         v.write_at(1 << 20, &[2u8; 4096], false).unwrap();
-        let (g, img) = v.lock_for_cut().commit_with_image("c", Some(0)).unwrap();
+        let (g, img) = v
+            .lock_for_cut()
+            .commit_with_image("c", Some(0), None)
+            .unwrap();
         assert_eq!(g, 1);
         assert_eq!(img.pending_bytes(), 131072 + 65536);
         // Writes after the cut, to pending and to clean blocks, and a trim.
@@ -1086,7 +1153,7 @@ mod tests {
             v.write_at(0, &[1], false).unwrap_err().code(),
             "ERR_READ_ONLY"
         );
-        let txn = v.begin_apply(1, 1).unwrap();
+        let txn = v.begin_apply(1, 1, None).unwrap();
         v.apply_batch(
             &txn,
             &[ApplyOp::Data {
@@ -1108,7 +1175,7 @@ mod tests {
         assert_eq!(v.replica().unwrap().last_complete_generation, 1);
 
         // Generation 2 interrupted by a crash: rolled back at the next open.
-        let txn = v.begin_apply(1, 2).unwrap();
+        let txn = v.begin_apply(1, 2, None).unwrap();
         v.apply_batch(
             &txn,
             &[
@@ -1140,7 +1207,7 @@ mod tests {
         let v = Volume::open(&dir, "v").unwrap();
         assert_eq!(v.promote().unwrap_err().code(), "ERR_INVALID_ARGUMENT");
         v.make_replica("site-a", 1).unwrap();
-        let txn = v.begin_apply(1, 1).unwrap();
+        let txn = v.begin_apply(1, 1, None).unwrap();
         v.apply_batch(
             &txn,
             &[ApplyOp::Data {
@@ -1150,7 +1217,7 @@ mod tests {
         )
         .unwrap();
         v.commit_apply(&txn).unwrap();
-        let txn = v.begin_apply(1, 2).unwrap();
+        let txn = v.begin_apply(1, 2, None).unwrap();
         v.apply_batch(
             &txn,
             &[ApplyOp::Data {

@@ -4,88 +4,9 @@
 
 mod support;
 
-use ferry_dataplane::admin::Admin;
 use ferry_dataplane::control::ControlRequest;
-use ferry_dataplane::service::{ServeOptions, VolumeService};
-use serde_json::Value;
 use support::nats_sites::TwoSites;
-
-struct Site {
-    dir: tempfile::TempDir,
-    svc: Option<VolumeService>,
-}
-
-impl Site {
-    fn start(name: &str, region: &str, url: String, allow: &[&str]) -> Site {
-        let dir = tempfile::tempdir().unwrap();
-        let svc = VolumeService::start(ServeOptions {
-            data_dir: dir.path().to_path_buf(),
-            listen: Some("127.0.0.1:0".into()),
-            socket: None,
-            untracked: false,
-            site: Some(name.into()),
-            region: Some(region.into()),
-            nats: Some(url),
-            allow_regions: allow.iter().map(|s| s.to_string()).collect(),
-        })
-        .unwrap();
-        Site {
-            dir,
-            svc: Some(svc),
-        }
-    }
-
-    fn admin(&self) -> Admin {
-        Admin::open(self.dir.path()).unwrap()
-    }
-
-    fn svc(&self) -> &VolumeService {
-        self.svc.as_ref().unwrap()
-    }
-
-    fn write(&self, vol: &str, offset: u64, byte: u8, len: usize) {
-        self.svc()
-            .registry()
-            .require(vol)
-            .unwrap()
-            .write_at(offset, &vec![byte; len], false)
-            .unwrap();
-    }
-
-    fn content(&self, vol: &str) -> Vec<u8> {
-        let v = self.svc().registry().require(vol).unwrap();
-        let mut buf = vec![0u8; v.size() as usize];
-        v.read_at(0, &mut buf).unwrap();
-        buf
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        if let Some(s) = self.svc.take() {
-            let _ = s.stop();
-        }
-    }
-}
-
-fn start_pair(a: &Site, vols: &[&str], interval_ms: u64) -> Value {
-    a.admin()
-        .replicate(ControlRequest::ReplicateStart {
-            volumes: vols.iter().map(|s| s.to_string()).collect(),
-            to: "site-b".into(),
-            mode: "async".into(),
-            interval_ms,
-            rate: None,
-            level: None,
-        })
-        .unwrap()
-}
-
-fn sync(a: &Site, vols: &[&str]) -> ferry_dataplane::Result<Value> {
-    a.admin().replicate(ControlRequest::ReplicateSync {
-        volumes: vols.iter().map(|s| s.to_string()).collect(),
-    })
-}
+use support::sites::{start_pair, sync, Site};
 
 #[test]
 fn group_replicates_full_then_deltas() {

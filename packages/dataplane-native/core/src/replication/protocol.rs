@@ -71,6 +71,26 @@ pub struct GenerationRef {
     pub name: String,
     pub epoch: u64,
     pub generation: u64,
+    /// In `Begin`: continue the interrupted transfer of this generation instead of starting
+    /// afresh (the source skipped what the target reported holding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<u64>,
+}
+
+/// Most extents a progress report lists; a more scattered map is not offered for resuming.
+pub const MAX_RESUME_EXTENTS: usize = 16 * 1024;
+
+/// A transfer the target holds part of (its progress map).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyingReport {
+    /// The generation being applied, and the one it applies on top of (0: none).
+    pub generation: u64,
+    pub base: u64,
+    /// The generation the applied blocks are known to match.
+    pub reference: u64,
+    /// `[offset, length]` runs of blocks applied completely.
+    pub applied: Vec<[u64; 2]>,
 }
 
 /// What the target holds of one volume.
@@ -80,6 +100,8 @@ pub struct ReplicaReport {
     pub name: String,
     pub epoch: u64,
     pub last_complete_generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applying: Option<ApplyingReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +170,7 @@ mod tests {
                 name: "a".into(),
                 epoch: 1,
                 generation: 2,
+                resume_from: None,
             }],
         };
         assert_eq!(

@@ -4,7 +4,10 @@
 //! a volume no accepted session covers, and never applies a frame that fails verification.
 
 use super::frame::{self, Content, Message};
-use super::protocol::{region_allowed, ControlMessage, ControlReply, GenerationRef, ReplicaReport};
+use super::protocol::{
+    region_allowed, ApplyingReport, ControlMessage, ControlReply, GenerationRef, ReplicaReport,
+    MAX_RESUME_EXTENTS,
+};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::volume::ApplyOp;
@@ -91,6 +94,7 @@ impl Receiver {
                         name: spec.name.clone(),
                         epoch: rep.epoch,
                         last_complete_generation: rep.last_complete_generation,
+                        applying: vol.applying().and_then(|t| applying_report(&t)),
                     });
                 }
                 self.groups.lock().insert(
@@ -111,15 +115,17 @@ impl Receiver {
                     name,
                     epoch,
                     generation,
+                    resume_from,
                 } in volumes
                 {
                     let v = self.registry.require(&name)?;
-                    // A generation left half-applied by an earlier attempt is rolled back first.
-                    match v.begin_apply(epoch, generation) {
+                    // A generation left half-applied by an earlier attempt is resumed when the
+                    // source asks for it, else rolled back first.
+                    match v.begin_apply(epoch, generation, resume_from) {
                         Ok(_) => {}
-                        Err(Error::VolumeBusy { .. }) => {
+                        Err(Error::VolumeBusy { .. }) if resume_from.is_none() => {
                             v.abort_apply()?;
-                            v.begin_apply(epoch, generation)?;
+                            v.begin_apply(epoch, generation, None)?;
                         }
                         Err(e) => return Err(e),
                     }
@@ -134,6 +140,7 @@ impl Receiver {
                     name,
                     epoch,
                     generation,
+                    ..
                 } in volumes
                 {
                     let v = self.registry.require(&name)?;
@@ -230,4 +237,20 @@ impl Receiver {
         };
         v.apply_batch(&txn, &[op])
     }
+}
+
+/// The progress of a running transaction as the source needs it to resume; `None` when there is
+/// nothing worth resuming or the map is too scattered to send.
+fn applying_report(txn: &crate::apply_txn::ApplyTxn) -> Option<ApplyingReport> {
+    let p = txn.progress();
+    let extents = p.applied.extents();
+    if extents.is_empty() || extents.len() > MAX_RESUME_EXTENTS {
+        return None;
+    }
+    Some(ApplyingReport {
+        generation: p.id.target,
+        base: p.id.base,
+        reference: p.reference,
+        applied: extents.iter().map(|e| [e.offset, e.length]).collect(),
+    })
 }

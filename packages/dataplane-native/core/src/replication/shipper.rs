@@ -9,10 +9,11 @@ use super::protocol::{
     control_subject, frames_subject, region_allowed, ControlMessage, ControlReply, GenerationRef,
     ReplicaReport, VolumeSpec,
 };
+use crate::bitmap::DirtyBitmap;
 use crate::cut_image::CutImage;
 use crate::error::{Error, Result};
-use crate::registry::Registry;
-use crate::volume::Volume;
+use crate::registry::{CutBase, Registry};
+use crate::volume::{Resume, Volume};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -288,20 +289,35 @@ impl Shipper {
             *held = Some(self.open().await?);
         }
         let reports = held.as_ref().expect("opened");
-        let since: BTreeMap<String, Option<u64>> = self
-            .cfg
-            .volumes
-            .iter()
-            .map(|n| {
-                let base = reports.get(n).and_then(|r| {
-                    let epoch = self.registry.get(n).map(|v| v.meta().epoch);
-                    (Some(r.epoch) == epoch && r.last_complete_generation > 0)
-                        .then_some(r.last_complete_generation)
+        let mut bases = BTreeMap::new();
+        let mut resume_from = HashMap::new();
+        for n in &self.cfg.volumes {
+            let vol = self.registry.require(n)?;
+            let epoch = vol.meta().epoch;
+            let Some(r) = reports.get(n).filter(|r| r.epoch == epoch) else {
+                bases.insert(n.clone(), CutBase::default());
+                continue;
+            };
+            let since = (r.last_complete_generation > 0).then_some(r.last_complete_generation);
+            // The target holds part of an interrupted transfer on top of what we start from.
+            let resume = r
+                .applying
+                .as_ref()
+                .filter(|a| a.base == r.last_complete_generation)
+                .map(|a| {
+                    resume_from.insert(n.clone(), a.generation);
+                    let applied = DirtyBitmap::new(vol.size(), vol.granularity());
+                    for [offset, length] in &a.applied {
+                        applied.mark_covered(*offset, *length);
+                    }
+                    Resume {
+                        reference: a.reference,
+                        applied,
+                    }
                 });
-                (n.clone(), base)
-            })
-            .collect();
-        let initial = since.values().any(|b| b.is_none());
+            bases.insert(n.clone(), CutBase { since, resume });
+        }
+        let initial = bases.values().any(|b| b.since.is_none());
         self.status.lock().state = if initial {
             "syncing".into()
         } else {
@@ -310,8 +326,7 @@ impl Shipper {
         let cut_at = now_ms();
         let reg = self.registry.clone();
         let names = self.cfg.volumes.clone();
-        let since2 = since.clone();
-        let cuts = tokio::task::spawn_blocking(move || reg.cut_with_images(&names, &since2))
+        let cuts = tokio::task::spawn_blocking(move || reg.cut_with_images(&names, &bases))
             .await
             .map_err(|e| Error::io("cut task", std::io::Error::other(e.to_string())))??;
         let refs: Vec<GenerationRef> = cuts
@@ -320,6 +335,7 @@ impl Shipper {
                 name: name.clone(),
                 epoch: self.registry.get(name).map(|v| v.meta().epoch).unwrap_or(1),
                 generation: *g,
+                resume_from: resume_from.get(name).copied(),
             })
             .collect();
         self.control(&ControlMessage::Begin {
@@ -345,6 +361,7 @@ impl Shipper {
                         name: r.name.clone(),
                         epoch: r.epoch,
                         last_complete_generation: r.generation,
+                        applying: None,
                     },
                 );
                 max_gen = max_gen.max(r.generation);
@@ -486,7 +503,7 @@ pub mod test_hooks {
             Some(n) if n > 0 => n,
             _ => return body.clone(),
         };
-        if COUNT.fetch_add(1, Ordering::Relaxed) % every != 0 || body.len() < 2 {
+        if !COUNT.fetch_add(1, Ordering::Relaxed).is_multiple_of(every) || body.len() < 2 {
             return body.clone();
         }
         let mut v = body.to_vec();

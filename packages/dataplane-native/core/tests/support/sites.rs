@@ -1,0 +1,131 @@
+//! One site's volume service in-process, joined to its NATS site, with its data directory; the
+//! service can be stopped and started again on the same directory (a restart).
+
+use ferry_dataplane::admin::Admin;
+use ferry_dataplane::control::ControlRequest;
+use ferry_dataplane::service::{ServeOptions, VolumeService};
+use serde_json::Value;
+
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    svc: Option<VolumeService>,
+    name: String,
+    region: String,
+    url: String,
+    allow: Vec<String>,
+}
+
+impl Site {
+    pub fn start(name: &str, region: &str, url: String, allow: &[&str]) -> Site {
+        let mut site = Site {
+            dir: tempfile::tempdir().unwrap(),
+            svc: None,
+            name: name.into(),
+            region: region.into(),
+            url,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+        };
+        site.restart();
+        site
+    }
+
+    /// Start the service again (after `stop`), on the same data directory.
+    pub fn restart(&mut self) {
+        assert!(self.svc.is_none(), "the service of {} runs", self.name);
+        self.svc = Some(
+            VolumeService::start(ServeOptions {
+                data_dir: self.dir.path().to_path_buf(),
+                listen: Some("127.0.0.1:0".into()),
+                socket: None,
+                untracked: false,
+                site: Some(self.name.clone()),
+                region: Some(self.region.clone()),
+                nats: Some(self.url.clone()),
+                allow_regions: self.allow.clone(),
+            })
+            .unwrap(),
+        );
+    }
+
+    /// A clean stop of the service; the data directory stays.
+    pub fn stop(&mut self) {
+        self.svc.take().expect("service runs").stop().unwrap();
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::open(self.dir.path()).unwrap()
+    }
+
+    pub fn svc(&self) -> &VolumeService {
+        self.svc.as_ref().unwrap()
+    }
+
+    pub fn write(&self, vol: &str, offset: u64, byte: u8, len: usize) {
+        self.write_bytes(vol, offset, &vec![byte; len]);
+    }
+
+    pub fn write_bytes(&self, vol: &str, offset: u64, data: &[u8]) {
+        self.svc()
+            .registry()
+            .require(vol)
+            .unwrap()
+            .write_at(offset, data, false)
+            .unwrap();
+    }
+
+    pub fn content(&self, vol: &str) -> Vec<u8> {
+        let v = self.svc().registry().require(vol).unwrap();
+        let mut buf = vec![0u8; v.size() as usize];
+        v.read_at(0, &mut buf).unwrap();
+        buf
+    }
+
+    /// The first replication pair's status.
+    pub fn pair_status(&self) -> Value {
+        self.admin()
+            .replicate(ControlRequest::ReplicateStatus)
+            .unwrap()[0]
+            .clone()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(s) = self.svc.take() {
+            let _ = s.stop();
+        }
+    }
+}
+
+pub fn start_pair(a: &Site, vols: &[&str], interval_ms: u64) -> Value {
+    start_pair_limited(a, vols, interval_ms, None)
+}
+
+/// A pair to `site-b` with a bandwidth limit (bytes per second on the wire).
+pub fn start_pair_limited(a: &Site, vols: &[&str], interval_ms: u64, rate: Option<u64>) -> Value {
+    a.admin()
+        .replicate(ControlRequest::ReplicateStart {
+            volumes: vols.iter().map(|s| s.to_string()).collect(),
+            to: "site-b".into(),
+            mode: "async".into(),
+            interval_ms,
+            rate,
+            level: None,
+        })
+        .unwrap()
+}
+
+pub fn sync(a: &Site, vols: &[&str]) -> ferry_dataplane::Result<Value> {
+    a.admin().replicate(ControlRequest::ReplicateSync {
+        volumes: vols.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+/// Poll `f` every 50 ms until it is true; panic with `what` after `secs` seconds.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
