@@ -9,7 +9,8 @@ use crate::data_dir::{DataDir, DirLock};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::replication::manager::Replication;
-use crate::replication::shipper::{Mode, PairConfig};
+use crate::replication::shipper::{Mode, PairConfig, DEFAULT_BLOCK_TIMEOUT_MS};
+use crate::replication::sync::OnLoss;
 use crate::stats::StatsSnapshot;
 use crate::volume::{Volume, VolumeInfo};
 use serde::de::DeserializeOwned;
@@ -262,7 +263,18 @@ impl ControlHandler for ServiceControl {
                 interval_ms,
                 rate,
                 level,
+                on_loss,
+                block_timeout_ms,
             } => {
+                let on_loss = match on_loss.as_deref() {
+                    None | Some("suspend") => OnLoss::Suspend,
+                    Some("block") => OnLoss::Block,
+                    Some(other) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "--on-loss {other}: use block (writes wait, then fail with EIO) or suspend (fall back to async and resync)"
+                        )))
+                    }
+                };
                 let mode = match mode.as_str() {
                     "async" => Mode::Async,
                     "sync" => Mode::Sync,
@@ -282,6 +294,8 @@ impl ControlHandler for ServiceControl {
                     rate,
                     level,
                     max_message: crate::replication::frame::DEFAULT_MAX_MESSAGE,
+                    on_loss,
+                    block_timeout_ms: block_timeout_ms.unwrap_or(DEFAULT_BLOCK_TIMEOUT_MS),
                 };
                 Ok(to_value(self.replication()?.start_pair(cfg)?))
             }

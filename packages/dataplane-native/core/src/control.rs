@@ -47,6 +47,12 @@ pub enum ControlRequest {
         interval_ms: u64,
         rate: Option<u64>,
         level: Option<i32>,
+        /// Sync pairs: `block` or `suspend` (the default) when the target is unreachable.
+        #[serde(default)]
+        on_loss: Option<String>,
+        /// Sync pairs with `block`: how long a write waits for the target before EIO.
+        #[serde(default)]
+        block_timeout_ms: Option<u64>,
     },
     ReplicateStatus,
     ReplicateSync {

@@ -15,6 +15,8 @@ pub struct CutBase {
     pub since: Option<u64>,
     /// Blocks it holds of an interrupted transfer.
     pub resume: Option<crate::volume::Resume>,
+    /// A synchronous mirror to install at the cut (sync replication starting).
+    pub mirror: Option<Arc<dyn crate::volume::Mirror>>,
 }
 
 pub struct Registry {
@@ -178,6 +180,9 @@ impl Registry {
             let base = bases.get(&name);
             let since = base.and_then(|b| b.since);
             let resume = base.and_then(|b| b.resume.as_ref());
+            if let Some(m) = base.and_then(|b| b.mirror.clone()) {
+                g.set_mirror(Some(m));
+            }
             out.insert(name, g.commit_with_image(&cut_id, since, resume)?);
         }
         Ok(names

@@ -129,6 +129,24 @@ pub struct Volume {
     image: RwLock<Option<Arc<CutImage>>>,
     /// On a replica, the generation being applied (its before-images serve readers meanwhile).
     txn: RwLock<Option<Arc<ApplyTxn>>>,
+    /// Synchronous replication: every change goes through it before it is acknowledged.
+    mirror: RwLock<Option<Arc<dyn Mirror>>>,
+}
+
+/// Where a volume in synchronous replication sends each change, while the change's write gate is
+/// held, so a cut never closes with a change the mirror has not acknowledged.
+pub trait Mirror: Send + Sync {
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()>;
+    /// Zeroes (a trim or a zero request).
+    fn zero(&self, offset: u64, length: u64, fua: bool) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+}
+
+/// A change as the mirror needs it.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    Data(&'a [u8]),
+    Zero(u64),
 }
 
 pub type SharedVolume = Arc<Volume>;
@@ -279,6 +297,7 @@ impl Volume {
             tracking: AtomicBool::new(true),
             image: RwLock::new(None),
             txn: RwLock::new(resumable.map(Arc::new)),
+            mirror: RwLock::new(None),
         };
         // Persist what recovery concluded and start with an empty activity log.
         if !meta_read_only {
@@ -364,7 +383,17 @@ impl Volume {
 
     /// Run `op` on `[offset, offset+length)` with the range marked dirty in the open generation
     /// and its activity-log extents persisted as hot — the one path every modification takes.
-    fn modify(&self, offset: u64, length: u64, op: impl FnOnce() -> Result<()>) -> Result<()> {
+    fn modify(
+        &self,
+        offset: u64,
+        change: Change<'_>,
+        fua: bool,
+        op: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let length = match change {
+            Change::Data(d) => d.len() as u64,
+            Change::Zero(n) => n,
+        };
         self.check_writable()?;
         self.check_range(offset, length)?;
         if length == 0 {
@@ -373,7 +402,8 @@ impl Volume {
         if !self.tracking.load(Ordering::Relaxed) {
             let _gen = self.gate.read();
             self.preserve_for_image(offset, length)?;
-            return op();
+            op()?;
+            return self.mirror_change(offset, change, fua);
         }
         let (first, last) = self.al.extents_of(offset, length);
         loop {
@@ -381,12 +411,34 @@ impl Volume {
             if self.al.is_hot(first, last) {
                 gen.bitmap.mark(offset, length);
                 self.preserve_for_image(offset, length)?;
-                return op();
+                op()?;
+                // Still under the gate: a cut waits for the mirror's acknowledgement.
+                return self.mirror_change(offset, change, fua);
             }
             let id = gen.id;
             drop(gen);
             self.make_hot(id, first, last)?;
         }
+    }
+
+    fn mirror_change(&self, offset: u64, change: Change<'_>, fua: bool) -> Result<()> {
+        let Some(m) = self.mirror.read().clone() else {
+            return Ok(());
+        };
+        match change {
+            Change::Data(d) => m.write(offset, d, fua),
+            Change::Zero(n) => m.zero(offset, n, fua),
+        }
+    }
+
+    /// Install or remove the synchronous mirror (see `CutGuard::set_mirror` to install it at a
+    /// cut).
+    pub fn set_mirror(&self, m: Option<Arc<dyn Mirror>>) {
+        *self.mirror.write() = m;
+    }
+
+    pub fn mirrored(&self) -> bool {
+        self.mirror.read().is_some()
     }
 
     fn preserve_for_image(&self, offset: u64, length: u64) -> Result<()> {
@@ -425,7 +477,7 @@ impl Volume {
 
     pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let t = Instant::now();
-        self.modify(offset, data.len() as u64, || {
+        self.modify(offset, Change::Data(data), fua, || {
             self.file
                 .write_all_at(data, offset)
                 .ctx(|| format!("write to volume '{}' at {offset} failed", self.name))
@@ -439,7 +491,7 @@ impl Volume {
 
     pub fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
         let t = Instant::now();
-        self.modify(offset, length, || {
+        self.modify(offset, Change::Zero(length), fua, || {
             self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, offset, length)
         })?;
         if fua {
@@ -451,7 +503,7 @@ impl Volume {
 
     pub fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
         let t = Instant::now();
-        self.modify(offset, length, || {
+        self.modify(offset, Change::Zero(length), flags.fua, || {
             let mode = if flags.may_trim {
                 libc::FALLOC_FL_PUNCH_HOLE
             } else {
@@ -525,6 +577,9 @@ impl Volume {
     pub fn flush(&self) -> Result<()> {
         let t = Instant::now();
         self.flush_data()?;
+        if let Some(m) = self.mirror.read().clone() {
+            m.flush()?;
+        }
         self.stats.record(Op::Flush, 0, t.elapsed());
         Ok(())
     }
@@ -767,22 +822,55 @@ impl Volume {
         Ok(())
     }
 
+    /// Apply one change of a synchronous session to this replica, in place (no transaction: a
+    /// sync replica is always the source's latest acknowledged state).
+    pub fn apply_sync(&self, op: &ApplyOp<'_>) -> Result<()> {
+        self.require_replica()?;
+        self.check_range(op.offset(), op.length())?;
+        if self.txn.read().is_some() {
+            return Err(Error::VolumeBusy {
+                name: self.name.clone(),
+                why: "a generation is being applied; synchronous changes wait for it".into(),
+            });
+        }
+        match op {
+            ApplyOp::Data { offset, data } => self
+                .file
+                .write_all_at(data, *offset)
+                .ctx(|| format!("applying to replica '{}' at {offset} failed", self.name)),
+            ApplyOp::Zero { offset, length } => {
+                self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, *offset, *length)
+            }
+        }
+    }
+
+    /// Make a replica's data durable (a synchronous session's FLUSH).
+    pub fn flush_replica(&self) -> Result<()> {
+        self.require_replica()?;
+        self.flush_data()
+    }
+
+    /// A synchronous session reached generation `generation` of the source: every change of it is
+    /// applied. Make it durable and record it as complete.
+    pub fn mark_complete(&self, epoch: u64, generation: u64) -> Result<()> {
+        self.flush_data()?;
+        let mut meta = self.meta.lock();
+        let mut next = meta.clone();
+        let rep = next.replica.as_mut().ok_or_else(|| {
+            Error::InvalidArgument(format!("volume '{}' is not a replica", self.name))
+        })?;
+        rep.epoch = epoch;
+        rep.last_complete_generation = generation;
+        rep.last_complete_at_ms = now_ms();
+        next.save(&self.dir.join(META_FILE))?;
+        *meta = next;
+        Ok(())
+    }
+
     /// Commit the running transaction: the replica now holds generation `target` completely.
     pub fn commit_apply(&self, txn: &ApplyTxn) -> Result<()> {
-        self.flush_data()?;
         let id = txn.id();
-        {
-            let mut meta = self.meta.lock();
-            let mut next = meta.clone();
-            let rep = next.replica.as_mut().ok_or_else(|| {
-                Error::InvalidArgument(format!("volume '{}' is not a replica", self.name))
-            })?;
-            rep.epoch = id.epoch;
-            rep.last_complete_generation = id.target;
-            rep.last_complete_at_ms = now_ms();
-            next.save(&self.dir.join(META_FILE))?;
-            *meta = next;
-        }
+        self.mark_complete(id.epoch, id.target)?;
         if let Some(t) = self.txn.write().take() {
             let _ = Arc::try_unwrap(t).map(|t| t.finish());
         }
@@ -911,6 +999,11 @@ impl CutGuard<'_> {
 
     pub fn volume(&self) -> &Volume {
         self.vol
+    }
+
+    /// Install the synchronous mirror at this cut: every change after it goes through `m`.
+    pub fn set_mirror(&self, m: Option<Arc<dyn Mirror>>) {
+        *self.vol.mirror.write() = m;
     }
 
     /// Blocks changed after generation `since` up to this cut, if every generation in between

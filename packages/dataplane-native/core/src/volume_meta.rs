@@ -69,7 +69,9 @@ impl VolumeMeta {
         if meta.version != META_VERSION {
             return Err(corrupt(format!("unsupported version {}", meta.version)));
         }
-        if meta.size == 0 || !meta.size.is_multiple_of(meta.block_size) || !meta.granularity.is_power_of_two()
+        if meta.size == 0
+            || !meta.size.is_multiple_of(meta.block_size)
+            || !meta.granularity.is_power_of_two()
         {
             return Err(corrupt("inconsistent geometry".into()));
         }

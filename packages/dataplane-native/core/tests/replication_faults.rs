@@ -49,6 +49,8 @@ fn damaged_frames_are_refused_and_resent() {
         interval_ms: 3_600_000,
         rate: None,
         level: None,
+        on_loss: None,
+        block_timeout_ms: None,
     })
     .unwrap();
     let st = adm

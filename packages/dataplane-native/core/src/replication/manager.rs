@@ -3,7 +3,7 @@
 //! in `<data dir>/replication/` so a restarted service resumes every pair.
 
 use super::protocol::{
-    control_subject, frames_subject, valid_site_name, ControlMessage, ControlReply,
+    control_subject, frames_subject, sync_subject, valid_site_name, ControlMessage, ControlReply,
 };
 use super::receiver::Receiver;
 use super::shipper::{Mode, PairConfig, PairStatus, Shipper, SiteIdentity};
@@ -16,6 +16,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
+
+#[derive(Clone, Copy)]
+enum Inbound {
+    Control,
+    Frame,
+    SyncChange,
+}
 
 struct RunningPair {
     shipper: Arc<Shipper>,
@@ -208,12 +215,6 @@ impl Replication {
                 self.me.site
             )));
         }
-        if cfg.mode == Mode::Sync {
-            return Err(Error::NotSupported(
-                "synchronous replication is not available yet in this build; use --mode async"
-                    .into(),
-            ));
-        }
         if cfg.volumes.is_empty() {
             return Err(Error::InvalidArgument(
                 "replicate start needs at least one volume".into(),
@@ -303,27 +304,24 @@ impl Replication {
 
     /// Answer replication traffic addressed to this site until `shutdown` turns true.
     pub async fn serve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let mut ctl = self
-            .nats
-            .subscribe(control_subject(&self.me.site))
-            .await
-            .map_err(|e| Error::Service {
-                dir: "nats".into(),
-                why: format!("cannot subscribe: {e}"),
-            })?;
-        let mut frames = self
-            .nats
-            .subscribe(frames_subject(&self.me.site))
-            .await
-            .map_err(|e| Error::Service {
-                dir: "nats".into(),
-                why: format!("cannot subscribe: {e}"),
-            })?;
+        let nats = &self.nats;
+        let subscribe = |subject: String| async move {
+            nats.subscribe(subject.clone())
+                .await
+                .map_err(|e| Error::Service {
+                    dir: "nats".into(),
+                    why: format!("cannot subscribe to {subject}: {e}"),
+                })
+        };
+        let mut ctl = subscribe(control_subject(&self.me.site)).await?;
+        let mut frames = subscribe(frames_subject(&self.me.site)).await?;
+        let mut changes = subscribe(sync_subject(&self.me.site)).await?;
         loop {
-            let (msg, is_frame) = tokio::select! {
+            let (msg, kind) = tokio::select! {
                 _ = shutdown.changed() => break,
-                m = ctl.next() => match m { Some(m) => (m, false), None => break },
-                m = frames.next() => match m { Some(m) => (m, true), None => break },
+                m = ctl.next() => match m { Some(m) => (m, Inbound::Control), None => break },
+                m = frames.next() => match m { Some(m) => (m, Inbound::Frame), None => break },
+                m = changes.next() => match m { Some(m) => (m, Inbound::SyncChange), None => break },
             };
             let Some(reply_to) = msg.reply.clone() else {
                 continue;
@@ -333,14 +331,16 @@ impl Replication {
             // Frames are applied one at a time per site (a bounded queue: the subscription),
             // control messages likewise; each is blocking file I/O.
             let answer = tokio::task::spawn_blocking(move || {
-                let r = if is_frame {
-                    receiver.frame(&msg.payload).map(|_| ControlReply::ok())
-                } else {
-                    serde_json::from_slice::<ControlMessage>(&msg.payload)
+                let r = match kind {
+                    Inbound::Frame => receiver.frame(&msg.payload).map(|_| ControlReply::ok()),
+                    Inbound::SyncChange => receiver
+                        .sync_change(&msg.payload)
+                        .map(|_| ControlReply::ok()),
+                    Inbound::Control => serde_json::from_slice::<ControlMessage>(&msg.payload)
                         .map_err(|e| {
                             Error::InvalidArgument(format!("malformed control message: {e}"))
                         })
-                        .and_then(|m| receiver.control(m))
+                        .and_then(|m| receiver.control(m)),
                 };
                 r.unwrap_or_else(|e| ControlReply::error(&e))
             })

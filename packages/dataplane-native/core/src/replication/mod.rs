@@ -3,7 +3,8 @@
 //!
 //! `frame` spells the wire format of data frames and generation ends, and cuts a generation into
 //! message-sized pieces; `protocol` spells the control conversation around them; `shipper` and
-//! `receiver` are the two ends of a pair and `manager` a volume service's role at its site. Bytes
+//! `receiver` are the two ends of a pair, `sync` the synchronous write path of a sync pair, and
+//! `manager` a volume service's role at its site. Bytes
 //! from a peer are never applied before `frame` has decoded and verified them.
 
 pub mod frame;
@@ -11,3 +12,4 @@ pub mod manager;
 pub mod protocol;
 pub mod receiver;
 pub mod shipper;
+pub mod sync;

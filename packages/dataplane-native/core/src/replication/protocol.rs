@@ -19,6 +19,11 @@ pub fn frames_subject(site: &str) -> String {
     format!("ferry.dp.{site}.frames")
 }
 
+/// Changes of synchronous sessions to a site's data plane (data frames, one change each).
+pub fn sync_subject(site: &str) -> String {
+    format!("ferry.dp.{site}.sync")
+}
+
 /// A site name is one NATS subject token.
 pub fn valid_site_name(site: &str) -> bool {
     !site.is_empty()
@@ -62,6 +67,29 @@ pub enum ControlMessage {
     },
     #[serde(rename_all = "camelCase")]
     Abort { group: String, volumes: Vec<String> },
+    /// Start (or take up again) a synchronous session on a replica that holds `base` completely;
+    /// changes up to sequence number `floor` are already applied.
+    #[serde(rename_all = "camelCase")]
+    SyncStart {
+        group: String,
+        volume: String,
+        epoch: u64,
+        base: u64,
+        floor: u64,
+    },
+    /// Make every change of the session durable.
+    #[serde(rename_all = "camelCase")]
+    SyncFlush {
+        group: String,
+        volume: String,
+        epoch: u64,
+    },
+    /// Every change of these generations is applied: record them as complete.
+    #[serde(rename_all = "camelCase")]
+    SyncMark {
+        group: String,
+        volumes: Vec<GenerationRef>,
+    },
 }
 
 /// One volume's generation (generation numbers are per volume).

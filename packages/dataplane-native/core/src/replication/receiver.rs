@@ -8,6 +8,7 @@ use super::protocol::{
     region_allowed, ApplyingReport, ControlMessage, ControlReply, GenerationRef, ReplicaReport,
     MAX_RESUME_EXTENTS,
 };
+use super::sync::SyncSession;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::volume::ApplyOp;
@@ -29,6 +30,15 @@ pub struct Receiver {
     region: String,
     registry: Arc<Registry>,
     groups: Mutex<HashMap<String, AcceptedGroup>>,
+    /// Synchronous sessions, per volume.
+    sessions: Mutex<HashMap<String, SyncSession>>,
+}
+
+fn refused(code: &str, message: String) -> Error {
+    Error::Remote {
+        code: code.into(),
+        message,
+    }
 }
 
 impl Receiver {
@@ -38,6 +48,7 @@ impl Receiver {
             region: region.into(),
             registry,
             groups: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -111,6 +122,12 @@ impl Receiver {
             }
             ControlMessage::Begin { group, volumes } => {
                 self.check_group(&group, &names(&volumes))?;
+                // Generations replace synchronous sessions (a resync after a suspension).
+                let mut sessions = self.sessions.lock();
+                for v in &volumes {
+                    sessions.remove(&v.name);
+                }
+                drop(sessions);
                 for GenerationRef {
                     name,
                     epoch,
@@ -167,6 +184,63 @@ impl Receiver {
                 }
                 Ok(ControlReply::ok())
             }
+            ControlMessage::SyncStart {
+                group,
+                volume,
+                epoch,
+                base,
+                floor,
+            } => {
+                self.check_group(&group, std::slice::from_ref(&volume))?;
+                let v = self.registry.require(&volume)?;
+                let rep = v.replica().ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "volume '{volume}' at site {} is not a replica",
+                        self.site
+                    ))
+                })?;
+                if rep.epoch != epoch {
+                    return Err(refused(
+                        "ERR_STALE_EPOCH",
+                        format!(
+                            "volume '{volume}' at site {} is at epoch {}, not {epoch}",
+                            self.site, rep.epoch
+                        ),
+                    ));
+                }
+                if rep.last_complete_generation != base || v.applying().is_some() {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume '{volume}' at site {} holds generation {}, not {base}: resync before going synchronous",
+                        self.site, rep.last_complete_generation
+                    )));
+                }
+                self.sessions
+                    .lock()
+                    .insert(volume, SyncSession::new(epoch, floor));
+                Ok(ControlReply::ok())
+            }
+            ControlMessage::SyncFlush {
+                group,
+                volume,
+                epoch,
+            } => {
+                self.check_group(&group, std::slice::from_ref(&volume))?;
+                self.check_session(&volume, epoch)?;
+                self.registry.require(&volume)?.flush_replica()?;
+                Ok(ControlReply::ok())
+            }
+            ControlMessage::SyncMark { group, volumes } => {
+                self.check_group(&group, &names(&volumes))?;
+                for g in &volumes {
+                    self.check_session(&g.name, g.epoch)?;
+                }
+                for g in &volumes {
+                    self.registry
+                        .require(&g.name)?
+                        .mark_complete(g.epoch, g.generation)?;
+                }
+                Ok(ControlReply::ok())
+            }
         }
     }
 
@@ -185,6 +259,49 @@ impl Receiver {
                     g.source_site
                 )));
             }
+        }
+        Ok(())
+    }
+
+    fn check_session(&self, volume: &str, epoch: u64) -> Result<()> {
+        match self.sessions.lock().get(volume) {
+            None => Err(refused(
+                "ERR_NO_SYNC_SESSION",
+                format!(
+                    "no synchronous session for volume '{volume}' at site {}",
+                    self.site
+                ),
+            )),
+            Some(s) if s.epoch != epoch => Err(refused(
+                "ERR_STALE_EPOCH",
+                format!(
+                    "change of epoch {epoch} for volume '{volume}' refused: the session is at epoch {}",
+                    s.epoch
+                ),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Apply one change of a synchronous session (each sequence number once); blocking.
+    pub fn sync_change(&self, bytes: &[u8]) -> Result<()> {
+        let Message::Data(f) = frame::decode(bytes)? else {
+            return Err(Error::InvalidArgument("expected a data frame".into()));
+        };
+        self.check_session(f.volume, f.epoch)?;
+        if self
+            .sessions
+            .lock()
+            .get(f.volume)
+            .is_some_and(|s| s.seen(f.seq))
+        {
+            return Ok(());
+        }
+        let content = f.verify()?;
+        let v = self.registry.require(f.volume)?;
+        v.apply_sync(&apply_op(&f, &content))?;
+        if let Some(s) = self.sessions.lock().get_mut(f.volume) {
+            s.record(f.seq);
         }
         Ok(())
     }
@@ -225,17 +342,7 @@ impl Receiver {
                 txn.id().target
             )));
         }
-        let op = match &content {
-            Content::Data(d) => ApplyOp::Data {
-                offset: f.offset,
-                data: d,
-            },
-            Content::Zero | Content::Trim => ApplyOp::Zero {
-                offset: f.offset,
-                length: f.length as u64,
-            },
-        };
-        v.apply_batch(&txn, &[op])
+        v.apply_batch(&txn, &[apply_op(&f, &content)])
     }
 }
 
@@ -253,4 +360,17 @@ fn applying_report(txn: &crate::apply_txn::ApplyTxn) -> Option<ApplyingReport> {
         reference: p.reference,
         applied: extents.iter().map(|e| [e.offset, e.length]).collect(),
     })
+}
+
+fn apply_op<'a>(f: &frame::Frame<'_>, content: &'a Content<'a>) -> ApplyOp<'a> {
+    match content {
+        Content::Data(d) => ApplyOp::Data {
+            offset: f.offset,
+            data: d,
+        },
+        Content::Zero | Content::Trim => ApplyOp::Zero {
+            offset: f.offset,
+            length: f.length as u64,
+        },
+    }
 }

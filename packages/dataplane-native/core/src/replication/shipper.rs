@@ -9,6 +9,7 @@ use super::protocol::{
     control_subject, frames_subject, region_allowed, ControlMessage, ControlReply, GenerationRef,
     ReplicaReport, VolumeSpec,
 };
+use super::sync::{LinkState, OnLoss, SyncLink};
 use crate::bitmap::DirtyBitmap;
 use crate::cut_image::CutImage;
 use crate::error::{Error, Result};
@@ -47,7 +48,23 @@ pub struct PairConfig {
     pub rate: Option<u64>,
     pub level: i32,
     pub max_message: usize,
+    /// Sync pairs: what happens to writes when the target is unreachable.
+    #[serde(default)]
+    pub on_loss: OnLoss,
+    /// Sync pairs with `block`: how long a write waits for the target before it fails.
+    #[serde(default = "default_block_timeout")]
+    pub block_timeout_ms: u64,
 }
+
+pub const DEFAULT_BLOCK_TIMEOUT_MS: u64 = 30_000;
+
+fn default_block_timeout() -> u64 {
+    DEFAULT_BLOCK_TIMEOUT_MS
+}
+
+/// A sync pair goes synchronous once a catch-up generation shipped at most this much: writes
+/// wait while the generation that starts sync is shipped.
+const SYNC_ENTRY_MAX_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -65,6 +82,13 @@ pub struct PairStatus {
     pub bytes_wire: u64,
     pub generations_shipped: u64,
     pub last_error: Option<String>,
+    /// Sync pairs: `catching-up` (async until the target is close), `active` (every write
+    /// waits for the target), `suspended` (the target was lost; resyncing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_state: Option<String>,
+    /// Sync pairs: writes acknowledged by the target, and times sync was suspended.
+    pub sync_writes: u64,
+    pub suspensions: u64,
 }
 
 /// Where the site's data plane sits, for residency checks and messages.
@@ -88,6 +112,9 @@ pub struct Shipper {
     bytes_wire: Arc<AtomicU64>,
     sync_tx: mpsc::Sender<oneshot::Sender<Result<u64>>>,
     sync_rx: Mutex<Option<mpsc::Receiver<oneshot::Sender<Result<u64>>>>>,
+    /// Sync pairs: the links installed in the volumes (one per volume), and their signal.
+    links: Mutex<Vec<(Arc<Volume>, Arc<SyncLink>)>>,
+    link_lost: Arc<tokio::sync::Notify>,
 }
 
 fn now_ms() -> u64 {
@@ -111,6 +138,7 @@ impl Shipper {
                 Mode::Sync => "sync".into(),
             },
             state: "starting".into(),
+            sync_state: (cfg.mode == Mode::Sync).then(|| "catching-up".into()),
             ..Default::default()
         };
         Arc::new(Shipper {
@@ -124,6 +152,8 @@ impl Shipper {
             bytes_wire: Arc::new(AtomicU64::new(0)),
             sync_tx,
             sync_rx: Mutex::new(Some(sync_rx)),
+            links: Mutex::new(Vec::new()),
+            link_lost: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -137,7 +167,89 @@ impl Shipper {
         s.lag_seconds = now_ms().saturating_sub(since) as f64 / 1000.0;
         s.bytes_raw = self.bytes_raw.load(Ordering::Relaxed);
         s.bytes_wire = self.bytes_wire.load(Ordering::Relaxed);
+        s.sync_writes += self
+            .links
+            .lock()
+            .iter()
+            .map(|(_, l)| l.writes.load(Ordering::Relaxed))
+            .sum::<u64>();
         s
+    }
+
+    /// Is every link of this sync pair active?
+    fn synchronous(&self) -> bool {
+        let links = self.links.lock();
+        !links.is_empty() && links.iter().all(|(_, l)| l.state().0 == LinkState::Active)
+    }
+
+    /// Why a link was lost, if one was.
+    fn lost_link(&self) -> Option<String> {
+        self.links.lock().iter().find_map(|(_, l)| match l.state() {
+            (LinkState::Suspended | LinkState::Failed, why) => Some(why.unwrap_or_default()),
+            _ => None,
+        })
+    }
+
+    /// A `block` pair's write timed out: writes fail until a resync has brought the target up
+    /// to date and sync starts again (the failed links stay installed until then).
+    async fn block_sync(&self, why: &str) {
+        {
+            let mut st = self.status.lock();
+            if st.sync_state.as_deref() == Some("blocked") {
+                return;
+            }
+            st.sync_state = Some("blocked".into());
+            st.suspensions += 1;
+            st.last_error = Some(format!("synchronous replication lost its target: {why}"));
+        }
+        self.event("replication.blocked", why).await;
+    }
+
+    /// Take the links out of the volumes: writes stop waiting for the target. Their counts stay
+    /// in the status.
+    pub fn detach_links(&self, why: &str) {
+        let links = std::mem::take(&mut *self.links.lock());
+        let mut st = self.status.lock();
+        for (vol, link) in links {
+            link.suspend(why);
+            vol.set_mirror(None);
+            st.sync_writes += link.writes.load(Ordering::Relaxed);
+        }
+    }
+
+    /// A sync pair lost its target: go back to shipping generations, say so on the site's event
+    /// subject, and come back to sync once caught up.
+    async fn suspend_sync(&self, why: &str) {
+        self.detach_links(why);
+        {
+            let mut st = self.status.lock();
+            st.sync_state = Some("suspended".into());
+            st.suspensions += 1;
+            st.last_error = Some(format!("synchronous replication suspended: {why}"));
+        }
+        self.event("replication.suspended", why).await;
+    }
+
+    /// Publish a CloudEvents-style event on `ferry.events.<site>.<kind>`.
+    async fn event(&self, kind: &str, detail: &str) {
+        let body = serde_json::json!({
+            "specversion": "1.0",
+            "type": format!("io.ferry.{kind}"),
+            "source": format!("ferry/{}", self.me.site),
+            "id": format!("{}-{}-{}", self.cfg.group, kind, now_ms()),
+            "time_ms": now_ms(),
+            "data": {
+                "group": self.cfg.group,
+                "volumes": self.cfg.volumes,
+                "target": self.cfg.target_site,
+                "detail": detail,
+            },
+        });
+        let subject = format!("ferry.events.{}.{kind}", self.me.site);
+        let _ = self
+            .nats
+            .publish(subject, body.to_string().into_bytes().into())
+            .await;
     }
 
     /// Cut now and wait until that generation is complete at the target.
@@ -161,29 +273,71 @@ impl Shipper {
         let interval =
             Duration::from_millis(self.cfg.interval_ms.max(super::manager::MIN_INTERVAL_MS));
         let mut next = tokio::time::Instant::now();
+        let mut last_shipped = u64::MAX;
+        let link_lost = self.link_lost.clone();
         loop {
             let mut waiters = Vec::new();
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => break,
                 _ = tokio::time::sleep_until(next) => {}
-                w = sync_rx.recv() => match w { Some(w) => waiters.push(w), None => return },
+                _ = link_lost.notified() => {}
+                w = sync_rx.recv() => match w { Some(w) => waiters.push(w), None => break },
             }
             while let Ok(w) = sync_rx.try_recv() {
                 waiters.push(w);
             }
+            if let Some(why) = self.lost_link() {
+                match self.cfg.on_loss {
+                    OnLoss::Suspend => self.suspend_sync(&why).await,
+                    OnLoss::Block => self.block_sync(&why).await,
+                }
+                held = None;
+            }
+            let sync_pair = self.cfg.mode == Mode::Sync;
+            let in_sync = sync_pair && self.synchronous();
+            let before = self.bytes_raw.load(Ordering::Relaxed);
             let r = tokio::select! {
-                _ = shutdown.changed() => return,
-                r = self.cycle(&mut held) => r,
+                _ = shutdown.changed() => break,
+                r = async {
+                    if in_sync {
+                        self.mark().await
+                    } else {
+                        let enter = sync_pair && last_shipped <= SYNC_ENTRY_MAX_BYTES;
+                        self.cycle(&mut held, enter).await
+                    }
+                } => r,
             };
             match &r {
                 Ok(_) => {
-                    next = tokio::time::Instant::now() + interval;
+                    last_shipped = self.bytes_raw.load(Ordering::Relaxed) - before;
+                    // A sync pair catching up goes on at once until it is synchronous.
+                    next = tokio::time::Instant::now()
+                        + if sync_pair && !self.synchronous() {
+                            Duration::ZERO
+                        } else {
+                            interval
+                        };
                     let mut st = self.status.lock();
                     st.state = "idle".into();
                     st.last_error = None;
                 }
                 Err(e) => {
                     held = None;
+                    last_shipped = u64::MAX;
+                    if sync_pair && !in_sync {
+                        // A failed start of sync must not leave writes waiting: they go on
+                        // locally (`suspend`) or fail until sync is back (`block`).
+                        match self.cfg.on_loss {
+                            OnLoss::Suspend => self.detach_links(&e.to_string()),
+                            OnLoss::Block => {
+                                for (_, l) in self.links.lock().iter() {
+                                    l.fail(&e.to_string());
+                                }
+                            }
+                        }
+                    } else if in_sync && self.cfg.on_loss == OnLoss::Suspend {
+                        self.suspend_sync(&e.to_string()).await;
+                    }
                     // Back off, but not past the interval: the RPO depends on retrying.
                     next = tokio::time::Instant::now() + interval.min(Duration::from_secs(2));
                     for name in &self.cfg.volumes {
@@ -211,6 +365,43 @@ impl Shipper {
                 });
             }
         }
+        self.detach_links("replication stopped");
+    }
+
+    /// In sync: cut the group (every change before the cut is acknowledged by the target, since
+    /// writes hold the gate until then) and tell the target that generation is complete.
+    async fn mark(&self) -> Result<u64> {
+        let cut_at = now_ms();
+        let reg = self.registry.clone();
+        let names = self.cfg.volumes.clone();
+        let cuts = tokio::task::spawn_blocking(move || reg.cut(&names))
+            .await
+            .map_err(join_err)??;
+        let refs: Vec<GenerationRef> = cuts
+            .iter()
+            .map(|(name, g)| GenerationRef {
+                name: name.clone(),
+                epoch: self.registry.get(name).map(|v| v.meta().epoch).unwrap_or(1),
+                generation: *g,
+                resume_from: None,
+            })
+            .collect();
+        self.control(&ControlMessage::SyncMark {
+            group: self.cfg.group.clone(),
+            volumes: refs.clone(),
+        })
+        .await?;
+        for (vol, link) in self.links.lock().iter() {
+            if let Some(r) = refs.iter().find(|r| r.name == vol.name()) {
+                link.set_base(r.generation);
+            }
+        }
+        let max_gen = refs.iter().map(|r| r.generation).max().unwrap_or(0);
+        let mut st = self.status.lock();
+        st.last_complete_generation = Some(max_gen);
+        st.last_complete_at_ms = Some(cut_at);
+        st.generations_shipped += 1;
+        Ok(max_gen)
     }
 
     async fn request(&self, subject: String, body: Vec<u8>) -> Result<ControlReply> {
@@ -284,7 +475,13 @@ impl Shipper {
     }
 
     /// One generation: cut, ship, commit. Returns the highest generation now complete.
-    async fn cycle(&self, held: &mut Option<HashMap<String, ReplicaReport>>) -> Result<u64> {
+    /// With `enter_sync`, the cut also installs a pending sync link in every volume: writes after
+    /// it wait until the target holds the cut, then go synchronous.
+    async fn cycle(
+        &self,
+        held: &mut Option<HashMap<String, ReplicaReport>>,
+        enter_sync: bool,
+    ) -> Result<u64> {
         if held.is_none() {
             *held = Some(self.open().await?);
         }
@@ -315,7 +512,36 @@ impl Shipper {
                         applied,
                     }
                 });
-            bases.insert(n.clone(), CutBase { since, resume });
+            bases.insert(
+                n.clone(),
+                CutBase {
+                    since,
+                    resume,
+                    mirror: None,
+                },
+            );
+        }
+        if enter_sync {
+            let mut links = self.links.lock();
+            // Failed links are replaced at the cut (under the gates), never removed before it.
+            let _old = std::mem::take(&mut *links);
+            for (name, base) in bases.iter_mut() {
+                let vol = self.registry.require(name)?;
+                let link = Arc::new(SyncLink::new(
+                    self.nats.clone(),
+                    tokio::runtime::Handle::current(),
+                    &self.cfg.group,
+                    name,
+                    &self.cfg.target_site,
+                    vol.meta().epoch,
+                    self.cfg.level,
+                    self.cfg.on_loss,
+                    Duration::from_millis(self.cfg.block_timeout_ms),
+                    self.link_lost.clone(),
+                ));
+                base.mirror = Some(link.clone());
+                links.push((vol, link));
+            }
         }
         let initial = bases.values().any(|b| b.since.is_none());
         self.status.lock().state = if initial {
@@ -370,6 +596,26 @@ impl Shipper {
         for (name, _, _) in &cuts {
             if let Some(v) = self.registry.get(name) {
                 v.release_cut_image();
+            }
+        }
+        if enter_sync {
+            let links: Vec<_> = self.links.lock().clone();
+            for (vol, link) in &links {
+                let g = refs.iter().find(|r| r.name == vol.name()).expect("cut");
+                link.start_session(g.generation).await?;
+            }
+            for (vol, link) in &links {
+                let g = refs.iter().find(|r| r.name == vol.name()).expect("cut");
+                link.activate(g.generation);
+            }
+            let was_suspended = {
+                let mut st = self.status.lock();
+                let was = matches!(st.sync_state.as_deref(), Some("suspended" | "blocked"));
+                st.sync_state = Some("active".into());
+                was
+            };
+            if was_suspended {
+                self.event("replication.resumed", "synchronous again").await;
             }
         }
         let mut st = self.status.lock();

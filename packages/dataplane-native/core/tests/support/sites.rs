@@ -103,14 +103,32 @@ pub fn start_pair(a: &Site, vols: &[&str], interval_ms: u64) -> Value {
 
 /// A pair to `site-b` with a bandwidth limit (bytes per second on the wire).
 pub fn start_pair_limited(a: &Site, vols: &[&str], interval_ms: u64, rate: Option<u64>) -> Value {
+    start_pair_with(a, vols, "async", interval_ms, rate, None)
+}
+
+/// A synchronous pair to `site-b`, with what to do when the target is lost.
+pub fn start_sync_pair(a: &Site, vols: &[&str], interval_ms: u64, on_loss: &str) -> Value {
+    start_pair_with(a, vols, "sync", interval_ms, None, Some(on_loss))
+}
+
+fn start_pair_with(
+    a: &Site,
+    vols: &[&str],
+    mode: &str,
+    interval_ms: u64,
+    rate: Option<u64>,
+    on_loss: Option<&str>,
+) -> Value {
     a.admin()
         .replicate(ControlRequest::ReplicateStart {
             volumes: vols.iter().map(|s| s.to_string()).collect(),
             to: "site-b".into(),
-            mode: "async".into(),
+            mode: mode.into(),
             interval_ms,
             rate,
             level: None,
+            on_loss: on_loss.map(String::from),
+            block_timeout_ms: Some(3000),
         })
         .unwrap()
 }
