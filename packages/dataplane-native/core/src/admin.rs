@@ -169,9 +169,15 @@ fn local(
             crate::import_volume::import(dir, &name, &source, size, progress).map(to_value)
         }
         ControlRequest::ReplicateStatus => Ok(to_value(crate::replication::manager::configured_pairs(dir.root()))),
-        ControlRequest::ReplicatePromote { volumes } => {
+        ControlRequest::ReplicatePromote { volumes, back } => {
             let reg = Registry::open_subset(dir.clone(), &volumes)?;
-            let r = promote(&reg, &volumes);
+            let r = promote(&reg, &volumes, back.unwrap_or(0));
+            reg.close_all()?;
+            r
+        }
+        ControlRequest::ReplicaPoints { volumes } => {
+            let reg = Registry::open_subset(dir.clone(), &volumes)?;
+            let r = points(&reg, &volumes);
             reg.close_all()?;
             r
         }
@@ -185,12 +191,12 @@ fn local(
     }
 }
 
-/// Promote every named replica; answers `[{volume, generation}]` (the generation each now holds).
-fn promote(reg: &Registry, volumes: &[String]) -> Result<Value> {
+/// The named volumes, each a replica (else a clear error naming what to do).
+fn replicas(reg: &Registry, volumes: &[String], what: &str) -> Result<Vec<Arc<Volume>>> {
     if volumes.is_empty() {
-        return Err(Error::InvalidArgument(
-            "promote needs at least one volume".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "{what} needs at least one volume"
+        )));
     }
     let vols = volumes
         .iter()
@@ -198,14 +204,66 @@ fn promote(reg: &Registry, volumes: &[String]) -> Result<Value> {
         .collect::<Result<Vec<_>>>()?;
     if let Some(v) = vols.iter().find(|v| v.replica().is_none()) {
         return Err(Error::InvalidArgument(format!(
-            "volume '{}' is not a replica: promote runs at the target site, on replicated volumes",
+            "volume '{}' is not a replica: {what} runs at the target site, on replicated volumes",
             v.name()
         )));
     }
-    let mut out = Vec::new();
-    for v in vols {
-        out.push(serde_json::json!({ "volume": v.name(), "generation": v.promote()? }));
+    Ok(vols)
+}
+
+/// Promote every named replica, `back` recovery points before its last complete generation;
+/// answers `[{volume, generation}]` (the generation each now holds). Every volume is checked
+/// before any is promoted.
+fn promote(reg: &Registry, volumes: &[String], back: usize) -> Result<Value> {
+    let vols = replicas(reg, volumes, "promote")?;
+    let mut targets = Vec::new();
+    for v in &vols {
+        let rep = v.replica().expect("checked");
+        let to = match back {
+            0 => rep.last_complete_generation,
+            n => match rep.points.get(n - 1) {
+                Some(p) => p.generation,
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "replica '{}' keeps {} recovery point(s) before its last complete generation, not {n}: see `ferry replicate points`",
+                        v.name(),
+                        rep.points.len()
+                    )))
+                }
+            },
+        };
+        targets.push(to);
     }
+    let mut out = Vec::new();
+    for (v, to) in vols.iter().zip(targets) {
+        out.push(serde_json::json!({ "volume": v.name(), "generation": v.promote_to(Some(to))? }));
+    }
+    Ok(Value::Array(out))
+}
+
+/// The recovery points of every named replica, newest first (the last complete one first).
+fn points(reg: &Registry, volumes: &[String]) -> Result<Value> {
+    let vols = replicas(reg, volumes, "points")?;
+    let out: Vec<Value> = vols
+        .iter()
+        .map(|v| {
+            let rep = v.replica().expect("checked");
+            let mut points = vec![serde_json::json!({
+                "back": 0,
+                "generation": rep.last_complete_generation,
+                "atMs": rep.last_complete_at_ms,
+            })];
+            points.extend(rep.points.iter().enumerate().map(|(i, p)| {
+                serde_json::json!({ "back": i + 1, "generation": p.generation, "atMs": p.at_ms })
+            }));
+            serde_json::json!({
+                "volume": v.name(),
+                "sourceSite": rep.source_site,
+                "keep": rep.keep_points,
+                "points": points,
+            })
+        })
+        .collect();
     Ok(Value::Array(out))
 }
 
@@ -265,6 +323,7 @@ impl ControlHandler for ServiceControl {
                 level,
                 on_loss,
                 block_timeout_ms,
+                recovery_points,
             } => {
                 let on_loss = match on_loss.as_deref() {
                     None | Some("suspend") => OnLoss::Suspend,
@@ -296,10 +355,16 @@ impl ControlHandler for ServiceControl {
                     max_message: crate::replication::frame::DEFAULT_MAX_MESSAGE,
                     on_loss,
                     block_timeout_ms: block_timeout_ms.unwrap_or(DEFAULT_BLOCK_TIMEOUT_MS),
+                    recovery_points: recovery_points
+                        .unwrap_or(crate::volume_meta::DEFAULT_KEEP_POINTS)
+                        .max(1),
                 };
                 Ok(to_value(self.replication()?.start_pair(cfg)?))
             }
-            ControlRequest::ReplicatePromote { volumes } => promote(reg, &volumes),
+            ControlRequest::ReplicatePromote { volumes, back } => {
+                promote(reg, &volumes, back.unwrap_or(0))
+            }
+            ControlRequest::ReplicaPoints { volumes } => points(reg, &volumes),
             ControlRequest::ReplicateStatus => Ok(to_value(match &self.replication {
                 Some(r) => r.status(),
                 None => Vec::new(),

@@ -400,6 +400,26 @@ impl ApplyTxn {
         Ok(restored)
     }
 
+    /// Restore the before-images of a kept journal (a recovery point's undo); the file stays.
+    pub fn undo_file(path: &Path, data: &File) -> Result<u64> {
+        let journal = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
+        let mut h = [0u8; HEADER_LEN as usize];
+        journal
+            .read_exact_at(&mut h, 0)
+            .ctx(|| format!("reading {}", path.display()))?;
+        match parse_header(&h) {
+            // An initial generation's journal would empty the replica: it is never kept.
+            Some((id, _, granularity)) if id.base > 0 && granularity.is_power_of_two() => {
+                Self::roll_back(&journal, path, granularity, data)
+            }
+            _ => Err(Error::CorruptMetadata {
+                name: path.display().to_string(),
+                path: path.to_path_buf(),
+                why: "not an undo journal of a recovery point".into(),
+            }),
+        }
+    }
+
     /// Abort: restore the before-images now and drop the journal.
     pub fn abort(self, data: &File) -> Result<u64> {
         let n = Self::roll_back(&self.journal, &self.path, self.granularity, data)?;

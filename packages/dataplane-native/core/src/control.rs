@@ -53,6 +53,9 @@ pub enum ControlRequest {
         /// Sync pairs with `block`: how long a write waits for the target before EIO.
         #[serde(default)]
         block_timeout_ms: Option<u64>,
+        /// Complete generations the target keeps as recovery points (the last one included).
+        #[serde(default)]
+        recovery_points: Option<usize>,
     },
     ReplicateStatus,
     ReplicateSync {
@@ -63,6 +66,13 @@ pub enum ControlRequest {
     },
     /// At a target: make replicas writable at their last complete generation.
     ReplicatePromote {
+        volumes: Vec<String>,
+        /// Go back this many recovery points first (0 or none: the last complete generation).
+        #[serde(default)]
+        back: Option<usize>,
+    },
+    /// A target site's replicas: their recovery points.
+    ReplicaPoints {
         volumes: Vec<String>,
     },
 }

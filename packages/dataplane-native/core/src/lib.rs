@@ -15,6 +15,7 @@ pub mod error;
 pub mod import;
 pub mod import_volume;
 pub mod nbd;
+pub mod recovery_points;
 pub mod registry;
 pub mod replication;
 pub mod service;

@@ -12,9 +12,11 @@ use crate::bitmap::{DirtyBitmap, Extent, GenerationId};
 use crate::cut_image::CutImage;
 use crate::error::{Error, IoContext, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+use crate::recovery_points;
 use crate::stats::{Op, Stats};
 use crate::volume_meta::{
-    now_ms, GenerationRecord, ReplicaState, VolumeMeta, DEFAULT_KEEP_GENERATIONS, META_VERSION,
+    now_ms, GenerationRecord, PointRecord, ReplicaState, VolumeMeta, DEFAULT_KEEP_GENERATIONS,
+    DEFAULT_KEEP_POINTS, META_VERSION,
 };
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
@@ -301,6 +303,10 @@ impl Volume {
         };
         // Persist what recovery concluded and start with an empty activity log.
         if !meta_read_only {
+            vol.finish_restore()?;
+            if let Some(rep) = vol.replica() {
+                recovery_points::prune(&vol.dir, &rep.points);
+            }
             vol.checkpoint()?;
         }
         Ok(vol)
@@ -715,8 +721,34 @@ impl Volume {
     /// rolled back first). From here on the volume tracks its own writes under a new epoch, so its
     /// history can never be mistaken for its former source's. Returns the generation it holds.
     pub fn promote(&self) -> Result<u64> {
+        self.promote_to(None)
+    }
+
+    /// Promote at recovery point `to` (a generation listed in the replica's points, or its last
+    /// complete one; `None`: the last complete one). Going back undoes the kept journals.
+    pub fn promote_to(&self, to: Option<u64>) -> Result<u64> {
         let rep = self.require_replica()?;
         self.abort_apply()?;
+        let held = match to {
+            Some(g) if g != rep.last_complete_generation => {
+                if !rep.points.iter().any(|p| p.generation == g) {
+                    let mut have = vec![rep.last_complete_generation];
+                    have.extend(rep.points.iter().map(|p| p.generation));
+                    return Err(Error::InvalidArgument(format!(
+                        "replica '{}' has no recovery point at generation {g}; it has {}",
+                        self.name,
+                        have.iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                self.update_replica(|r| r.restoring_to = Some(g))?;
+                self.finish_restore()?;
+                g
+            }
+            _ => rep.last_complete_generation,
+        };
         let mut meta = self.meta.lock();
         let mut next = meta.clone();
         next.replica = None;
@@ -726,7 +758,75 @@ impl Volume {
         drop(meta);
         self.gate.write().id.epoch = self.meta.lock().epoch;
         self.read_only.store(false, Ordering::SeqCst);
-        Ok(rep.last_complete_generation)
+        // The points undo towards the former source's history; this volume now writes its own.
+        recovery_points::prune(&self.dir, &[]);
+        Ok(held)
+    }
+
+    /// Change the replica's metadata crash-safely.
+    fn update_replica(&self, f: impl FnOnce(&mut ReplicaState)) -> Result<ReplicaState> {
+        let mut meta = self.meta.lock();
+        let mut next = meta.clone();
+        let rep = next.replica.as_mut().ok_or_else(|| {
+            Error::InvalidArgument(format!("volume '{}' is not a replica", self.name))
+        })?;
+        f(rep);
+        let out = rep.clone();
+        next.save(&self.dir.join(META_FILE))?;
+        *meta = next;
+        Ok(out)
+    }
+
+    /// Finish a roll-back to a recovery point recorded in the metadata (after a crash, redone
+    /// from the start: see `recovery_points`).
+    fn finish_restore(&self) -> Result<()> {
+        let Some(rep) = self.replica() else {
+            return Ok(());
+        };
+        let Some(g) = rep.restoring_to else {
+            return Ok(());
+        };
+        recovery_points::roll_back_to(&self.dir, &self.file, &rep.points, g)?;
+        self.flush_data()?;
+        let at = rep
+            .points
+            .iter()
+            .find(|p| p.generation == g)
+            .map_or(rep.last_complete_at_ms, |p| p.at_ms);
+        let rep = self.update_replica(|r| {
+            r.last_complete_generation = g;
+            r.last_complete_at_ms = at;
+            r.points.retain(|p| p.generation < g);
+            r.restoring_to = None;
+        })?;
+        recovery_points::prune(&self.dir, &rep.points);
+        Ok(())
+    }
+
+    /// How many complete generations the replica keeps (the last one included; 1 keeps none
+    /// before it).
+    pub fn set_keep_points(&self, keep: usize) -> Result<()> {
+        let keep = keep.max(1);
+        if self.replica().is_some_and(|r| r.keep_points == keep) {
+            return Ok(());
+        }
+        let rep = self.update_replica(|r| {
+            r.keep_points = keep;
+            r.points.truncate(keep - 1);
+        })?;
+        recovery_points::prune(&self.dir, &rep.points);
+        Ok(())
+    }
+
+    /// Forget every recovery point (a synchronous session changes blocks without journaling
+    /// them, so no kept journal leads back to its generation any more).
+    pub fn drop_points(&self) -> Result<()> {
+        if self.replica().is_some_and(|r| r.points.is_empty()) {
+            return Ok(());
+        }
+        self.update_replica(|r| r.points.clear())?;
+        recovery_points::prune(&self.dir, &[]);
+        Ok(())
     }
 
     /// Make this (new, empty) volume a replica of `source_site`'s volume; no generation yet.
@@ -738,6 +838,9 @@ impl Volume {
             epoch,
             last_complete_generation: 0,
             last_complete_at_ms: now_ms(),
+            points: Vec::new(),
+            keep_points: DEFAULT_KEEP_POINTS,
+            restoring_to: None,
         });
         next.save(&self.dir.join(META_FILE))?;
         *meta = next;
@@ -854,23 +957,42 @@ impl Volume {
     /// applied. Make it durable and record it as complete.
     pub fn mark_complete(&self, epoch: u64, generation: u64) -> Result<()> {
         self.flush_data()?;
-        let mut meta = self.meta.lock();
-        let mut next = meta.clone();
-        let rep = next.replica.as_mut().ok_or_else(|| {
-            Error::InvalidArgument(format!("volume '{}' is not a replica", self.name))
-        })?;
-        rep.epoch = epoch;
-        rep.last_complete_generation = generation;
-        rep.last_complete_at_ms = now_ms();
-        next.save(&self.dir.join(META_FILE))?;
-        *meta = next;
-        Ok(())
+        self.update_replica(|r| {
+            r.epoch = epoch;
+            r.last_complete_generation = generation;
+            r.last_complete_at_ms = now_ms();
+        })
+        .map(|_| ())
     }
 
     /// Commit the running transaction: the replica now holds generation `target` completely.
     pub fn commit_apply(&self, txn: &ApplyTxn) -> Result<()> {
         let id = txn.id();
-        self.mark_complete(id.epoch, id.target)?;
+        let rep = self.require_replica()?;
+        // The journal undoes this generation: keep it as the way back to the one before.
+        let keep = id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch;
+        if keep {
+            recovery_points::keep(&self.dir, &ApplyTxn::journal_path(&self.dir), id.base)?;
+        }
+        self.flush_data()?;
+        let rep = self.update_replica(|r| {
+            if keep {
+                r.points.insert(
+                    0,
+                    PointRecord {
+                        generation: id.base,
+                        at_ms: r.last_complete_at_ms,
+                    },
+                );
+                r.points.truncate(r.keep_points.saturating_sub(1));
+            } else if r.epoch != id.epoch {
+                r.points.clear();
+            }
+            r.epoch = id.epoch;
+            r.last_complete_generation = id.target;
+            r.last_complete_at_ms = now_ms();
+        })?;
+        recovery_points::prune(&self.dir, &rep.points);
         if let Some(t) = self.txn.write().take() {
             let _ = Arc::try_unwrap(t).map(|t| t.finish());
         }
@@ -1235,6 +1357,59 @@ mod tests {
         v.release_cut_image();
         drop(img);
         assert!(!dir.join("cut-image-1.side").exists());
+    }
+
+    /// Apply generation `g` writing `byte` over `[offset, offset+len)`.
+    fn apply_gen(v: &Volume, g: u64, offset: u64, byte: u8, len: usize) {
+        let txn = v.begin_apply(1, g, None).unwrap();
+        let data = vec![byte; len];
+        v.apply_batch(
+            &txn,
+            &[ApplyOp::Data {
+                offset,
+                data: &data,
+            }],
+        )
+        .unwrap();
+        v.commit_apply(&txn).unwrap();
+    }
+
+    fn byte_at(v: &Volume, offset: u64) -> u8 {
+        let mut b = [0u8; 1];
+        v.read_at(offset, &mut b).unwrap();
+        b[0]
+    }
+
+    #[test]
+    fn an_interrupted_restore_to_a_recovery_point_finishes_at_open() {
+        let (_t, dir) = new_volume(4 << 20);
+        let v = Volume::open(&dir, "v").unwrap();
+        v.make_replica("site-a", 1).unwrap();
+        apply_gen(&v, 1, 0, 1, 1 << 20);
+        apply_gen(&v, 2, 0, 2, 4096);
+        apply_gen(&v, 3, 65536, 3, 4096);
+        apply_gen(&v, 4, 0, 4, 4096);
+        let rep = v.replica().unwrap();
+        let kept: Vec<u64> = rep.points.iter().map(|p| p.generation).collect();
+        assert_eq!(kept, vec![3, 2], "the default keeps two before the last");
+        // A crash right after the restore to 2 was recorded, before any undo ran.
+        v.update_replica(|r| r.restoring_to = Some(2)).unwrap();
+        drop(v);
+        let v = Volume::open(&dir, "v").unwrap();
+        let rep = v.replica().unwrap();
+        assert_eq!((rep.last_complete_generation, rep.restoring_to), (2, None));
+        assert!(rep.points.is_empty());
+        assert_eq!(
+            (byte_at(&v, 0), byte_at(&v, 65536), byte_at(&v, 4096)),
+            (2, 1, 1)
+        );
+        // Too few points to go further back: a clear refusal.
+        let e = v.promote_to(Some(1)).unwrap_err();
+        assert!(
+            e.to_string().contains("no recovery point at generation 1"),
+            "{e}"
+        );
+        assert_eq!(v.promote_to(Some(2)).unwrap(), 2);
     }
 
     #[test]

@@ -31,6 +31,32 @@ pub struct ReplicaState {
     /// The last generation applied completely (0: none yet).
     pub last_complete_generation: u64,
     pub last_complete_at_ms: u64,
+    /// Earlier complete generations that can still be restored, newest first (see
+    /// `recovery_points`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub points: Vec<PointRecord>,
+    /// Complete generations to keep, the last one included.
+    #[serde(default = "default_keep_points")]
+    pub keep_points: usize,
+    /// Set while the replica is being rolled back to this generation (finished at open after a
+    /// crash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring_to: Option<u64>,
+}
+
+pub const DEFAULT_KEEP_POINTS: usize = 3;
+
+fn default_keep_points() -> usize {
+    DEFAULT_KEEP_POINTS
+}
+
+/// An earlier complete generation of a replica, kept as a recovery point.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PointRecord {
+    pub generation: u64,
+    /// When the replica completed it (ms since the Unix epoch).
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

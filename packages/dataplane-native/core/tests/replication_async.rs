@@ -66,6 +66,7 @@ fn group_replicates_full_then_deltas() {
         .admin()
         .replicate(ControlRequest::ReplicatePromote {
             volumes: vec!["db".into(), "logs".into()],
+            back: None,
         })
         .unwrap();
     assert_eq!(promoted.as_array().unwrap().len(), 2, "{promoted}");
@@ -77,6 +78,7 @@ fn group_replicates_full_then_deltas() {
         .admin()
         .replicate(ControlRequest::ReplicatePromote {
             volumes: vec!["db".into()],
+            back: None,
         })
         .unwrap_err();
     assert!(e.to_string().contains("is not a replica"), "{e}");

@@ -51,6 +51,7 @@ fn damaged_frames_are_refused_and_resent() {
         level: None,
         on_loss: None,
         block_timeout_ms: None,
+        recovery_points: None,
     })
     .unwrap();
     let st = adm

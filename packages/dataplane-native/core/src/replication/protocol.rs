@@ -52,6 +52,9 @@ pub enum ControlMessage {
         /// Regions allowed to hold a copy of this group; empty means any.
         allowed_regions: Vec<String>,
         volumes: Vec<VolumeSpec>,
+        /// Complete generations each replica keeps as recovery points (the last one included).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovery_points: Option<usize>,
     },
     /// Start applying the given generation of each volume.
     #[serde(rename_all = "camelCase")]

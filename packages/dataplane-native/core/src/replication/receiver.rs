@@ -61,6 +61,7 @@ impl Receiver {
                 source_region: _,
                 allowed_regions,
                 volumes,
+                recovery_points,
             } => {
                 if !region_allowed(&self.region, &allowed_regions) {
                     return Err(Error::Residency {
@@ -100,6 +101,9 @@ impl Receiver {
                             source_site,
                             spec.size
                         )));
+                    }
+                    if let Some(n) = recovery_points {
+                        vol.set_keep_points(n)?;
                     }
                     replicas.push(ReplicaReport {
                         name: spec.name.clone(),
@@ -214,6 +218,8 @@ impl Receiver {
                         self.site, rep.last_complete_generation
                     )));
                 }
+                // Sync changes are not journaled: no kept journal leads back any more.
+                v.drop_points()?;
                 self.sessions
                     .lock()
                     .insert(volume, SyncSession::new(epoch, floor));

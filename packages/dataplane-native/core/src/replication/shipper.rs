@@ -54,6 +54,13 @@ pub struct PairConfig {
     /// Sync pairs with `block`: how long a write waits for the target before it fails.
     #[serde(default = "default_block_timeout")]
     pub block_timeout_ms: u64,
+    /// Complete generations the target keeps as recovery points (the last one included).
+    #[serde(default = "default_recovery_points")]
+    pub recovery_points: usize,
+}
+
+fn default_recovery_points() -> usize {
+    crate::volume_meta::DEFAULT_KEEP_POINTS
 }
 
 pub const DEFAULT_BLOCK_TIMEOUT_MS: u64 = 30_000;
@@ -455,6 +462,7 @@ impl Shipper {
                 source_region: self.me.region.clone(),
                 allowed_regions: self.me.allowed_regions.clone(),
                 volumes,
+                recovery_points: Some(self.cfg.recovery_points),
             })
             .await?;
         let region = reply.region.clone().unwrap_or_default();

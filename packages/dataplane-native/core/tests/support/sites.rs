@@ -129,6 +129,7 @@ fn start_pair_with(
             level: None,
             on_loss: on_loss.map(String::from),
             block_timeout_ms: Some(3000),
+            recovery_points: None,
         })
         .unwrap()
 }
