@@ -324,6 +324,7 @@ impl ControlHandler for ServiceControl {
                 on_loss,
                 block_timeout_ms,
                 recovery_points,
+                reverse,
             } => {
                 let on_loss = match on_loss.as_deref() {
                     None | Some("suspend") => OnLoss::Suspend,
@@ -358,6 +359,7 @@ impl ControlHandler for ServiceControl {
                     recovery_points: recovery_points
                         .unwrap_or(crate::volume_meta::DEFAULT_KEEP_POINTS)
                         .max(1),
+                    reverse: reverse.unwrap_or(false),
                 };
                 Ok(to_value(self.replication()?.start_pair(cfg)?))
             }

@@ -56,6 +56,9 @@ pub enum ControlRequest {
         /// Complete generations the target keeps as recovery points (the last one included).
         #[serde(default)]
         recovery_points: Option<usize>,
+        /// Replicate back to the site these volumes were promoted from.
+        #[serde(default)]
+        reverse: Option<bool>,
     },
     ReplicateStatus,
     ReplicateSync {

@@ -15,6 +15,8 @@ pub struct CutBase {
     pub since: Option<u64>,
     /// Blocks it holds of an interrupted transfer.
     pub resume: Option<crate::volume::Resume>,
+    /// Blocks to ship whatever changed (where a demoted target may differ).
+    pub extra: Option<crate::bitmap::DirtyBitmap>,
     /// A synchronous mirror to install at the cut (sync replication starting).
     pub mirror: Option<Arc<dyn crate::volume::Mirror>>,
 }
@@ -183,7 +185,8 @@ impl Registry {
             if let Some(m) = base.and_then(|b| b.mirror.clone()) {
                 g.set_mirror(Some(m));
             }
-            out.insert(name, g.commit_with_image(&cut_id, since, resume)?);
+            let extra = base.and_then(|b| b.extra.as_ref());
+            out.insert(name, g.commit_with_image(&cut_id, since, resume, extra)?);
         }
         Ok(names
             .iter()

@@ -15,8 +15,8 @@ use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::recovery_points;
 use crate::stats::{Op, Stats};
 use crate::volume_meta::{
-    now_ms, GenerationRecord, PointRecord, ReplicaState, VolumeMeta, DEFAULT_KEEP_GENERATIONS,
-    DEFAULT_KEEP_POINTS, META_VERSION,
+    now_ms, GenerationRecord, PointRecord, Promoted, ReplicaState, VolumeMeta,
+    DEFAULT_KEEP_GENERATIONS, DEFAULT_KEEP_POINTS, META_VERSION,
 };
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,8 @@ const META_FILE: &str = "meta.json";
 const DATA_FILE: &str = "data.raw";
 const OPEN_BITMAP_FILE: &str = "open.bitmap";
 const ACTIVITY_LOG_FILE: &str = "activity.log";
+/// On a demoted volume: the blocks it may differ in from its new source.
+const DIVERGED_FILE: &str = "diverged.bitmap";
 
 /// One run of a block-status answer: `length` bytes with NBD state `flags`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +183,7 @@ impl Volume {
             keep_generations: DEFAULT_KEEP_GENERATIONS,
             read_only: false,
             replica: None,
+            promoted: None,
         };
         let id = GenerationId {
             epoch: 1,
@@ -407,6 +410,7 @@ impl Volume {
         }
         if !self.tracking.load(Ordering::Relaxed) {
             let _gen = self.gate.read();
+            self.check_writable()?;
             self.preserve_for_image(offset, length)?;
             op()?;
             return self.mirror_change(offset, change, fua);
@@ -415,6 +419,8 @@ impl Volume {
         loop {
             let gen = self.gate.read();
             if self.al.is_hot(first, last) {
+                // Again under the gate: a demotion drains writes through it.
+                self.check_writable()?;
                 gen.bitmap.mark(offset, length);
                 self.preserve_for_image(offset, length)?;
                 op()?;
@@ -760,7 +766,101 @@ impl Volume {
         self.read_only.store(false, Ordering::SeqCst);
         // The points undo towards the former source's history; this volume now writes its own.
         recovery_points::prune(&self.dir, &[]);
+        // An (empty) generation marks the promotion: everything written here from now on is in
+        // the generations after it, which is what `reverse` sends back.
+        let local = self.lock_for_cut().commit("promote")?;
+        let mut meta = self.meta.lock();
+        let mut next = meta.clone();
+        next.promoted = Some(Promoted {
+            source_site: rep.source_site.clone(),
+            source_epoch: rep.epoch,
+            source_generation: held,
+            local_generation: local,
+            local_epoch: next.epoch,
+        });
+        next.save(&self.dir.join(META_FILE))?;
+        *meta = next;
         Ok(held)
+    }
+
+    /// Blocks changed here after generation `generation` of epoch `epoch`, if the history still
+    /// proves it (every generation since is kept); `None` when it cannot.
+    pub fn changes_since(&self, epoch: u64, generation: u64) -> Option<DirtyBitmap> {
+        let gen = self.gate.read();
+        if gen.id.epoch != epoch || generation >= gen.id.generation {
+            return None;
+        }
+        let closed = self.closed.read();
+        if !(generation + 1..gen.id.generation).all(|g| closed.contains_key(&g)) {
+            return None;
+        }
+        let out = DirtyBitmap::new(self.size, self.granularity);
+        for g in generation + 1..gen.id.generation {
+            out.union_with(&closed[&g]);
+        }
+        out.union_with(&gen.bitmap);
+        Some(out)
+    }
+
+    /// Turn this volume into a replica of `source_site`'s copy, which holds generation `base` of
+    /// epoch `epoch` plus changes. `common` is this volume's own `(epoch, generation)` both
+    /// copies last shared; the blocks changed here since then are where this volume may differ
+    /// (everything, when the history cannot prove it). They stay on record, and are reported to
+    /// the source, until a generation has been applied over them. Returns them.
+    pub fn demote(
+        &self,
+        source_site: &str,
+        epoch: u64,
+        base: u64,
+        common: Option<(u64, u64)>,
+    ) -> Result<DirtyBitmap> {
+        // Writes stop first (a write re-checks under the gate), then the gate drains the ones in
+        // flight: nothing lands after the divergence is taken.
+        self.read_only.store(true, Ordering::SeqCst);
+        drop(self.gate.write());
+        let diverged = common
+            .and_then(|(e, g)| self.changes_since(e, g))
+            .unwrap_or_else(|| {
+                let all = DirtyBitmap::new(self.size, self.granularity);
+                all.mark_all();
+                all
+            });
+        diverged.save(
+            &self.dir.join(DIVERGED_FILE),
+            GenerationId {
+                epoch,
+                generation: base,
+            },
+        )?;
+        let mut meta = self.meta.lock();
+        let mut next = meta.clone();
+        next.replica = Some(ReplicaState {
+            source_site: source_site.to_string(),
+            epoch,
+            last_complete_generation: base,
+            last_complete_at_ms: now_ms(),
+            points: Vec::new(),
+            keep_points: DEFAULT_KEEP_POINTS,
+            restoring_to: None,
+        });
+        next.promoted = None;
+        next.save(&self.dir.join(META_FILE))?;
+        *meta = next;
+        Ok(diverged)
+    }
+
+    /// The blocks a demoted volume may still differ in from its new source (see `demote`).
+    pub fn diverged(&self) -> Option<DirtyBitmap> {
+        let bytes = std::fs::read(self.dir.join(DIVERGED_FILE)).ok()?;
+        match DirtyBitmap::decode(&bytes, self.size, self.granularity) {
+            Ok((_, bm)) => Some(bm),
+            // Unreadable: it may differ anywhere.
+            Err(_) => {
+                let all = DirtyBitmap::new(self.size, self.granularity);
+                all.mark_all();
+                Some(all)
+            }
+        }
     }
 
     /// Change the replica's metadata crash-safely.
@@ -993,6 +1093,8 @@ impl Volume {
             r.last_complete_at_ms = now_ms();
         })?;
         recovery_points::prune(&self.dir, &rep.points);
+        // A generation applied over a demoted volume's divergence settled it.
+        let _ = std::fs::remove_file(self.dir.join(DIVERGED_FILE));
         if let Some(t) = self.txn.write().take() {
             let _ = Arc::try_unwrap(t).map(|t| t.finish());
         }
@@ -1153,6 +1255,8 @@ impl CutGuard<'_> {
     /// one the target holds completely, `None` when it holds none): the union of the kept bitmaps
     /// after it — or the whole volume when a bitmap in between is no longer kept.
     ///
+    /// `extra` blocks are pending too (where a demoted target may differ from this volume).
+    ///
     /// With `resume`, the target already holds some blocks from an interrupted transfer: those it
     /// holds as of the resume's reference generation and that did not change since are not
     /// pending. When the changes since the reference are not all known, nothing is skipped.
@@ -1161,6 +1265,7 @@ impl CutGuard<'_> {
         cut_id: &str,
         since: Option<u64>,
         resume: Option<&Resume>,
+        extra: Option<&DirtyBitmap>,
     ) -> Result<(u64, Arc<CutImage>)> {
         let v = self.vol;
         let generation = self.gen.id.generation;
@@ -1173,6 +1278,9 @@ impl CutGuard<'_> {
                 all
             }
         };
+        if let Some(x) = extra {
+            pending.union_with(x);
+        }
         if let Some(r) = resume {
             if let Some(changed) = self.changes_since(&closed, Some(r.reference)) {
                 let skip = r.applied.duplicate();
@@ -1327,7 +1435,7 @@ mod tests {
         v.write_at(1 << 20, &[2u8; 4096], false).unwrap();
         let (g, img) = v
             .lock_for_cut()
-            .commit_with_image("c", Some(0), None)
+            .commit_with_image("c", Some(0), None, None)
             .unwrap();
         assert_eq!(g, 1);
         assert_eq!(img.pending_bytes(), 131072 + 65536);

@@ -80,6 +80,23 @@ pub struct VolumeMeta {
     /// and it changes only by applying complete generations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<ReplicaState>,
+    /// Set when this volume was a replica and got promoted: what it held then, so replicating
+    /// back (`reverse`) can prove what both sides still share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted: Option<Promoted>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Promoted {
+    /// The former source: its site, its epoch, and its generation this volume held.
+    pub source_site: String,
+    pub source_epoch: u64,
+    pub source_generation: u64,
+    /// This volume's own (empty) generation closed at the promotion: its changes since then are
+    /// the generations after it.
+    pub local_generation: u64,
+    pub local_epoch: u64,
 }
 
 impl VolumeMeta {

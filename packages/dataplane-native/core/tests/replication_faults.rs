@@ -52,6 +52,7 @@ fn damaged_frames_are_refused_and_resent() {
         on_loss: None,
         block_timeout_ms: None,
         recovery_points: None,
+        reverse: None,
     })
     .unwrap();
     let st = adm

@@ -189,6 +189,7 @@ impl Replication {
             self.nats.clone(),
         );
         let (stop, rx) = watch::channel(false);
+        self.receiver.set_shipping(&cfg.volumes, &cfg.group, true);
         let task = self.runtime.spawn(shipper.clone().run(rx));
         self.pairs.lock().insert(
             cfg.group,
@@ -225,6 +226,17 @@ impl Replication {
             if vol.replica().is_some() {
                 return Err(Error::InvalidArgument(format!(
                     "volume '{v}' is a replica here; promote it before replicating it elsewhere"
+                )));
+            }
+            if cfg.reverse
+                && vol
+                    .meta()
+                    .promoted
+                    .is_none_or(|p| p.source_site != cfg.target_site)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "volume '{v}' was not promoted from site {}: reverse replicates back to the site a volume failed over from",
+                    cfg.target_site
                 )));
             }
         }
@@ -291,6 +303,8 @@ impl Replication {
         let p = self.pairs.lock().remove(&group).expect("pair exists");
         let _ = p.stop.send(true);
         let _ = p.task.await;
+        self.receiver
+            .set_shipping(&p.shipper.config().volumes, &group, false);
         for v in &p.shipper.config().volumes {
             if let Some(vol) = self.registry.get(v) {
                 vol.release_cut_image();

@@ -55,6 +55,10 @@ pub enum ControlMessage {
         /// Complete generations each replica keeps as recovery points (the last one included).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         recovery_points: Option<usize>,
+        /// Replicating back after a failover: the target's volumes become replicas of the
+        /// source's (see `ReverseBase`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        reverse: Vec<ReverseBase>,
     },
     /// Start applying the given generation of each volume.
     #[serde(rename_all = "camelCase")]
@@ -124,6 +128,20 @@ pub struct ApplyingReport {
     pub applied: Vec<[u64; 2]>,
 }
 
+/// A volume replicated back to its former source: what both copies last shared.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReverseBase {
+    pub name: String,
+    /// The former source's `(epoch, generation)` the promoted copy held.
+    pub common_epoch: u64,
+    pub common_generation: u64,
+    /// The new source's epoch and its (empty) generation closed at the promotion: the former
+    /// source, demoted, counts as holding it plus its own divergence.
+    pub epoch: u64,
+    pub base: u64,
+}
+
 /// What the target holds of one volume.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -133,6 +151,10 @@ pub struct ReplicaReport {
     pub last_complete_generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applying: Option<ApplyingReport>,
+    /// A demoted former source: `[offset, length]` runs where it may differ from what it is
+    /// said to hold; the source ships them on top of its own changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<Vec<[u64; 2]>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

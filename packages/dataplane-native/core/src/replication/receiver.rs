@@ -32,6 +32,8 @@ pub struct Receiver {
     groups: Mutex<HashMap<String, AcceptedGroup>>,
     /// Synchronous sessions, per volume.
     sessions: Mutex<HashMap<String, SyncSession>>,
+    /// This site's volumes that its own pairs ship elsewhere (volume -> pair).
+    shipping: Mutex<HashMap<String, String>>,
 }
 
 fn refused(code: &str, message: String) -> Error {
@@ -49,6 +51,19 @@ impl Receiver {
             registry,
             groups: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            shipping: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A pair of this site ships `volumes` (or stopped doing so).
+    pub fn set_shipping(&self, volumes: &[String], pair: &str, on: bool) {
+        let mut s = self.shipping.lock();
+        for v in volumes {
+            if on {
+                s.insert(v.clone(), pair.to_string());
+            } else {
+                s.remove(v);
+            }
         }
     }
 
@@ -62,6 +77,7 @@ impl Receiver {
                 allowed_regions,
                 volumes,
                 recovery_points,
+                reverse,
             } => {
                 if !region_allowed(&self.region, &allowed_regions) {
                     return Err(Error::Residency {
@@ -74,6 +90,53 @@ impl Receiver {
                         region: self.region.clone(),
                         allowed: allowed_regions.join(","),
                     });
+                }
+                // Replicating back: this site's own volumes become replicas of the source's. All
+                // are checked before any is demoted.
+                let mut demote = Vec::new();
+                for spec in &volumes {
+                    let Some(vol) = self.registry.get(&spec.name) else {
+                        continue;
+                    };
+                    if vol.replica().is_some() {
+                        continue;
+                    }
+                    let Some(rb) = reverse.iter().find(|r| r.name == spec.name) else {
+                        continue;
+                    };
+                    if vol.size() != spec.size {
+                        return Err(Error::InvalidArgument(format!(
+                            "volume '{}' has {} bytes at site {} and {} at {source_site}: it cannot be replicated back",
+                            spec.name,
+                            vol.size(),
+                            self.site,
+                            spec.size
+                        )));
+                    }
+                    if let Some(pair) = self.shipping.lock().get(&spec.name) {
+                        return Err(Error::VolumeBusy {
+                            name: spec.name.clone(),
+                            why: format!(
+                                "site {} still replicates it (pair {pair}); stop that pair there before replicating back",
+                                self.site
+                            ),
+                        });
+                    }
+                    demote.push((vol, rb.clone()));
+                }
+                for (vol, rb) in demote {
+                    let diverged = vol.demote(
+                        &source_site,
+                        rb.epoch,
+                        rb.base,
+                        Some((rb.common_epoch, rb.common_generation)),
+                    )?;
+                    log::info!(
+                        "volume '{}' at site {} is now a replica of {source_site}; {} bytes to resend where it diverged",
+                        vol.name(),
+                        self.site,
+                        diverged.dirty_bytes()
+                    );
                 }
                 let mut replicas = Vec::new();
                 for spec in &volumes {
@@ -110,6 +173,7 @@ impl Receiver {
                         epoch: rep.epoch,
                         last_complete_generation: rep.last_complete_generation,
                         applying: vol.applying().and_then(|t| applying_report(&t)),
+                        diverged: vol.diverged().map(|d| runs(&d, vol.size())),
                     });
                 }
                 self.groups.lock().insert(
@@ -379,4 +443,14 @@ fn apply_op<'a>(f: &frame::Frame<'_>, content: &'a Content<'a>) -> ApplyOp<'a> {
             length: f.length as u64,
         },
     }
+}
+
+/// A bitmap as `[offset, length]` runs for a report; a map too scattered to list is sent as the
+/// whole volume (more to ship, never less).
+fn runs(map: &crate::bitmap::DirtyBitmap, size: u64) -> Vec<[u64; 2]> {
+    let extents = map.extents();
+    if extents.len() > MAX_RESUME_EXTENTS {
+        return vec![[0, size]];
+    }
+    extents.iter().map(|e| [e.offset, e.length]).collect()
 }

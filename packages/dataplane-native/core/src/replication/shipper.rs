@@ -7,7 +7,7 @@
 use super::frame::{self, FrameSizer};
 use super::protocol::{
     control_subject, frames_subject, region_allowed, ControlMessage, ControlReply, GenerationRef,
-    ReplicaReport, VolumeSpec,
+    ReplicaReport, ReverseBase, VolumeSpec,
 };
 use super::sync::{LinkState, OnLoss, SyncLink};
 use crate::bitmap::DirtyBitmap;
@@ -57,6 +57,9 @@ pub struct PairConfig {
     /// Complete generations the target keeps as recovery points (the last one included).
     #[serde(default = "default_recovery_points")]
     pub recovery_points: usize,
+    /// Replicating back to the site these volumes were promoted from (see `ReverseBase`).
+    #[serde(default)]
+    pub reverse: bool,
 }
 
 fn default_recovery_points() -> usize {
@@ -463,6 +466,7 @@ impl Shipper {
                 allowed_regions: self.me.allowed_regions.clone(),
                 volumes,
                 recovery_points: Some(self.cfg.recovery_points),
+                reverse: self.reverse_bases()?,
             })
             .await?;
         let region = reply.region.clone().unwrap_or_default();
@@ -480,6 +484,35 @@ impl Shipper {
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect())
+    }
+
+    /// For a reverse pair: what each volume shared with the target when it was promoted.
+    fn reverse_bases(&self) -> Result<Vec<ReverseBase>> {
+        if !self.cfg.reverse {
+            return Ok(Vec::new());
+        }
+        self.cfg
+            .volumes
+            .iter()
+            .map(|n| {
+                let meta = self.registry.require(n)?.meta();
+                match meta.promoted {
+                    Some(p) if p.source_site == self.cfg.target_site => Ok(ReverseBase {
+                        name: n.clone(),
+                        common_epoch: p.source_epoch,
+                        common_generation: p.source_generation,
+                        epoch: p.local_epoch,
+                        base: p.local_generation,
+                    }),
+                    // Already replicated back once (the promotion record is the target's now),
+                    // or never promoted: nothing to demote there.
+                    _ => Err(Error::InvalidArgument(format!(
+                        "volume '{n}' was not promoted from site {}: replicate it there with `replicate start`",
+                        self.cfg.target_site
+                    ))),
+                }
+            })
+            .collect()
     }
 
     /// One generation: cut, ship, commit. Returns the highest generation now complete.
@@ -520,11 +553,20 @@ impl Shipper {
                         applied,
                     }
                 });
+            // A demoted former source differs where it changed after what both shared.
+            let extra = r.diverged.as_ref().map(|runs| {
+                let map = DirtyBitmap::new(vol.size(), vol.granularity());
+                for [offset, length] in runs {
+                    map.mark(*offset, *length);
+                }
+                map
+            });
             bases.insert(
                 n.clone(),
                 CutBase {
                     since,
                     resume,
+                    extra,
                     mirror: None,
                 },
             );
@@ -596,6 +638,7 @@ impl Shipper {
                         epoch: r.epoch,
                         last_complete_generation: r.generation,
                         applying: None,
+                        diverged: None,
                     },
                 );
                 max_gen = max_gen.max(r.generation);

@@ -130,6 +130,7 @@ fn start_pair_with(
             on_loss: on_loss.map(String::from),
             block_timeout_ms: Some(3000),
             recovery_points: None,
+            reverse: None,
         })
         .unwrap()
 }
