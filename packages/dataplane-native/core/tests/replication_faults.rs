@@ -8,6 +8,7 @@ use ferry_dataplane::admin::Admin;
 use ferry_dataplane::control::ControlRequest;
 use ferry_dataplane::service::{ServeOptions, VolumeService};
 use support::nats_sites::TwoSites;
+use support::sites::start_request;
 
 fn serve(name: &str, region: &str, url: String, dir: &std::path::Path) -> VolumeService {
     VolumeService::start(ServeOptions {
@@ -42,19 +43,8 @@ fn damaged_frames_are_refused_and_resent() {
         })
         .collect();
     vol.write_at(0, &data, false).unwrap();
-    adm.replicate(ControlRequest::ReplicateStart {
-        volumes: vec!["v".into()],
-        to: "site-b".into(),
-        mode: "async".into(),
-        interval_ms: 3_600_000,
-        rate: None,
-        level: None,
-        on_loss: None,
-        block_timeout_ms: None,
-        recovery_points: None,
-        reverse: None,
-    })
-    .unwrap();
+    adm.replicate(start_request(&["v"], "site-b", "async", 3_600_000))
+        .unwrap();
     let st = adm
         .replicate(ControlRequest::ReplicateSync {
             volumes: vec!["v".into()],

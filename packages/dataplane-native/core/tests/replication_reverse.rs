@@ -7,7 +7,7 @@ mod support;
 use ferry_dataplane::control::ControlRequest;
 use serde_json::Value;
 use support::nats_sites::TwoSites;
-use support::sites::{start_pair, sync, Site};
+use support::sites::{start_pair, start_request, sync, Site};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 65536;
@@ -32,18 +32,11 @@ fn stop(site: &Site) {
 }
 
 fn reverse(site: &Site, to: &str) -> ferry_dataplane::Result<Value> {
-    site.admin().replicate(ControlRequest::ReplicateStart {
-        volumes: vols(),
-        to: to.into(),
-        mode: "async".into(),
-        interval_ms: 3_600_000,
-        rate: None,
-        level: None,
-        on_loss: None,
-        block_timeout_ms: None,
-        recovery_points: None,
-        reverse: Some(true),
-    })
+    let mut req = start_request(&["db", "wal"], to, "async", 3_600_000);
+    if let ControlRequest::ReplicateStart { reverse, .. } = &mut req {
+        *reverse = Some(true);
+    }
+    site.admin().replicate(req)
 }
 
 fn raw(site: &Site) -> u64 {

@@ -119,20 +119,35 @@ fn start_pair_with(
     rate: Option<u64>,
     on_loss: Option<&str>,
 ) -> Value {
-    a.admin()
-        .replicate(ControlRequest::ReplicateStart {
-            volumes: vols.iter().map(|s| s.to_string()).collect(),
-            to: "site-b".into(),
-            mode: mode.into(),
-            interval_ms,
-            rate,
-            level: None,
-            on_loss: on_loss.map(String::from),
-            block_timeout_ms: Some(3000),
-            recovery_points: None,
-            reverse: None,
-        })
-        .unwrap()
+    let mut req = start_request(vols, "site-b", mode, interval_ms);
+    if let ControlRequest::ReplicateStart {
+        rate: r,
+        on_loss: o,
+        block_timeout_ms,
+        ..
+    } = &mut req
+    {
+        *r = rate;
+        *o = on_loss.map(String::from);
+        *block_timeout_ms = Some(3000);
+    }
+    a.admin().replicate(req).unwrap()
+}
+
+/// A `replicate start` request with the defaults; tests change the fields they care about.
+pub fn start_request(vols: &[&str], to: &str, mode: &str, interval_ms: u64) -> ControlRequest {
+    ControlRequest::ReplicateStart {
+        volumes: vols.iter().map(|s| s.to_string()).collect(),
+        to: to.into(),
+        mode: mode.into(),
+        interval_ms,
+        rate: None,
+        level: None,
+        on_loss: None,
+        block_timeout_ms: None,
+        recovery_points: None,
+        reverse: None,
+    }
 }
 
 pub fn sync(a: &Site, vols: &[&str]) -> ferry_dataplane::Result<Value> {
