@@ -222,6 +222,21 @@ impl ApplyTxn {
     /// After a restart: take up the transaction left in `dir` if its journal and progress map
     /// agree and it was not committed; `None` otherwise (the caller then runs `recover`).
     pub fn reopen(dir: &Path, committed: impl Fn(TxnId) -> bool) -> Result<Option<ApplyTxn>> {
+        Self::take_up(dir, |id| !committed(id), true)
+    }
+
+    /// After a restart: take up the transaction for `(epoch, target)` that its group decided to
+    /// commit before the stop, so the caller can finish committing it. Its progress map, if any,
+    /// comes along.
+    pub fn reopen_to_commit(dir: &Path, epoch: u64, target: u64) -> Result<Option<ApplyTxn>> {
+        Self::take_up(dir, |id| id.epoch == epoch && id.target == target, false)
+    }
+
+    fn take_up(
+        dir: &Path,
+        wanted: impl Fn(TxnId) -> bool,
+        need_progress: bool,
+    ) -> Result<Option<ApplyTxn>> {
         let path = Self::journal_path(dir);
         let Ok(journal) = std::fs::OpenOptions::new()
             .read(true)
@@ -238,18 +253,18 @@ impl ApplyTxn {
         else {
             return Ok(None);
         };
-        if committed(id) || !granularity.is_power_of_two() {
+        if !wanted(id) || !granularity.is_power_of_two() {
             return Ok(None);
         }
-        let Some((pid, reference, applied)) = std::fs::read(Self::progress_path(dir))
+        let progress = std::fs::read(Self::progress_path(dir))
             .ok()
             .and_then(|b| decode_progress(&b, size, granularity))
-        else {
-            return Ok(None);
+            .filter(|(pid, _, _)| *pid == id);
+        let (reference, applied) = match progress {
+            Some((_, reference, applied)) => (reference, applied),
+            None if need_progress => return Ok(None),
+            None => (id.target, DirtyBitmap::new(size, granularity)),
         };
-        if pid != id {
-            return Ok(None);
-        }
         // Rebuild the index of before-images; a torn tail protected no write and is cut off.
         let len = journal
             .metadata()

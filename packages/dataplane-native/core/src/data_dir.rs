@@ -171,6 +171,12 @@ impl DataDir {
         Volume::open(&self.volume_dir(name), name)
     }
 
+    /// Open a volume whose interrupted group commit to `(epoch, target)` must be finished.
+    pub fn open_volume_committing(&self, name: &str, commit: (u64, u64)) -> Result<Volume> {
+        Self::validate_name(name)?;
+        Volume::open_with(&self.volume_dir(name), name, Some(commit))
+    }
+
     /// Names of the volumes present, sorted.
     pub fn volume_names(&self) -> Result<Vec<String>> {
         let dir = self.root.join(VOLUMES);

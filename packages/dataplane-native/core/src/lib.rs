@@ -8,6 +8,7 @@ pub mod activity_log;
 pub mod admin;
 pub mod apply_txn;
 pub mod bitmap;
+pub mod commit_intent;
 pub mod control;
 pub mod cut_image;
 pub mod data_dir;

@@ -1,6 +1,7 @@
 //! `Registry`: the open volumes of one data directory while a service runs, shared by the NBD
 //! server and the control socket; group cuts across them; leases that make a served volume busy.
 
+use crate::commit_intent;
 use crate::data_dir::DataDir;
 use crate::error::{Error, Result};
 use crate::volume::{Volume, VolumeInfo};
@@ -47,23 +48,29 @@ impl Drop for ExportLease {
 impl Registry {
     /// Open every volume of `dir`. The caller must hold the directory's lock.
     pub fn open(dir: DataDir) -> Result<Arc<Registry>> {
-        let mut volumes = BTreeMap::new();
-        for name in dir.volume_names()? {
-            let v = dir.open_volume(&name)?;
-            volumes.insert(name, Arc::new(v));
-        }
-        Ok(Arc::new(Registry {
-            dir,
-            volumes: RwLock::new(volumes),
-        }))
+        let names = dir.volume_names()?;
+        Self::open_subset(dir, &names)
     }
 
     /// Open only the named volumes (an offline group cut). The caller must hold the lock.
+    /// Group commits interrupted by a stop are finished for the volumes opened (see
+    /// `commit_intent`); an intent is dropped once all its volumes are done.
     pub fn open_subset(dir: DataDir, names: &[String]) -> Result<Arc<Registry>> {
+        let intents = commit_intent::pending(dir.root());
+        let commits = commit_intent::roll_forward(&intents);
         let mut volumes = BTreeMap::new();
         for name in names {
             if !volumes.contains_key(name) {
-                volumes.insert(name.clone(), Arc::new(dir.open_volume(name)?));
+                let v = match commits.get(name) {
+                    Some(c) if dir.exists(name) => dir.open_volume_committing(name, *c)?,
+                    _ => dir.open_volume(name)?,
+                };
+                volumes.insert(name.clone(), Arc::new(v));
+            }
+        }
+        for (path, intent) in &intents {
+            if intent.volumes.iter().all(|e| volumes.contains_key(&e.name)) {
+                commit_intent::remove(path);
             }
         }
         Ok(Arc::new(Registry {
@@ -209,6 +216,68 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stop between two volumes' commits of one group: the intent makes the next open finish
+    /// the other volume's commit, so the group is again at one generation.
+    #[test]
+    fn an_interrupted_group_commit_finishes_at_open() {
+        let t = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(t.path()).unwrap();
+        let lock = dd.try_lock().unwrap().unwrap();
+        let reg = Registry::open(dd).unwrap();
+        let mut txns = Vec::new();
+        for (name, byte) in [("a", 1u8), ("b", 2u8)] {
+            reg.create(name, 1 << 20, 65536).unwrap();
+            let v = reg.require(name).unwrap();
+            v.make_replica("site-a", 1).unwrap();
+            let txn = v.begin_apply(1, 1, None).unwrap();
+            let data = [byte; 8192];
+            v.apply_batch(
+                &txn,
+                &[crate::volume::ApplyOp::Data {
+                    offset: 0,
+                    data: &data,
+                }],
+            )
+            .unwrap();
+            v.flush_replica().unwrap();
+            txns.push((v, txn));
+        }
+        let entries = ["a", "b"]
+            .iter()
+            .map(|n| commit_intent::IntentEntry {
+                name: n.to_string(),
+                epoch: 1,
+                target: 1,
+            })
+            .collect();
+        commit_intent::write(
+            t.path(),
+            &commit_intent::Intent {
+                group: "site-b/a+b".into(),
+                volumes: entries,
+            },
+        )
+        .unwrap();
+        txns[0].0.commit_apply(&txns[0].1).unwrap();
+        // The stop: b never committed, nothing closes cleanly.
+        std::mem::forget(txns);
+        std::mem::forget(reg);
+        drop(lock);
+
+        let dd = DataDir::open(t.path()).unwrap();
+        let _lock = dd.try_lock().unwrap().unwrap();
+        let reg = Registry::open(dd).unwrap();
+        for (name, byte) in [("a", 1u8), ("b", 2u8)] {
+            let v = reg.require(name).unwrap();
+            assert_eq!(v.replica().unwrap().last_complete_generation, 1, "{name}");
+            assert!(v.applying().is_none());
+            let mut buf = [0u8; 8192];
+            v.read_at(0, &mut buf).unwrap();
+            assert!(buf.iter().all(|x| *x == byte), "{name} holds generation 1");
+        }
+        assert!(commit_intent::pending(t.path()).is_empty());
+    }
 
     #[test]
     fn group_cut_and_busy_delete() {

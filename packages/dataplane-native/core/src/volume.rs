@@ -199,6 +199,12 @@ impl Volume {
 
     /// Open a volume, recovering its open bitmap after an unclean stop.
     pub fn open(dir: &Path, name: &str) -> Result<Volume> {
+        Self::open_with(dir, name, None)
+    }
+
+    /// Open a volume; `commit` names a generation `(epoch, target)` its group decided to commit
+    /// before a stop (see `commit_intent`): a transaction for it left here is committed.
+    pub fn open_with(dir: &Path, name: &str, commit: Option<(u64, u64)>) -> Result<Volume> {
         let meta = VolumeMeta::load(&dir.join(META_FILE), name)?;
         let data_path = dir.join(DATA_FILE);
         let file = std::fs::OpenOptions::new()
@@ -218,6 +224,7 @@ impl Volume {
             });
         }
         let mut resumable = None;
+        let mut to_commit = None;
         if !meta.read_only {
             // An interrupted apply is taken up again when its progress map allows resuming it,
             // else rolled back, unless its generation was committed.
@@ -226,10 +233,15 @@ impl Volume {
                 .as_ref()
                 .map(|r| (r.epoch, r.last_complete_generation));
             let is_committed = |t: TxnId| committed == Some((t.epoch, t.target));
-            if meta.replica.is_some() {
+            if let Some((epoch, target)) = commit.filter(|c| Some(*c) != committed) {
+                if meta.replica.is_some() {
+                    to_commit = ApplyTxn::reopen_to_commit(dir, epoch, target)?;
+                }
+            }
+            if meta.replica.is_some() && to_commit.is_none() {
                 resumable = ApplyTxn::reopen(dir, is_committed)?;
             }
-            if resumable.is_none() {
+            if resumable.is_none() && to_commit.is_none() {
                 ApplyTxn::recover(dir, &file, is_committed)?;
             }
         }
@@ -306,6 +318,9 @@ impl Volume {
         };
         // Persist what recovery concluded and start with an empty activity log.
         if !meta_read_only {
+            if let Some(txn) = to_commit {
+                vol.commit_apply(&txn)?;
+            }
             vol.finish_restore()?;
             if let Some(rep) = vol.replica() {
                 recovery_points::prune(&vol.dir, &rep.points);

@@ -9,6 +9,7 @@ use super::protocol::{
     MAX_RESUME_EXTENTS,
 };
 use super::sync::SyncSession;
+use crate::commit_intent::{self, Intent, IntentEntry};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::volume::ApplyOp;
@@ -219,30 +220,48 @@ impl Receiver {
             }
             ControlMessage::Commit { group, volumes } => {
                 self.check_group(&group, &names(&volumes))?;
-                // Each volume commits on its own: a crash in between leaves the group's volumes at
-                // different generations until the source re-sends the group's next generation.
-                for GenerationRef {
-                    name,
-                    epoch,
-                    generation,
-                    ..
-                } in volumes
-                {
-                    let v = self.registry.require(&name)?;
+                // One commit point for the whole group (see `commit_intent`): every volume's data
+                // durable, then the intent, then each volume's own commit.
+                let mut txns = Vec::new();
+                for g in &volumes {
+                    let v = self.registry.require(&g.name)?;
                     let txn = v.applying().ok_or_else(|| {
                         Error::InvalidArgument(format!(
-                            "volume '{name}' has no generation {generation} being applied"
+                            "volume '{}' has no generation {} being applied",
+                            g.name, g.generation
                         ))
                     })?;
-                    if txn.id().epoch != epoch || txn.id().target != generation {
+                    if txn.id().epoch != g.epoch || txn.id().target != g.generation {
                         return Err(Error::InvalidArgument(format!(
-                            "volume '{name}' is applying generation {} of epoch {}, not {generation} of {epoch}",
+                            "volume '{}' is applying generation {} of epoch {}, not {} of {}",
+                            g.name,
                             txn.id().target,
-                            txn.id().epoch
+                            txn.id().epoch,
+                            g.generation,
+                            g.epoch
                         )));
                     }
+                    v.flush_replica()?;
+                    txns.push((v, txn));
+                }
+                let intent = commit_intent::write(
+                    self.registry.data_dir().root(),
+                    &Intent {
+                        group: group.clone(),
+                        volumes: volumes
+                            .iter()
+                            .map(|g| IntentEntry {
+                                name: g.name.clone(),
+                                epoch: g.epoch,
+                                target: g.generation,
+                            })
+                            .collect(),
+                    },
+                )?;
+                for (v, txn) in txns {
                     v.commit_apply(&txn)?;
                 }
+                commit_intent::remove(&intent);
                 Ok(ControlReply::ok())
             }
             ControlMessage::Abort { group, volumes } => {
