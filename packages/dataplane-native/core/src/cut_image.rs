@@ -65,6 +65,11 @@ impl CutImage {
         self.pending.extents()
     }
 
+    /// Is block `block` still to ship?
+    pub fn is_pending(&self, block: u64) -> bool {
+        self.pending.is_dirty(block)
+    }
+
     pub fn pending_bytes(&self) -> u64 {
         self.pending.dirty_bytes()
     }

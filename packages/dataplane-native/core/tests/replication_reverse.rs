@@ -136,3 +136,33 @@ fn reverse_needs_a_promoted_volume() {
         "{e}"
     );
 }
+
+/// When the former source's history no longer proves what both copies shared (here: more cuts
+/// than it keeps generations), every block counts as diverged — and block hashes decide what is
+/// actually sent: only what differs, never a trusted bitmap.
+#[test]
+fn reverse_without_provable_history_ships_only_blocks_whose_hashes_differ() {
+    let sites = TwoSites::start();
+    let mut a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
+    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
+    a.admin().create("db", 16 * MIB, BLOCK).unwrap();
+    a.admin().create("wal", 4 * MIB, BLOCK).unwrap();
+    a.write("db", 0, 0x11, (16 * MIB) as usize);
+    start_pair(&a, &["db", "wal"], 3_600_000);
+    sync(&a, &["db", "wal"]).unwrap();
+    a.write("db", 3 * BLOCK, 0xa1, 4096);
+    a.write("wal", 5 * BLOCK, 0xa2, 4096);
+    stop(&a);
+    for _ in 0..12 {
+        a.admin().cut(&vols()).unwrap();
+    }
+    a.stop();
+    promote(&b);
+    b.write("db", 9 * BLOCK, 0xb1, 4096);
+    a.restart();
+
+    reverse(&b, "site-a").unwrap();
+    sync(&b, &["db", "wal"]).unwrap();
+    same(&a, &b);
+    assert_eq!(raw(&b), 3 * BLOCK, "{}", b.pair_status());
+}

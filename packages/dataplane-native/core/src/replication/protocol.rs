@@ -91,6 +91,15 @@ pub enum ControlMessage {
         volume: String,
         epoch: u64,
     },
+    /// xxh3 of `count` consecutive blocks (of the volume's granularity) from block `first`,
+    /// answered in `hashes`: a hash-compared resync.
+    #[serde(rename_all = "camelCase")]
+    BlockHashes {
+        group: String,
+        volume: String,
+        first: u64,
+        count: u64,
+    },
     /// Every change of these generations is applied: record them as complete.
     #[serde(rename_all = "camelCase")]
     SyncMark {
@@ -169,6 +178,16 @@ pub struct ControlReply {
     pub region: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaReport>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hashes: Vec<u64>,
+}
+
+/// Most block hashes one `blockHashes` request asks for (a reply well under 1 MiB).
+pub const MAX_HASHES: u64 = 16 * 1024;
+
+/// The hash of one block for a hash-compared resync.
+pub fn block_hash(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
 }
 
 impl ControlReply {
@@ -179,6 +198,7 @@ impl ControlReply {
             message: None,
             region: None,
             replicas: Vec::new(),
+            hashes: Vec::new(),
         }
     }
 
@@ -189,6 +209,7 @@ impl ControlReply {
             message: Some(e.to_string()),
             region: None,
             replicas: Vec::new(),
+            hashes: Vec::new(),
         }
     }
 

@@ -5,8 +5,8 @@
 
 use super::frame::{self, Content, Message};
 use super::protocol::{
-    region_allowed, ApplyingReport, ControlMessage, ControlReply, GenerationRef, ReplicaReport,
-    MAX_RESUME_EXTENTS,
+    block_hash, region_allowed, ApplyingReport, ControlMessage, ControlReply, GenerationRef,
+    ReplicaReport, MAX_HASHES, MAX_RESUME_EXTENTS,
 };
 use super::sync::SyncSession;
 use crate::commit_intent::{self, Intent, IntentEntry};
@@ -317,6 +317,30 @@ impl Receiver {
                 self.check_session(&volume, epoch)?;
                 self.registry.require(&volume)?.flush_replica()?;
                 Ok(ControlReply::ok())
+            }
+            ControlMessage::BlockHashes {
+                group,
+                volume,
+                first,
+                count,
+            } => {
+                self.check_group(&group, std::slice::from_ref(&volume))?;
+                let v = self.registry.require(&volume)?;
+                let gran = v.granularity();
+                let blocks = v.size().div_ceil(gran);
+                if count > MAX_HASHES || first.saturating_add(count) > blocks {
+                    return Err(Error::InvalidArgument(format!(
+                        "blockHashes of blocks {first}+{count} of '{volume}' ({blocks} blocks, at most {MAX_HASHES} at once)"
+                    )));
+                }
+                let mut buf = vec![0u8; gran as usize];
+                let mut r = ControlReply::ok();
+                for b in first..first + count {
+                    let len = gran.min(v.size() - b * gran) as usize;
+                    v.read_at(b * gran, &mut buf[..len])?;
+                    r.hashes.push(block_hash(&buf[..len]));
+                }
+                Ok(r)
             }
             ControlMessage::SyncMark { group, volumes } => {
                 self.check_group(&group, &names(&volumes))?;

@@ -6,8 +6,8 @@
 
 use super::frame::{self, FrameSizer};
 use super::protocol::{
-    control_subject, frames_subject, region_allowed, ControlMessage, ControlReply, GenerationRef,
-    ReplicaReport, ReverseBase, VolumeSpec,
+    block_hash, control_subject, frames_subject, region_allowed, ControlMessage, ControlReply,
+    GenerationRef, ReplicaReport, ReverseBase, VolumeSpec, MAX_HASHES,
 };
 use super::sync::{LinkState, OnLoss, SyncLink};
 use crate::bitmap::DirtyBitmap;
@@ -614,6 +614,18 @@ impl Shipper {
                 resume_from: resume_from.get(name).copied(),
             })
             .collect();
+        // Where the target may differ almost everywhere (a reverse whose common history could not
+        // be proven), compare block hashes and ship only the blocks that differ.
+        for (name, _, image) in &cuts {
+            let vol = self.registry.require(name)?;
+            let diverged: u64 = reports
+                .get(name)
+                .and_then(|r| r.diverged.as_ref())
+                .map_or(0, |runs| runs.iter().map(|[_, len]| *len).sum());
+            if diverged * 2 >= vol.size() {
+                self.hash_compare(&vol, image).await?;
+            }
+        }
         self.control(&ControlMessage::Begin {
             group: self.cfg.group.clone(),
             volumes: refs.clone(),
@@ -674,6 +686,53 @@ impl Shipper {
         st.last_complete_at_ms = Some(cut_at);
         st.generations_shipped += 1;
         Ok(max_gen)
+    }
+
+    /// Drop from `image` every pending block the target already holds byte for byte (by xxh3).
+    async fn hash_compare(&self, vol: &Arc<Volume>, image: &Arc<CutImage>) -> Result<()> {
+        let gran = vol.granularity();
+        let blocks = vol.size().div_ceil(gran);
+        let mut buf = vec![0u8; gran as usize];
+        let (mut equal, mut first) = (0u64, 0u64);
+        while first < blocks {
+            let count = MAX_HASHES.min(blocks - first);
+            let wanted = (first..first + count).any(|b| image.is_pending(b));
+            if wanted {
+                let reply = self
+                    .control(&ControlMessage::BlockHashes {
+                        group: self.cfg.group.clone(),
+                        volume: vol.name().to_string(),
+                        first,
+                        count,
+                    })
+                    .await?;
+                if reply.hashes.len() as u64 != count {
+                    return Err(Error::Protocol {
+                        peer: format!("site {}", self.cfg.target_site),
+                        why: format!("{} block hashes for {count} blocks", reply.hashes.len()),
+                    });
+                }
+                for (b, theirs) in (first..).zip(&reply.hashes) {
+                    if !image.is_pending(b) {
+                        continue;
+                    }
+                    let offset = b * gran;
+                    let len = gran.min(vol.size() - offset) as usize;
+                    vol.read_cut(image, offset, &mut buf[..len])?;
+                    if block_hash(&buf[..len]) == *theirs {
+                        image.shipped(offset, len as u64);
+                        equal += len as u64;
+                    }
+                }
+            }
+            first += count;
+        }
+        log::info!(
+            "hash-compared '{}' with site {}: {equal} bytes already equal there",
+            vol.name(),
+            self.cfg.target_site
+        );
+        Ok(())
     }
 
     async fn ship_image(
