@@ -52,10 +52,10 @@ fn same(a: &Site, b: &Site) {
     }
 }
 
-#[test]
-fn failover_reverse_and_failback_send_only_what_changed() {
+/// Two sites and a group `db` + `wal` at A, replicated to B once (one complete generation).
+fn replicated_group() -> (TwoSites, Site, Site) {
     let sites = TwoSites::start();
-    let mut a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
+    let a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
     let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
     a.admin().create("db", 16 * MIB, BLOCK).unwrap();
     a.admin().create("wal", 4 * MIB, BLOCK).unwrap();
@@ -64,6 +64,12 @@ fn failover_reverse_and_failback_send_only_what_changed() {
     start_pair(&a, &["db", "wal"], 3_600_000);
     sync(&a, &["db", "wal"]).unwrap();
     same(&a, &b);
+    (sites, a, b)
+}
+
+#[test]
+fn failover_reverse_and_failback_send_only_what_changed() {
+    let (sites, mut a, b) = replicated_group();
 
     // A writes two blocks that never reach B, then site A goes down.
     a.write("db", 3 * BLOCK, 0xa1, 4096);
@@ -142,14 +148,7 @@ fn reverse_needs_a_promoted_volume() {
 /// actually sent: only what differs, never a trusted bitmap.
 #[test]
 fn reverse_without_provable_history_ships_only_blocks_whose_hashes_differ() {
-    let sites = TwoSites::start();
-    let mut a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
-    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
-    a.admin().create("db", 16 * MIB, BLOCK).unwrap();
-    a.admin().create("wal", 4 * MIB, BLOCK).unwrap();
-    a.write("db", 0, 0x11, (16 * MIB) as usize);
-    start_pair(&a, &["db", "wal"], 3_600_000);
-    sync(&a, &["db", "wal"]).unwrap();
+    let (sites, mut a, b) = replicated_group();
     a.write("db", 3 * BLOCK, 0xa1, 4096);
     a.write("wal", 5 * BLOCK, 0xa2, 4096);
     stop(&a);
