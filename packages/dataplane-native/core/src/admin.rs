@@ -325,6 +325,7 @@ impl ControlHandler for ServiceControl {
                 block_timeout_ms,
                 recovery_points,
                 reverse,
+                max_message,
             } => {
                 let on_loss = match on_loss.as_deref() {
                     None | Some("suspend") => OnLoss::Suspend,
@@ -353,7 +354,8 @@ impl ControlHandler for ServiceControl {
                     interval_ms,
                     rate,
                     level,
-                    max_message: crate::replication::frame::DEFAULT_MAX_MESSAGE,
+                    max_message: max_message
+                        .unwrap_or(crate::replication::frame::DEFAULT_MAX_MESSAGE),
                     on_loss,
                     block_timeout_ms: block_timeout_ms.unwrap_or(DEFAULT_BLOCK_TIMEOUT_MS),
                     recovery_points: recovery_points

@@ -59,6 +59,9 @@ pub enum ControlRequest {
         /// Replicate back to the site these volumes were promoted from.
         #[serde(default)]
         reverse: Option<bool>,
+        /// Largest message on the wire (bytes); never above the NATS server's `max_payload`.
+        #[serde(default)]
+        max_message: Option<usize>,
     },
     ReplicateStatus,
     ReplicateSync {

@@ -6,7 +6,7 @@ mod support;
 
 use ferry_dataplane::control::ControlRequest;
 use support::nats_sites::TwoSites;
-use support::sites::{start_pair, sync, Site};
+use support::sites::{start_pair, start_request, sync, Site};
 
 #[test]
 fn group_replicates_full_then_deltas() {
@@ -206,4 +206,28 @@ fn continuous_mode_exposes_only_consistent_group_cuts() {
         st[0]["generationsShipped"].as_u64().unwrap() >= 3,
         "{st} after {written} writes"
     );
+}
+
+#[test]
+fn pair_settings_are_checked_when_the_pair_starts() {
+    let sites = TwoSites::start();
+    let a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
+    a.admin().create("db", 1 << 20, 65536).unwrap();
+    let mut req = start_request(&["db"], "site-b", "async", 1000);
+    if let ControlRequest::ReplicateStart { max_message, .. } = &mut req {
+        *max_message = Some(100);
+    }
+    let e = a.admin().replicate(req).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{e}");
+    let mut req = start_request(&["db"], "site-b", "async", 1000);
+    if let ControlRequest::ReplicateStart { level, .. } = &mut req {
+        *level = Some(25);
+    }
+    let e = a.admin().replicate(req).unwrap_err();
+    assert!(e.to_string().contains("zstd level 25"), "{e}");
+    let st = a
+        .admin()
+        .replicate(ControlRequest::ReplicateStatus)
+        .unwrap();
+    assert_eq!(st, serde_json::json!([]), "nothing was started");
 }

@@ -69,7 +69,7 @@ fn replicated_group() -> (TwoSites, Site, Site) {
 
 #[test]
 fn failover_reverse_and_failback_send_only_what_changed() {
-    let (sites, mut a, b) = replicated_group();
+    let (_sites, mut a, b) = replicated_group();
 
     // A writes two blocks that never reach B, then site A goes down.
     a.write("db", 3 * BLOCK, 0xa1, 4096);
@@ -148,7 +148,7 @@ fn reverse_needs_a_promoted_volume() {
 /// actually sent: only what differs, never a trusted bitmap.
 #[test]
 fn reverse_without_provable_history_ships_only_blocks_whose_hashes_differ() {
-    let (sites, mut a, b) = replicated_group();
+    let (_sites, mut a, b) = replicated_group();
     a.write("db", 3 * BLOCK, 0xa1, 4096);
     a.write("wal", 5 * BLOCK, 0xa2, 4096);
     stop(&a);

@@ -88,6 +88,8 @@ pub struct PairStatus {
     pub last_complete_generation: Option<u64>,
     pub last_complete_at_ms: Option<u64>,
     pub lag_seconds: f64,
+    /// Bytes of volume data per byte on the wire (1 when nothing was shipped yet).
+    pub compression_ratio: f64,
     pub bytes_raw: u64,
     pub bytes_wire: u64,
     pub generations_shipped: u64,
@@ -177,6 +179,11 @@ impl Shipper {
         s.lag_seconds = now_ms().saturating_sub(since) as f64 / 1000.0;
         s.bytes_raw = self.bytes_raw.load(Ordering::Relaxed);
         s.bytes_wire = self.bytes_wire.load(Ordering::Relaxed);
+        s.compression_ratio = if s.bytes_wire == 0 {
+            1.0
+        } else {
+            s.bytes_raw as f64 / s.bytes_wire as f64
+        };
         s.sync_writes += self
             .links
             .lock()
@@ -741,7 +748,13 @@ impl Shipper {
         image: Arc<CutImage>,
         r: &GenerationRef,
     ) -> Result<()> {
-        let sizer = FrameSizer::new(self.cfg.max_message)?;
+        // Never above what the server accepts, whatever the pair asks for.
+        let server_max = self.nats.server_info().max_payload;
+        let max_message = match server_max {
+            0 => self.cfg.max_message,
+            m => self.cfg.max_message.min(m),
+        };
+        let sizer = FrameSizer::new(max_message)?;
         let extents: Vec<(u64, u64)> = image
             .pending_extents()
             .iter()

@@ -147,6 +147,7 @@ pub fn start_request(vols: &[&str], to: &str, mode: &str, interval_ms: u64) -> C
         block_timeout_ms: None,
         recovery_points: None,
         reverse: None,
+        max_message: None,
     }
 }
 
