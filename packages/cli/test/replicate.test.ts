@@ -1,9 +1,9 @@
 /**
  * `ferry replicate` between two real sites: two nats-servers linked by a leafnode (testkit's
  * `startTwoSites`) and one `ferry volume serve` per site, joined to its site's NATS. Data goes in
- * at A with qemu-io and is checked at B's read-only export, byte for byte; residency, the
- * unsupported sync mode and the usage errors are checked as a user sees them: exit status and
- * one `ferry:` line.
+ * at A with qemu-io and is checked at B's read-only export, byte for byte; sync mode, failover with
+ * `replicate reverse`, recovery points, residency and the usage errors are checked as a user sees
+ * them: exit status and one `ferry:` line.
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -183,16 +183,31 @@ describe("ferry replicate between two sites", () => {
       bytesRaw: second.bytesRaw,
       bytesWire: second.bytesWire,
       generationsShipped: expect.any(Number),
+      compressionRatio: second.bytesRaw / second.bytesWire,
       lastError: null,
+      syncWrites: 0,
+      suspensions: 0,
     });
     const table = await ferry.ok(["replicate", "status", "--data", a.data]);
-    expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\n/);
+    expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\n/);
     expect(table).toMatch(new RegExp(`a,b\\s+site-b\\s+async\\s+idle\\s+${second.lastCompleteGeneration}\\s`));
 
-    // Sync mode is not built: refused by the service, nothing started.
-    const syncMode = await ferry.run(["replicate", "start", "c", "--to", "site-b", "--mode", "sync", "--data", a.data]);
-    expect(syncMode.code).toBe(1);
-    expect(syncMode.stderr).toMatch(/^ferry: not supported: synchronous replication .*--mode async\n$/);
+    // --on-loss belongs to sync pairs.
+    const onLoss = await ferry.run([
+      "replicate",
+      "start",
+      "c",
+      "--to",
+      "site-b",
+      "--mode",
+      "async",
+      "--on-loss",
+      "block",
+      "--data",
+      a.data,
+    ]);
+    expect(onLoss.code).toBe(2);
+    expect(onLoss.stderr).toMatch(/^ferry: option '--on-loss <policy>' only applies to --mode sync\n$/);
 
     const stopped = await ferry.ok(["replicate", "stop", "a", "b", "--data", a.data]);
     expect(stopped).toContain(
@@ -204,6 +219,83 @@ describe("ferry replicate between two sites", () => {
 
     expect(await a.serve.stop()).toEqual({ code: 0, signal: null });
     expect(await b.serve.stop()).toEqual({ code: 0, signal: null });
+  });
+
+  it("runs a sync pair, fails over to site B, and replicates back with reverse", async () => {
+    const a = await serveSite("a");
+    const b = await serveSite("b");
+    await ferry.ok(["volume", "create", "s", "--size", "4M", "--data", a.data]);
+    await qemuIo(sandbox, a.serve.uri("s"), ["write -P 0x21 0 4M"]);
+    const started = await ferry.ok([
+      "replicate",
+      "start",
+      "s",
+      "--to",
+      "site-b",
+      "--mode",
+      "sync",
+      "--interval",
+      "1h",
+      "--data",
+      a.data,
+    ]);
+    expect(started).toMatch(/^replicating s to site-b \(sync, every 1h, on loss suspend\): \w+\n$/);
+    let status: PairStatus[] = [];
+    for (let i = 0; i < 100; i++) {
+      status = await ferry.json<PairStatus[]>(["replicate", "status", "--data", a.data]);
+      if (status[0]?.syncState === "active") break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(status[0]).toMatchObject({ mode: "sync", syncState: "active" });
+    // Acknowledged means applied at B: read there right after each write, no sync in between.
+    for (const [pattern, offset] of [
+      ["0x31", "0"],
+      ["0x32", "1M"],
+      ["0x33", "3M"],
+    ]) {
+      await qemuIo(sandbox, a.serve.uri("s"), [`write -P ${pattern} ${offset} 64K`, "flush"]);
+      await qemuIoReadOnly(b.serve.uri("s"), [`read -P ${pattern} ${offset} 64K`]);
+    }
+    expect(await ferry.ok(["replicate", "status", "--data", a.data])).toMatch(/s\s+site-b\s+sync \(active\)\s/);
+
+    // Failover: A goes away; B takes over and writes; A comes back and gets only what changed.
+    await ferry.ok(["replicate", "stop", "s", "--data", a.data]);
+    await qemuIo(sandbox, a.serve.uri("s"), ["write -P 0x41 2M 64K"]);
+    const points = await ferry.json<{ volume: string; points: { back: number }[] }[]>([
+      "replicate",
+      "points",
+      "s",
+      "--data",
+      b.data,
+    ]);
+    expect(points[0]?.volume).toBe("s");
+    expect(await ferry.ok(["replicate", "points", "s", "--data", b.data])).toMatch(
+      /^VOLUME\s+FROM\s+BACK\s+GENERATION\s+COMPLETED\n/,
+    );
+    await ferry.ok(["replicate", "promote", "s", "--data", b.data]);
+    await qemuIo(sandbox, b.serve.uri("s"), ["write -P 0x51 3M 64K"]);
+    const reversed = await ferry.ok([
+      "replicate",
+      "reverse",
+      "s",
+      "--to",
+      "site-a",
+      "--interval",
+      "1h",
+      "--data",
+      b.data,
+    ]);
+    expect(reversed).toMatch(/^replicating s back to site-a \(async, every 1h\): \w+\n$/);
+    const back = await ferry.json<PairStatus>(["replicate", "sync", "s", "--data", b.data]);
+    expect(back.bytesRaw).toBe(2 * 64 * 1024);
+    expect(await exportSha256(a.serve.uri("s"))).toBe(await exportSha256(b.serve.uri("s")));
+    await qemuIoReadOnly(a.serve.uri("s"), ["read -P 0x51 3M 64K", "read -P 0x32 1M 64K", "read -P 0x41 2M 64K"]);
+
+    // Reverse is for promoted volumes only.
+    await ferry.ok(["volume", "create", "t", "--size", "1M", "--data", b.data]);
+    const notPromoted = await ferry.run(["replicate", "reverse", "t", "--to", "site-a", "--data", b.data]);
+    expect(notPromoted.code).toBe(1);
+    expect(notPromoted.stderr).toMatch(/^ferry: volume 't' was not promoted from site site-a: .*\n$/);
   });
 
   it("refuses to copy a volume to a region the source site does not allow, and creates nothing there", async () => {

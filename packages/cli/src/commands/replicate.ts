@@ -1,6 +1,7 @@
 /**
- * `ferry replicate …`: start, watch, force and stop asynchronous replication of volumes to another
- * site. The running volume service of the data directory does the work (it must have joined a
+ * `ferry replicate …`: start, watch, force and stop replication of volumes to another site
+ * (asynchronous generations or synchronous writes), replicate back after a failover, and list a
+ * target's recovery points. The running volume service of the data directory does the work (it must have joined a
  * site: `ferry volume serve --site … --region … --nats …`); this file owns only arguments and
  * presentation, and never talks to NATS itself.
  */
@@ -28,10 +29,26 @@ export interface PairStatus {
   bytesRaw: number;
   bytesWire: number;
   generationsShipped: number;
+  /** Bytes of volume data per byte on the wire. */
+  compressionRatio: number;
   lastError: string | null;
+  /** Sync pairs: `catching-up`, `active` (every write waits for the target), `suspended` or `blocked`. */
+  syncState?: string;
+  /** Sync pairs: writes the target acknowledged, and times the target was lost. */
+  syncWrites: number;
+  suspensions: number;
+}
+
+/** A target site's replica and the generations it can be promoted at. */
+export interface ReplicaPoints {
+  volume: string;
+  sourceSite: string;
+  keep: number;
+  points: { back: number; generation: number; atMs: number }[];
 }
 
 const MODES = ["async", "sync"] as const;
+const ON_LOSS = ["suspend", "block"] as const;
 const DEFAULT_INTERVAL = "5s";
 /** The data plane cycles no more often than this; a shorter interval would silently mean this one. */
 const MIN_INTERVAL_MS = 100;
@@ -67,6 +84,21 @@ interface StartOptions extends DataOption {
   interval: number;
   rate?: string;
   level?: number;
+  onLoss?: (typeof ON_LOSS)[number];
+  blockTimeout?: number;
+  recoveryPoints?: number;
+  maxMessage?: string;
+}
+
+/** A whole number in `[min, max]`, for options. */
+function parseCount(min: number, max: number, what: string): (text: string) => number {
+  return (text) => {
+    const n = Number(text);
+    if (!/^\d+$/.test(text) || n < min || n > max) {
+      throw new InvalidArgumentError(`'${text}' is not ${what}: use a whole number from ${min} to ${max}`);
+    }
+    return n;
+  };
 }
 
 export function registerReplicateCommands(program: Command, io: ProgramIo): void {
@@ -93,7 +125,11 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     .argument("<volumes...>", "volume names at this site")
     .requiredOption("--to <site>", "the site to replicate to")
     .addOption(
-      new Option("--mode <mode>", "async: ship a generation every --interval (sync is not available yet)")
+      new Option(
+        "--mode <mode>",
+        "async: ship a generation every --interval; sync: once caught up, every write waits until the target " +
+          "applied it (zero data loss), and a generation is marked complete every --interval",
+      )
         .choices(MODES)
         .makeOptionMandatory(),
     )
@@ -106,28 +142,71 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     .addOption(
       new Option("--level <n>", "zstd compression level of the data sent, 1-19 (default: 1)").argParser(parseLevel),
     )
+    .addOption(
+      new Option(
+        "--on-loss <policy>",
+        "sync: when the target is unreachable, suspend (writes go on here, tracked, and only what changed is " +
+          "resynced when it is back; the default) or block (writes wait --block-timeout, then fail with EIO)",
+      ).choices(ON_LOSS),
+    )
+    .addOption(
+      new Option("--block-timeout <duration>", "sync with --on-loss block: how long a write waits for the target")
+        .default(parseDuration("30s"), "30s")
+        .argParser(parseDuration),
+    )
+    .addOption(
+      new Option(
+        "--recovery-points <n>",
+        "complete generations the target keeps, the last one included (default: 3)",
+      ).argParser(parseCount(1, 1000, "a number of recovery points")),
+    )
+    .option(
+      "--max-message <size>",
+      "largest message on the wire, never above the NATS server's max_payload (default: 1M)",
+    )
     .addOption(dataOption())
     .action(async (volumes: string[], options: StartOptions, command: Command) => {
-      const rate = options.rate === undefined ? null : await parseRate(options.rate, command);
-      const status = (await request(resolveDataDir(options.data), {
-        op: "replicateStart",
-        volumes,
-        to: options.to,
-        mode: options.mode,
-        intervalMs: options.interval,
-        rate,
-        level: options.level ?? null,
-      })) as PairStatus;
+      const { status, rate } = await startPair(volumes, options, command, false);
       const limits = [
         status.mode,
         `every ${formatDuration(options.interval)}`,
         ...(rate === null ? [] : [`at most ${formatBytes(rate)}/s`]),
         ...(options.level === undefined ? [] : [`level ${options.level}`]),
+        ...(options.mode === "sync" ? [`on loss ${options.onLoss ?? "suspend"}`] : []),
       ];
       io.writeOut(
         `replicating ${status.volumes.join(", ")} to ${status.target} (${limits.join(", ")}): ${status.state}\n`,
       );
     });
+
+  const startPair = async (
+    volumes: string[],
+    options: StartOptions,
+    command: Command,
+    reverse: boolean,
+  ): Promise<{ status: PairStatus; rate: number | null }> => {
+    const rate = options.rate === undefined ? null : await parseRate(options.rate, command);
+    const maxMessage =
+      options.maxMessage === undefined ? null : await parseSizeOption("--max-message", options.maxMessage, command);
+    if (options.onLoss !== undefined && options.mode !== "sync") {
+      command.error("option '--on-loss <policy>' only applies to --mode sync", { code: "commander.invalidArgument" });
+    }
+    const status = (await request(resolveDataDir(options.data), {
+      op: "replicateStart",
+      volumes,
+      to: options.to,
+      mode: options.mode,
+      intervalMs: options.interval,
+      rate,
+      level: options.level ?? null,
+      onLoss: options.onLoss ?? null,
+      blockTimeoutMs: options.blockTimeout ?? null,
+      recoveryPoints: options.recoveryPoints ?? null,
+      maxMessage,
+      reverse,
+    })) as PairStatus;
+    return { status, rate };
+  };
 
   replicate
     .command("status")
@@ -178,6 +257,68 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
           : `it keeps generation ${status.lastCompleteGeneration}`;
       io.writeOut(`stopped replicating ${status.volumes.join(", ")} to ${status.target}; ${held}\n`);
     });
+
+  replicate
+    .command("reverse")
+    .summary("after a failover, replicate promoted volumes back to the site they came from")
+    .description(
+      "run at the site whose replicas were promoted: start replicating the volumes back to their former source. " +
+        "There they become replicas again (stop that site's own pair for them first), and only the union of what " +
+        "changed there after the last generation it shipped and what changed here since the promotion is sent; " +
+        "where that history cannot be proven, block hashes decide. Takes the options of `replicate start`.",
+    )
+    .argument("<volumes...>", "promoted volumes at this site, as one consistency group")
+    .requiredOption("--to <site>", "the site the volumes were promoted from")
+    .addOption(new Option("--mode <mode>", "async or sync, as for `replicate start`").choices(MODES).default("async"))
+    .addOption(
+      new Option("--interval <duration>", "time between generations: 500ms, 5s, 2m, 1h")
+        .default(parseDuration(DEFAULT_INTERVAL), DEFAULT_INTERVAL)
+        .argParser(parseDuration),
+    )
+    .option("--rate <size>", "bandwidth limit in bytes per second on the wire (default: none)")
+    .addOption(dataOption())
+    .action(async (volumes: string[], options: StartOptions, command: Command) => {
+      const { status } = await startPair(volumes, options, command, true);
+      io.writeOut(
+        `replicating ${status.volumes.join(", ")} back to ${status.target} (${status.mode}, every ${formatDuration(options.interval)}): ${status.state}\n`,
+      );
+    });
+
+  replicate
+    .command("points")
+    .summary("list the recovery points of replicas at this (target) site")
+    .description(
+      "list, for each replica, the complete generations it can be promoted at: BACK 0 is the last complete one, " +
+        "BACK n the n-th before it (`replicate promote --back n`). Volumes of one group share their points.",
+    )
+    .argument("<volumes...>", "replicas at this site")
+    .addOption(dataOption())
+    .addOption(jsonOption())
+    .action(async (volumes: string[], options: DataOption & JsonOption) => {
+      const replicas = (await request(resolveDataDir(options.data), {
+        op: "replicaPoints",
+        volumes,
+      })) as ReplicaPoints[];
+      if (options.json) return printJson(replicas);
+      const rows = replicas.flatMap((r) =>
+        r.points.map((p) => [r.volume, r.sourceSite, p.back, p.generation, new Date(p.atMs).toISOString()]),
+      );
+      io.writeOut(`${formatTable(["VOLUME", "FROM", "BACK", "GENERATION", "COMPLETED"], rows)}\n`);
+    });
+}
+
+/** A size option (`1M`, `64K`) through the data plane's size parser; a bad value is bad usage. */
+async function parseSizeOption(flag: string, text: string, command: Command): Promise<number> {
+  const native = await dataplane();
+  try {
+    return native.parseSize(text);
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    if (code !== "ERR_BAD_SIZE" || !(error instanceof Error)) throw error;
+    command.error(`option '${flag} <size>': ${error.message}`, {
+      code: "commander.invalidArgument",
+    });
+  }
 }
 
 /**
@@ -185,17 +326,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
  * value is bad usage, like every other option value of this command.
  */
 async function parseRate(text: string, command: Command): Promise<number> {
-  const native = await dataplane();
-  let rate: number;
-  try {
-    rate = native.parseSize(text);
-  } catch (error) {
-    const code = (error as { code?: unknown }).code;
-    if (code !== "ERR_BAD_SIZE" || !(error instanceof Error)) throw error;
-    command.error(`option '--rate <size>': ${error.message}`, {
-      code: "commander.invalidArgument",
-    });
-  }
+  const rate = await parseSizeOption("--rate", text, command);
   // Zero would mean "never send": no limit is spelled by leaving the option out.
   if (rate === 0) {
     command.error(
@@ -212,14 +343,15 @@ function pairTable(pairs: readonly PairStatus[]): string {
   const rows = pairs.map((p) => [
     p.volumes.join(","),
     p.target,
-    p.mode,
+    p.syncState === undefined ? p.mode : `${p.mode} (${p.syncState})`,
     p.state,
     p.lastCompleteGeneration ?? "-",
     p.lastCompleteGeneration === null ? "-" : formatSeconds(p.lagSeconds),
     formatBytes(p.bytesRaw),
     formatBytes(p.bytesWire),
+    p.bytesWire === 0 ? "-" : `${p.compressionRatio.toFixed(1)}x`,
   ]);
-  const table = formatTable(["VOLUMES", "TARGET", "MODE", "STATE", "LAST GEN", "LAG", "RAW", "WIRE"], rows);
+  const table = formatTable(["VOLUMES", "TARGET", "MODE", "STATE", "LAST GEN", "LAG", "RAW", "WIRE", "RATIO"], rows);
   const errors = pairs.filter((p) => p.lastError !== null).map((p) => `${p.group}: ${p.lastError}`);
   return [table, ...errors].join("\n");
 }
