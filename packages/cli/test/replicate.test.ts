@@ -9,26 +9,12 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { FerryCli, type FerryServe, qemuIo, Sandbox, startTwoSites, type TwoSites } from "@ferry/testkit";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import type { PairStatus } from "../src/commands/replicate.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 const KiB = 1024;
 const MiB = 2 ** 20;
 const VOLUME_SIZE = 4 * MiB;
-
-interface PairStatus {
-  group: string;
-  volumes: string[];
-  target: string;
-  mode: string;
-  state: string;
-  lastCompleteGeneration: number | null;
-  lastCompleteAtMs: number | null;
-  lagSeconds: number;
-  bytesRaw: number;
-  bytesWire: number;
-  generationsShipped: number;
-  lastError: string | null;
-}
 
 interface VolumeJson {
   name: string;
