@@ -1,8 +1,8 @@
 /**
  * `ferry replicate …`: start, watch, force and stop asynchronous replication of volumes to another
- * site. The running volume service of the data directory does the work (it must have joined a
- * site: `ferry volume serve --site … --region … --nats …`); this file owns only arguments and
- * presentation, and never talks to NATS itself.
+ * site, and promote the replicas at the target. The volume service of the data directory does the
+ * work (to replicate, it must have joined a site: `ferry volume serve --site … --region … --nats …`);
+ * this file owns only arguments and presentation, and never talks to NATS itself.
  */
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { formatBytes } from "../bytes.js";
@@ -29,6 +29,12 @@ export interface PairStatus {
   bytesWire: number;
   generationsShipped: number;
   lastError: string | null;
+}
+
+/** A replica made writable by `promote`: the generation (of its former source) it now holds. */
+export interface PromotedVolume {
+  volume: string;
+  generation: number;
 }
 
 const MODES = ["async", "sync"] as const;
@@ -74,7 +80,8 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     .command("replicate")
     .description(
       "replicate volumes to another site, asynchronously, through the running volume services of both sites " +
-        "(each started with `ferry volume serve --site NAME --region REGION --nats URL`)",
+        "(each started with `ferry volume serve --site NAME --region REGION --nats URL`); promote the replicas " +
+        "at the target site to fail over",
     );
   const printJson = (value: unknown) => io.writeOut(`${JSON.stringify(value, null, 2)}\n`);
   const request = async (dataDir: string, body: Record<string, unknown>): Promise<unknown> => {
@@ -177,6 +184,36 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
           ? "it holds no complete generation"
           : `it keeps generation ${status.lastCompleteGeneration}`;
       io.writeOut(`stopped replicating ${status.volumes.join(", ")} to ${status.target}; ${held}\n`);
+    });
+
+  replicate
+    .command("promote")
+    .summary("make replicas at this site writable (failover)")
+    .description(
+      "at the target site: make replicated volumes writable at the last generation they hold completely. A " +
+        "generation still being applied is rolled back first, so each volume holds exactly what its source held " +
+        "at that generation's cut; from then on the volume tracks its own writes and is no longer a replica. " +
+        "Stop the pair at the source first (`ferry replicate stop`) when the source is still reachable. Works " +
+        "through the running volume service of the data directory, or on the files when none runs.",
+    )
+    .argument("<volumes...>", "replica volume names at this site")
+    .addOption(dataOption())
+    .addOption(jsonOption())
+    .action(async (volumes: string[], options: DataOption & JsonOption) => {
+      const promoted = (await request(resolveDataDir(options.data), {
+        op: "replicatePromote",
+        volumes,
+      })) as PromotedVolume[];
+      if (options.json) return printJson(promoted);
+      io.writeOut(
+        `${formatTable(
+          ["VOLUME", "GENERATION"],
+          promoted.map((p) => [p.volume, p.generation]),
+        )}\n`,
+      );
+      io.writeOut(
+        `promoted ${promoted.map((p) => p.volume).join(", ")}: writable here at the generation shown, no longer replicas\n`,
+      );
     });
 }
 
