@@ -30,7 +30,7 @@ export class BindingUnavailable extends FerryCliError {
   readonly code = "ERR_BINDING_UNAVAILABLE";
 }
 
-/** An external program that a command needs (the demo's qemu-io, nbdinfo) is not installed. */
+/** An external program that a command needs (the demo's qemu-io, nbdinfo, nbdcopy) is not installed. */
 export class ToolMissing extends FerryCliError {
   readonly code = "ERR_TOOL_MISSING";
 }
@@ -44,6 +44,16 @@ export class ToolFailed extends FerryCliError {
 export class Interrupted extends FerryCliError {
   readonly code = "ERR_INTERRUPTED";
   override readonly exitCode = ExitCode.interrupted;
+}
+
+/** A site of the two-site demo (its nats-server or its `ferry volume serve`) did not start. */
+export class SiteStartFailed extends FerryCliError {
+  readonly code = "ERR_SITE_START";
+}
+
+/** A check the demo makes did not hold, e.g. site B's bytes differ from site A's. */
+export class DemoCheckFailed extends FerryCliError {
+  readonly code = "ERR_DEMO_CHECK";
 }
 
 /** Output of the JSON stats document that does not have the documented shape. */

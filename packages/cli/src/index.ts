@@ -2,10 +2,12 @@
 
 export {
   BindingUnavailable,
+  DemoCheckFailed,
   describeError,
   ExitCode,
   FerryCliError,
   Interrupted,
+  SiteStartFailed,
   ToolFailed,
   ToolMissing,
   UnexpectedStats,

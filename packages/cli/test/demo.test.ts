@@ -1,7 +1,14 @@
-/** `ferry demo` end to end with the real qemu-io and nbdinfo, and its cleanup on Ctrl-C. */
+/**
+ * `ferry demo` end to end: the two-site demo with real nats-servers, `ferry volume serve`
+ * processes, qemu-io and nbdcopy — its verification, and that it leaves nothing running or on disk,
+ * after success, on Ctrl-C and on failure. And the single-site tour behind `--single-site`.
+ */
+import type { ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
 import { readdir } from "node:fs/promises";
+import { delimiter, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { FerryCli, Sandbox, waitFor } from "@ferry/testkit";
+import { FerryCli, isAlive, Sandbox, waitFor } from "@ferry/testkit";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
@@ -20,9 +27,120 @@ afterEach(async () => {
   await sandbox.cleanup();
 });
 
-describe("ferry demo", () => {
+/** Every `pid N` the demo printed: its nats-servers and volume services. */
+function printedPids(stdout: string): number[] {
+  return [...new Set([...stdout.matchAll(/\bpid (\d+)/g)].map((m) => Number(m[1])))];
+}
+
+/** Start the demo as a user would, collecting its output as it comes. */
+function startDemo(args: readonly string[], env: NodeJS.ProcessEnv = {}) {
+  const child: ChildProcess = sandbox.spawn(process.execPath, [BIN, "demo", ...args], {
+    env: { ...process.env, TMPDIR: tmp, ...env },
+  });
+  const output = { stdout: "", stderr: "" };
+  child.stdout?.setEncoding("utf8").on("data", (chunk: string) => {
+    output.stdout += chunk;
+  });
+  child.stderr?.setEncoding("utf8").on("data", (chunk: string) => {
+    output.stderr += chunk;
+  });
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  return { child, output, exited };
+}
+
+describe("ferry demo (two sites)", () => {
+  it("replicates, fails over to site B and verifies B's bytes, then stops everything it started", async () => {
+    const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp }, timeoutMs: 180_000 });
+    expect(result.stderr).toBe("");
+    expect(result.code).toBe(0);
+    const out = result.stdout;
+
+    // Two sites, each its own nats-server and volume service, the link up.
+    expect(out).toMatch(/^\s+site-a\s+eu-es\s+pid \d+\s+127\.0\.0\.1:\d+\s+site-a\s+accepts on 127\.0\.0\.1:\d+$/m);
+    expect(out).toMatch(/^\s+site-b\s+eu-de\s+pid \d+\s+127\.0\.0\.1:\d+\s+site-b\s+dials site-a$/m);
+    expect(out).toContain("leafnode link site-b → site-a is up");
+    expect(out).toMatch(/ferry: serving 0 volumes .* as site site-a \(region eu-es, copies only to eu-es, eu-de\)/);
+    expect(out).toMatch(/ferry: serving 0 volumes .* as site site-b \(region eu-de\)/);
+    expect(out).toMatch(/FERRY_NATS=nats:\/\/ferryd:…@127\.0\.0\.1:\d+ ferry volume serve/);
+
+    // Continuous replication with its status, then a sync.
+    expect(out).toContain("site-a$ ferry replicate start web-root web-db --to site-b --mode async --interval 1s");
+    expect(out).toMatch(/^\s+VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE$/m);
+    expect(out).toMatch(/^\s+web-root,web-db\s+site-b\s+async\s+\w+\s+\d+\s+[\d.]+s\s+96M\s+\S+$/m);
+    expect(out).toMatch(/shipped 96M of volume data as \S+ on the wire \(\d+× smaller\)/);
+    expect(out).toContain("site-a$ ferry replicate sync web-root web-db");
+    expect(out).toMatch(/stopped replicating web-root, web-db to site-b; it keeps generation \d+/);
+
+    // B before the failover: A's text, read-only.
+    expect(out).toMatch(/^\s+00000000:\s+66 65 72 72 79 20 64 65 6d 6f .*ferry\.demo/m);
+    expect(out).toContain("refused, as it must be:");
+
+    // The failover and its verification: the full digests A printed are the ones B has.
+    const generation = Number(/it keeps generation (\d+)/.exec(out)?.[1]);
+    for (const volume of ["web-root", "web-db"]) {
+      expect(out).toMatch(new RegExp(`"generation": ${generation},\\s+"volume": "${volume}"`));
+    }
+    for (const volume of ["web-root", "web-db"]) {
+      const fullAtA = new RegExp(`^\\s+${volume}\\s+([0-9a-f]{64})$`, "m").exec(out)?.[1];
+      expect(fullAtA, volume).toBeDefined();
+      const row = new RegExp(`^\\s+${volume}\\s+${generation}\\s+([0-9a-f]{16})…\\s+([0-9a-f]{16})…\\s+equal$`, "m");
+      const [, shownA, shownB] = row.exec(out) ?? [];
+      expect(shownA, volume).toBe(fullAtA?.slice(0, 16));
+      expect(shownB, volume).toBe(shownA);
+    }
+    expect(out).toContain(
+      `verified: web-root and web-db at site-b are byte for byte what site-a held at generation ${generation} (sha256 over all 96M)`,
+    );
+    expect(out).not.toContain("DIFFERENT");
+
+    // Writable after the promote.
+    expect(out).toContain("wrote 65536/65536 bytes at offset 31457280");
+    expect(out).toMatch(/^\s+web-db\s+32M\s+64K\s+\d+\s+\S+\s+64K\s+rw$/m);
+    expect(out).toMatch(/^\s+web-root\s+64M\s+64K\s+\d+\s+\S+\s+0\s+rw$/m);
+
+    expect(out).toMatch(/\n== Done: site B took over site A's volumes, byte for byte/);
+    const pids = printedPids(out);
+    expect(pids).toHaveLength(4);
+    for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
+    expect(await readdir(tmp)).toEqual([]);
+  }, 180_000);
+
+  it("stops everything it started on SIGINT and exits 130", async () => {
+    const demo = startDemo([]);
+    await waitFor("the demo to start replicating", () => demo.output.stdout.includes("replicating web-root"), {
+      timeoutMs: 120_000,
+    });
+    demo.child.kill("SIGINT");
+
+    expect(await demo.exited).toBe(130);
+    expect(demo.output.stderr).toBe("ferry: demo interrupted by SIGINT; cleaned up\n");
+    expect(demo.output.stdout).toContain("== Stopping everything the demo started");
+    expect(demo.output.stdout).not.toContain("== Done");
+    const pids = printedPids(demo.output.stdout);
+    expect(pids).toHaveLength(4);
+    for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
+    expect(await readdir(tmp)).toEqual([]);
+  }, 180_000);
+
+  it("fails with exit 1 and one line saying what is missing when nats-server is not installed", async () => {
+    const path = (process.env.PATH ?? "")
+      .split(delimiter)
+      .filter((dir) => !existsSync(join(dir, "nats-server")))
+      .join(delimiter);
+    const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp, PATH: path } });
+    expect(result.code).toBe(1);
+    expect(result.stderr).toMatch(
+      /^ferry: cannot start nats-server for site site-a: .*ENOENT \(Debian package nats-server; infra\/setup\.sh installs it\)\n$/,
+    );
+    expect(result.stdout).toContain("== Stopping everything the demo started");
+    expect(result.stdout).not.toContain("== Done");
+    expect(await readdir(tmp)).toEqual([]);
+  });
+});
+
+describe("ferry demo --single-site", () => {
   it("narrates writes, the dirty map over NBD, a cut, and leaves nothing behind", async () => {
-    const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp } });
+    const result = await ferry.run(["demo", "--single-site"], { env: { ...process.env, TMPDIR: tmp } });
     expect(result.stderr).toBe("");
     expect(result.code).toBe(0);
     const out = result.stdout;
@@ -36,22 +154,13 @@ describe("ferry demo", () => {
   });
 
   it("stops on SIGINT, removes its data directory and exits 130", async () => {
-    const child = sandbox.spawn(process.execPath, [BIN, "demo"], { env: { ...process.env, TMPDIR: tmp } });
-    let stdout = "";
-    let stderr = "";
-    child.stdout?.setEncoding("utf8").on("data", (chunk: string) => {
-      stdout += chunk;
-    });
-    child.stderr?.setEncoding("utf8").on("data", (chunk: string) => {
-      stderr += chunk;
-    });
-    const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
-    await waitFor("the demo to serve its volume", () => stdout.includes("nbd+unix:///demo"));
-    child.kill("SIGINT");
+    const demo = startDemo(["--single-site"]);
+    await waitFor("the demo to serve its volume", () => demo.output.stdout.includes("nbd+unix:///demo"));
+    demo.child.kill("SIGINT");
 
-    expect(await exited).toBe(130);
-    expect(stderr).toMatch(/^ferry: demo interrupted by SIGINT/m);
-    expect(stdout).not.toContain("Done;");
+    expect(await demo.exited).toBe(130);
+    expect(demo.output.stderr).toMatch(/^ferry: demo interrupted by SIGINT/m);
+    expect(demo.output.stdout).not.toContain("Done;");
     expect(await readdir(tmp)).toEqual([]);
   });
 });

@@ -207,6 +207,108 @@ describe("ferry replicate between two sites", () => {
     expect(await b.serve.stop()).toEqual({ code: 0, signal: null });
   });
 
+  it("promotes the replicas at site B: writable, holding exactly what A held at the synced generation", async () => {
+    const a = await serveSite("a");
+    const b = await serveSite("b");
+    for (const name of ["a", "b"]) {
+      await ferry.ok(["volume", "create", name, "--size", "4M", "--data", a.data]);
+    }
+    await qemuIo(sandbox, a.serve.uri("a"), ["write -P 0x5a 0 512K", "write -P 0x6b 3M 1M"]);
+    await qemuIo(sandbox, a.serve.uri("b"), ["write -P 0x7c 1M 64K"]);
+    const group = ["a", "b"];
+    await ferry.ok([
+      "replicate",
+      "start",
+      ...group,
+      "--to",
+      "site-b",
+      "--mode",
+      "async",
+      "--interval",
+      "1h",
+      "--data",
+      a.data,
+    ]);
+    const synced = await ferry.json<PairStatus>(["replicate", "sync", ...group, "--data", a.data]);
+    expect(synced).toMatchObject({ state: "idle", lastError: null });
+    const atSync = new Map<string, string>();
+    for (const name of group) atSync.set(name, await exportSha256(a.serve.uri(name)));
+
+    // Written after the synced generation and never shipped: the pair stops before another cycle.
+    await qemuIo(sandbox, a.serve.uri("a"), ["write -P 0x99 0 4K"]);
+    await ferry.ok(["replicate", "stop", ...group, "--data", a.data]);
+
+    // Still a replica: B's export refuses writes.
+    const refused = await sandbox.run("qemu-io", ["-f", "raw", b.serve.uri("a"), "-c", "write -P 1 0 4K"]);
+    expect(refused.code).not.toBe(0);
+
+    const promoted = await ferry.json<Array<{ volume: string; generation: number }>>([
+      "replicate",
+      "promote",
+      ...group,
+      "--data",
+      b.data,
+    ]);
+    expect(promoted).toEqual([
+      { volume: "a", generation: synced.lastCompleteGeneration },
+      { volume: "b", generation: synced.lastCompleteGeneration },
+    ]);
+    const replicas = await ferry.json<VolumeJson[]>(["volume", "list", "--data", b.data]);
+    expect(replicas.map((v) => [v.name, v.readOnly])).toEqual([
+      ["a", false],
+      ["b", false],
+    ]);
+    for (const name of group) {
+      expect(await exportSha256(b.serve.uri(name)), name).toBe(atSync.get(name));
+    }
+    expect(await exportSha256(a.serve.uri("a"))).not.toBe(atSync.get("a"));
+
+    // Writable over NBD now, and tracking its own writes.
+    await qemuIo(sandbox, b.serve.uri("a"), ["write -P 0x42 2M 64K"]);
+    await qemuIo(sandbox, b.serve.uri("a"), ["read -P 0x42 2M 64K", "read -P 0x5a 0 512K", "read -P 0x6b 3M 1M"]);
+    expect(await ferry.json(["volume", "dirty", "a", "--data", b.data])).toEqual([
+      { offset: 2 * MiB, length: 64 * KiB },
+    ]);
+
+    // A second promote finds no replica left; a source volume never was one. Nothing changes.
+    for (const [data, name] of [
+      [b.data, "b"],
+      [a.data, "a"],
+    ] as const) {
+      const again = await ferry.run(["replicate", "promote", name, "--data", data]);
+      expect(again.code, `${data} ${name}`).toBe(1);
+      expect(again.stdout).toBe("");
+      expect(again.stderr).toBe(
+        `ferry: invalid argument: volume '${name}' is not a replica: promote runs at the target site, on replicated volumes\n`,
+      );
+    }
+    const unknown = await ferry.run(["replicate", "promote", "nope", "--data", b.data]);
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toMatch(/^ferry: .*'nope'.*\n$/);
+
+    expect(await a.serve.stop()).toEqual({ code: 0, signal: null });
+    expect(await b.serve.stop()).toEqual({ code: 0, signal: null });
+  });
+
+  it("prints the promoted volumes and their generation as a table", async () => {
+    const a = await serveSite("a");
+    const b = await serveSite("b");
+    await ferry.ok(["volume", "create", "solo", "--size", "1M", "--data", a.data]);
+    await ferry.ok(["replicate", "start", "solo", "--to", "site-b", "--mode", "async", "--data", a.data]);
+    const synced = await ferry.json<PairStatus>(["replicate", "sync", "solo", "--data", a.data]);
+    await ferry.ok(["replicate", "stop", "solo", "--data", a.data]);
+    // Offline, on the files: the same answer as through a running service.
+    expect(await b.serve.stop()).toEqual({ code: 0, signal: null });
+    const table = await ferry.ok(["replicate", "promote", "solo", "--data", b.data]);
+    expect(table).toBe(
+      `VOLUME  GENERATION\nsolo    ${synced.lastCompleteGeneration}\n` +
+        "promoted solo: writable here at the generation shown, no longer replicas\n",
+    );
+    expect(await ferry.json<VolumeJson[]>(["volume", "list", "--data", b.data])).toMatchObject([
+      { name: "solo", readOnly: false },
+    ]);
+  });
+
   it("runs a sync pair, fails over to site B, and replicates back with reverse", async () => {
     const a = await serveSite("a");
     const b = await serveSite("b");
@@ -328,6 +430,8 @@ describe("ferry replicate between two sites", () => {
       [[...start, "--mode", "semi"], /^ferry: option '--mode <mode>' argument 'semi' is invalid/],
       [start, /^ferry: required option '--mode <mode>' not specified/],
       [["replicate", "sync"], /^ferry: missing required argument 'volumes'/],
+      [["replicate", "promote"], /^ferry: missing required argument 'volumes'/],
+      [["replicate", "promote", "s", "--back", "last"], /^ferry: option '--back <n>' argument 'last' is invalid/],
       [["replicate", "status", "extra"], /^ferry: too many arguments/],
     ];
     for (const [args, message] of cases) {

@@ -1,17 +1,8 @@
 import { access, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { isAlive } from "@ferry/nats-sites";
 import { describe, expect, it } from "vitest";
 import { Sandbox } from "./sandbox.js";
-import { waitFor } from "./wait-for.js";
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe("Sandbox", () => {
   it("ends its running processes and removes its directories on cleanup", async () => {
@@ -45,26 +36,5 @@ describe("Sandbox", () => {
     } finally {
       await sandbox.cleanup();
     }
-  });
-});
-
-describe("waitFor", () => {
-  it("returns the first value the probe yields", async () => {
-    let calls = 0;
-    await expect(waitFor("the third call", () => (++calls >= 3 ? calls : undefined), { intervalMs: 1 })).resolves.toBe(
-      3,
-    );
-  });
-
-  it("fails with what it waited for and the last error once the deadline passes", async () => {
-    await expect(
-      waitFor(
-        "a thing",
-        () => {
-          throw new Error("not yet");
-        },
-        { timeoutMs: 50, intervalMs: 10 },
-      ),
-    ).rejects.toThrow(/waiting for a thing: not yet/);
   });
 });

@@ -1,7 +1,7 @@
 import { connect, createServer, type Server, type Socket } from "node:net";
+import { waitFor } from "@ferry/nats-sites";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { TestLinkProxy } from "./test-link-proxy.js";
-import { waitFor } from "./wait-for.js";
 
 /** A loopback echo server: what the proxy forwards to. */
 async function echoServer(): Promise<{ server: Server; port: number }> {

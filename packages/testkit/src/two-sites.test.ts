@@ -3,25 +3,16 @@ import { access, cp, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/p
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { NatsCredentials, Site } from "@ferry/nats-sites";
+import { isAlive, waitFor } from "@ferry/nats-sites";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { connect, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import type { NatsCredentials, Site } from "./nats-site.js";
 import { startTwoSites, type TwoSites } from "./two-sites.js";
-import { waitFor } from "./wait-for.js";
 
 const MIB = 1024 * 1024;
 const TEMPLATES = fileURLToPath(new URL("../../../infra/nats/", import.meta.url));
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** PIDs of running processes whose command line mentions `text`. */
 async function processesMentioning(text: string): Promise<number[]> {

@@ -1,9 +1,10 @@
 /**
  * `ferry replicate …`: start, watch, force and stop replication of volumes to another site
- * (asynchronous generations or synchronous writes), replicate back after a failover, and list a
- * target's recovery points. The running volume service of the data directory does the work (it must have joined a
- * site: `ferry volume serve --site … --region … --nats …`); this file owns only arguments and
- * presentation, and never talks to NATS itself.
+ * (asynchronous generations or synchronous writes), promote replicas at the target (failover),
+ * replicate back after a failover, and list a target's recovery points. The running volume service
+ * of the data directory does the work (to replicate, it must have joined a site: `ferry volume serve
+ * --site … --region … --nats …`); this file owns only arguments and presentation, and never talks to
+ * NATS itself.
  */
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { formatBytes } from "../bytes.js";
@@ -45,6 +46,12 @@ export interface ReplicaPoints {
   sourceSite: string;
   keep: number;
   points: { back: number; generation: number; atMs: number }[];
+}
+
+/** A replica made writable by `promote`: the generation (of its former source) it now holds. */
+export interface PromotedVolume {
+  volume: string;
+  generation: number;
 }
 
 const MODES = ["async", "sync"] as const;
@@ -106,7 +113,8 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     .command("replicate")
     .description(
       "replicate volumes to another site, asynchronously, through the running volume services of both sites " +
-        "(each started with `ferry volume serve --site NAME --region REGION --nats URL`)",
+        "(each started with `ferry volume serve --site NAME --region REGION --nats URL`); promote the replicas " +
+        "at the target site to fail over",
     );
   const printJson = (value: unknown) => io.writeOut(`${JSON.stringify(value, null, 2)}\n`);
   const request = async (dataDir: string, body: Record<string, unknown>): Promise<unknown> => {
@@ -256,6 +264,45 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
           ? "it holds no complete generation"
           : `it keeps generation ${status.lastCompleteGeneration}`;
       io.writeOut(`stopped replicating ${status.volumes.join(", ")} to ${status.target}; ${held}\n`);
+    });
+
+  replicate
+    .command("promote")
+    .summary("make replicas at this site writable (failover)")
+    .description(
+      "at the target site: make replicated volumes writable at the last generation they hold completely. A " +
+        "generation still being applied is rolled back first, so each volume holds exactly what its source held " +
+        "at that generation's cut; from then on the volume tracks its own writes and is no longer a replica. " +
+        "Stop the pair at the source first (`ferry replicate stop`) when the source is still reachable. Works " +
+        "through the running volume service of the data directory, or on the files when none runs.",
+    )
+    .argument("<volumes...>", "replica volume names at this site")
+    .addOption(
+      new Option(
+        "--back <n>",
+        "promote at an older recovery point: n complete generations before the last (see `replicate points`)",
+      )
+        .default(0)
+        .argParser(parseCount(0, 1000, "a number of recovery points to go back")),
+    )
+    .addOption(dataOption())
+    .addOption(jsonOption())
+    .action(async (volumes: string[], options: DataOption & JsonOption & { back: number }) => {
+      const promoted = (await request(resolveDataDir(options.data), {
+        op: "replicatePromote",
+        volumes,
+        back: options.back,
+      })) as PromotedVolume[];
+      if (options.json) return printJson(promoted);
+      io.writeOut(
+        `${formatTable(
+          ["VOLUME", "GENERATION"],
+          promoted.map((p) => [p.volume, p.generation]),
+        )}\n`,
+      );
+      io.writeOut(
+        `promoted ${promoted.map((p) => p.volume).join(", ")}: writable here at the generation shown, no longer replicas\n`,
+      );
     });
 
   replicate

@@ -1,7 +1,8 @@
 /**
- * Last-resort cleanup when the test process exits without having called a harness's `stop()` (a
- * worker torn down after a timeout, an uncaught error): each guard runs synchronously from
- * `process.on("exit")`. It must only ever touch what its owner started or created.
+ * Last-resort cleanup when a process exits without having called `stop()` on what it started (a
+ * test worker torn down after a timeout, an uncaught error, a command that exits early): each
+ * guard runs synchronously from `process.on("exit")`. It must only ever touch what its owner
+ * started or created.
  */
 const guards = new Set<() => void>();
 let installed = false;

@@ -1,12 +1,15 @@
 /**
- * One Ferry site's nats-server for tests: renders a config from the templates in `infra/nats/`
- * into the site's directory, runs `nats-server -c … -P …` as a child process and waits (bounded)
- * until its monitoring port reports it healthy. It signals only the process it started, by PID.
+ * One Ferry site's nats-server on this machine (for `ferry demo` and the tests): renders a config
+ * from the templates in `infra/nats/` into the site's directory, runs `nats-server -c … -P …` as a
+ * child process and waits (bounded) until its monitoring port reports it healthy. It signals only
+ * the process it started, by PID.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { endProcess } from "./end-process.js";
+import { NatsServerFailed, NatsServerMissing } from "./errors.js";
 import { onExit } from "./exit-guard.js";
 import { waitFor } from "./wait-for.js";
 
@@ -15,7 +18,7 @@ export interface NatsCredentials {
   password: string;
 }
 
-/** What a test sees of a site (`TwoSites.a`, `TwoSites.b`). */
+/** What a user of a started site sees (`SitePair.a`, `SitePair.b`). */
 export interface Site {
   /** Site name; also its JetStream domain and the suffix of its server name (`ferry-<name>`). */
   readonly name: string;
@@ -160,10 +163,14 @@ export class NatsSite implements Site {
       child.once("error", () => resolve());
     });
     let failure: Error | undefined;
-    child.once("error", (error) => {
-      failure = new Error(
-        `cannot start ${this.spec.natsServer} for site ${this.name}: ${error.message} (Debian package nats-server; infra/setup.sh installs it)`,
-      );
+    child.once("error", (error: NodeJS.ErrnoException) => {
+      const message = `cannot start ${this.spec.natsServer} for site ${this.name}: ${error.message}`;
+      failure =
+        error.code === "ENOENT"
+          ? new NatsServerMissing(`${message} (Debian package nats-server; infra/setup.sh installs it)`, {
+              cause: error,
+            })
+          : new NatsServerFailed(message, this.logFile, "", { cause: error });
     });
     this.exited.then(() => {
       if (this.child === child) {
@@ -180,17 +187,16 @@ export class NatsSite implements Site {
       },
       { timeoutMs: this.spec.timeoutMs, intervalMs: 25 },
     );
-    const diedEarly = this.exited.then(async () => {
-      throw failure ?? new Error(`nats-server of site ${this.name} exited during startup:\n${await this.logTail()}`);
+    const diedEarly = this.exited.then(() => {
+      throw failure ?? new Error(`nats-server of site ${this.name} exited during startup`);
     });
     try {
       await Promise.race([healthy, diedEarly]);
     } catch (error) {
       await this.kill();
-      if (error instanceof Error && !error.message.includes(this.logFile)) {
-        error.message += `\n--- ${this.logFile} ---\n${await this.logTail()}`;
-      }
-      throw error;
+      if (error instanceof NatsServerMissing || error instanceof NatsServerFailed) throw error;
+      const reason = error instanceof Error ? error.message : String(error);
+      throw new NatsServerFailed(reason, this.logFile, await this.logTail(), { cause: error });
     } finally {
       diedEarly.catch(() => {});
       healthy.catch(() => {});
@@ -230,24 +236,9 @@ export class NatsSite implements Site {
   /** Send `signal` to the server by PID; SIGKILL it if it is still there after `graceMs`. */
   private async signal(signal: NodeJS.Signals, graceMs: number): Promise<void> {
     const child = this.child;
-    if (child?.pid === undefined) return;
-    const gone = (ms: number) =>
-      Promise.race([
-        this.exited.then(() => true),
-        new Promise<boolean>((resolve) => setTimeout(() => resolve(false), ms).unref()),
-      ]);
-    try {
-      process.kill(child.pid, signal);
-    } catch {
-      // Already exited; `exited` settles on its own.
-    }
-    if (await gone(graceMs)) return;
-    try {
-      process.kill(child.pid, "SIGKILL");
-    } catch {}
-    if (!(await gone(5_000))) {
-      throw new Error(`nats-server of site ${this.name} (pid ${child.pid}) survived SIGKILL`);
-    }
+    if (child === undefined) return;
+    await endProcess(child, `nats-server of site ${this.name}`, { signal, graceMs });
+    await this.exited;
   }
 }
 

@@ -1,4 +1,9 @@
-/** Poll a condition until it holds or a deadline passes — the only way tests wait for state. */
+/**
+ * Poll a condition until it holds or a deadline passes: how the harness, the tests and the demo
+ * wait for state they cannot be told about (a server becoming healthy, a link forming).
+ */
+import { WaitTimedOut } from "./errors.js";
+
 export interface WaitOptions {
   timeoutMs?: number;
   intervalMs?: number;
@@ -20,7 +25,7 @@ export async function waitFor<T>(
     }
     if (Date.now() > deadline) {
       const why = lastError instanceof Error ? `: ${lastError.message}` : "";
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${why}`);
+      throw new WaitTimedOut(`timed out after ${timeoutMs} ms waiting for ${what}${why}`);
     }
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
   }

@@ -1,0 +1,130 @@
+/**
+ * One site's `ferry volume serve`, run by the two-site demo as a process of its own, as a site runs
+ * it: joined to the site's NATS (the URL, which holds a password, goes in the environment, never on
+ * the command line). Ready once it prints where it serves; stopped with SIGTERM (a clean stop), then
+ * SIGKILL after a grace period, by its PID only — and killed by an exit guard should the demo's
+ * process exit first.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { endProcess, hasExited, onExit } from "@ferry/nats-sites";
+import { SiteStartFailed } from "../errors.js";
+
+export interface SiteServiceSpec {
+  /** packages/cli/bin/ferry.js */
+  bin: string;
+  site: string;
+  region: string;
+  /** `nats://ferryd:<password>@host:port` of the site's NATS server. */
+  nats: string;
+  dataDir: string;
+  socket: string;
+  /** Regions allowed to hold copies of this site's volumes; empty: any. */
+  allowRegions: readonly string[];
+}
+
+const READY_TIMEOUT_MS = 30_000;
+const STOP_GRACE_MS = 30_000;
+
+export class SiteService {
+  private stdout = "";
+  private stderr = "";
+  private readonly releaseGuard: () => void;
+
+  private constructor(
+    readonly spec: SiteServiceSpec,
+    private readonly child: ChildProcess,
+  ) {
+    child.stdout?.setEncoding("utf8").on("data", (chunk: string) => {
+      this.stdout += chunk;
+    });
+    child.stderr?.setEncoding("utf8").on("data", (chunk: string) => {
+      this.stderr += chunk;
+    });
+    this.releaseGuard = onExit(() => {
+      if (child.pid !== undefined && !hasExited(child)) process.kill(child.pid, "SIGKILL");
+    });
+    child.once("exit", () => this.releaseGuard());
+  }
+
+  /** Start the process; `ready()` says when it serves. Synchronous, so the caller holds it at once. */
+  static spawn(spec: SiteServiceSpec): SiteService {
+    const child = spawn(process.execPath, [spec.bin, "volume", "serve", ...serveArgs(spec)], {
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, FERRY_DATA: spec.dataDir, FERRY_NATS: spec.nats },
+    });
+    return new SiteService(spec, child);
+  }
+
+  /** The command as a user at the site would type it, with the NATS password left out. */
+  static commandLine(spec: SiteServiceSpec): string {
+    const nats = spec.nats.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:…@");
+    return `FERRY_NATS=${nats} ferry volume serve ${serveArgs(spec).join(" ")} &`;
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  /** The line it printed once serving: `ferry: serving N volumes on … as site …`. */
+  get servingLine(): string {
+    return this.stdout.split("\n").find((line) => line.startsWith("ferry: serving")) ?? "";
+  }
+
+  /** An NBD URI of one of its exports (over its unix socket). */
+  uri(volume: string): string {
+    return `nbd+unix:///${volume}?socket=${this.spec.socket}`;
+  }
+
+  /** Resolves once it serves; fails with what it printed if it exits first or takes too long. */
+  ready(): Promise<void> {
+    const what = `ferry volume serve of ${this.spec.site}`;
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        if (this.servingLine === "") return;
+        done();
+        resolve();
+      };
+      const exited = (code: number | null, signal: NodeJS.Signals | null) => {
+        done();
+        const said =
+          this.stderr
+            .trim()
+            .split("\n")
+            .at(-1)
+            ?.replace(/^ferry: /, "") || `exit ${code ?? signal}`;
+        reject(new SiteStartFailed(`${what} exited before serving: ${said}`));
+      };
+      const failed = (error: Error) => {
+        done();
+        reject(new SiteStartFailed(`${what} could not be started: ${error.message}`));
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new SiteStartFailed(`${what} did not report serving within ${READY_TIMEOUT_MS / 1000} s`));
+      }, READY_TIMEOUT_MS);
+      const done = () => {
+        clearTimeout(timer);
+        this.child.stdout?.off("data", check);
+        this.child.off("exit", exited);
+        this.child.off("error", failed);
+      };
+      this.child.stdout?.on("data", check);
+      this.child.once("exit", exited);
+      this.child.once("error", failed);
+      if (hasExited(this.child)) exited(this.child.exitCode, this.child.signalCode);
+      else check();
+    });
+  }
+
+  /** SIGTERM and wait for the clean stop; SIGKILL if it takes longer than the grace period. */
+  async stop(): Promise<void> {
+    await endProcess(this.child, `ferry volume serve of ${this.spec.site}`, { graceMs: STOP_GRACE_MS });
+    this.releaseGuard();
+  }
+}
+
+function serveArgs(spec: SiteServiceSpec): string[] {
+  const args = ["--socket", spec.socket, "--site", spec.site, "--region", spec.region];
+  if (spec.allowRegions.length > 0) args.push("--allow-regions", spec.allowRegions.join(","));
+  return args;
+}

@@ -1,0 +1,405 @@
+/**
+ * `ferry demo`: Ferry's main job, end to end on this machine. Two sites on loopback, each with its
+ * own nats-server (JetStream, its own domain, users with passwords; B's leafnode dials A) and its
+ * own `ferry volume serve`; a consistency group of two volumes at A, written over NBD, replicated
+ * continuously to B, synced; then the pair is stopped, B promoted, and B's bytes checked against
+ * A's. Every step is a real command (the `ferry` bin, qemu-io, nbdcopy) whose exit status is
+ * checked, narrated as a user at that site would type it.
+ *
+ * It owns everything it starts or creates — one temp directory, two nats-servers, two volume
+ * services — and stops and removes all of it again, on success, on failure and on Ctrl-C.
+ */
+import { rmSync } from "node:fs";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { NatsServerFailed, onExit, type Site, type SitePair, startSitePair } from "@ferry/nats-sites";
+import { formatBytes } from "../bytes.js";
+import type { PairStatus, PromotedVolume } from "../commands/replicate.js";
+import { DemoCheckFailed, SiteStartFailed, ToolFailed } from "../errors.js";
+import type { ProgramIo } from "../program.js";
+import { formatTable } from "../table.js";
+import { exportSha256 } from "./export-digest.js";
+import { runTool } from "./external-tool.js";
+import { Interruption } from "./interruption.js";
+import { Narrator } from "./narrator.js";
+import { SiteService, type SiteServiceSpec } from "./site-service.js";
+
+const MiB = 2 ** 20;
+const GROUP = [
+  { name: "web-root", size: 64 * MiB },
+  { name: "web-db", size: 32 * MiB },
+] as const;
+const VOLUME_NAMES = GROUP.map((v) => v.name);
+const INTERVAL = "1s";
+const FIRST_GENERATION_TIMEOUT_MS = 120_000;
+const POLL_MS = 250;
+/** Bound on every command the demo runs; the slowest, a sync or a digest of 64M, takes a second or two. */
+const COMMAND_TIMEOUT_MS = 120_000;
+/** The digests shown are cut to this many hex digits; the comparison uses all of them. */
+const DIGEST_SHOWN = 16;
+const FERRY_BIN = fileURLToPath(new URL("../../bin/ferry.js", import.meta.url));
+
+/** A site as the demo drives it: its NATS server, data directory and volume service. */
+interface DemoSite {
+  nats: Site;
+  dataDir: string;
+  service: SiteService;
+}
+
+export async function runTwoSiteDemo(io: ProgramIo): Promise<void> {
+  const demo = new TwoSiteDemo(io);
+  let failed = false;
+  try {
+    await demo.run();
+  } catch (error) {
+    failed = true;
+    throw error;
+  } finally {
+    await demo.cleanup(failed);
+  }
+}
+
+class TwoSiteDemo {
+  private readonly interruption = new Interruption();
+  private readonly narrator: Narrator;
+  private root: string | undefined;
+  private releaseRoot: () => void = () => {};
+  /** Held as a promise: an interrupted start is still awaited, then stopped, by the cleanup. */
+  private pairStart: Promise<SitePair> | undefined;
+  private readonly services: SiteService[] = [];
+
+  constructor(io: ProgramIo) {
+    this.narrator = new Narrator(io);
+  }
+
+  async run(): Promise<void> {
+    const { narrator } = this;
+    const root = await mkdtemp(join(tmpdir(), "ferry-demo-"));
+    this.root = root;
+    this.releaseRoot = onExit(() => rmSync(root, { recursive: true, force: true }));
+
+    narrator.step(`Two sites on this machine, each with its own nats-server (everything lives in ${root})`);
+    const pair = await this.step(this.startSites(root));
+    for (const line of describeSites(pair)) narrator.show(line);
+
+    narrator.step("Each site runs its own volume service, joined to its site's NATS");
+    const a = await this.startService(pair.a, root, [pair.a.region, pair.b.region]);
+    const b = await this.startService(pair.b, root, []);
+    narrator.show(`(commands at each site run with FERRY_DATA=${a.dataDir}, resp. ${b.dataDir})`);
+
+    narrator.step("Create two volumes at site A; replicated together, they form one consistency group");
+    for (const volume of GROUP) {
+      await this.ferry(a, ["volume", "create", volume.name, "--size", formatBytes(volume.size)]);
+    }
+
+    narrator.step("Write recognisable data into them over NBD with qemu-io");
+    await this.qemuIo(a, "web-root", [
+      `write -s ${await this.textFile("web-root", 1, MiB)} 0 1M`,
+      "write -P 0xab 16M 8M",
+    ]);
+    await this.qemuIo(a, "web-db", [`write -s ${await this.textFile("web-db", 1, MiB)} 0 1M`, "write -P 0xcd 8M 4M"]);
+
+    narrator.step(`Replicate the group to site B: asynchronous, continuous, a generation every ${INTERVAL}`);
+    await this.ferry(a, [
+      "replicate",
+      "start",
+      ...VOLUME_NAMES,
+      "--to",
+      b.nats.name,
+      "--mode",
+      "async",
+      "--interval",
+      INTERVAL,
+    ]);
+    const first = await this.firstGeneration(a);
+    narrator.show(
+      `site B holds its first complete generation (${first.lastCompleteGeneration}), a full copy of both volumes`,
+    );
+
+    narrator.step("Replication status at site A: the generation site B holds, its lag, bytes raw and on the wire");
+    await this.ferry(a, ["replicate", "status"]);
+    narrator.show(compression(await this.pairStatus(a)));
+
+    narrator.step("Write more at site A while replication runs");
+    await this.qemuIo(a, "web-root", [`write -s ${await this.textFile("web-root", 2, 256 * 1024)} 40M 256K`]);
+    await this.qemuIo(a, "web-db", ["write -P 0xef 20M 1M"]);
+
+    narrator.step("Sync: cut a generation now and wait until site B holds it completely");
+    await this.ferry(a, ["replicate", "sync", ...VOLUME_NAMES]);
+    narrator.show(compression(await this.pairStatus(a)));
+
+    narrator.step("Stop the pair at site A; site B keeps the last generation it completed");
+    await this.ferry(a, ["replicate", "stop", ...VOLUME_NAMES]);
+    narrator.show("sha256 of site A's volumes, unchanged since the sync (nothing writes to them from here on):");
+    const atA = new Map<string, string>();
+    for (const name of VOLUME_NAMES) {
+      atA.set(name, await this.step(exportSha256(a.service.uri(name), this.interruption.signal, COMMAND_TIMEOUT_MS)));
+      narrator.show(`  ${name.padEnd(8)}  ${atA.get(name)}`);
+    }
+
+    narrator.step("Site B, still a replica, serves that generation read-only");
+    await this.ferry(b, ["volume", "list"]);
+    await this.qemuIo(b, "web-root", ["read -v 0 96"], { readOnly: true });
+    await this.refusedWrite(b, "web-root");
+
+    narrator.step("Fail over: promote the replicas at site B");
+    const promoted = JSON.parse(
+      await this.ferry(b, ["replicate", "promote", ...VOLUME_NAMES, "--json"]),
+    ) as PromotedVolume[];
+
+    narrator.step("Verify: site B holds exactly site A's bytes at the generation it was promoted at");
+    await this.verify(a, b, promoted, atA);
+
+    narrator.step("Site B's volumes are writable now, and track their own changes");
+    await this.qemuIo(b, "web-db", ["write -P 0x42 30M 64K", "read -P 0x42 30M 64K"]);
+    await this.ferry(b, ["volume", "list"]);
+  }
+
+  /**
+   * Stop everything started, newest first, and remove the temp directory. A step that fails here is
+   * reported in the narration; it fails the demo unless the demo failed already (that error is the
+   * one to report then).
+   */
+  async cleanup(failed: boolean): Promise<void> {
+    const { narrator } = this;
+    narrator.step("Stopping everything the demo started");
+    const errors: unknown[] = [];
+    const attempt = async (what: string, work: () => Promise<void>, done: string) => {
+      try {
+        await work();
+        narrator.show(done);
+      } catch (error) {
+        errors.push(error);
+        narrator.show(`could not ${what}: ${error instanceof Error ? error.message : String(error)}`);
+      }
+    };
+    for (const service of [...this.services].reverse()) {
+      await attempt(
+        `stop ferry volume serve of ${service.spec.site}`,
+        () => service.stop(),
+        `stopped ferry volume serve of ${service.spec.site} (pid ${service.pid})`,
+      );
+    }
+    const pair = await this.pairStart?.catch(() => undefined);
+    if (pair) {
+      // Read before stopping: a Ctrl-C at the terminal reaches the servers too, and they may be gone.
+      const pids = [pair.b, pair.a].map(
+        (site) => `${site.name} (${site.running ? `pid ${site.pid}` : "already gone"})`,
+      );
+      await attempt("stop the nats-servers", () => pair.stop(), `stopped the nats-servers of ${pids.join(" and ")}`);
+    }
+    const root = this.root;
+    if (root !== undefined) {
+      await attempt(`remove ${root}`, () => rm(root, { recursive: true, force: true }), `removed ${root}`);
+      this.releaseRoot();
+    }
+    this.interruption.dispose();
+    if (failed) return;
+    if (errors.length > 0) throw errors[0];
+    narrator.step("Done: site B took over site A's volumes, byte for byte, with everything stopped again");
+  }
+
+  private step<T>(work: Promise<T>): Promise<T> {
+    return this.interruption.step(work);
+  }
+
+  private async startSites(root: string): Promise<SitePair> {
+    this.pairStart = startSitePair({ parentDir: root });
+    try {
+      return await this.pairStart;
+    } catch (error) {
+      if (error instanceof NatsServerFailed) {
+        const said = error.lastLogLine === "" ? "" : `; it logged: ${error.lastLogLine}`;
+        throw new SiteStartFailed(`${error.reason}${said}`, { cause: error });
+      }
+      throw error;
+    }
+  }
+
+  private async startService(nats: Site, root: string, allowRegions: readonly string[]): Promise<DemoSite> {
+    const dataDir = join(root, nats.name);
+    await mkdir(dataDir, { recursive: true });
+    const spec: SiteServiceSpec = {
+      bin: FERRY_BIN,
+      site: nats.name,
+      region: nats.region,
+      nats: nats.url,
+      dataDir,
+      socket: join(dataDir, "nbd.sock"),
+      allowRegions,
+    };
+    this.narrator.command(nats.name, SiteService.commandLine(spec));
+    const service = SiteService.spawn(spec);
+    this.services.push(service);
+    await this.step(service.ready());
+    this.narrator.show(`${service.servingLine} (pid ${service.pid})`);
+    return { nats, dataDir, service };
+  }
+
+  /** Run `ferry ARGS` at a site, as shown; returns its stdout. */
+  private async ferry(site: DemoSite, args: readonly string[]): Promise<string> {
+    this.narrator.command(site.nats.name, ["ferry", ...args].join(" "));
+    const out = await this.ferryQuiet(site, args);
+    this.narrator.show(out);
+    return out;
+  }
+
+  private async ferryQuiet(site: DemoSite, args: readonly string[]): Promise<string> {
+    const { stdout } = await this.step(
+      runTool(process.execPath, [FERRY_BIN, ...args], {
+        signal: this.interruption.signal,
+        timeoutMs: COMMAND_TIMEOUT_MS,
+        env: { ...process.env, FERRY_DATA: site.dataDir },
+        label: ["ferry", ...args].join(" "),
+      }),
+    );
+    return stdout;
+  }
+
+  private async pairStatus(site: DemoSite): Promise<PairStatus> {
+    const pairs = JSON.parse(await this.ferryQuiet(site, ["replicate", "status", "--json"])) as PairStatus[];
+    const pair = pairs.find((p) => VOLUME_NAMES.every((name) => p.volumes.includes(name)));
+    if (!pair) throw new DemoCheckFailed(`site ${site.nats.name} reports no replication pair of ${VOLUME_NAMES}`);
+    return pair;
+  }
+
+  /** Poll the pair until the target holds a complete generation; bounded. */
+  private async firstGeneration(site: DemoSite): Promise<PairStatus> {
+    const deadline = Date.now() + FIRST_GENERATION_TIMEOUT_MS;
+    for (;;) {
+      const status = await this.pairStatus(site);
+      if (status.lastCompleteGeneration !== null) return status;
+      if (Date.now() > deadline) {
+        const why = status.lastError === null ? `state ${status.state}` : status.lastError;
+        throw new DemoCheckFailed(
+          `site B holds no complete generation after ${FIRST_GENERATION_TIMEOUT_MS / 1000} s: ${why}`,
+        );
+      }
+      await this.step(new Promise((resolve) => setTimeout(resolve, POLL_MS)));
+    }
+  }
+
+  private async qemuIo(
+    site: DemoSite,
+    volume: string,
+    commands: readonly string[],
+    { readOnly = false } = {},
+  ): Promise<void> {
+    const args = [...(readOnly ? ["-r"] : []), "-f", "raw", ...commands.flatMap((c) => ["-c", c])];
+    const uri = site.service.uri(volume);
+    this.narrator.command(site.nats.name, `qemu-io ${args.map(shellWord).join(" ")} '${uri}'`);
+    const { stdout } = await this.step(
+      runTool("qemu-io", [...args, uri], { signal: this.interruption.signal, timeoutMs: COMMAND_TIMEOUT_MS }),
+    );
+    // The per-command timing lines say nothing about the data; what was written or read does.
+    this.narrator.show(
+      stdout
+        .split("\n")
+        .filter((line) => /^(wrote|read|[0-9a-f]{8}:)/.test(line))
+        .join("\n"),
+    );
+  }
+
+  /** A write to a replica must be refused: show that it is. */
+  private async refusedWrite(site: DemoSite, volume: string): Promise<void> {
+    const command = "write -P 0x42 0 4K";
+    const uri = site.service.uri(volume);
+    this.narrator.command(site.nats.name, `qemu-io -f raw -c '${command}' '${uri}'`);
+    const outcome = await this.step(
+      runTool("qemu-io", ["-f", "raw", "-c", command, uri], {
+        signal: this.interruption.signal,
+        timeoutMs: COMMAND_TIMEOUT_MS,
+      }).then(
+        () => undefined,
+        (error: unknown) => error,
+      ),
+    );
+    if (!(outcome instanceof ToolFailed)) {
+      if (outcome !== undefined) throw outcome;
+      throw new DemoCheckFailed(`site ${site.nats.name}'s replica ${volume} accepted a write before promote`);
+    }
+    this.narrator.show(`refused, as it must be: ${outcome.message.replace(/^.* failed: /, "")}`);
+  }
+
+  /**
+   * Site B's digests against site A's. A is unchanged since the sync, and B holds the sync's
+   * generation or a later one (continuous replication may cut one more, empty, before the stop),
+   * so A's digests are A's bytes at the generation B was promoted at.
+   */
+  private async verify(
+    a: DemoSite,
+    b: DemoSite,
+    promoted: readonly PromotedVolume[],
+    atA: ReadonlyMap<string, string>,
+  ): Promise<void> {
+    const rows: (string | number)[][] = [];
+    const mismatches: string[] = [];
+    const generations = new Set<number>();
+    for (const name of VOLUME_NAMES) {
+      const generation = promoted.find((p) => p.volume === name)?.generation;
+      if (generation === undefined) throw new DemoCheckFailed(`\`ferry replicate promote\` did not report ${name}`);
+      generations.add(generation);
+      const atB = await this.step(exportSha256(b.service.uri(name), this.interruption.signal, COMMAND_TIMEOUT_MS));
+      const fromA = atA.get(name) ?? "";
+      const equal = atB === fromA;
+      if (!equal) mismatches.push(`${name}: site A ${fromA}, site B ${atB}`);
+      rows.push([name, generation, short(fromA), short(atB), equal ? "equal" : "DIFFERENT"]);
+    }
+    this.narrator.show(formatTable(["VOLUME", "GENERATION", "SITE A SHA256", "SITE B SHA256", "RESULT"], rows));
+    if (mismatches.length > 0) {
+      throw new DemoCheckFailed(`site B does not hold site A's bytes: ${mismatches.join("; ")}`);
+    }
+    const total = GROUP.reduce((sum, v) => sum + v.size, 0);
+    this.narrator.show(
+      `verified: ${VOLUME_NAMES.join(" and ")} at ${b.nats.name} are byte for byte what ${a.nats.name} held at ` +
+        `generation ${[...generations].join(", ")} (sha256 over all ${formatBytes(total)})`,
+    );
+  }
+
+  /** A text file of numbered, recognisable lines, for qemu-io's `write -s`. */
+  private async textFile(volume: string, round: number, size: number): Promise<string> {
+    const lines: string[] = [];
+    let length = 0;
+    for (let i = 1; length < size; i++) {
+      const line = `ferry demo | ${volume} | written at site-a | round ${round} | line ${String(i).padStart(6, "0")}\n`;
+      lines.push(line);
+      length += line.length;
+    }
+    const file = join(this.root ?? tmpdir(), `${volume}-${round}.txt`);
+    await writeFile(file, lines.join("").slice(0, size));
+    return file;
+  }
+}
+
+function describeSites(pair: SitePair): string[] {
+  const { a, b } = pair;
+  return [
+    formatTable(
+      ["SITE", "REGION", "NATS-SERVER", "CLIENTS", "JETSTREAM DOMAIN", "LEAFNODE"],
+      [
+        [a.name, a.region, `pid ${a.pid}`, a.server, a.name, `accepts on 127.0.0.1:${a.leafPort}`],
+        [b.name, b.region, `pid ${b.pid}`, b.server, b.name, `dials ${a.name}`],
+      ],
+    ),
+    `leafnode link ${b.name} → ${a.name} is up; each site has users ferryd and cli with random passwords (configs rendered from infra/nats/)`,
+  ];
+}
+
+function compression(status: PairStatus): string {
+  const factor = status.bytesWire > 0 ? status.bytesRaw / status.bytesWire : 0;
+  const ratio = factor > 0 ? ` (${factor.toFixed(factor < 10 ? 1 : 0)}× smaller)` : "";
+  return (
+    `shipped ${formatBytes(status.bytesRaw)} of volume data as ${formatBytes(status.bytesWire)} on the wire${ratio}: ` +
+    "zstd, and zero blocks as zero frames"
+  );
+}
+
+function short(digest: string): string {
+  return `${digest.slice(0, DIGEST_SHOWN)}…`;
+}
+
+function shellWord(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word}'`;
+}
