@@ -32,6 +32,8 @@ const RECORD_HEADER_LEN: u64 = 4 + 8 + 4 + 8;
 const PROGRESS_FILE: &str = "apply.progress";
 const PROGRESS_MAGIC: &[u8; 8] = b"FERRYAP1";
 const PROGRESS_HEADER_LEN: usize = 8 + 4 * 8 + 8;
+/// Most blocks kept as covered in part (see `ApplyTxn::partial`); more only cost resends.
+const MAX_PARTIAL_BLOCKS: usize = 4096;
 /// Save the progress map after this many bytes applied, or this long, whichever comes first.
 const PROGRESS_EVERY_BYTES: u64 = 64 << 20;
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -62,6 +64,11 @@ pub struct ApplyTxn {
     index: Mutex<Index>,
     /// Blocks wholly applied (the progress map).
     applied: DirtyBitmap,
+    /// Blocks applied only in part so far, with the byte runs applied of each. The source's
+    /// pieces (1 MiB less a header, in 4 KiB units) rarely end on a block boundary, so nearly
+    /// every frame leaves one block split with the next: once its runs cover it, it joins the map.
+    /// In memory only: a lost entry costs a resend of that block, never correctness.
+    partial: Mutex<HashMap<u64, Vec<(u64, u64)>>>,
     /// Bytes applied since the map was last saved, and when that was.
     unsaved: Mutex<(u64, std::time::Instant)>,
 }
@@ -142,6 +149,7 @@ impl ApplyTxn {
                 end: HEADER_LEN,
             }),
             applied: DirtyBitmap::new(size, granularity),
+            partial: Mutex::new(HashMap::new()),
             unsaved: Mutex::new((0, std::time::Instant::now())),
         })
     }
@@ -170,10 +178,11 @@ impl ApplyTxn {
     }
 
     /// `[offset, offset+length)` of `data` was written by this transaction: record its whole
-    /// blocks in the progress map, and save the map when enough has been applied since the last
-    /// save.
+    /// blocks in the progress map — with the blocks this write completes that earlier ones
+    /// covered in part — and save the map when enough has been applied since the last save.
     pub fn applied(&self, data: &File, offset: u64, length: u64) -> Result<()> {
         self.applied.mark_covered(offset, length);
+        self.applied_in_part(offset, length);
         let due = {
             let mut u = self.unsaved.lock();
             u.0 += length;
@@ -187,6 +196,52 @@ impl ApplyTxn {
             self.save_progress(data)?;
         }
         Ok(())
+    }
+
+    /// Track the edge blocks `[offset, offset+length)` covers only in part; a block whose runs
+    /// now cover it whole joins the map. Every run was written by this transaction, as one write
+    /// covering the block would have been: a block in the map is as good either way. (Runs
+    /// written before a `retarget` may belong to the older generation; so may whole blocks of the
+    /// map, and the source resends every block it changed since the reference anyway.)
+    fn applied_in_part(&self, offset: u64, length: u64) {
+        let end = (offset + length).min(self.size);
+        if offset >= end {
+            return;
+        }
+        let g = self.granularity;
+        let (first, last) = (offset / g, (end - 1) / g);
+        let mut partial = self.partial.lock();
+        for block in if first == last {
+            vec![first]
+        } else {
+            vec![first, last]
+        } {
+            let (start, stop) = (block * g, ((block + 1) * g).min(self.size));
+            let run = (offset.max(start), end.min(stop));
+            if run == (start, stop) {
+                partial.remove(&block);
+                continue;
+            }
+            if !partial.contains_key(&block) && partial.len() >= MAX_PARTIAL_BLOCKS {
+                continue;
+            }
+            let runs = partial.entry(block).or_default();
+            runs.push(run);
+            runs.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+            for &(s, e) in runs.iter() {
+                match merged.last_mut() {
+                    Some(m) if s <= m.1 => m.1 = m.1.max(e),
+                    _ => merged.push((s, e)),
+                }
+            }
+            if merged == [(start, stop)] {
+                partial.remove(&block);
+                self.applied.mark_blocks(block, block);
+            } else {
+                *runs = merged;
+            }
+        }
     }
 
     /// Save the progress map. The map is copied first and the data made durable after, so the
@@ -295,6 +350,7 @@ impl ApplyTxn {
             path,
             index: Mutex::new(Index { blocks, end: at }),
             applied,
+            partial: Mutex::new(HashMap::new()),
             unsaved: Mutex::new((0, std::time::Instant::now())),
         }))
     }
@@ -695,6 +751,32 @@ mod tests {
         data.read_exact_at(&mut buf, 0).unwrap();
         assert!(buf.iter().all(|b| *b == 7));
         assert!(!ApplyTxn::progress_path(t.path()).exists());
+    }
+
+    #[test]
+    fn a_block_split_between_writes_joins_the_map_once_every_part_is_in() {
+        let (t, data) = setup();
+        let txn = ApplyTxn::begin(t.path(), ID, 1 << 20, 65536).unwrap();
+        let is = |b| txn.progress().applied.is_dirty(b);
+        // Block 1 is split three ways, and its parts come out of order.
+        txn.applied(&data, 0, 65536 + 4096).unwrap();
+        txn.applied(&data, 2 * 65536 - 4096, 65536 + 4096).unwrap();
+        assert!(is(0) && !is(1) && is(2));
+        txn.applied(&data, 65536 + 4096, 4096).unwrap();
+        assert!(!is(1), "a part is still missing");
+        txn.applied(&data, 65536 + 8192, 65536 - 3 * 4096).unwrap();
+        assert!(is(1));
+        // Parts that leave a gap, or a block only written in part, stay out.
+        txn.applied(&data, 4 * 65536, 4096).unwrap();
+        txn.applied(&data, 4 * 65536 + 8192, 65536 - 8192).unwrap();
+        txn.applied(&data, 6 * 65536 - 4096, 8192).unwrap();
+        assert!(!is(3) && !is(4) && !is(5) && !is(6));
+        assert_eq!(txn.progress().applied.dirty_blocks(), 3);
+        // The last block of a volume that does not end on a block boundary.
+        let txn = ApplyTxn::begin(t.path(), ID, 65536 + 8192, 65536).unwrap();
+        txn.applied(&data, 65536, 4096).unwrap();
+        txn.applied(&data, 65536 + 4096, 4096).unwrap();
+        assert!(txn.progress().applied.is_dirty(1));
     }
 
     #[test]

@@ -3,5 +3,6 @@
 //! helper.
 #![allow(dead_code)]
 
+pub mod link_proxy;
 pub mod nats_sites;
 pub mod sites;

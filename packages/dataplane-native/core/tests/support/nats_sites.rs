@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::link_proxy::LinkProxy;
+
 /// Bound on each wait: a server becoming healthy, the link forming or going.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 /// How long a server gets to exit after SIGTERM before it is killed.
@@ -217,10 +219,13 @@ impl Drop for Site {
     }
 }
 
-/// Site A (`site-a`, eu-es) and site B (`site-b`, eu-de), linked by a leafnode from B to A.
+/// Site A (`site-a`, eu-es) and site B (`site-b`, eu-de), linked by a leafnode from B to A
+/// (directly, or through a `LinkProxy`).
 pub struct TwoSites {
     pub a: Site,
     pub b: Site,
+    /// The proxy the link runs through, when started with `start_partitionable()`.
+    pub link: Option<LinkProxy>,
     /// Removed on drop, after both servers have stopped (fields drop in declaration order).
     pub dir: tempfile::TempDir,
 }
@@ -230,25 +235,39 @@ impl TwoSites {
     /// that takes longer than `DEADLINE`; whatever was started is stopped by `Drop` as the panic
     /// unwinds.
     pub fn start() -> TwoSites {
+        TwoSites::start_with(false)
+    }
+
+    /// Like `start`, with the link running through a `LinkProxy`, so that a test can cut it
+    /// (`partition`) and restore it (`heal`) while both servers stay up.
+    pub fn start_partitionable() -> TwoSites {
+        TwoSites::start_with(true)
+    }
+
+    fn start_with(proxied: bool) -> TwoSites {
         let dir = tempfile::Builder::new()
             .prefix("ferry-nats-")
             .tempdir()
             .unwrap();
         let leaf_password = secret();
         let a_leaf_port = free_port();
+        let link = proxied.then(|| LinkProxy::start(a_leaf_port));
+        // B dials, and A advertises, the proxy when there is one: B adds what A advertises to its
+        // reconnect list, and would otherwise go around the proxy (and any partition) on a redial.
+        let dialled = link.as_ref().map_or(a_leaf_port, |l| l.port());
         let mut a = site(dir.path(), "site-a", "eu-es", "site-a.conf.tmpl");
         a.leaf_port = Some(a_leaf_port);
         a.values.insert("LEAF_PORT", a_leaf_port.to_string());
         a.values
-            .insert("LEAF_ADVERTISE", format!("127.0.0.1:{a_leaf_port}"));
+            .insert("LEAF_ADVERTISE", format!("127.0.0.1:{dialled}"));
         a.values.insert("LEAF_PASSWORD", leaf_password.clone());
         let mut b = site(dir.path(), "site-b", "eu-de", "site-b.conf.tmpl");
         b.values
-            .insert("LEAF_REMOTE", format!("127.0.0.1:{a_leaf_port}"));
+            .insert("LEAF_REMOTE", format!("127.0.0.1:{dialled}"));
         b.values.insert("LEAF_PASSWORD", leaf_password);
         a.start();
         b.start();
-        let sites = TwoSites { a, b, dir };
+        let sites = TwoSites { a, b, link, dir };
         sites.wait_for_link();
         sites
     }
@@ -261,6 +280,25 @@ impl TwoSites {
     /// Wait until neither server reports a leafnode connection.
     pub fn wait_for_no_link(&self) {
         self.wait_for_leafnodes(0, "gone");
+    }
+
+    /// Cut the link (both servers stay up) and wait until both have seen it go. Needs
+    /// `start_partitionable()`.
+    pub fn partition(&self) {
+        self.proxy().partition();
+        self.wait_for_no_link();
+    }
+
+    /// Restore the link and wait until it is up again.
+    pub fn heal(&self) {
+        self.proxy().heal();
+        self.wait_for_link();
+    }
+
+    fn proxy(&self) -> &LinkProxy {
+        self.link
+            .as_ref()
+            .expect("the link has no proxy: start with TwoSites::start_partitionable()")
     }
 
     fn wait_for_leafnodes(&self, count: u64, what: &str) {
