@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-DEBIAN_PACKAGES=(qemu-utils nbdkit libnbd-bin nbd-server fio nats-server)
+DEBIAN_PACKAGES=(qemu-utils nbdkit libnbd-bin nbd-server fio nats-server rsync)
 NPM_STAMP=node_modules/.ferry-npm-ci.stamp
 
 say() { printf 'setup: %s\n' "$*" >&2; }

@@ -10,14 +10,20 @@ import { setTimeout as sleep } from "node:timers/promises";
 /** pid → name of every child still running. */
 const live = new Map();
 
-/** Spawn `command` with stdout and stderr going to the file `log`. */
-export function spawnLogged(name, command, args, log) {
+/**
+ * Spawn `command` with stdout and stderr going to the file `log`. Options: `env` for the child;
+ * `stdout`: `"pipe"` to read it as `child.stdout`, or a file path to keep it apart from the log.
+ */
+export function spawnLogged(name, command, args, log, options = {}) {
   const fd = openSync(log, "a");
+  const outFd = typeof options.stdout === "string" && options.stdout !== "pipe" ? openSync(options.stdout, "w") : fd;
   let child;
   try {
-    child = spawn(command, args, { stdio: ["ignore", fd, fd] });
+    const stdout = options.stdout === "pipe" ? "pipe" : outFd;
+    child = spawn(command, args, { stdio: ["ignore", stdout, fd], ...(options.env ? { env: options.env } : {}) });
   } finally {
     closeSync(fd);
+    if (outFd !== fd) closeSync(outFd);
   }
   if (child.pid === undefined) throw new Error(`${name}: cannot start ${command} (is it installed?)`);
   live.set(child.pid, name);
@@ -44,9 +50,12 @@ export function logTail(child, lines = 15) {
   }
 }
 
-/** Run a command to completion; fails with its log when it exits non-zero or outlives `timeoutMs`. */
-export async function runLogged(name, command, args, log, timeoutMs) {
-  const child = spawnLogged(name, command, args, log);
+/**
+ * Run a command to completion; fails with its log when it exits non-zero or outlives `timeoutMs`.
+ * `options` as for `spawnLogged`.
+ */
+export async function runLogged(name, command, args, log, timeoutMs, options = {}) {
+  const child = spawnLogged(name, command, args, log, options);
   const timer = setTimeout(() => process.kill(child.pid, "SIGKILL"), timeoutMs);
   const { code, signal, error } = await child.exited;
   clearTimeout(timer);
@@ -119,4 +128,28 @@ export function firstLine(command, args) {
       resolve(error ? "unknown" : String(stdout).split("\n")[0].trim()),
     );
   });
+}
+
+/** Wait until a child's log has a line matching `pattern` (returned), or fail: it exited, or the deadline passed. */
+export async function waitForLine(child, pattern, deadlineMs = 20_000) {
+  const deadline = Date.now() + deadlineMs;
+  for (;;) {
+    const line = readLog(child)
+      .split("\n")
+      .find((l) => pattern.test(l));
+    if (line !== undefined) return line;
+    if (hasExited(child)) throw new Error(`${child.label} exited before printing ${pattern}:\n${logTail(child)}`);
+    if (Date.now() > deadline)
+      throw new Error(`${child.label} did not print ${pattern} within ${deadlineMs / 1000} s:\n${logTail(child)}`);
+    await sleep(50);
+  }
+}
+
+function readLog(child) {
+  try {
+    return readFileSync(child.log, "utf8");
+  } catch {
+    // Not created yet: nothing printed yet either.
+    return "";
+  }
 }

@@ -130,7 +130,8 @@ function pct(share) {
   return `${(share * 100).toFixed(0)}%`;
 }
 
-function align(rows) {
+/** Pad every column of `rows` (the first is the header) to its widest cell. */
+export function align(rows) {
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => String(r[i]).length)));
   return rows
     .map((r) =>

@@ -12,9 +12,9 @@
  * The copy source (`nbdkit sparse-random … percent=100`) also lives here.
  */
 import { open } from "node:fs/promises";
-import { createServer } from "node:net";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { freePort } from "@ferry/nats-sites";
 import { createVolume } from "../../packages/dataplane-native/binding.js";
 
 export const EXPORT = "bench";
@@ -118,16 +118,4 @@ export function uriOf(listen) {
   return listen.socket
     ? `nbd+unix:///${EXPORT}?socket=${listen.socket}`
     : `nbd://${listen.host}:${listen.port}/${EXPORT}`;
-}
-
-/** A port the kernel just handed out and we released; the server binds it a moment later. */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = createServer();
-    probe.once("error", reject);
-    probe.listen(0, "127.0.0.1", () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
 }
