@@ -173,6 +173,14 @@ describe("ferry replicate between two sites", () => {
       lastError: null,
       syncWrites: 0,
       suspensions: 0,
+      lastCycle: second.lastCycle,
+    });
+    // The second generation's own trip: the three blocks above, cut to commit.
+    expect(second.lastCycle).toMatchObject({
+      generation: second.lastCompleteGeneration,
+      bytesRaw: 3 * 64 * KiB,
+      bytesWire: expect.any(Number),
+      ms: expect.any(Number),
     });
     const table = await ferry.ok(["replicate", "status", "--data", a.data]);
     expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\n/);

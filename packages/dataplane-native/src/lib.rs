@@ -18,7 +18,7 @@ fn coded(code: &str, message: impl std::fmt::Display) -> napi::Error {
 }
 
 fn js_err(e: ferry_dataplane::Error) -> napi::Error {
-    coded(&e.code().to_string(), e)
+    coded(e.code(), &e)
 }
 
 fn internal(why: impl std::fmt::Display) -> napi::Error {

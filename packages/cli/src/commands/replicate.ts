@@ -38,6 +38,8 @@ export interface PairStatus {
   /** Sync pairs: writes the target acknowledged, and times the target was lost. */
   syncWrites: number;
   suspensions: number;
+  /** The last generation shipped whole: cut to the target's commit, and the bytes it took. */
+  lastCycle: { generation: number; ms: number; bytesRaw: number; bytesWire: number } | null;
 }
 
 /** A target site's replica and the generations it can be promoted at. */

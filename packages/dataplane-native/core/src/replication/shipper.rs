@@ -101,6 +101,21 @@ pub struct PairStatus {
     /// Sync pairs: writes acknowledged by the target, and times sync was suspended.
     pub sync_writes: u64,
     pub suspensions: u64,
+    /// The last generation shipped whole: what it took from its cut to the target's commit.
+    pub last_cycle: Option<CycleStats>,
+}
+
+/// One generation's trip: cut at the source, shipped, applied and committed at the target.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CycleStats {
+    /// The newest generation of the group's volumes it completed.
+    pub generation: u64,
+    /// From the start of the cut to the target's acknowledgement of the commit.
+    pub ms: f64,
+    /// Volume data shipped and bytes on the wire for it (frames only).
+    pub bytes_raw: u64,
+    pub bytes_wire: u64,
 }
 
 /// Where the site's data plane sits, for residency checks and messages.
@@ -607,6 +622,11 @@ impl Shipper {
             "shipping".into()
         };
         let cut_at = now_ms();
+        let started = Instant::now();
+        let (raw_before, wire_before) = (
+            self.bytes_raw.load(Ordering::Relaxed),
+            self.bytes_wire.load(Ordering::Relaxed),
+        );
         let reg = self.registry.clone();
         let names = self.cfg.volumes.clone();
         let cuts = tokio::task::spawn_blocking(move || reg.cut_with_images(&names, &bases))
@@ -692,6 +712,12 @@ impl Shipper {
         st.last_complete_generation = Some(max_gen);
         st.last_complete_at_ms = Some(cut_at);
         st.generations_shipped += 1;
+        st.last_cycle = Some(CycleStats {
+            generation: max_gen,
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+            bytes_raw: self.bytes_raw.load(Ordering::Relaxed) - raw_before,
+            bytes_wire: self.bytes_wire.load(Ordering::Relaxed) - wire_before,
+        });
         Ok(max_gen)
     }
 
