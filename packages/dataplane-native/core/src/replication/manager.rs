@@ -10,12 +10,17 @@ use super::shipper::{Mode, PairConfig, PairStatus, Shipper, SiteIdentity};
 use crate::bitmap::write_atomic;
 use crate::error::{Error, IoContext, Result};
 use crate::registry::Registry;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
+
+/// Most frames applied as one batch, and most bytes of frames (messages, compressed) in one:
+/// a quarter of the source's window, so that applying one batch overlaps receiving the next.
+const FRAME_BATCH: usize = 64;
+const FRAME_BATCH_BYTES: usize = 4 << 20;
 
 #[derive(Clone, Copy)]
 enum Inbound {
@@ -340,16 +345,33 @@ impl Replication {
                 m = frames.next() => match m { Some(m) => (m, Inbound::Frame), None => break },
                 m = changes.next() => match m { Some(m) => (m, Inbound::SyncChange), None => break },
             };
+            if let Inbound::Frame = kind {
+                // Frames that arrived meanwhile are applied with this one, as one batch.
+                let mut batch = vec![msg];
+                let mut bytes = batch[0].payload.len();
+                while batch.len() < FRAME_BATCH && bytes < FRAME_BATCH_BYTES {
+                    match frames.next().now_or_never() {
+                        Some(Some(m)) => {
+                            bytes += m.payload.len();
+                            batch.push(m);
+                        }
+                        _ => break,
+                    }
+                }
+                self.apply_frames(batch).await;
+                continue;
+            }
             let Some(reply_to) = msg.reply.clone() else {
                 continue;
             };
             let receiver = self.receiver.clone();
             let nats = self.nats.clone();
-            // Frames are applied one at a time per site (a bounded queue: the subscription),
-            // control messages likewise; each is blocking file I/O.
+            // Control messages are answered one at a time per site, and frames are applied one
+            // batch at a time (the subscriptions are the bounded queues); each is blocking I/O.
             let answer = tokio::task::spawn_blocking(move || {
                 let r = match kind {
-                    Inbound::Frame => receiver.frame(&msg.payload).map(|_| ControlReply::ok()),
+                    // Batched above; a lone frame would be answered the same way.
+                    Inbound::Frame => return receiver.frames(&[&msg.payload[..]]).remove(0),
                     Inbound::SyncChange => receiver
                         .sync_change(&msg.payload)
                         .map(|_| ControlReply::ok()),
@@ -372,6 +394,28 @@ impl Replication {
             let _ = nats.publish(reply_to, body.into()).await;
         }
         Ok(())
+    }
+
+    /// Apply a batch of frames and answer each frame's request.
+    async fn apply_frames(&self, batch: Vec<async_nats::Message>) {
+        let receiver = self.receiver.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            let payloads: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
+            let replies = receiver.frames(&payloads);
+            (batch, replies)
+        })
+        .await;
+        let Ok((batch, replies)) = answered else {
+            // The task panicked: the frames go unanswered, their requests time out at the source
+            // and it ships the generation again.
+            return;
+        };
+        for (msg, answer) in batch.iter().zip(replies) {
+            if let Some(reply_to) = msg.reply.clone() {
+                let body = serde_json::to_vec(&answer).expect("reply serializes");
+                let _ = self.nats.publish(reply_to, body.into()).await;
+            }
+        }
     }
 
     /// Stop every shipper (service stop); configurations stay, so the pairs resume on restart.

@@ -426,8 +426,48 @@ impl Receiver {
             .any(|g| g.volumes.iter().any(|v| v == volume))
     }
 
-    /// Verify and apply one data frame; blocking.
-    pub fn frame(&self, bytes: &[u8]) -> Result<()> {
+    /// Verify and apply a batch of data frames, in arrival order; blocking. Each frame gets its
+    /// own answer: a damaged or unexpected frame is refused alone and never applied. The good
+    /// frames of one volume are applied together — every before-image journaled and synced once,
+    /// then the data — so a burst of small frames costs one journal fsync, not one each.
+    pub fn frames(&self, payloads: &[&[u8]]) -> Vec<ControlReply> {
+        let mut replies: Vec<Option<ControlReply>> = payloads.iter().map(|_| None).collect();
+        type Checked<'a> = (usize, frame::Frame<'a>, Content<'a>);
+        let mut by_volume: Vec<(&str, Vec<Checked<'_>>)> = Vec::new();
+        for (i, bytes) in payloads.iter().enumerate() {
+            match self.check_frame(bytes) {
+                Ok((f, content)) => match by_volume.iter_mut().find(|(v, _)| *v == f.volume) {
+                    Some((_, list)) => list.push((i, f, content)),
+                    None => by_volume.push((f.volume, vec![(i, f, content)])),
+                },
+                Err(e) => replies[i] = Some(ControlReply::error(&e)),
+            }
+        }
+        for (volume, list) in &by_volume {
+            let applied = self.registry.require(volume).and_then(|v| {
+                let txn = v.applying().ok_or_else(|| no_generation(volume))?;
+                // Checked against the frames' generation above; it may only have ended since.
+                if let Some((_, f, _)) = list.iter().find(|(_, f, _)| !matches(&txn, f)) {
+                    return Err(mismatch(&txn, f));
+                }
+                let ops: Vec<ApplyOp<'_>> = list.iter().map(|(_, f, c)| apply_op(f, c)).collect();
+                v.apply_batch(&txn, &ops)
+            });
+            for (i, _, _) in list {
+                replies[*i] = Some(match &applied {
+                    Ok(()) => ControlReply::ok(),
+                    Err(e) => ControlReply::error(e),
+                });
+            }
+        }
+        replies
+            .into_iter()
+            .map(|r| r.expect("every frame is answered"))
+            .collect()
+    }
+
+    /// Decode and verify one data frame, and check it belongs to the generation being applied.
+    fn check_frame<'a>(&self, bytes: &'a [u8]) -> Result<(frame::Frame<'a>, Content<'a>)> {
         let msg = frame::decode(bytes)?;
         let Message::Data(f) = msg else {
             return Err(Error::InvalidArgument("expected a data frame".into()));
@@ -440,23 +480,32 @@ impl Receiver {
         }
         let content = f.verify()?;
         let v = self.registry.require(f.volume)?;
-        let txn = v.applying().ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "frame for volume '{}' arrived with no generation being applied",
-                f.volume
-            ))
-        })?;
-        if txn.id().epoch != f.epoch || txn.id().target != f.generation {
-            return Err(Error::InvalidArgument(format!(
-                "frame of generation {} (epoch {}) for '{}' does not match the generation being applied ({})",
-                f.generation,
-                f.epoch,
-                f.volume,
-                txn.id().target
-            )));
+        let txn = v.applying().ok_or_else(|| no_generation(f.volume))?;
+        if !matches(&txn, &f) {
+            return Err(mismatch(&txn, &f));
         }
-        v.apply_batch(&txn, &[apply_op(&f, &content)])
+        Ok((f, content))
     }
+}
+
+fn matches(txn: &crate::apply_txn::ApplyTxn, f: &frame::Frame<'_>) -> bool {
+    txn.id().epoch == f.epoch && txn.id().target == f.generation
+}
+
+fn no_generation(volume: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "frame for volume '{volume}' arrived with no generation being applied"
+    ))
+}
+
+fn mismatch(txn: &crate::apply_txn::ApplyTxn, f: &frame::Frame<'_>) -> Error {
+    Error::InvalidArgument(format!(
+        "frame of generation {} (epoch {}) for '{}' does not match the generation being applied ({})",
+        f.generation,
+        f.epoch,
+        f.volume,
+        txn.id().target
+    ))
 }
 
 /// The progress of a running transaction as the source needs it to resume; `None` when there is

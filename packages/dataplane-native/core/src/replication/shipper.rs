@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Requests in flight per pair; with 1 MiB messages, at most ~8 MiB on the wire at once.
-pub const WINDOW: usize = 8;
+/// Requests in flight per pair; with 1 MiB messages, at most ~16 MiB on the wire at once.
+pub const WINDOW: usize = 16;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const RESENDS: usize = 3;
 
