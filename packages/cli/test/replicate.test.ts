@@ -186,22 +186,26 @@ describe("ferry replicate between two sites", () => {
     expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\n/);
     expect(table).toMatch(new RegExp(`a,b\\s+site-b\\s+async\\s+idle\\s+${second.lastCompleteGeneration}\\s`));
 
-    // --on-loss belongs to sync pairs.
-    const onLoss = await ferry.run([
-      "replicate",
-      "start",
-      "c",
-      "--to",
-      "site-b",
-      "--mode",
-      "async",
-      "--on-loss",
-      "block",
-      "--data",
-      a.data,
-    ]);
-    expect(onLoss.code).toBe(2);
-    expect(onLoss.stderr).toMatch(/^ferry: option '--on-loss <policy>' only applies to --mode sync\n$/);
+    // --on-peer-loss (or its older spelling --on-loss) belongs to sync pairs.
+    for (const flag of ["--on-peer-loss", "--on-loss"]) {
+      const onLoss = await ferry.run([
+        "replicate",
+        "start",
+        "c",
+        "--to",
+        "site-b",
+        "--mode",
+        "async",
+        flag,
+        "block",
+        "--data",
+        a.data,
+      ]);
+      expect(onLoss.code, flag).toBe(2);
+      expect(onLoss.stderr).toMatch(
+        /^ferry: option '--on-peer-loss <policy>' only applies to --mode sync \(see 'ferry replicate start --help'\)\n$/,
+      );
+    }
 
     const stopped = await ferry.ok(["replicate", "stop", "a", "b", "--data", a.data]);
     expect(stopped).toContain(
@@ -335,7 +339,7 @@ describe("ferry replicate between two sites", () => {
       "--data",
       a.data,
     ]);
-    expect(started).toMatch(/^replicating s to site-b \(sync, every 1h, on loss suspend\): \w+\n$/);
+    expect(started).toMatch(/^replicating s to site-b \(sync, every 1h, on peer loss suspend\): \w+\n$/);
     let status: PairStatus[] = [];
     for (let i = 0; i < 100; i++) {
       status = await ferry.json<PairStatus[]>(["replicate", "status", "--data", a.data]);
@@ -383,15 +387,21 @@ describe("ferry replicate between two sites", () => {
     ]);
     expect(reversed).toMatch(/^replicating s back to site-a \(async, every 1h\): \w+\n$/);
     const back = await ferry.json<PairStatus>(["replicate", "sync", "s", "--data", b.data]);
-    expect(back.bytesRaw).toBe(2 * 64 * 1024);
+    // The union: what B changed since the promotion (3M) and what A changed after the last
+    // generation B held completely — the synchronous writes at 0, 1M and 3M (B applied them, but
+    // no generation marked them complete within the hour's interval) and A's write at 2M.
+    expect(back.bytesRaw).toBe(4 * 64 * 1024);
     expect(await exportSha256(a.serve.uri("s"))).toBe(await exportSha256(b.serve.uri("s")));
-    await qemuIoReadOnly(a.serve.uri("s"), ["read -P 0x51 3M 64K", "read -P 0x32 1M 64K", "read -P 0x41 2M 64K"]);
+    // A now holds B's data: B's write, the synchronous ones, and B's bytes where A diverged.
+    await qemuIoReadOnly(a.serve.uri("s"), ["read -P 0x51 3M 64K", "read -P 0x32 1M 64K", "read -P 0x21 2M 64K"]);
 
     // Reverse is for promoted volumes only.
     await ferry.ok(["volume", "create", "t", "--size", "1M", "--data", b.data]);
     const notPromoted = await ferry.run(["replicate", "reverse", "t", "--to", "site-a", "--data", b.data]);
     expect(notPromoted.code).toBe(1);
-    expect(notPromoted.stderr).toMatch(/^ferry: volume 't' was not promoted from site site-a: .*\n$/);
+    expect(notPromoted.stderr).toMatch(
+      /^ferry: invalid argument: volume 't' was not promoted from site site-a: reverse replicates back to the site a volume failed over from.*\n$/,
+    );
   });
 
   it("refuses to copy a volume to a region the source site does not allow, and creates nothing there", async () => {

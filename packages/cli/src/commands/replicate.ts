@@ -93,6 +93,8 @@ interface StartOptions extends DataOption {
   interval: number;
   rate?: string;
   level?: number;
+  onPeerLoss?: (typeof ON_LOSS)[number];
+  /** `--on-loss`, the hidden older spelling of `--on-peer-loss`. */
   onLoss?: (typeof ON_LOSS)[number];
   blockTimeout?: number;
   recoveryPoints?: number;
@@ -108,6 +110,11 @@ function parseCount(min: number, max: number, what: string): (text: string) => n
     }
     return n;
   };
+}
+
+/** The sync pair's policy for a lost target, from either spelling of the option. */
+function onPeerLoss(options: StartOptions): (typeof ON_LOSS)[number] | undefined {
+  return options.onPeerLoss ?? options.onLoss;
 }
 
 export function registerReplicateCommands(program: Command, io: ProgramIo): void {
@@ -154,13 +161,14 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     )
     .addOption(
       new Option(
-        "--on-loss <policy>",
+        "--on-peer-loss <policy>",
         "sync: when the target is unreachable, suspend (writes go on here, tracked, and only what changed is " +
           "resynced when it is back; the default) or block (writes wait --block-timeout, then fail with EIO)",
       ).choices(ON_LOSS),
     )
+    .addOption(new Option("--on-loss <policy>", "the same as --on-peer-loss").choices(ON_LOSS).hideHelp())
     .addOption(
-      new Option("--block-timeout <duration>", "sync with --on-loss block: how long a write waits for the target")
+      new Option("--block-timeout <duration>", "sync with --on-peer-loss block: how long a write waits for the target")
         .default(parseDuration("30s"), "30s")
         .argParser(parseDuration),
     )
@@ -182,7 +190,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
         `every ${formatDuration(options.interval)}`,
         ...(rate === null ? [] : [`at most ${formatBytes(rate)}/s`]),
         ...(options.level === undefined ? [] : [`level ${options.level}`]),
-        ...(options.mode === "sync" ? [`on loss ${options.onLoss ?? "suspend"}`] : []),
+        ...(options.mode === "sync" ? [`on peer loss ${onPeerLoss(options) ?? "suspend"}`] : []),
       ];
       io.writeOut(
         `replicating ${status.volumes.join(", ")} to ${status.target} (${limits.join(", ")}): ${status.state}\n`,
@@ -198,8 +206,10 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     const rate = options.rate === undefined ? null : await parseRate(options.rate, command);
     const maxMessage =
       options.maxMessage === undefined ? null : await parseSizeOption("--max-message", options.maxMessage, command);
-    if (options.onLoss !== undefined && options.mode !== "sync") {
-      command.error("option '--on-loss <policy>' only applies to --mode sync", { code: "commander.invalidArgument" });
+    if (onPeerLoss(options) !== undefined && options.mode !== "sync") {
+      command.error("option '--on-peer-loss <policy>' only applies to --mode sync", {
+        code: "commander.invalidArgument",
+      });
     }
     const status = (await request(resolveDataDir(options.data), {
       op: "replicateStart",
@@ -209,7 +219,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
       intervalMs: options.interval,
       rate,
       level: options.level ?? null,
-      onLoss: options.onLoss ?? null,
+      onLoss: onPeerLoss(options) ?? null,
       blockTimeoutMs: options.blockTimeout ?? null,
       recoveryPoints: options.recoveryPoints ?? null,
       maxMessage,
