@@ -5,6 +5,7 @@
 
 mod support;
 
+use ferry_dataplane::control::ControlRequest;
 use futures_util::StreamExt;
 use rand::Rng;
 use support::nats_sites::TwoSites;
@@ -96,6 +97,27 @@ fn a_sync_write_is_acknowledged_only_once_the_target_applied_it() {
     let gen = st["lastCompleteGeneration"].as_u64().unwrap();
     let rep = b.svc().registry().require("db").unwrap().replica().unwrap();
     assert_eq!(rep.last_complete_generation, gen);
+
+    // Stopping a synchronous pair records what the target holds as a complete generation: the
+    // write after the last mark is in it, and the target says so.
+    a.write("db", 3 * BLOCK, 0x77, 4096);
+    let stopped = a
+        .admin()
+        .replicate(ControlRequest::ReplicateStop {
+            volumes: vec!["db".into()],
+        })
+        .unwrap();
+    let last = a
+        .svc()
+        .registry()
+        .require("db")
+        .unwrap()
+        .meta()
+        .open_generation;
+    let rep = b.svc().registry().require("db").unwrap().replica().unwrap();
+    assert_eq!(rep.last_complete_generation, last - 1, "{stopped}");
+    assert_eq!(stopped["lastCompleteGeneration"].as_u64(), Some(last - 1));
+    assert_eq!(b.content("db"), a.content("db"));
 }
 
 #[test]

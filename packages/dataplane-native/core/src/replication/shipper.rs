@@ -75,6 +75,8 @@ fn default_block_timeout() -> u64 {
 /// A sync pair goes synchronous once a catch-up generation shipped at most this much: writes
 /// wait while the generation that starts sync is shipped.
 const SYNC_ENTRY_MAX_BYTES: u64 = 64 << 20;
+/// How long a stopping sync pair waits for the target to record its last generation.
+const FINAL_MARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -395,6 +397,16 @@ impl Shipper {
                         message: e.to_string(),
                     }),
                 });
+            }
+        }
+        // A synchronous target holds every write acknowledged so far: record that as a complete
+        // generation before the links go, so the target reports (and promotes at) what it holds
+        // and a later reverse has less to send. Bounded: a target that is gone changes nothing.
+        if self.cfg.mode == Mode::Sync && self.synchronous() {
+            match tokio::time::timeout(FINAL_MARK_TIMEOUT, self.mark()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => log::warn!("final mark of group '{}': {e}", self.cfg.group),
+                Err(_) => log::warn!("final mark of group '{}' timed out", self.cfg.group),
             }
         }
         self.detach_links("replication stopped");
