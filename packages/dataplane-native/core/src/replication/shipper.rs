@@ -800,7 +800,7 @@ impl Shipper {
             .collect();
         let mut inflight = tokio::task::JoinSet::new();
         let started = Instant::now();
-        let mut sent_wire = 0u64;
+        let sent_wire = Arc::new(AtomicU64::new(0));
         for (seq, piece) in sizer.pieces(extents).enumerate() {
             while inflight.len() >= WINDOW {
                 inflight
@@ -809,35 +809,45 @@ impl Shipper {
                     .expect("non-empty")
                     .map_err(join_err)??;
             }
-            let mut buf = vec![0u8; piece.length as usize];
-            vol.read_cut(&image, piece.offset, &mut buf)?;
-            let msg = frame::encode_data(
-                vol.name(),
-                r.epoch,
-                r.generation,
-                seq as u64,
-                piece.offset,
-                &buf,
-                self.cfg.level,
-            )?;
-            sent_wire += msg.len() as u64;
-            if let Some(rate) = self.cfg.rate.filter(|r| *r > 0) {
-                // Keep the average at or under the limit: wait until the bytes sent are due.
-                let due = Duration::from_secs_f64(sent_wire as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-            }
             let nats = self.nats.clone();
             let subject = frames_subject(&self.cfg.target_site);
-            let image = image.clone();
+            let (vol, image) = (vol.clone(), image.clone());
             let target = self.cfg.target_site.clone();
-            let (raw, wire) = (piece.length as u64, msg.len() as u64);
+            let (epoch, generation, level) = (r.epoch, r.generation, self.cfg.level);
+            let rate = self.cfg.rate.filter(|r| *r > 0);
+            let sent_wire = sent_wire.clone();
             let stats = (self.bytes_raw.clone(), self.bytes_wire.clone());
+            // Each frame is read and compressed on the blocking pool, so the window's frames are
+            // prepared in parallel with one another and with the sending.
             inflight.spawn(async move {
+                let (msg, image) = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; piece.length as usize];
+                    vol.read_cut(&image, piece.offset, &mut buf)?;
+                    let msg = frame::encode_data(
+                        vol.name(),
+                        epoch,
+                        generation,
+                        seq as u64,
+                        piece.offset,
+                        &buf,
+                        level,
+                    )?;
+                    Ok::<_, Error>((msg, image))
+                })
+                .await
+                .map_err(join_err)??;
+                let wire = msg.len() as u64;
+                if let Some(rate) = rate {
+                    // Keep the average at or under the limit: wait until the bytes sent are due.
+                    let total = sent_wire.fetch_add(wire, Ordering::Relaxed) + wire;
+                    let due = Duration::from_secs_f64(total as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
                 send_frame(&nats, subject, msg, &target).await?;
                 image.shipped(piece.offset, piece.length as u64);
-                stats.0.fetch_add(raw, Ordering::Relaxed);
+                stats.0.fetch_add(piece.length as u64, Ordering::Relaxed);
                 stats.1.fetch_add(wire, Ordering::Relaxed);
                 Ok::<(), Error>(())
             });
