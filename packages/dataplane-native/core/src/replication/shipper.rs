@@ -330,6 +330,7 @@ impl Shipper {
             let sync_pair = self.cfg.mode == Mode::Sync;
             let in_sync = sync_pair && self.synchronous();
             let before = self.bytes_raw.load(Ordering::Relaxed);
+            let cycle_started = tokio::time::Instant::now();
             let r = tokio::select! {
                 _ = shutdown.changed() => break,
                 r = async {
@@ -344,13 +345,14 @@ impl Shipper {
             match &r {
                 Ok(_) => {
                     last_shipped = self.bytes_raw.load(Ordering::Relaxed) - before;
-                    // A sync pair catching up goes on at once until it is synchronous.
-                    next = tokio::time::Instant::now()
-                        + if sync_pair && !self.synchronous() {
-                            Duration::ZERO
-                        } else {
-                            interval
-                        };
+                    // Cuts keep to the interval, however long shipping took (so the lag stays
+                    // under the interval plus one transfer); a sync pair catching up goes on at
+                    // once until it is synchronous.
+                    next = if sync_pair && !self.synchronous() {
+                        tokio::time::Instant::now()
+                    } else {
+                        cycle_started + interval
+                    };
                     let mut st = self.status.lock();
                     st.state = "idle".into();
                     st.last_error = None;
