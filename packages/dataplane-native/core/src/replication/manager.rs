@@ -364,6 +364,18 @@ impl Replication {
             let Some(reply_to) = msg.reply.clone() else {
                 continue;
             };
+            if let Inbound::SyncChange = kind {
+                // A client's write waits for this answer: applied right here, one small write
+                // into the page cache, without a hop to the blocking pool.
+                let answer = self
+                    .receiver
+                    .sync_change(&msg.payload)
+                    .map(|_| ControlReply::ok())
+                    .unwrap_or_else(|e| ControlReply::error(&e));
+                let body = serde_json::to_vec(&answer).expect("reply serializes");
+                let _ = self.nats.publish(reply_to, body.into()).await;
+                continue;
+            }
             let receiver = self.receiver.clone();
             let nats = self.nats.clone();
             // Control messages are answered one at a time per site, and frames are applied one
@@ -372,6 +384,7 @@ impl Replication {
                 let r = match kind {
                     // Batched above; a lone frame would be answered the same way.
                     Inbound::Frame => return receiver.frames(&[&msg.payload[..]]).remove(0),
+                    // Answered above; here it would be answered the same way.
                     Inbound::SyncChange => receiver
                         .sync_change(&msg.payload)
                         .map(|_| ControlReply::ok()),
