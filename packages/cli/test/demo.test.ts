@@ -22,10 +22,15 @@ const ORDERS = [
   { pattern: 0x03, offset: 10 * MiB, shown: "10M" },
 ] as const;
 
-/** sha256 of what `orders` must hold at both sites: 16M of zeros but for the three orders. */
+/** Written while site B's service is stopped. */
+const ORDER_WHILE_B_IS_DOWN = { pattern: 0x04, offset: 12 * MiB } as const;
+
+/** sha256 of what `orders` must hold at both sites: 16M of zeros but for the four orders. */
 function expectedOrdersDigest(): string {
   const volume = Buffer.alloc(16 * MiB);
-  for (const order of ORDERS) volume.fill(order.pattern, order.offset, order.offset + 64 * KiB);
+  for (const order of [...ORDERS, ORDER_WHILE_B_IS_DOWN]) {
+    volume.fill(order.pattern, order.offset, order.offset + 64 * KiB);
+  }
   return createHash("sha256").update(volume).digest("hex");
 }
 
@@ -120,13 +125,39 @@ describe("ferry demo (two sites)", () => {
     );
     expect(out).toMatch(/^\s+orders\s+site-b\s+sync \(active\)\s+\w+\s+\d+\s/m);
     expect(out).toContain("syncWrites 3: writes to orders that site-b applied before site-a acknowledged them");
+
+    // --on-loss suspend: B's service stops, a write at A still completes, the pair suspends; B's
+    // service comes back, the pair resends what changed (not the whole volume) and is active again.
+    const firstServiceOfB = Number(/\(region eu-de\) via NATS \S+ \(pid (\d+)\)/.exec(out)?.[1]);
+    const lost = out.slice(out.indexOf("== Site B's volume service stops"), out.indexOf("== Data check"));
+    expect(lost).toMatch(
+      new RegExp(
+        `^\\s+site-b\\$ kill -TERM ${firstServiceOfB}   # its ferry volume serve\n` +
+          `\\s+ferry volume serve of site-b \\(pid ${firstServiceOfB}\\) stopped\n` +
+          `\\s+site-a\\$ qemu-io -f raw -c 'write -P 0x04 12M 64K' -c flush \\S+\n` +
+          "\\s+wrote 65536/65536 bytes at offset 12582912\n",
+        "m",
+      ),
+    );
+    expect(lost).toMatch(/^\s+orders\s+site-b\s+sync \(suspended\)\s+/m);
+    expect(lost).toContain("order 4 was acknowledged at site-a alone: the pair suspended itself (suspensions 1)");
+    const secondServiceOfB = Number(
+      /ferry: serving 3 volumes \(orders, web-db, web-root\) .* as site site-b .*\(pid (\d+)\)/.exec(lost)?.[1],
+    );
+    expect(secondServiceOfB).toBeGreaterThan(0);
+    expect(secondServiceOfB).not.toBe(firstServiceOfB);
+    expect(lost).toMatch(
+      /site-b\$ qemu-io -r -f raw -c 'read -P 0x04 12M 64K' \S+\n\s+read 65536\/65536 bytes at offset 12582912\n/,
+    );
+    expect(lost).toMatch(/synchronous again: \d+K resent, not the whole 16M; order 4 is at site-b\n/);
+
     const ordersAtA = /^\s+site-a\s+orders\s+([0-9a-f]{64})$/m.exec(out)?.[1];
     const ordersAtB = /^\s+site-b\s+orders\s+([0-9a-f]{64})$/m.exec(out)?.[1];
     const ordersDigest = expectedOrdersDigest();
     expect(ordersAtA).toBe(ordersDigest);
     expect(ordersAtB).toBe(ordersDigest);
     expect(out).toContain(
-      "equal: orders at site-b is byte for byte what site-a holds, with no sync and no stop in between (sha256 over all 16M)",
+      "equal: orders at site-b is byte for byte what site-a holds, all 4 orders, with the pair running (sha256 over all 16M)",
     );
     expect(out).toMatch(/stopped replicating orders to site-b; it keeps generation \d+/);
 
@@ -167,7 +198,8 @@ describe("ferry demo (two sites)", () => {
       "\n== Done: site B held every acknowledged write to orders and took over web-root and web-db, byte for byte",
     );
     const pids = printedPids(out);
-    expect(pids).toHaveLength(4);
+    expect(pids).toHaveLength(5); // site B's volume service ran twice
+
     for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
     expect(await readdir(tmp)).toEqual([]);
   }, 180_000);
@@ -175,6 +207,7 @@ describe("ferry demo (two sites)", () => {
   it.each([
     ["the async pair", "replicating web-root"],
     ["the sync pair", "replicating orders"],
+    ["to stop site B's service", "kill -TERM"],
   ])(
     "stops everything it started on SIGINT while it starts %s and exits 130",
     async (_, started) => {

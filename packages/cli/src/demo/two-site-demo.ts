@@ -3,12 +3,13 @@
  * own nats-server (JetStream, its own domain, users with passwords; B's leafnode dials A) and its
  * own `ferry volume serve`; a consistency group of two volumes at A, written over NBD, replicated
  * continuously to B; beside it a third volume replicated synchronously, each acknowledged write
- * read back at B at once and the two copies' digests compared; then the group is synced, its pair
+ * read back at B at once, B's service stopped and started again under it (the pair suspends and
+ * resyncs), and the two copies' digests compared; then the group is synced, its pair
  * stopped, B promoted, and B's bytes checked against A's. Every step is a real command (the `ferry`
  * bin, qemu-io, nbdcopy) whose exit status is checked, narrated as a user at that site would type it.
  *
- * It owns everything it starts or creates — one temp directory, two nats-servers, two volume
- * services — and stops and removes all of it again, on success, on failure and on Ctrl-C.
+ * It owns everything it starts or creates — one temp directory, two nats-servers, the volume
+ * services (B's twice) — and stops and removes all of it again, on success, on failure and on Ctrl-C.
  */
 import { rmSync } from "node:fs";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -42,6 +43,8 @@ const ORDERS = [
   { number: 3, pattern: "0x03", offset: "10M" },
 ] as const;
 const ORDER_LENGTH = "64K";
+/** Written while site B's service is down: acknowledged at A alone, resent when B is back. */
+const ORDER_WHILE_B_IS_DOWN = { number: 4, pattern: "0x04", offset: "12M" } as const;
 const INTERVAL = "1s";
 const FIRST_GENERATION_TIMEOUT_MS = 120_000;
 /** The sync pair copies the volume whole first, then goes synchronous at its next cut (a second or two). */
@@ -314,14 +317,7 @@ class TwoSiteDemo {
     for (const order of ORDERS) {
       const range = `${order.offset} ${ORDER_LENGTH}`;
       await this.qemuIo(a, name, [`write -P ${order.pattern} ${range}`, "flush"]);
-      await this.qemuIo(b, name, [`read -P ${order.pattern} ${range}`], { readOnly: true }).catch((error: unknown) => {
-        if (!(error instanceof ToolFailed)) throw error;
-        throw new DemoCheckFailed(
-          `order ${order.number} (${ORDER_LENGTH} of ${order.pattern} at ${order.offset}), acknowledged at ` +
-            `${a.nats.name}, is not at ${b.nats.name}: ${error.message}`,
-          { cause: error },
-        );
-      });
+      await this.readAtReplica(order, a, b);
     }
     narrator.show(
       `all ${ORDERS.length} orders were at ${b.nats.name} the moment ${a.nats.name} acknowledged them ` +
@@ -341,6 +337,8 @@ class TwoSiteDemo {
       `syncWrites ${status.syncWrites}: writes to ${name} that ${b.nats.name} applied before ${a.nats.name} ` +
         `acknowledged them (ferry replicate status --json)`,
     );
+
+    await this.targetLost(a, b);
 
     narrator.step(`Data check: ${name} at both sites, read over NBD with nbdcopy while the pair runs; then stop it`);
     const digests = [];
@@ -364,10 +362,69 @@ class TwoSiteDemo {
       throw new DemoCheckFailed(`${name} differs between the sites: ${a.nats.name} ${atA}, ${b.nats.name} ${atB}`);
     }
     narrator.show(
-      `equal: ${name} at ${b.nats.name} is byte for byte what ${a.nats.name} holds, with no sync and no stop ` +
-        `in between (sha256 over all ${formatBytes(SYNC_VOLUME.size)})`,
+      `equal: ${name} at ${b.nats.name} is byte for byte what ${a.nats.name} holds, all ${ORDERS.length + 1} orders, ` +
+        `with the pair running (sha256 over all ${formatBytes(SYNC_VOLUME.size)})`,
     );
     await this.ferry(a, ["replicate", "stop", name]);
+  }
+
+  /**
+   * `--on-loss suspend` at work: site B's volume service stops, a write at A still completes (the
+   * pair suspends and tracks what changed), and once B's service is back the pair resends what
+   * changed and is synchronous again, with that write at B. B's new service replaces the old one in
+   * `b` and in the list the cleanup stops; the old one leaves that list only once it has stopped.
+   */
+  private async targetLost(a: DemoSite, b: DemoSite): Promise<void> {
+    const { narrator } = this;
+    const { name } = SYNC_VOLUME;
+    const order = ORDER_WHILE_B_IS_DOWN;
+    const range = `${order.offset} ${ORDER_LENGTH}`;
+    narrator.step("Site B's volume service stops: with --on-loss suspend, writes at site A go on without it");
+    const gone = b.service;
+    narrator.command(b.nats.name, `kill -TERM ${gone.pid}   # its ferry volume serve`);
+    await this.step(gone.stop());
+    this.services.splice(this.services.indexOf(gone), 1);
+    narrator.show(`ferry volume serve of ${b.nats.name} (pid ${gone.pid}) stopped`);
+    await this.qemuIo(a, name, [`write -P ${order.pattern} ${range}`, "flush"]);
+    await this.ferry(a, ["replicate", "status"]);
+    const suspended = await this.pairStatus(a, [name]);
+    if (suspended.syncState === "active" || suspended.suspensions < 1) {
+      throw new DemoCheckFailed(
+        `the sync pair of ${name} reports syncState ${suspended.syncState ?? "none"} and ` +
+          `${suspended.suspensions} suspensions with ${b.nats.name}'s service stopped; expected it suspended`,
+      );
+    }
+    narrator.show(
+      `order ${order.number} was acknowledged at ${a.nats.name} alone: the pair suspended itself ` +
+        `(suspensions ${suspended.suspensions}) and tracks what changes until ${b.nats.name} is back`,
+    );
+
+    narrator.step("Site B's volume service is back: the pair resends what changed and is synchronous again");
+    const back = await this.startService(b.nats, this.root ?? tmpdir(), []);
+    b.service = back.service;
+    const resumed = await this.syncActive(a, name);
+    await this.readAtReplica(order, a, b);
+    narrator.show(
+      `synchronous again: ${formatBytes(resumed.bytesRaw - suspended.bytesRaw)} resent, not the whole ` +
+        `${formatBytes(SYNC_VOLUME.size)}; order ${order.number} is at ${b.nats.name}`,
+    );
+  }
+
+  /** Read an order at B's read-only export; a failed read or other bytes fail the demo. */
+  private async readAtReplica(
+    order: { number: number; pattern: string; offset: string },
+    a: DemoSite,
+    b: DemoSite,
+  ): Promise<void> {
+    const command = `read -P ${order.pattern} ${order.offset} ${ORDER_LENGTH}`;
+    await this.qemuIo(b, SYNC_VOLUME.name, [command], { readOnly: true }).catch((error: unknown) => {
+      if (!(error instanceof ToolFailed)) throw error;
+      throw new DemoCheckFailed(
+        `order ${order.number} (${ORDER_LENGTH} of ${order.pattern} at ${order.offset}), acknowledged at ` +
+          `${a.nats.name}, is not at ${b.nats.name}: ${error.message}`,
+        { cause: error },
+      );
+    });
   }
 
   /** Poll the sync pair of `volume` until every write waits for the target; bounded. */
