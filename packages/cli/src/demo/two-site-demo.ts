@@ -2,12 +2,14 @@
  * `ferry demo`: Ferry's main job, end to end on this machine. Two sites on loopback, each with its
  * own nats-server (JetStream, its own domain, users with passwords; B's leafnode dials A) and its
  * own `ferry volume serve`; a consistency group of two volumes at A, written over NBD, replicated
- * continuously to B, synced; then the pair is stopped, B promoted, and B's bytes checked against
- * A's. Every step is a real command (the `ferry` bin, qemu-io, nbdcopy) whose exit status is
- * checked, narrated as a user at that site would type it.
+ * continuously to B; beside it a third volume replicated synchronously, each acknowledged write
+ * read back at B at once, B's service stopped and started again under it (the pair suspends and
+ * resyncs), and the two copies' digests compared; then the group is synced, its pair
+ * stopped, B promoted, and B's bytes checked against A's. Every step is a real command (the `ferry`
+ * bin, qemu-io, nbdcopy) whose exit status is checked, narrated as a user at that site would type it.
  *
- * It owns everything it starts or creates — one temp directory, two nats-servers, two volume
- * services — and stops and removes all of it again, on success, on failure and on Ctrl-C.
+ * It owns everything it starts or creates — one temp directory, two nats-servers, the volume
+ * services (B's twice) — and stops and removes all of it again, on success, on failure and on Ctrl-C.
  */
 import { rmSync } from "node:fs";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -32,8 +34,21 @@ const GROUP = [
   { name: "web-db", size: 32 * MiB },
 ] as const;
 const VOLUME_NAMES = GROUP.map((v) => v.name);
+/** Replicated synchronously, beside the async group: every write waits until site B applied it. */
+const SYNC_VOLUME = { name: "orders", size: 16 * MiB } as const;
+/** The records written to it, one qemu-io write each: a byte pattern qemu-io's `read -P` verifies. */
+const ORDERS = [
+  { number: 1, pattern: "0x01", offset: "0" },
+  { number: 2, pattern: "0x02", offset: "5M" },
+  { number: 3, pattern: "0x03", offset: "10M" },
+] as const;
+const ORDER_LENGTH = "64K";
+/** Written while site B's service is down: acknowledged at A alone, resent when B is back. */
+const ORDER_WHILE_B_IS_DOWN = { number: 4, pattern: "0x04", offset: "12M" } as const;
 const INTERVAL = "1s";
 const FIRST_GENERATION_TIMEOUT_MS = 120_000;
+/** The sync pair copies the volume whole first, then goes synchronous at its next cut (a second or two). */
+const SYNC_ACTIVE_TIMEOUT_MS = 60_000;
 const POLL_MS = 250;
 /** Bound on every command the demo runs; the slowest, a sync or a digest of 64M, takes a second or two. */
 const COMMAND_TIMEOUT_MS = 120_000;
@@ -122,7 +137,12 @@ class TwoSiteDemo {
     await this.ferry(a, ["replicate", "status"]);
     narrator.show(compression(await this.pairStatus(a)));
 
-    narrator.step("Write more at site A while replication runs");
+    // Before the group's sync, not after, so that `replicate stop` follows the sync at once: a stop
+    // that lands while a cycle is in flight reports the generation before the one site B then
+    // completes, and the promote shows that later one.
+    await this.synchronousPair(a, b);
+
+    narrator.step("Write more into the group at site A while replication runs");
     await this.qemuIo(a, "web-root", [`write -s ${await this.textFile("web-root", 2, 256 * 1024)} 40M 256K`]);
     await this.qemuIo(a, "web-db", ["write -P 0xef 20M 1M"]);
 
@@ -198,7 +218,10 @@ class TwoSiteDemo {
     this.interruption.dispose();
     if (failed) return;
     if (errors.length > 0) throw errors[0];
-    narrator.step("Done: site B took over site A's volumes, byte for byte, with everything stopped again");
+    narrator.step(
+      `Done: site B held every acknowledged write to ${SYNC_VOLUME.name} and took over ${VOLUME_NAMES.join(" and ")}, ` +
+        "byte for byte, with everything stopped again",
+    );
   }
 
   private step<T>(work: Promise<T>): Promise<T> {
@@ -258,11 +281,167 @@ class TwoSiteDemo {
     return stdout;
   }
 
-  private async pairStatus(site: DemoSite): Promise<PairStatus> {
+  /** The status of the pair holding `volumes` (default: the async group), from `--json`. */
+  private async pairStatus(site: DemoSite, volumes: readonly string[] = VOLUME_NAMES): Promise<PairStatus> {
     const pairs = JSON.parse(await this.ferryQuiet(site, ["replicate", "status", "--json"])) as PairStatus[];
-    const pair = pairs.find((p) => VOLUME_NAMES.every((name) => p.volumes.includes(name)));
-    if (!pair) throw new DemoCheckFailed(`site ${site.nats.name} reports no replication pair of ${VOLUME_NAMES}`);
+    const pair = pairs.find((p) => volumes.every((name) => p.volumes.includes(name)));
+    if (!pair) {
+      throw new DemoCheckFailed(`site ${site.nats.name} reports no replication pair of ${volumes.join(", ")}`);
+    }
     return pair;
+  }
+
+  /**
+   * The synchronous part: `orders` replicated with `--mode sync` while the async group goes on.
+   * Each write is read back at B's read-only export right after qemu-io got its acknowledgement at
+   * A, with no `replicate sync` in between, so what the demo shows is the acknowledgement itself
+   * waiting for B; then the digests of both copies, taken with the pair still running, must agree.
+   */
+  private async synchronousPair(a: DemoSite, b: DemoSite): Promise<void> {
+    const { narrator } = this;
+    const { name } = SYNC_VOLUME;
+    narrator.step(`A third volume, ${name}, must not lose an acknowledged write: replicate it synchronously`);
+    await this.ferry(a, ["volume", "create", name, "--size", formatBytes(SYNC_VOLUME.size)]);
+    const started = Date.now();
+    await this.ferry(a, ["replicate", "start", name, "--to", b.nats.name, "--mode", "sync", "--interval", INTERVAL]);
+    await this.syncActive(a, name);
+    narrator.show(
+      `the pair copied ${name} whole, then went synchronous (syncState "active") after ` +
+        `${((Date.now() - started) / 1000).toFixed(1)} s: from now on a write at ${a.nats.name} is acknowledged ` +
+        `only once ${b.nats.name} has applied it`,
+    );
+
+    narrator.step(
+      "Write orders at site A; read each at site B as soon as it is acknowledged (no `ferry replicate sync`)",
+    );
+    for (const order of ORDERS) {
+      const range = `${order.offset} ${ORDER_LENGTH}`;
+      await this.qemuIo(a, name, [`write -P ${order.pattern} ${range}`, "flush"]);
+      await this.readAtReplica(order, a, b);
+    }
+    narrator.show(
+      `all ${ORDERS.length} orders were at ${b.nats.name} the moment ${a.nats.name} acknowledged them ` +
+        "(read -P checks every byte): while the pair is active, losing site A loses no acknowledged write",
+    );
+
+    narrator.step(`Replication status at site A: ${name} synchronous and active, beside the async group`);
+    await this.ferry(a, ["replicate", "status"]);
+    const status = await this.pairStatus(a, [name]);
+    if (status.syncState !== "active" || status.syncWrites < ORDERS.length) {
+      throw new DemoCheckFailed(
+        `the sync pair of ${name} reports syncState ${status.syncState ?? "none"} and ${status.syncWrites} ` +
+          `synchronous writes after ${ORDERS.length} orders; expected active and at least ${ORDERS.length}`,
+      );
+    }
+    narrator.show(
+      `syncWrites ${status.syncWrites}: writes to ${name} that ${b.nats.name} applied before ${a.nats.name} ` +
+        `acknowledged them (ferry replicate status --json)`,
+    );
+
+    await this.targetLost(a, b);
+
+    narrator.step(`Data check: ${name} at both sites, read over NBD with nbdcopy while the pair runs; then stop it`);
+    const digests = [];
+    for (const site of [a, b]) {
+      const digest = await this.step(
+        exportSha256(site.service.uri(name), this.interruption.signal, COMMAND_TIMEOUT_MS),
+      );
+      digests.push(digest);
+    }
+    const [atA, atB] = digests;
+    this.narrator.show(
+      formatTable(
+        ["SITE", "VOLUME", "SHA256"],
+        [
+          [a.nats.name, name, atA ?? ""],
+          [b.nats.name, name, atB ?? ""],
+        ],
+      ),
+    );
+    if (atA !== atB) {
+      throw new DemoCheckFailed(`${name} differs between the sites: ${a.nats.name} ${atA}, ${b.nats.name} ${atB}`);
+    }
+    narrator.show(
+      `equal: ${name} at ${b.nats.name} is byte for byte what ${a.nats.name} holds, all ${ORDERS.length + 1} orders, ` +
+        `with the pair running (sha256 over all ${formatBytes(SYNC_VOLUME.size)})`,
+    );
+    await this.ferry(a, ["replicate", "stop", name]);
+  }
+
+  /**
+   * `--on-loss suspend` at work: site B's volume service stops, a write at A still completes (the
+   * pair suspends and tracks what changed), and once B's service is back the pair resends what
+   * changed and is synchronous again, with that write at B. B's new service replaces the old one in
+   * `b` and in the list the cleanup stops; the old one leaves that list only once it has stopped.
+   */
+  private async targetLost(a: DemoSite, b: DemoSite): Promise<void> {
+    const { narrator } = this;
+    const { name } = SYNC_VOLUME;
+    const order = ORDER_WHILE_B_IS_DOWN;
+    const range = `${order.offset} ${ORDER_LENGTH}`;
+    narrator.step("Site B's volume service stops: with --on-loss suspend, writes at site A go on without it");
+    const gone = b.service;
+    narrator.command(b.nats.name, `kill -TERM ${gone.pid}   # its ferry volume serve`);
+    await this.step(gone.stop());
+    this.services.splice(this.services.indexOf(gone), 1);
+    narrator.show(`ferry volume serve of ${b.nats.name} (pid ${gone.pid}) stopped`);
+    await this.qemuIo(a, name, [`write -P ${order.pattern} ${range}`, "flush"]);
+    await this.ferry(a, ["replicate", "status"]);
+    const suspended = await this.pairStatus(a, [name]);
+    if (suspended.syncState === "active" || suspended.suspensions < 1) {
+      throw new DemoCheckFailed(
+        `the sync pair of ${name} reports syncState ${suspended.syncState ?? "none"} and ` +
+          `${suspended.suspensions} suspensions with ${b.nats.name}'s service stopped; expected it suspended`,
+      );
+    }
+    narrator.show(
+      `order ${order.number} was acknowledged at ${a.nats.name} alone: the pair suspended itself ` +
+        `(suspensions ${suspended.suspensions}) and tracks what changes until ${b.nats.name} is back`,
+    );
+
+    narrator.step("Site B's volume service is back: the pair resends what changed and is synchronous again");
+    const back = await this.startService(b.nats, this.root ?? tmpdir(), []);
+    b.service = back.service;
+    const resumed = await this.syncActive(a, name);
+    await this.readAtReplica(order, a, b);
+    narrator.show(
+      `synchronous again: ${formatBytes(resumed.bytesRaw - suspended.bytesRaw)} resent, not the whole ` +
+        `${formatBytes(SYNC_VOLUME.size)}; order ${order.number} is at ${b.nats.name}`,
+    );
+  }
+
+  /** Read an order at B's read-only export; a failed read or other bytes fail the demo. */
+  private async readAtReplica(
+    order: { number: number; pattern: string; offset: string },
+    a: DemoSite,
+    b: DemoSite,
+  ): Promise<void> {
+    const command = `read -P ${order.pattern} ${order.offset} ${ORDER_LENGTH}`;
+    await this.qemuIo(b, SYNC_VOLUME.name, [command], { readOnly: true }).catch((error: unknown) => {
+      if (!(error instanceof ToolFailed)) throw error;
+      throw new DemoCheckFailed(
+        `order ${order.number} (${ORDER_LENGTH} of ${order.pattern} at ${order.offset}), acknowledged at ` +
+          `${a.nats.name}, is not at ${b.nats.name}: ${error.message}`,
+        { cause: error },
+      );
+    });
+  }
+
+  /** Poll the sync pair of `volume` until every write waits for the target; bounded. */
+  private async syncActive(site: DemoSite, volume: string): Promise<PairStatus> {
+    const deadline = Date.now() + SYNC_ACTIVE_TIMEOUT_MS;
+    for (;;) {
+      const status = await this.pairStatus(site, [volume]);
+      if (status.syncState === "active") return status;
+      if (Date.now() > deadline) {
+        const why = status.lastError === null ? `state ${status.state}` : status.lastError;
+        throw new DemoCheckFailed(
+          `the sync pair of ${volume} is not active after ${SYNC_ACTIVE_TIMEOUT_MS / 1000} s ` +
+            `(syncState ${status.syncState ?? "none"}): ${why}`,
+        );
+      }
+      await this.step(new Promise((resolve) => setTimeout(resolve, POLL_MS)));
+    }
   }
 
   /** Poll the pair until the target holds a complete generation; bounded. */
