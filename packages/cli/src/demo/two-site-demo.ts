@@ -369,7 +369,7 @@ class TwoSiteDemo {
   }
 
   /**
-   * `--on-loss suspend` at work: site B's volume service stops, a write at A still completes (the
+   * `--on-peer-loss suspend` at work: site B's volume service stops, a write at A still completes (the
    * pair suspends and tracks what changed), and once B's service is back the pair resends what
    * changed and is synchronous again, with that write at B. B's new service replaces the old one in
    * `b` and in the list the cleanup stops; the old one leaves that list only once it has stopped.
@@ -379,7 +379,7 @@ class TwoSiteDemo {
     const { name } = SYNC_VOLUME;
     const order = ORDER_WHILE_B_IS_DOWN;
     const range = `${order.offset} ${ORDER_LENGTH}`;
-    narrator.step("Site B's volume service stops: with --on-loss suspend, writes at site A go on without it");
+    narrator.step("Site B's volume service stops: with --on-peer-loss suspend, writes at site A go on without it");
     const gone = b.service;
     narrator.command(b.nats.name, `kill -TERM ${gone.pid}   # its ferry volume serve`);
     await this.step(gone.stop());

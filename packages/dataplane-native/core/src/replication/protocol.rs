@@ -232,6 +232,22 @@ pub fn region_allowed(region: &str, allowed: &[String]) -> bool {
     allowed.is_empty() || allowed.iter().any(|r| r == region)
 }
 
+/// A request to site `target` that NATS could not deliver, said the way an operator can act on.
+pub fn unreachable(dir: &str, target: &str, e: &async_nats::RequestError) -> crate::error::Error {
+    use async_nats::RequestErrorKind;
+    let why = match e.kind() {
+        RequestErrorKind::NoResponders => format!(
+            "cannot reach site {target}: nothing answers there (is its `ferry volume serve --site {target}` running, and are the sites linked?)"
+        ),
+        RequestErrorKind::TimedOut => format!("cannot reach site {target}: the request timed out"),
+        RequestErrorKind::Other => format!("cannot reach site {target}: {e}"),
+    };
+    crate::error::Error::Service {
+        dir: dir.into(),
+        why,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

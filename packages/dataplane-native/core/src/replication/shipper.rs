@@ -6,8 +6,8 @@
 
 use super::frame::{self, FrameSizer};
 use super::protocol::{
-    block_hash, control_subject, frames_subject, region_allowed, ControlMessage, ControlReply,
-    GenerationRef, ReplicaReport, ReverseBase, VolumeSpec, MAX_HASHES,
+    block_hash, control_subject, frames_subject, region_allowed, unreachable, ControlMessage,
+    ControlReply, GenerationRef, ReplicaReport, ReverseBase, VolumeSpec, MAX_HASHES,
 };
 use super::sync::{LinkState, OnLoss, SyncLink};
 use crate::bitmap::DirtyBitmap;
@@ -18,7 +18,7 @@ use crate::volume::{Resume, Volume};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -144,6 +144,9 @@ pub struct Shipper {
     /// Sync pairs: the links installed in the volumes (one per volume), and their signal.
     links: Mutex<Vec<(Arc<Volume>, Arc<SyncLink>)>>,
     link_lost: Arc<tokio::sync::Notify>,
+    /// A commit (or sync mark) is on its way to the target: a stop waits for it to be answered,
+    /// so that what the pair reports is what the target holds.
+    committing: AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -183,6 +186,7 @@ impl Shipper {
             sync_rx: Mutex::new(Some(sync_rx)),
             links: Mutex::new(Vec::new()),
             link_lost: Arc::new(tokio::sync::Notify::new()),
+            committing: AtomicBool::new(false),
         })
     }
 
@@ -310,6 +314,10 @@ impl Shipper {
         let mut last_shipped = u64::MAX;
         let link_lost = self.link_lost.clone();
         loop {
+            // Also when a stop arrived while a commit was let finish below.
+            if *shutdown.borrow() {
+                break;
+            }
             let mut waiters = Vec::new();
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -331,8 +339,15 @@ impl Shipper {
             let in_sync = sync_pair && self.synchronous();
             let before = self.bytes_raw.load(Ordering::Relaxed);
             let cycle_started = tokio::time::Instant::now();
+            let stopping = async {
+                let _ = shutdown.changed().await;
+                // A commit under way is let finish: the cycle then ends first.
+                while self.committing.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
             let r = tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = stopping => break,
                 r = async {
                     if in_sync {
                         self.mark().await
@@ -432,6 +447,7 @@ impl Shipper {
                 resume_from: None,
             })
             .collect();
+        let _committing = Committing::start(&self.committing);
         self.control(&ControlMessage::SyncMark {
             group: self.cfg.group.clone(),
             volumes: refs.clone(),
@@ -463,10 +479,7 @@ impl Shipper {
                 self.cfg.target_site
             ),
         })?
-        .map_err(|e| Error::Service {
-            dir: subject.clone().into(),
-            why: format!("cannot reach site {}: {e}", self.cfg.target_site),
-        })?;
+        .map_err(|e| unreachable(&subject, &self.cfg.target_site, &e))?;
         serde_json::from_slice::<ControlReply>(&reply.payload).map_err(|e| Error::Protocol {
             peer: format!("site {}", self.cfg.target_site),
             why: format!("malformed reply on {subject}: {e}"),
@@ -676,6 +689,7 @@ impl Shipper {
             let vol = self.registry.require(name)?;
             self.ship_image(&vol, image.clone(), r).await?;
         }
+        let _committing = Committing::start(&self.committing);
         self.control(&ControlMessage::Commit {
             group: self.cfg.group.clone(),
             volumes: refs.clone(),
@@ -861,6 +875,22 @@ impl Shipper {
     }
 }
 
+/// Marks a commit under way for as long as it lives (also when its cycle is abandoned).
+struct Committing<'a>(&'a AtomicBool);
+
+impl<'a> Committing<'a> {
+    fn start(flag: &'a AtomicBool) -> Committing<'a> {
+        flag.store(true, Ordering::SeqCst);
+        Committing(flag)
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 fn join_err(e: tokio::task::JoinError) -> Error {
     Error::io("frame task", std::io::Error::other(e.to_string()))
 }
@@ -885,10 +915,7 @@ async fn send_frame(
             dir: subject.clone().into(),
             why: format!("site {target} did not acknowledge a frame within {REQUEST_TIMEOUT:?}"),
         })?
-        .map_err(|e| Error::Service {
-            dir: subject.clone().into(),
-            why: format!("cannot reach site {target}: {e}"),
-        })?;
+        .map_err(|e| unreachable(&subject, target, &e))?;
         let r: ControlReply =
             serde_json::from_slice(&reply.payload).map_err(|e| Error::Protocol {
                 peer: format!("site {target}"),

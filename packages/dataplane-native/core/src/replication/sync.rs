@@ -16,7 +16,7 @@
 //! wait until the target holds the cut (then the link is `Active`). Never used for reading.
 
 use super::frame;
-use super::protocol::{control_subject, sync_subject, ControlMessage, ControlReply};
+use super::protocol::{control_subject, sync_subject, unreachable, ControlMessage, ControlReply};
 use crate::error::{Error, Result};
 use crate::volume::Mirror;
 use parking_lot::{Condvar, Mutex};
@@ -199,10 +199,7 @@ impl SyncLink {
                     self.target
                 ),
             })?
-            .map_err(|e| Error::Service {
-                dir: self.target.clone().into(),
-                why: format!("cannot reach site {}: {e}", self.target),
-            })?;
+            .map_err(|e| unreachable(&self.target, &self.target, &e))?;
         let r: ControlReply =
             serde_json::from_slice(&reply.payload).map_err(|e| Error::Protocol {
                 peer: format!("site {}", self.target),
