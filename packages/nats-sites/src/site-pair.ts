@@ -14,6 +14,7 @@ import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { NatsServerFailed } from "./errors.js";
 import { onExit } from "./exit-guard.js";
 import { freePort } from "./free-port.js";
 import { type NatsCredentials, NatsSite, type Site } from "./nats-site.js";
@@ -76,8 +77,23 @@ interface LeafzReport {
   leafnodes?: number;
 }
 
+/** Starts of a pair before a port taken by another process (between picking it and binding) is fatal. */
+const PORT_ATTEMPTS = 3;
+
 /** Start both sites and resolve once the leafnode link between them is up. */
 export async function startSitePair(options: SitePairOptions = {}): Promise<SitePair> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startSitePairOnce(options);
+    } catch (error) {
+      // The ports were free a moment ago; another process may have taken one since.
+      const portTaken = error instanceof NatsServerFailed && error.logTail.includes("address already in use");
+      if (!portTaken || attempt >= PORT_ATTEMPTS) throw error;
+    }
+  }
+}
+
+async function startSitePairOnce(options: SitePairOptions): Promise<SitePair> {
   const timeoutMs = options.timeoutMs ?? 20_000;
   const dir = await mkdtemp(join(options.parentDir ?? tmpdir(), "ferry-nats-"));
   const releaseDirGuard = onExit(() => rmSync(dir, { recursive: true, force: true }));

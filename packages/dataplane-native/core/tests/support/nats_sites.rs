@@ -22,6 +22,8 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// How long a server gets to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
+/// Starts of a site pair before a port taken by someone else is a failure.
+const PORT_ATTEMPTS: u32 = 3;
 
 fn template_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../infra/nats")
@@ -98,6 +100,13 @@ impl Site {
     /// Render the config and start the server; returns once `/healthz` says ok. Panics (with the
     /// server's log) if it exits or is not healthy within `DEADLINE`.
     pub fn start(&mut self) {
+        if let Err(why) = self.try_start() {
+            panic!("{why}");
+        }
+    }
+
+    /// `start`, but a server that exits during startup is an `Err` with its log.
+    fn try_start(&mut self) -> Result<(), String> {
         assert!(
             self.child.is_none(),
             "site {} is already running",
@@ -128,16 +137,16 @@ impl Site {
         loop {
             if let Ok((200, body)) = http_get(self.monitor_port, "healthz") {
                 if body.contains(r#""status":"ok""#) {
-                    return;
+                    return Ok(());
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "nats-server of site {} exited with {status} during startup:\n{}",
                     self.name,
                     self.log_text()
-                );
+                ));
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -235,16 +244,16 @@ impl TwoSites {
     /// that takes longer than `DEADLINE`; whatever was started is stopped by `Drop` as the panic
     /// unwinds.
     pub fn start() -> TwoSites {
-        TwoSites::start_with(false)
+        TwoSites::start_with(false, 1)
     }
 
     /// Like `start`, with the link running through a `LinkProxy`, so that a test can cut it
     /// (`partition`) and restore it (`heal`) while both servers stay up.
     pub fn start_partitionable() -> TwoSites {
-        TwoSites::start_with(true)
+        TwoSites::start_with(true, 1)
     }
 
-    fn start_with(proxied: bool) -> TwoSites {
+    fn start_with(proxied: bool, attempt: u32) -> TwoSites {
         let dir = tempfile::Builder::new()
             .prefix("ferry-nats-")
             .tempdir()
@@ -265,8 +274,15 @@ impl TwoSites {
         b.values
             .insert("LEAF_REMOTE", format!("127.0.0.1:{dialled}"));
         b.values.insert("LEAF_PASSWORD", leaf_password);
-        a.start();
-        b.start();
+        // The ports were free a moment ago; another process may have taken one since.
+        if let Err(why) = a.try_start().and_then(|()| b.try_start()) {
+            a.stop();
+            drop(link);
+            if attempt < PORT_ATTEMPTS && why.contains("address already in use") {
+                return TwoSites::start_with(proxied, attempt + 1);
+            }
+            panic!("{why}");
+        }
         let sites = TwoSites { a, b, link, dir };
         sites.wait_for_link();
         sites
