@@ -17,9 +17,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// Most frames applied as one batch, and most bytes of frames (messages, compressed) in one:
-/// a quarter of the source's window, so that applying one batch overlaps receiving the next.
-const FRAME_BATCH: usize = 64;
+/// Most frames applied as one batch (the source's window of small frames), and most bytes of
+/// frames (messages, compressed) in one: a quarter of the source's window of large ones, so that
+/// applying one batch overlaps receiving the next.
+const FRAME_BATCH: usize = super::shipper::WINDOW;
 const FRAME_BATCH_BYTES: usize = 4 << 20;
 
 #[derive(Clone, Copy)]

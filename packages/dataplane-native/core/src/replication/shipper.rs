@@ -23,8 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Requests in flight per pair; with 1 MiB messages, at most ~16 MiB on the wire at once.
-pub const WINDOW: usize = 16;
+/// Frames in flight per pair: at most this many requests, and at most `WINDOW_BYTES` of volume
+/// data in them — 16 frames of 1 MiB, or up to 64 small ones (the target applies what waits as
+/// one batch, so small frames go faster in larger numbers).
+pub const WINDOW: usize = 64;
+pub const WINDOW_BYTES: u64 = 16 << 20;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const RESENDS: usize = 3;
 
@@ -817,14 +820,18 @@ impl Shipper {
         let mut inflight = tokio::task::JoinSet::new();
         let started = Instant::now();
         let sent_wire = Arc::new(AtomicU64::new(0));
+        let mut in_flight_bytes = 0u64;
         for (seq, piece) in sizer.pieces(extents).enumerate() {
-            while inflight.len() >= WINDOW {
-                inflight
+            while inflight.len() >= WINDOW
+                || (!inflight.is_empty() && in_flight_bytes + piece.length as u64 > WINDOW_BYTES)
+            {
+                in_flight_bytes -= inflight
                     .join_next()
                     .await
                     .expect("non-empty")
                     .map_err(join_err)??;
             }
+            in_flight_bytes += piece.length as u64;
             let nats = self.nats.clone();
             let subject = frames_subject(&self.cfg.target_site);
             let (vol, image) = (vol.clone(), image.clone());
@@ -865,7 +872,7 @@ impl Shipper {
                 image.shipped(piece.offset, piece.length as u64);
                 stats.0.fetch_add(piece.length as u64, Ordering::Relaxed);
                 stats.1.fetch_add(wire, Ordering::Relaxed);
-                Ok::<(), Error>(())
+                Ok::<u64, Error>(piece.length as u64)
             });
         }
         while let Some(r) = inflight.join_next().await {
