@@ -5,6 +5,7 @@ import { test } from "node:test";
 import { BLOCK, dirtyBytes, pickBlocks, qemuIoBatches } from "./change-set.mjs";
 import { SEGMENT, segmentKinds } from "./disk-image.mjs";
 import { clatUs, fioJobSide } from "./fio-result.mjs";
+import { lagSummary } from "./lag-summary.mjs";
 import { percentile } from "./report.mjs";
 import { parseRsyncStats } from "./rsync-stats.mjs";
 
@@ -131,4 +132,30 @@ test("fioJobSide and clatUs read fio's JSON: percentiles in µs, errors named", 
   assert.throws(() => fioJobSide(JSON.stringify(doc), "read", "fio x"), /fio x: fio moved no data \(read\)/);
   assert.throws(() => fioJobSide(JSON.stringify({ jobs: [{ ...doc.jobs[0], error: 5 }] }), "write"), /error 5/);
   assert.throws(() => fioJobSide(JSON.stringify({ jobs: [] }), "write"), /no job/);
+});
+
+test("lagSummary takes lag percentiles and counts each completed generation once", () => {
+  const cycle = (generation, ms, bytesRaw) => ({ generation, ms, bytesRaw, bytesWire: bytesRaw / 2 });
+  const samples = [
+    { lag: 0.5, lastCycle: cycle(3, 400, 100) },
+    { lag: 2.5, lastCycle: cycle(3, 400, 100) },
+    { lag: 5.5, lastCycle: cycle(3, 400, 100) },
+    { lag: 0.6, lastCycle: cycle(4, 600, 300) },
+    { lag: 3.0, lastCycle: cycle(4, 600, 300) },
+    { lag: 6.1, lastCycle: cycle(4, 600, 300) },
+    { lag: 0.9, lastCycle: cycle(5, 900, 200) },
+  ];
+  const s = lagSummary(samples);
+  assert.equal(s.samples, 7);
+  assert.equal(s.p50, 2.5);
+  assert.equal(s.p99, 6.1);
+  assert.equal(s.max, 6.1);
+  assert.equal(s.cycles, 3);
+  assert.equal(s.cycleMsP50, 600);
+  assert.equal(s.cycleMsMax, 900);
+  assert.equal(s.cycleRawP50, 200);
+  assert.equal(s.shipBytesPerSecond, (600 * 1000) / 1900);
+  assert.ok(Number.isNaN(lagSummary([{ lag: 1, lastCycle: cycle(1, 5, 0) }]).shipBytesPerSecond));
+  assert.equal(lagSummary([{ lag: 1, lastCycle: null }]).cycles, 0);
+  assert.throws(() => lagSummary([]), /no lag samples/);
 });
