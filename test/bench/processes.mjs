@@ -4,7 +4,8 @@
  * is touched. `killAll` is the last resort for Ctrl-C and crashes.
  */
 import { execFile, execFileSync, spawn } from "node:child_process";
-import { closeSync, openSync, readFileSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 
 /** pid → name of every child still running. */
@@ -90,6 +91,28 @@ export function killAll() {
     }
   }
   live.clear();
+}
+
+/**
+ * A bench run's own temp dir under `parent`, and the way out of it: `cleanup()` kills every child
+ * still running and removes the dir. It also runs at exit and on SIGINT/SIGTERM (then exit 130),
+ * so an interrupted or crashed run leaves no process and no file behind.
+ */
+export function runDir(parent, prefix) {
+  const root = mkdtempSync(join(parent, prefix));
+  const cleanup = () => {
+    killAll();
+    rmSync(root, { recursive: true, force: true });
+  };
+  process.once("exit", cleanup);
+  for (const signal of ["SIGINT", "SIGTERM"]) {
+    process.once(signal, () => {
+      process.stderr.write(`\nbench: ${signal}: stopping servers and removing ${root}\n`);
+      cleanup();
+      process.exit(130);
+    });
+  }
+  return { root, cleanup };
 }
 
 let clockTicks;

@@ -17,6 +17,24 @@ export function median(values) {
   return v.length % 2 === 1 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
 }
 
+/**
+ * The nearest-rank percentile `p` (0 < p ≤ 100) of `values`: the smallest value with at least p% of
+ * the values at or below it — always one of the samples, never an interpolation.
+ */
+export function percentile(values, p) {
+  const v = values.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (v.length === 0) return Number.NaN;
+  if (!(p > 0 && p <= 100)) throw new Error(`percentile must be in (0, 100], got ${p}`);
+  return v[Math.max(0, Math.ceil((p / 100) * v.length) - 1)];
+}
+
+/** Run `fn` and say how long it took: `{ seconds, result }`. */
+export async function timed(fn) {
+  const started = process.hrtime.bigint();
+  const result = await fn();
+  return { seconds: Number(process.hrtime.bigint() - started) / 1e9, result };
+}
+
 /** Per workload and server: the median of every metric, and how far the repetitions spread. */
 export function summarise(workloads, servers, samples) {
   const out = {};

@@ -19,12 +19,13 @@ import {
   writeFileSync,
   writeSync,
 } from "node:fs";
-import { cpus, loadavg, tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { loadavg, tmpdir } from "node:os";
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { parseArgs } from "node:util";
-import { parseSize } from "../../packages/dataplane-native/binding.js";
-import { cpuSeconds, firstLine, killAll, runLogged, spawnLogged, stop, waitForExport } from "./processes.mjs";
+import { benchArgs, benchSize, positiveEnv } from "./bench-options.mjs";
+import { environment } from "./environment.mjs";
+import { clatUs, fioJobSide } from "./fio-result.mjs";
+import { cpuSeconds, runDir, runLogged, spawnLogged, stop, waitForExport } from "./processes.mjs";
 import { formatRatios, formatTable, ratios, summarise } from "./report.mjs";
 import { copySourceCommand, listenOn, PEERS, SERVERS, uriOf } from "./servers.mjs";
 
@@ -55,11 +56,7 @@ const WORKLOADS = [
 ];
 
 function config() {
-  const { values } = parseArgs({ options: { json: { type: "string" }, help: { type: "boolean", short: "h" } } });
-  if (values.help) {
-    process.stdout.write(USAGE);
-    process.exit(0);
-  }
+  const { json } = benchArgs(USAGE);
   const env = process.env;
   const list = (name, known) => {
     if (!env[name]) return known;
@@ -71,29 +68,23 @@ function config() {
     if (unknown.length > 0) throw new Error(`${name}: unknown ${unknown.join(", ")}; choose from ${known.join(", ")}`);
     return known.filter((k) => picked.includes(k));
   };
-  const positive = (name, fallback) => {
-    const v = Number(env[name] ?? fallback);
-    if (!Number.isFinite(v) || v <= 0) throw new Error(`${name} must be a positive number, got '${env[name]}'`);
-    return v;
-  };
   const transport = env.BENCH_TRANSPORT ?? "unix";
   if (!["unix", "tcp"].includes(transport)) throw new Error(`BENCH_TRANSPORT must be unix or tcp, got '${transport}'`);
-  const size = parseSize(env.BENCH_SIZE ?? "1G");
-  if (size % (1 << 20) !== 0) throw new Error(`BENCH_SIZE must be a whole number of MiB, got ${size} bytes`);
+  const size = benchSize();
   const workloadIds = list(
     "BENCH_WORKLOADS",
     WORKLOADS.map((w) => w.id),
   );
   return {
     size,
-    seconds: positive("BENCH_SECONDS", 10),
+    seconds: positiveEnv("BENCH_SECONDS", 10),
     warmup: Number(env.BENCH_WARMUP ?? 2),
-    reps: Math.round(positive("BENCH_REPS", 3)),
+    reps: Math.round(positiveEnv("BENCH_REPS", 3)),
     transport,
     servers: list("BENCH_SERVERS", Object.keys(SERVERS)),
     workloads: WORKLOADS.filter((w) => workloadIds.includes(w.id)),
     dir: env.BENCH_DIR ?? tmpdir(),
-    json: values.json ? resolve(values.json) : undefined,
+    json,
   };
 }
 
@@ -142,17 +133,14 @@ async function runFio(w, uri, cfg, dir, serverPid) {
   const cpuAfterRamp = sleep(cfg.warmup * 1000).then(() => cpuSeconds(serverPid));
   await runLogged("fio", "fio", args, join(dir, "fio.log"), (cfg.seconds + cfg.warmup + 60) * 1000);
   const cpu = cpuSeconds(serverPid) - (await cpuAfterRamp);
-  const job = JSON.parse(readFileSync(out, "utf8")).jobs[0];
-  if (job.error !== 0) throw new Error(`fio ${w.id} against ${uri} reported error ${job.error}`);
-  const side = w.fio.rw.includes("read") ? job.read : job.write;
-  if (!(side.io_bytes > 0)) throw new Error(`fio ${w.id} against ${uri} moved no data`);
-  const pct = side.clat_ns.percentile ?? {};
+  const text = readFileSync(out, "utf8");
+  const side = fioJobSide(text, w.fio.rw.includes("read") ? "read" : "write", `fio ${w.id} against ${uri}`);
   return {
     mbps: side.bw_bytes / 1e6,
     iops: side.iops,
-    clatP50Us: (pct["50.000000"] ?? Number.NaN) / 1000,
-    clatP99Us: (pct["99.000000"] ?? Number.NaN) / 1000,
-    seconds: job.job_runtime / 1000,
+    clatP50Us: clatUs(side, 50),
+    clatP99Us: clatUs(side, 99),
+    seconds: JSON.parse(text).jobs[0].job_runtime / 1000,
     ...serverCpu(cpu, side.io_bytes, side.total_ios),
   };
 }
@@ -214,53 +202,16 @@ function transportLabel(transport) {
   return transport === "unix" ? "unix sockets" : "loopback TCP";
 }
 
-async function environment() {
-  const [fio, qemuNbd, nbdkit, nbdcopy, nbdinfo, commit, dirty] = await Promise.all([
-    firstLine("fio", ["--version"]),
-    firstLine("qemu-nbd", ["--version"]),
-    firstLine("nbdkit", ["--version"]),
-    firstLine("nbdcopy", ["--version"]),
-    firstLine("nbdinfo", ["--version"]),
-    firstLine("git", ["rev-parse", "--short", "HEAD"]),
-    firstLine("git", ["status", "--porcelain", "--untracked-files=no"]),
-  ]);
-  return {
-    fio,
-    qemuNbd,
-    nbdkit,
-    nbdcopy,
-    nbdinfo,
-    node: process.version,
-    cpus: cpus().length,
-    commit: `${commit}${dirty && dirty !== "unknown" ? " (with uncommitted changes)" : ""}`,
-  };
-}
-
 async function main() {
   const cfg = config();
-  const env = await environment();
-  for (const [tool, version] of Object.entries({
-    fio: env.fio,
-    "qemu-nbd": env.qemuNbd,
-    nbdkit: env.nbdkit,
-    nbdcopy: env.nbdcopy,
-    nbdinfo: env.nbdinfo,
-  })) {
-    if (version === "unknown") throw new Error(`${tool} is not installed: run \`bash infra/setup.sh\``);
-  }
-  const root = mkdtempSync(join(cfg.dir, "ferry-bench-"));
-  const cleanup = () => {
-    killAll();
-    rmSync(root, { recursive: true, force: true });
-  };
-  process.once("exit", cleanup);
-  for (const signal of ["SIGINT", "SIGTERM"]) {
-    process.once(signal, () => {
-      process.stderr.write(`\nbench: ${signal}: stopping servers and removing ${root}\n`);
-      cleanup();
-      process.exit(130);
-    });
-  }
+  const env = await environment({
+    fio: "fio",
+    qemuNbd: "qemu-nbd",
+    nbdkit: "nbdkit",
+    nbdcopy: "nbdcopy",
+    nbdinfo: "nbdinfo",
+  });
+  const { root, cleanup } = runDir(cfg.dir, "ferry-bench-");
 
   const sizeLabel = `${cfg.size / 2 ** 30 >= 1 ? `${cfg.size / 2 ** 30} GiB` : `${cfg.size / 2 ** 20} MiB`}`;
   for (const w of cfg.workloads) if (w.copy) w.label = `nbdcopy ${sizeLabel}`;
