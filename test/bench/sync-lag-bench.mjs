@@ -423,8 +423,8 @@ function formatLag(cfg, lag) {
       `÷ interval ${(loaded.p99 / cfg.lag.intervalSeconds).toFixed(2)}x` +
       (idle ? `, ÷ idle p99 ${(loaded.p99 / idle.p99).toFixed(2)}x` : ""),
     `by construction the lag (age of the last completed cut) peaks just before a generation completes, at about interval + ` +
-      `the previous cycle + this cycle (the interval runs from the end of a cycle): here ${cfg.lag.intervalSeconds} s + 2 × ${(loaded.cycleMsP50 / 1000).toFixed(2)} s (p50 cycle) = ` +
-      `${(cfg.lag.intervalSeconds + (2 * loaded.cycleMsP50) / 1000).toFixed(2)} s`,
+      `this cycle (cuts keep to the interval, counted from the previous cut): here ${cfg.lag.intervalSeconds} s + ${(loaded.cycleMsP50 / 1000).toFixed(2)} s (p50 cycle) = ` +
+      `${(cfg.lag.intervalSeconds + loaded.cycleMsP50 / 1000).toFixed(2)} s`,
     `keeping up: the generations that carried data shipped and applied ${(loaded.shipBytesPerSecond / 1e6).toFixed(1)} MB/s ` +
       `(raw volume data, cut to commit), the writer wrote ${lag.writeMBps.toFixed(1)} MB/s` +
       (loaded.shipBytesPerSecond < lag.writeMBps * 1e6
