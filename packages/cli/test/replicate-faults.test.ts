@@ -11,9 +11,10 @@ import { createHash, randomBytes } from "node:crypto";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { FerryCli, type FerryServe, Sandbox, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
+import { FerryCli, Sandbox, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import type { PairStatus } from "../src/commands/replicate.js";
+import { type SiteService, serveSite as serveSiteWith } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 const MiB = 2 ** 20;
@@ -23,11 +24,6 @@ const RATE = "16M";
 const RATE_BYTES = 16 * MiB;
 /** What resuming may send again on top of what the target lacks: blocks the fault left in part. */
 const SLACK = MiB;
-
-interface SiteService {
-  data: string;
-  serve: FerryServe;
-}
 
 let sites: TwoSites;
 let sandbox: Sandbox;
@@ -54,22 +50,8 @@ afterEach(async () => {
 });
 
 /** `ferry volume serve` for a site, on a new data directory or again on an existing one. */
-async function serveSite(site: "a" | "b", data?: string): Promise<SiteService> {
-  const dir = data ?? (await sandbox.dir(`ferry-${site}-`));
-  const { name, region, url } = sites[site];
-  const serve = await ferry.serve([
-    "--data",
-    dir,
-    "--socket",
-    join(dir, "nbd.sock"),
-    "--site",
-    name,
-    "--region",
-    region,
-    "--nats",
-    url,
-  ]);
-  return { data: dir, serve };
+function serveSite(site: "a" | "b", data?: string): Promise<SiteService> {
+  return serveSiteWith(ferry, sandbox, sites[site], { data });
 }
 
 /** Write `SIZE` random bytes over the whole volume through its NBD export; returns their sha256. */

@@ -7,9 +7,10 @@
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { FerryCli, type FerryServe, qemuIo, Sandbox, startTwoSites, type TwoSites } from "@ferry/testkit";
+import { FerryCli, qemuIo, Sandbox, startTwoSites, type TwoSites } from "@ferry/testkit";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import type { PairStatus } from "../src/commands/replicate.js";
+import { type SiteService, serveSite as serveSiteWith } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 const KiB = 1024;
@@ -19,12 +20,6 @@ const VOLUME_SIZE = 4 * MiB;
 interface VolumeJson {
   name: string;
   readOnly: boolean;
-}
-
-/** A data directory and the `ferry volume serve` of one site. */
-interface SiteService {
-  data: string;
-  serve: FerryServe;
 }
 
 let sites: TwoSites;
@@ -49,23 +44,8 @@ afterEach(async () => {
   await sandbox.cleanup();
 });
 
-async function serveSite(site: "a" | "b", extra: readonly string[] = []): Promise<SiteService> {
-  const data = await sandbox.dir(`ferry-${site}-`);
-  const { name, region, url } = sites[site];
-  const serve = await ferry.serve([
-    "--data",
-    data,
-    "--socket",
-    join(data, "nbd.sock"),
-    "--site",
-    name,
-    "--region",
-    region,
-    "--nats",
-    url,
-    ...extra,
-  ]);
-  return { data, serve };
+function serveSite(site: "a" | "b", extra: readonly string[] = []): Promise<SiteService> {
+  return serveSiteWith(ferry, sandbox, sites[site], { extra });
 }
 
 /** qemu-io on a read-only export (B's replicas refuse a read-write open). */
