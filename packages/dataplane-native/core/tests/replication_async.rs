@@ -52,13 +52,7 @@ fn group_replicates_full_then_deltas() {
     assert!(replica.last_complete_generation >= 2);
 
     // The replica is read-only to clients.
-    let e = b
-        .svc()
-        .registry()
-        .require("db")
-        .unwrap()
-        .write_at(0, &[1], false)
-        .unwrap_err();
+    let e = b.try_write("db", 0, &[1]).unwrap_err();
     assert_eq!(e.code(), "ERR_READ_ONLY");
 
     // Promote at B: writable at the last complete generation; A's pair is fenced off from then on.

@@ -216,17 +216,7 @@ fn sync_writes_go_on_while_the_target_sites_nats_server_is_down_and_restarts() {
     // The subscription unsubscribes on drop, which needs its runtime: also when a failed
     // assertion drops it.
     let _in_runtime = rt.enter();
-    let (_events_client, mut events) = rt.block_on(async {
-        let c = sites
-            .a
-            .connect_options()
-            .connect(sites.a.server())
-            .await
-            .unwrap();
-        let sub = c.subscribe("ferry.events.site-a.>").await.unwrap();
-        c.flush().await.unwrap();
-        (c, sub)
-    });
+    let (_events_client, mut events) = sites.a.subscribe(&rt, "ferry.events.site-a.>");
 
     // A writer that never stops on its own: 4 KiB at random places, one in 16 with FUA.
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));

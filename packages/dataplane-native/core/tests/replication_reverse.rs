@@ -98,13 +98,7 @@ fn failover_reverse_and_failback_send_only_what_changed() {
     sync(&b, &["db", "wal"]).unwrap();
     same(&a, &b);
     assert_eq!(raw(&b), 4 * BLOCK, "{}", b.pair_status());
-    let e = a
-        .svc()
-        .registry()
-        .require("db")
-        .unwrap()
-        .write_at(0, &[1], false)
-        .unwrap_err();
+    let e = a.try_write("db", 0, &[1]).unwrap_err();
     assert_eq!(e.code(), "ERR_READ_ONLY", "A is now B's replica");
 
     // Delta replication B→A goes on as usual.

@@ -133,17 +133,7 @@ fn suspend_goes_on_locally_then_resyncs_only_what_changed() {
     });
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut events = rt.block_on(async {
-        let c = sites
-            .a
-            .connect_options()
-            .connect(sites.a.server())
-            .await
-            .unwrap();
-        let sub = c.subscribe("ferry.events.site-a.>").await.unwrap();
-        c.flush().await.unwrap();
-        (c, sub)
-    });
+    let mut events = sites.a.subscribe(&rt, "ferry.events.site-a.>");
 
     b.stop();
     let t = std::time::Instant::now();

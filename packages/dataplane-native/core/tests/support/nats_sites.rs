@@ -83,6 +83,21 @@ impl Site {
             .user_and_password(self.ferryd.user.clone(), self.ferryd.password.clone())
     }
 
+    /// A client of this server (as ferryd) subscribed to `subject`, flushed so that nothing
+    /// published after it returns is missed. Keep the client: dropping it ends the subscription.
+    pub fn subscribe(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        subject: &str,
+    ) -> (async_nats::Client, async_nats::Subscriber) {
+        rt.block_on(async {
+            let c = self.connect_options().connect(self.server()).await.unwrap();
+            let sub = c.subscribe(subject.to_string()).await.unwrap();
+            c.flush().await.unwrap();
+            (c, sub)
+        })
+    }
+
     pub fn cli_url(&self) -> String {
         format!(
             "nats://{}:{}@{}",

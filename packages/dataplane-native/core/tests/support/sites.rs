@@ -65,12 +65,16 @@ impl Site {
     }
 
     pub fn write_bytes(&self, vol: &str, offset: u64, data: &[u8]) {
+        self.try_write(vol, offset, data).unwrap();
+    }
+
+    /// A client's write to `vol`, which may be refused (a replica is read-only).
+    pub fn try_write(&self, vol: &str, offset: u64, data: &[u8]) -> ferry_dataplane::Result<()> {
         self.svc()
             .registry()
             .require(vol)
             .unwrap()
             .write_at(offset, data, false)
-            .unwrap();
     }
 
     pub fn content(&self, vol: &str) -> Vec<u8> {
