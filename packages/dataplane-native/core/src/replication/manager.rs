@@ -346,66 +346,59 @@ impl Replication {
                 m = frames.next() => match m { Some(m) => (m, Inbound::Frame), None => break },
                 m = changes.next() => match m { Some(m) => (m, Inbound::SyncChange), None => break },
             };
-            if let Inbound::Frame = kind {
-                // Frames that arrived meanwhile are applied with this one, as one batch.
-                let mut batch = vec![msg];
-                let mut bytes = batch[0].payload.len();
-                while batch.len() < FRAME_BATCH && bytes < FRAME_BATCH_BYTES {
-                    match frames.next().now_or_never() {
-                        Some(Some(m)) => {
-                            bytes += m.payload.len();
-                            batch.push(m);
+            // Control messages and sync changes are requests: one nobody waits for is dropped.
+            if msg.reply.is_none() && !matches!(kind, Inbound::Frame) {
+                continue;
+            }
+            match kind {
+                Inbound::Frame => {
+                    // Frames that arrived meanwhile are applied with this one, as one batch.
+                    let mut batch = vec![msg];
+                    let mut bytes = batch[0].payload.len();
+                    while batch.len() < FRAME_BATCH && bytes < FRAME_BATCH_BYTES {
+                        match frames.next().now_or_never() {
+                            Some(Some(m)) => {
+                                bytes += m.payload.len();
+                                batch.push(m);
+                            }
+                            _ => break,
                         }
-                        _ => break,
                     }
+                    self.apply_frames(batch).await;
                 }
-                self.apply_frames(batch).await;
-                continue;
-            }
-            let Some(reply_to) = msg.reply.clone() else {
-                continue;
-            };
-            if let Inbound::SyncChange = kind {
-                // A client's write waits for this answer: applied right here, one small write
-                // into the page cache, without a hop to the blocking pool.
-                let answer = self
-                    .receiver
-                    .sync_change(&msg.payload)
-                    .map(|_| ControlReply::ok())
-                    .unwrap_or_else(|e| ControlReply::error(&e));
-                let body = serde_json::to_vec(&answer).expect("reply serializes");
-                let _ = self.nats.publish(reply_to, body.into()).await;
-                continue;
-            }
-            let receiver = self.receiver.clone();
-            let nats = self.nats.clone();
-            // Control messages are answered one at a time per site, and frames are applied one
-            // batch at a time (the subscriptions are the bounded queues); each is blocking I/O.
-            let answer = tokio::task::spawn_blocking(move || {
-                let r = match kind {
-                    // Batched above; a lone frame would be answered the same way.
-                    Inbound::Frame => return receiver.frames(&[&msg.payload[..]]).remove(0),
-                    // Answered above; here it would be answered the same way.
-                    Inbound::SyncChange => receiver
+                Inbound::SyncChange => {
+                    // A client's write waits for this answer: applied right here, one small
+                    // write into the page cache, without a hop to the blocking pool.
+                    let answer = self
+                        .receiver
                         .sync_change(&msg.payload)
-                        .map(|_| ControlReply::ok()),
-                    Inbound::Control => serde_json::from_slice::<ControlMessage>(&msg.payload)
-                        .map_err(|e| {
-                            Error::InvalidArgument(format!("malformed control message: {e}"))
-                        })
-                        .and_then(|m| receiver.control(m)),
-                };
-                r.unwrap_or_else(|e| ControlReply::error(&e))
-            })
-            .await
-            .unwrap_or_else(|e| {
-                ControlReply::error(&Error::io(
-                    "receiver task",
-                    std::io::Error::other(e.to_string()),
-                ))
-            });
-            let body = serde_json::to_vec(&answer).expect("reply serializes");
-            let _ = nats.publish(reply_to, body.into()).await;
+                        .map(|_| ControlReply::ok())
+                        .unwrap_or_else(|e| ControlReply::error(&e));
+                    self.answer(&msg, &answer).await;
+                }
+                Inbound::Control => {
+                    // Answered one at a time per site (the subscription is the bounded queue);
+                    // control messages do blocking file I/O.
+                    let receiver = self.receiver.clone();
+                    let payload = msg.payload.clone();
+                    let answer = tokio::task::spawn_blocking(move || {
+                        serde_json::from_slice::<ControlMessage>(&payload)
+                            .map_err(|e| {
+                                Error::InvalidArgument(format!("malformed control message: {e}"))
+                            })
+                            .and_then(|m| receiver.control(m))
+                            .unwrap_or_else(|e| ControlReply::error(&e))
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        ControlReply::error(&Error::io(
+                            "receiver task",
+                            std::io::Error::other(e.to_string()),
+                        ))
+                    });
+                    self.answer(&msg, &answer).await;
+                }
+            }
         }
         Ok(())
     }
@@ -425,10 +418,15 @@ impl Replication {
             return;
         };
         for (msg, answer) in batch.iter().zip(replies) {
-            if let Some(reply_to) = msg.reply.clone() {
-                let body = serde_json::to_vec(&answer).expect("reply serializes");
-                let _ = self.nats.publish(reply_to, body.into()).await;
-            }
+            self.answer(msg, &answer).await;
+        }
+    }
+
+    /// Reply to a request (a message without a reply subject gets none).
+    async fn answer(&self, msg: &async_nats::Message, answer: &ControlReply) {
+        if let Some(reply_to) = msg.reply.clone() {
+            let body = serde_json::to_vec(answer).expect("reply serializes");
+            let _ = self.nats.publish(reply_to, body.into()).await;
         }
     }
 
