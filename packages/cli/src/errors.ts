@@ -61,6 +61,14 @@ export class UnexpectedStats extends FerryCliError {
   readonly code = "ERR_UNEXPECTED_STATS";
 }
 
+/** A recovery operation ran and ended in failure (its error names the step). */
+export class OperationFailed extends FerryCliError {
+  readonly code = "ERR_OPERATION_FAILED";
+}
+
+/** Codes of errors that mean the request itself was wrong: bad usage, exit status 2. */
+const USAGE_CODES = new Set(["ERR_INVALID"]);
+
 export interface ErrorReport {
   code: string;
   message: string;
@@ -75,7 +83,11 @@ export function describeError(error: unknown): ErrorReport {
   if (error instanceof Error) {
     const code = (error as { code?: unknown }).code;
     if (typeof code === "string" && code.startsWith("ERR_")) {
-      return { code, message: oneLine(error.message), exitCode: ExitCode.failed };
+      return {
+        code,
+        message: oneLine(error.message),
+        exitCode: USAGE_CODES.has(code) ? ExitCode.usage : ExitCode.failed,
+      };
     }
     return {
       code: "ERR_INTERNAL",

@@ -4,10 +4,13 @@
  * exit status.
  */
 import { createRequire } from "node:module";
-import { Command } from "commander";
+import { Command, Option } from "commander";
+import { registerControlCommands } from "./commands/control.js";
+import { registerDaemonCommand } from "./commands/daemon-command.js";
 import { registerDemoCommand } from "./commands/demo.js";
 import { registerReplicateCommands } from "./commands/replicate.js";
 import { registerVolumeCommands } from "./commands/volume.js";
+import { NATS_ENV, SITE_ENV } from "./commands/volume-serve.js";
 
 const { version } = createRequire(import.meta.url)("../package.json") as { version: string };
 
@@ -25,17 +28,31 @@ export function createProgram(io: ProgramIo = processIo): Command {
   const program = new Command("ferry")
     .description(
       "Ferry keeps applications (VMs and Kubernetes workloads) recoverable at a second site.\n" +
-        "This is the volume service: block volumes served over NBD, with changed-block tracking and generations,\n" +
-        "replicated asynchronously to another site.",
+        "Each site runs ferryd (`ferry daemon`): volumes served over NBD with changed-block tracking, replicated\n" +
+        "to other sites over NATS, and the orchestrator that protects applications under policies and runs\n" +
+        "failover, planned migration, failback and DR drills. The other commands talk to a site's ferryd.",
     )
     .version(version, "-V, --version", "print the ferry version")
     .helpOption("-h, --help", "show help for a command")
     .helpCommand("help [command]", "show help for a command")
     .showSuggestionAfterError(true)
     .exitOverride()
-    .configureOutput({ writeOut: io.writeOut, writeErr: io.writeErr });
+    .configureOutput({ writeOut: io.writeOut, writeErr: io.writeErr })
+    .configureHelp({ showGlobalOptions: true })
+    // Global: they may stand before or after the subcommand.
+    .addOption(
+      new Option(
+        "--nats <url>",
+        `the site's NATS server, nats://user:password@host:port (prefer $${NATS_ENV}: other users can read a command line)`,
+      ).env(NATS_ENV),
+    )
+    .addOption(
+      new Option("--site <name>", "the site whose ferryd to ask (or to join, for daemon/serve)").env(SITE_ENV),
+    );
 
   registerVolumeCommands(program, io);
+  registerDaemonCommand(program, io);
+  registerControlCommands(program, io);
   registerReplicateCommands(program, io);
   registerDemoCommand(program, io);
 

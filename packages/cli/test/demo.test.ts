@@ -73,9 +73,73 @@ function startDemo(args: readonly string[], env: NodeJS.ProcessEnv = {}) {
   return { child, output, exited };
 }
 
-describe("ferry demo (two sites)", () => {
+describe("ferry demo (applications across three sites)", () => {
+  it("protects two applications, drills, fails over, fails back and migrates, verified, then stops everything", async () => {
+    const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp }, timeoutMs: 300_000 });
+    expect(result.stderr).toBe("");
+    expect(result.code).toBe(0);
+    const out = result.stdout;
+    expect(out).toMatch(/^\s+site-c\s+us-east\s+pid \d+\s+127\.0\.0\.1:\d+\s+dials site-a$/m);
+    expect(out).toMatch(/FERRY_NATS=nats:\/\/ferryd:…@127\.0\.0\.1:\d+ ferry daemon --socket/);
+    expect(out).toMatch(
+      /ferryd: serving 0 volumes .* as site site-b \(region eu-de\).*orchestrator leading site site-b/,
+    );
+    expect(out).toContain(
+      "refused (exit 1): residency: application shop may not be protected to site site-c: its region us-east is not " +
+        "among the regions policy continuous-eu allows (eu-es, eu-de); nothing was changed",
+    );
+    expect(out).toContain("protecting shop from site-a to site-b under continuous-eu");
+    expect(out).toContain("each record was read back at site B right after site A's acknowledgement");
+    for (const step of ["DR drill", "Unplanned failover", "Failback", "Planned migration"]) {
+      expect(out).toContain(`== ${step}`);
+    }
+    const verified = [
+      ...out.matchAll(/^\s+site-\w:shop-\S+\s+([0-9a-f]{16})…\s+site-\w:shop-\S+\s+([0-9a-f]{16})…\s+(\w+)$/gm),
+    ];
+    expect(verified).toHaveLength(8); // two volumes after each of the four operations that move data
+    for (const [, want, got, result] of verified) {
+      expect(result).toBe("equal");
+      expect(got).toBe(want);
+    }
+    expect(out).not.toContain("DIFFERENT");
+    expect(out).toMatch(/^\s+OPERATION\s+RTO\s+DATA CHECK\s+DETAIL$/m);
+    for (const op of ["DR drill \\(test failover\\)", "unplanned failover", "failback", "planned migration"]) {
+      expect(out).toMatch(new RegExp(`^\\s+${op}\\s+[\\d.]+s\\s`, "m"));
+    }
+    expect(out).toMatch(/RPO achieved: shop \(async, continuous\) lagged at most [\d.]+ s under writes/);
+    expect(out).toContain("\n== Done: every operation verified byte for byte");
+    const pids = printedPids(out);
+    expect(pids).toHaveLength(6);
+    for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
+    expect(await readdir(tmp)).toEqual([]);
+  }, 300_000);
+
+  it("stops everything it started on SIGINT while it protects the applications, and exits 130", async () => {
+    const demo = startDemo([]);
+    await waitFor(
+      "the demo to protect shop",
+      () => demo.output.stdout.includes("ferry protect shop --policy continuous-eu --to site-b"),
+      {
+        timeoutMs: 120_000,
+      },
+    );
+    demo.child.kill("SIGINT");
+    expect(await demo.exited).toBe(130);
+    expect(demo.output.stderr).toBe("ferry: demo interrupted by SIGINT; cleaned up\n");
+    expect(demo.output.stdout).not.toContain("== Done");
+    const pids = printedPids(demo.output.stdout);
+    expect(pids).toHaveLength(6);
+    for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
+    expect(await readdir(tmp)).toEqual([]);
+  }, 180_000);
+});
+
+describe("ferry demo --replication (two sites, volume level)", () => {
   it("replicates async and sync, fails over to site B and verifies B's bytes, then stops everything it started", async () => {
-    const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp }, timeoutMs: 180_000 });
+    const result = await ferry.run(["demo", "--replication"], {
+      env: { ...process.env, TMPDIR: tmp },
+      timeoutMs: 180_000,
+    });
     expect(result.stderr).toBe("");
     expect(result.code).toBe(0);
     const out = result.stdout;
@@ -205,13 +269,12 @@ describe("ferry demo (two sites)", () => {
   }, 180_000);
 
   it.each([
-    ["the async pair", "replicating web-root"],
     ["the sync pair", "replicating orders"],
     ["to stop site B's service", "kill -TERM"],
   ])(
     "stops everything it started on SIGINT while it starts %s and exits 130",
     async (_, started) => {
-      const demo = startDemo([]);
+      const demo = startDemo(["--replication"]);
       await waitFor(`the demo to print '${started}'`, () => demo.output.stdout.includes(started), {
         timeoutMs: 120_000,
       });

@@ -26,4 +26,19 @@ describe("startSitePair", () => {
     await expect(access(pair.dir)).rejects.toThrow(/ENOENT/);
     await pair.stop();
   });
+
+  it("starts a third site on request, linked to A as well, and stops all three", async () => {
+    const pair = await startSitePair({ c: {} });
+    const c = pair.c;
+    if (c === undefined) throw new Error("no third site");
+    const pids = [pair.a.pid, pair.b.pid, c.pid];
+    try {
+      expect([c.name, c.region]).toEqual(["site-c", "us-east"]);
+      expect((await pair.a.monitor<LeafzReport>("leafz")).leafnodes).toBe(2);
+      expect((await c.monitor<LeafzReport>("leafz")).leafs?.[0]?.port).toBe(pair.a.leafPort);
+    } finally {
+      await pair.stop();
+    }
+    for (const pid of pids) expect(isAlive(pid)).toBe(false);
+  });
 });

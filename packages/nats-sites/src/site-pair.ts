@@ -36,6 +36,12 @@ export interface LinkFront {
 export interface SitePairOptions {
   a?: SiteOptions;
   b?: SiteOptions;
+  /**
+   * A third site, started only when given: it dials A's leaf port directly (like B, but never
+   * through the link front), so all three share the account. The demo uses it to show a residency
+   * refusal. Default name `site-c`, region `us-east`.
+   */
+  c?: SiteOptions;
   /** Where the `*.conf.tmpl` files are; default the repository's `infra/nats/`. */
   templateDir?: string;
   /** The server binary; default `nats-server` on PATH. */
@@ -61,6 +67,8 @@ export interface SitePair {
   readonly a: Site;
   /** Dials the leafnode link. */
   readonly b: Site;
+  /** The optional third site (`SitePairOptions.c`); dials A's leaf port. */
+  readonly c?: Site;
   /** The temp directory holding both sites. */
   readonly dir: string;
   /** Resolve once both servers report the leafnode connection; reject after the deadline. */
@@ -151,27 +159,50 @@ async function startSitePairOnce(options: SitePairOptions): Promise<SitePair> {
       users: siteUsers(),
       values: { LEAF_PASSWORD: leafPassword, LEAF_REMOTE: leafAddress, PING_INTERVAL: pingInterval },
     });
-    started.push(a, b);
-    // Settle both before judging: cleaning up while the other start is still under way could race it.
-    const starts = await Promise.allSettled([a.start(), b.start()]);
+    let c: NatsSite | undefined;
+    if (options.c !== undefined) {
+      const cName = options.c.name ?? "site-c";
+      await mkdir(join(dir, cName));
+      c = new NatsSite({
+        ...common,
+        name: cName,
+        region: options.c.region ?? "us-east",
+        template: "site-b.conf.tmpl",
+        dir: join(dir, cName),
+        clientPort: await freePort(),
+        monitorPort: await freePort(),
+        users: siteUsers(),
+        values: { LEAF_PASSWORD: leafPassword, LEAF_REMOTE: `127.0.0.1:${aLeafPort}`, PING_INTERVAL: pingInterval },
+      });
+    }
+    started.push(a, b, ...(c === undefined ? [] : [c]));
+    // Settle all before judging: cleaning up while another start is still under way could race it.
+    const starts = await Promise.allSettled(started.map((site) => site.start()));
     for (const start of starts) if (start.status === "rejected") throw start.reason;
 
     const leafnodes = async (site: Site): Promise<number> => (await site.monitor<LeafzReport>("leafz")).leafnodes ?? 0;
     const pair: SitePair = {
       a,
       b,
+      ...(c === undefined ? {} : { c }),
       dir,
       async waitForLink(ms = timeoutMs) {
         await waitFor(
           `the leafnode link ${b.name} → ${a.name} (both /leafz report 1 leafnode)`,
-          async () => (await leafnodes(a)) === 1 && (await leafnodes(b)) === 1,
+          async () => (await leafnodes(a)) === 1 + (c ? 1 : 0) && (await leafnodes(b)) === 1,
           { timeoutMs: ms, intervalMs: 25 },
         );
+        if (c) {
+          await waitFor(`the leafnode link ${c.name} → ${a.name}`, async () => (await leafnodes(c)) === 1, {
+            timeoutMs: ms,
+            intervalMs: 25,
+          });
+        }
       },
       async waitForNoLink(ms = timeoutMs) {
         await waitFor(
           `the leafnode link ${b.name} → ${a.name} to be gone (both /leafz report 0 leafnodes)`,
-          async () => (await leafnodes(a)) === 0 && (await leafnodes(b)) === 0,
+          async () => (await leafnodes(a)) === (c ? 1 : 0) && (await leafnodes(b)) === 0,
           { timeoutMs: ms, intervalMs: 25 },
         );
       },

@@ -32,11 +32,20 @@ export class FerryCli {
   }
 
   /** Start `ferry volume serve` with these arguments and wait until it says where it serves. */
-  async serve(
+  serve(args: readonly string[], options: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<FerryServe> {
+    return this.spawnService(["volume", "serve", ...args], options);
+  }
+
+  /** Start `ferry daemon` (ferryd) with these arguments and wait until it says where it serves. */
+  daemon(args: readonly string[], options: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<FerryServe> {
+    return this.spawnService(["daemon", ...args], options);
+  }
+
+  private async spawnService(
     args: readonly string[],
-    options: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
+    options: { env?: NodeJS.ProcessEnv; timeoutMs?: number },
   ): Promise<FerryServe> {
-    const child = this.sandbox.spawn(process.execPath, [this.bin, "volume", "serve", ...args], {
+    const child = this.sandbox.spawn(process.execPath, [this.bin, ...args], {
       env: options.env ?? process.env,
     });
     const serve = new FerryServe(child);

@@ -6,6 +6,9 @@
  * --site … --region … --nats …`); this file owns only arguments and presentation, and never talks to
  * NATS itself.
  */
+
+// The data plane's answers, as the orchestrator types them.
+import type { PairStatus, PromotedVolume, ReplicaPoints } from "@ferry/orchestrator";
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { formatBytes } from "../bytes.js";
 import { resolveDataDir } from "../data-dir.js";
@@ -14,47 +17,7 @@ import type { ProgramIo } from "../program.js";
 import { formatTable } from "../table.js";
 import { type DataOption, dataOption, type JsonOption, jsonOption } from "./volume.js";
 
-/** One replication pair as the data plane reports it: a consistency group shipped to one site. */
-export interface PairStatus {
-  group: string;
-  volumes: string[];
-  target: string;
-  mode: string;
-  /** `starting`, `syncing` (first full copy), `shipping`, `idle`, `error` or `stopped`. */
-  state: string;
-  /** The newest generation the target holds completely (generation numbers are per volume: the highest). */
-  lastCompleteGeneration: number | null;
-  lastCompleteAtMs: number | null;
-  lagSeconds: number;
-  /** Bytes of volume data shipped, before and after compression (since the service started). */
-  bytesRaw: number;
-  bytesWire: number;
-  generationsShipped: number;
-  /** Bytes of volume data per byte on the wire. */
-  compressionRatio: number;
-  lastError: string | null;
-  /** Sync pairs: `catching-up`, `active` (every write waits for the target), `suspended` or `blocked`. */
-  syncState?: string;
-  /** Sync pairs: writes the target acknowledged, and times the target was lost. */
-  syncWrites: number;
-  suspensions: number;
-  /** The last generation shipped whole: cut to the target's commit, and the bytes it took. */
-  lastCycle: { generation: number; ms: number; bytesRaw: number; bytesWire: number } | null;
-}
-
-/** A target site's replica and the generations it can be promoted at. */
-export interface ReplicaPoints {
-  volume: string;
-  sourceSite: string;
-  keep: number;
-  points: { back: number; generation: number; atMs: number }[];
-}
-
-/** A replica made writable by `promote`: the generation (of its former source) it now holds. */
-export interface PromotedVolume {
-  volume: string;
-  generation: number;
-}
+export type { PairStatus, PromotedVolume, ReplicaPoints };
 
 const MODES = ["async", "sync"] as const;
 const ON_LOSS = ["suspend", "block"] as const;

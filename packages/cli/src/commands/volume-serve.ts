@@ -4,6 +4,8 @@
  * data plane's own threads; this function only starts it, reports where it listens and waits.
  * With a site to join, the service also sends and receives replication over that site's NATS.
  */
+import { natsHost } from "@ferry/orchestrator";
+import type { Command } from "commander";
 import { dataplane } from "../dataplane.js";
 import type { ProgramIo } from "../program.js";
 
@@ -38,6 +40,26 @@ export interface SiteOptions {
   allowRegions?: string | undefined;
   /** `env` when the value came from $FERRY_SITE / $FERRY_NATS rather than the command line. */
   sourceOf(option: "site" | "region" | "nats"): string | undefined;
+}
+
+/**
+ * The site options of a serving command: --site and --nats are global (the program's, maybe from
+ * the environment), --region and --allow-regions the command's own.
+ */
+export function siteOptions(
+  command: Command,
+  own: { region?: string | undefined; allowRegions?: string | undefined },
+): SiteOptions {
+  let root = command;
+  while (root.parent) root = root.parent;
+  const globals = command.optsWithGlobals<{ site?: string; nats?: string }>();
+  return {
+    site: globals.site,
+    nats: globals.nats,
+    region: own.region,
+    allowRegions: own.allowRegions,
+    sourceOf: (o) => (o === "region" ? command.getOptionValueSource(o) : root.getOptionValueSource(o)),
+  };
 }
 
 /** Thrown for a combination of site options that cannot work; the command reports it as bad usage. */
@@ -93,7 +115,8 @@ export function joinedSite(options: SiteOptions): SiteJoin | undefined {
 const STOP_SIGNALS = ["SIGTERM", "SIGINT"] as const;
 type StopSignal = (typeof STOP_SIGNALS)[number];
 
-export async function serveVolumes(request: ServeRequest, io: ProgramIo): Promise<void> {
+/** A started volume service and the line that says where it serves. */
+export async function startService(request: ServeRequest) {
   const { startVolumeService } = await dataplane();
   const listen = request.listen ?? (request.socket === undefined ? DEFAULT_LISTEN : undefined);
   const service = await startVolumeService({
@@ -106,27 +129,33 @@ export async function serveVolumes(request: ServeRequest, io: ProgramIo): Promis
     nats: request.join?.nats,
     allowRegions: request.join?.allowRegions,
   });
-
   const names = service.volumeNames;
   const where: string[] = [];
   if (service.tcpAddress) where.push(`nbd://${service.tcpAddress}/`);
   if (service.socketPath)
     where.push(where.length > 0 ? `(unix socket ${service.socketPath})` : `nbd+unix:///?socket=${service.socketPath}`);
   const list = names.length > 0 ? ` (${names.join(", ")})` : "";
-  io.writeOut(
-    `ferry: serving ${names.length} volume${names.length === 1 ? "" : "s"}${list} on ${where.join(" ")}${siteNote(request)}\n`,
-  );
+  const serving = `serving ${names.length} volume${names.length === 1 ? "" : "s"}${list} on ${where.join(" ")}${siteNote(request)}`;
+  return { service, serving };
+}
 
+export async function serveVolumes(request: ServeRequest, io: ProgramIo): Promise<void> {
+  const { service, serving } = await startService(request);
+  io.writeOut(`ferry: ${serving}\n`);
   const signal = await nextStopSignal();
   io.writeErr(`ferry: ${signal} received, stopping the volume service\n`);
-  // A second signal while stopping means "now": leave with failure rather than hang.
+  await stopOnce(io, () => service.stop());
+}
+
+/** Run a clean stop; a second signal meanwhile means "now": leave with failure rather than hang. */
+export async function stopOnce(io: ProgramIo, stop: () => Promise<void>): Promise<void> {
   const force = (again: StopSignal) => {
     io.writeErr(`ferry: ${again} received again, exiting without a clean stop\n`);
     process.exit(1);
   };
   for (const s of STOP_SIGNALS) process.once(s, force);
   try {
-    await service.stop();
+    await stop();
   } finally {
     for (const s of STOP_SIGNALS) process.off(s, force);
   }
@@ -137,21 +166,13 @@ function siteNote({ join, untracked }: ServeRequest): string {
   let note = "";
   if (join) {
     const allowed = join.allowRegions.length > 0 ? `, copies only to ${join.allowRegions.join(", ")}` : "";
-    note += ` as site ${join.site} (region ${join.region}${allowed}) via NATS ${natsServer(join.nats)}`;
+    note += ` as site ${join.site} (region ${join.region}${allowed}) via NATS ${natsHost(join.nats)}`;
   }
   if (untracked) note += " without changed-block tracking (benchmarks only)";
   return note;
 }
 
-function natsServer(url: string): string {
-  try {
-    return new URL(url).host || url;
-  } catch {
-    return "(unparsable URL)";
-  }
-}
-
-function nextStopSignal(): Promise<StopSignal> {
+export function nextStopSignal(): Promise<StopSignal> {
   return new Promise((resolve) => {
     // Signal listeners do not keep Node's event loop alive by themselves, and the service runs on
     // native threads; this timer is what keeps the process waiting.

@@ -13,11 +13,10 @@ import { importVolumeWithProgress } from "./volume-import.js";
 import {
   DEFAULT_LISTEN,
   joinedSite,
-  NATS_ENV,
-  SITE_ENV,
   type SiteJoin,
   SiteOptionsError,
   serveVolumes,
+  siteOptions,
 } from "./volume-serve.js";
 import { VolumeStatsDocument } from "./volume-stats.js";
 
@@ -125,14 +124,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
     .addOption(dataOption())
     .option("--listen <host:port>", `TCP address to listen on (default: ${DEFAULT_LISTEN} when --socket is not given)`)
     .option("--socket <path>", "unix socket to listen on")
-    .addOption(new Option("--site <name>", "this site's name, to join it for replication").env(SITE_ENV))
     .option("--region <region>", "this site's region (residency rules name regions)")
-    .addOption(
-      new Option(
-        "--nats <url>",
-        `the site's NATS server, nats://user:password@host:port (prefer $${NATS_ENV}: other users can read a command line)`,
-      ).env(NATS_ENV),
-    )
     .option(
       "--allow-regions <regions>",
       "comma-separated regions allowed to hold copies of this site's volumes (default: any)",
@@ -141,7 +133,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
     .action(async (options: DataOption & ServeOptions, command: Command) => {
       let join: SiteJoin | undefined;
       try {
-        join = joinedSite({ ...options, sourceOf: (o) => command.getOptionValueSource(o) });
+        join = joinedSite(siteOptions(command, options));
       } catch (error) {
         if (error instanceof SiteOptionsError) command.error(error.message, { code: "ferry.siteOptions" });
         throw error;

@@ -12,6 +12,8 @@ import { SiteStartFailed } from "../errors.js";
 export interface SiteServiceSpec {
   /** packages/cli/bin/ferry.js */
   bin: string;
+  /** `ferry volume serve` (default) or `ferry daemon` (ferryd: volume service + orchestrator). */
+  command?: "serve" | "daemon";
   site: string;
   region: string;
   /** `nats://ferryd:<password>@host:port` of the site's NATS server. */
@@ -48,7 +50,7 @@ export class SiteService {
 
   /** Start the process; `ready()` says when it serves. Synchronous, so the caller holds it at once. */
   static spawn(spec: SiteServiceSpec): SiteService {
-    const child = spawn(process.execPath, [spec.bin, "volume", "serve", ...serveArgs(spec)], {
+    const child = spawn(process.execPath, [spec.bin, ...subcommand(spec), ...serveArgs(spec)], {
       stdio: ["ignore", "pipe", "pipe"],
       env: { ...process.env, FERRY_DATA: spec.dataDir, FERRY_NATS: spec.nats },
     });
@@ -58,7 +60,12 @@ export class SiteService {
   /** The command as a user at the site would type it, with the NATS password left out. */
   static commandLine(spec: SiteServiceSpec): string {
     const nats = spec.nats.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:…@");
-    return `FERRY_NATS=${nats} ferry volume serve ${serveArgs(spec).join(" ")} &`;
+    return `FERRY_NATS=${nats} ferry ${subcommand(spec).join(" ")} ${serveArgs(spec).join(" ")} &`;
+  }
+
+  /** `ferry volume serve` or `ferryd`, for messages. */
+  get what(): string {
+    return this.spec.command === "daemon" ? "ferryd" : "ferry volume serve";
   }
 
   get pid(): number | undefined {
@@ -67,7 +74,7 @@ export class SiteService {
 
   /** The line it printed once serving: `ferry: serving N volumes on … as site …`. */
   get servingLine(): string {
-    return this.stdout.split("\n").find((line) => line.startsWith("ferry: serving")) ?? "";
+    return this.stdout.split("\n").find((line) => /^ferryd?: serving/.test(line)) ?? "";
   }
 
   /** An NBD URI of one of its exports (over its unix socket). */
@@ -77,7 +84,7 @@ export class SiteService {
 
   /** Resolves once it serves; fails with what it printed if it exits first or takes too long. */
   ready(): Promise<void> {
-    const what = `ferry volume serve of ${this.spec.site}`;
+    const what = `${this.what} of ${this.spec.site}`;
     return new Promise((resolve, reject) => {
       const check = () => {
         if (this.servingLine === "") return;
@@ -118,9 +125,13 @@ export class SiteService {
 
   /** SIGTERM and wait for the clean stop; SIGKILL if it takes longer than the grace period. */
   async stop(): Promise<void> {
-    await endProcess(this.child, `ferry volume serve of ${this.spec.site}`, { graceMs: STOP_GRACE_MS });
+    await endProcess(this.child, `${this.what} of ${this.spec.site}`, { graceMs: STOP_GRACE_MS });
     this.releaseGuard();
   }
+}
+
+function subcommand(spec: SiteServiceSpec): string[] {
+  return spec.command === "daemon" ? ["daemon"] : ["volume", "serve"];
 }
 
 function serveArgs(spec: SiteServiceSpec): string[] {

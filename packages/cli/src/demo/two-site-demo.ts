@@ -11,22 +11,15 @@
  * It owns everything it starts or creates — one temp directory, two nats-servers, the volume
  * services (B's twice) — and stops and removes all of it again, on success, on failure and on Ctrl-C.
  */
-import { rmSync } from "node:fs";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
-import { NatsServerFailed, onExit, type Site, type SitePair, startSitePair } from "@ferry/nats-sites";
+import type { Site, SitePair } from "@ferry/nats-sites";
 import { formatBytes } from "../bytes.js";
 import type { PairStatus, PromotedVolume } from "../commands/replicate.js";
-import { DemoCheckFailed, SiteStartFailed, ToolFailed } from "../errors.js";
+import { DemoCheckFailed, ToolFailed } from "../errors.js";
 import type { ProgramIo } from "../program.js";
 import { formatTable } from "../table.js";
+import { COMMAND_TIMEOUT_MS, DemoHost, type DemoSite, runDemo } from "./demo-host.js";
 import { exportSha256 } from "./export-digest.js";
 import { runTool } from "./external-tool.js";
-import { Interruption } from "./interruption.js";
-import { Narrator } from "./narrator.js";
-import { SiteService, type SiteServiceSpec } from "./site-service.js";
 
 const MiB = 2 ** 20;
 const GROUP = [
@@ -50,58 +43,25 @@ const FIRST_GENERATION_TIMEOUT_MS = 120_000;
 /** The sync pair copies the volume whole first, then goes synchronous at its next cut (a second or two). */
 const SYNC_ACTIVE_TIMEOUT_MS = 60_000;
 const POLL_MS = 250;
-/** Bound on every command the demo runs; the slowest, a sync or a digest of 64M, takes a second or two. */
-const COMMAND_TIMEOUT_MS = 120_000;
 /** The digests shown are cut to this many hex digits; the comparison uses all of them. */
 const DIGEST_SHOWN = 16;
-const FERRY_BIN = fileURLToPath(new URL("../../bin/ferry.js", import.meta.url));
 
-/** A site as the demo drives it: its NATS server, data directory and volume service. */
-interface DemoSite {
-  nats: Site;
-  dataDir: string;
-  service: SiteService;
+export function runTwoSiteDemo(io: ProgramIo): Promise<void> {
+  return runDemo(new TwoSiteDemo(io));
 }
 
-export async function runTwoSiteDemo(io: ProgramIo): Promise<void> {
-  const demo = new TwoSiteDemo(io);
-  let failed = false;
-  try {
-    await demo.run();
-  } catch (error) {
-    failed = true;
-    throw error;
-  } finally {
-    await demo.cleanup(failed);
-  }
-}
-
-class TwoSiteDemo {
-  private readonly interruption = new Interruption();
-  private readonly narrator: Narrator;
-  private root: string | undefined;
-  private releaseRoot: () => void = () => {};
-  /** Held as a promise: an interrupted start is still awaited, then stopped, by the cleanup. */
-  private pairStart: Promise<SitePair> | undefined;
-  private readonly services: SiteService[] = [];
-
-  constructor(io: ProgramIo) {
-    this.narrator = new Narrator(io);
-  }
-
+class TwoSiteDemo extends DemoHost {
   async run(): Promise<void> {
     const { narrator } = this;
-    const root = await mkdtemp(join(tmpdir(), "ferry-demo-"));
-    this.root = root;
-    this.releaseRoot = onExit(() => rmSync(root, { recursive: true, force: true }));
+    const root = await this.makeRoot();
 
     narrator.step(`Two sites on this machine, each with its own nats-server (everything lives in ${root})`);
-    const pair = await this.step(this.startSites(root));
+    const pair = await this.startSites({ parentDir: root });
     for (const line of describeSites(pair)) narrator.show(line);
 
     narrator.step("Each site runs its own volume service, joined to its site's NATS");
-    const a = await this.startService(pair.a, root, [pair.a.region, pair.b.region]);
-    const b = await this.startService(pair.b, root, []);
+    const a = await this.startService(pair.a, { allowRegions: [pair.a.region, pair.b.region] });
+    const b = await this.startService(pair.b, { allowRegions: [] });
     narrator.show(`(commands at each site run with FERRY_DATA=${a.dataDir}, resp. ${b.dataDir})`);
 
     narrator.step("Create two volumes at site A; replicated together, they form one consistency group");
@@ -111,10 +71,13 @@ class TwoSiteDemo {
 
     narrator.step("Write recognisable data into them over NBD with qemu-io");
     await this.qemuIo(a, "web-root", [
-      `write -s ${await this.textFile("web-root", 1, MiB)} 0 1M`,
+      `write -s ${await this.textFile("web-root-1", "ferry demo | web-root | written at site-a | round 1", MiB)} 0 1M`,
       "write -P 0xab 16M 8M",
     ]);
-    await this.qemuIo(a, "web-db", [`write -s ${await this.textFile("web-db", 1, MiB)} 0 1M`, "write -P 0xcd 8M 4M"]);
+    await this.qemuIo(a, "web-db", [
+      `write -s ${await this.textFile("web-db-1", "ferry demo | web-db | written at site-a | round 1", MiB)} 0 1M`,
+      "write -P 0xcd 8M 4M",
+    ]);
 
     narrator.step(`Replicate the group to site B: asynchronous, continuous, a generation every ${INTERVAL}`);
     await this.ferry(a, [
@@ -143,7 +106,9 @@ class TwoSiteDemo {
     await this.synchronousPair(a, b);
 
     narrator.step("Write more into the group at site A while replication runs");
-    await this.qemuIo(a, "web-root", [`write -s ${await this.textFile("web-root", 2, 256 * 1024)} 40M 256K`]);
+    await this.qemuIo(a, "web-root", [
+      `write -s ${await this.textFile("web-root-2", "ferry demo | web-root | written at site-a | round 2", 256 * 1024)} 40M 256K`,
+    ]);
     await this.qemuIo(a, "web-db", ["write -P 0xef 20M 1M"]);
 
     narrator.step("Sync: cut a generation now and wait until site B holds it completely");
@@ -177,108 +142,11 @@ class TwoSiteDemo {
     await this.ferry(b, ["volume", "list"]);
   }
 
-  /**
-   * Stop everything started, newest first, and remove the temp directory. A step that fails here is
-   * reported in the narration; it fails the demo unless the demo failed already (that error is the
-   * one to report then).
-   */
-  async cleanup(failed: boolean): Promise<void> {
-    const { narrator } = this;
-    narrator.step("Stopping everything the demo started");
-    const errors: unknown[] = [];
-    const attempt = async (what: string, work: () => Promise<void>, done: string) => {
-      try {
-        await work();
-        narrator.show(done);
-      } catch (error) {
-        errors.push(error);
-        narrator.show(`could not ${what}: ${error instanceof Error ? error.message : String(error)}`);
-      }
-    };
-    for (const service of [...this.services].reverse()) {
-      await attempt(
-        `stop ferry volume serve of ${service.spec.site}`,
-        () => service.stop(),
-        `stopped ferry volume serve of ${service.spec.site} (pid ${service.pid})`,
-      );
-    }
-    const pair = await this.pairStart?.catch(() => undefined);
-    if (pair) {
-      // Read before stopping: a Ctrl-C at the terminal reaches the servers too, and they may be gone.
-      const pids = [pair.b, pair.a].map(
-        (site) => `${site.name} (${site.running ? `pid ${site.pid}` : "already gone"})`,
-      );
-      await attempt("stop the nats-servers", () => pair.stop(), `stopped the nats-servers of ${pids.join(" and ")}`);
-    }
-    const root = this.root;
-    if (root !== undefined) {
-      await attempt(`remove ${root}`, () => rm(root, { recursive: true, force: true }), `removed ${root}`);
-      this.releaseRoot();
-    }
-    this.interruption.dispose();
-    if (failed) return;
-    if (errors.length > 0) throw errors[0];
-    narrator.step(
+  protected doneMessage(): string {
+    return (
       `Done: site B held every acknowledged write to ${SYNC_VOLUME.name} and took over ${VOLUME_NAMES.join(" and ")}, ` +
-        "byte for byte, with everything stopped again",
+      "byte for byte, with everything stopped again"
     );
-  }
-
-  private step<T>(work: Promise<T>): Promise<T> {
-    return this.interruption.step(work);
-  }
-
-  private async startSites(root: string): Promise<SitePair> {
-    this.pairStart = startSitePair({ parentDir: root });
-    try {
-      return await this.pairStart;
-    } catch (error) {
-      if (error instanceof NatsServerFailed) {
-        const said = error.lastLogLine === "" ? "" : `; it logged: ${error.lastLogLine}`;
-        throw new SiteStartFailed(`${error.reason}${said}`, { cause: error });
-      }
-      throw error;
-    }
-  }
-
-  private async startService(nats: Site, root: string, allowRegions: readonly string[]): Promise<DemoSite> {
-    const dataDir = join(root, nats.name);
-    await mkdir(dataDir, { recursive: true });
-    const spec: SiteServiceSpec = {
-      bin: FERRY_BIN,
-      site: nats.name,
-      region: nats.region,
-      nats: nats.url,
-      dataDir,
-      socket: join(dataDir, "nbd.sock"),
-      allowRegions,
-    };
-    this.narrator.command(nats.name, SiteService.commandLine(spec));
-    const service = SiteService.spawn(spec);
-    this.services.push(service);
-    await this.step(service.ready());
-    this.narrator.show(`${service.servingLine} (pid ${service.pid})`);
-    return { nats, dataDir, service };
-  }
-
-  /** Run `ferry ARGS` at a site, as shown; returns its stdout. */
-  private async ferry(site: DemoSite, args: readonly string[]): Promise<string> {
-    this.narrator.command(site.nats.name, ["ferry", ...args].join(" "));
-    const out = await this.ferryQuiet(site, args);
-    this.narrator.show(out);
-    return out;
-  }
-
-  private async ferryQuiet(site: DemoSite, args: readonly string[]): Promise<string> {
-    const { stdout } = await this.step(
-      runTool(process.execPath, [FERRY_BIN, ...args], {
-        signal: this.interruption.signal,
-        timeoutMs: COMMAND_TIMEOUT_MS,
-        env: { ...process.env, FERRY_DATA: site.dataDir },
-        label: ["ferry", ...args].join(" "),
-      }),
-    );
-    return stdout;
   }
 
   /** The status of the pair holding `volumes` (default: the async group), from `--json`. */
@@ -382,8 +250,7 @@ class TwoSiteDemo {
     narrator.step("Site B's volume service stops: with --on-peer-loss suspend, writes at site A go on without it");
     const gone = b.service;
     narrator.command(b.nats.name, `kill -TERM ${gone.pid}   # its ferry volume serve`);
-    await this.step(gone.stop());
-    this.services.splice(this.services.indexOf(gone), 1);
+    await this.stopService(gone);
     narrator.show(`ferry volume serve of ${b.nats.name} (pid ${gone.pid}) stopped`);
     await this.qemuIo(a, name, [`write -P ${order.pattern} ${range}`, "flush"]);
     await this.ferry(a, ["replicate", "status"]);
@@ -400,7 +267,7 @@ class TwoSiteDemo {
     );
 
     narrator.step("Site B's volume service is back: the pair resends what changed and is synchronous again");
-    const back = await this.startService(b.nats, this.root ?? tmpdir(), []);
+    const back = await this.startService(b.nats, { allowRegions: [] });
     b.service = back.service;
     const resumed = await this.syncActive(a, name);
     await this.readAtReplica(order, a, b);
@@ -440,7 +307,7 @@ class TwoSiteDemo {
             `(syncState ${status.syncState ?? "none"}): ${why}`,
         );
       }
-      await this.step(new Promise((resolve) => setTimeout(resolve, POLL_MS)));
+      await this.pause(POLL_MS);
     }
   }
 
@@ -456,29 +323,8 @@ class TwoSiteDemo {
           `site B holds no complete generation after ${FIRST_GENERATION_TIMEOUT_MS / 1000} s: ${why}`,
         );
       }
-      await this.step(new Promise((resolve) => setTimeout(resolve, POLL_MS)));
+      await this.pause(POLL_MS);
     }
-  }
-
-  private async qemuIo(
-    site: DemoSite,
-    volume: string,
-    commands: readonly string[],
-    { readOnly = false } = {},
-  ): Promise<void> {
-    const args = [...(readOnly ? ["-r"] : []), "-f", "raw", ...commands.flatMap((c) => ["-c", c])];
-    const uri = site.service.uri(volume);
-    this.narrator.command(site.nats.name, `qemu-io ${args.map(shellWord).join(" ")} '${uri}'`);
-    const { stdout } = await this.step(
-      runTool("qemu-io", [...args, uri], { signal: this.interruption.signal, timeoutMs: COMMAND_TIMEOUT_MS }),
-    );
-    // The per-command timing lines say nothing about the data; what was written or read does.
-    this.narrator.show(
-      stdout
-        .split("\n")
-        .filter((line) => /^(wrote|read|[0-9a-f]{8}:)/.test(line))
-        .join("\n"),
-    );
   }
 
   /** A write to a replica must be refused: show that it is. */
@@ -536,20 +382,6 @@ class TwoSiteDemo {
         `generation ${[...generations].join(", ")} (sha256 over all ${formatBytes(total)})`,
     );
   }
-
-  /** A text file of numbered, recognisable lines, for qemu-io's `write -s`. */
-  private async textFile(volume: string, round: number, size: number): Promise<string> {
-    const lines: string[] = [];
-    let length = 0;
-    for (let i = 1; length < size; i++) {
-      const line = `ferry demo | ${volume} | written at site-a | round ${round} | line ${String(i).padStart(6, "0")}\n`;
-      lines.push(line);
-      length += line.length;
-    }
-    const file = join(this.root ?? tmpdir(), `${volume}-${round}.txt`);
-    await writeFile(file, lines.join("").slice(0, size));
-    return file;
-  }
 }
 
 function describeSites(pair: SitePair): string[] {
@@ -577,8 +409,4 @@ function compression(status: PairStatus): string {
 
 function short(digest: string): string {
   return `${digest.slice(0, DIGEST_SHOWN)}…`;
-}
-
-function shellWord(word: string): string {
-  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word}'`;
 }

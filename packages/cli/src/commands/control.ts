@@ -1,0 +1,500 @@
+/**
+ * The application commands: sites, applications, policies, protection, status, recovery points,
+ * recovery operations and events. Each talks to one site's ferryd over NATS request/reply
+ * (`--nats URL` / $FERRY_NATS as the site's `cli` user, `--site NAME` / $FERRY_SITE for which
+ * ferryd); this file owns arguments and presentation only.
+ */
+import {
+  type Application,
+  call,
+  connectNats,
+  type FerryEvent,
+  formatDuration,
+  type Operation,
+  type PolicySpec,
+  type Protection,
+  type ProtectionPolicy,
+  type ProtectionStatus,
+  type RecoveryPoint,
+  type Site,
+} from "@ferry/orchestrator";
+import { type Command, InvalidArgumentError, Option } from "commander";
+import { formatBytes } from "../bytes.js";
+import { dataplane } from "../dataplane.js";
+import { OperationFailed } from "../errors.js";
+import type { ProgramIo } from "../program.js";
+import { formatTable } from "../table.js";
+import { type JsonOption, jsonOption } from "./volume.js";
+import { NATS_ENV, SITE_ENV } from "./volume-serve.js";
+
+type Conn = Awaited<ReturnType<typeof connectNats>>;
+
+interface Globals {
+  nats?: string;
+  site?: string;
+}
+
+/** Connect as the CLI and run `fn` against the chosen site's ferryd; always closes the connection. */
+async function withFerryd<T>(command: Command, fn: (nc: Conn, site: string) => Promise<T>): Promise<T> {
+  const { nats, site } = command.optsWithGlobals<Globals>();
+  if (!nats) {
+    command.error(`give the site's NATS server with --nats nats://cli:PASSWORD@HOST:PORT or $${NATS_ENV}`, {
+      code: "ferry.noNats",
+    });
+  }
+  if (!site) {
+    command.error(`say which site's ferryd to ask with --site NAME or $${SITE_ENV}`, { code: "ferry.noSite" });
+  }
+  const nc = await connectNats(nats, "ferry cli");
+  try {
+    return await fn(nc, site);
+  } finally {
+    await nc.close();
+  }
+}
+
+const printJson = (io: ProgramIo, value: unknown) => io.writeOut(`${JSON.stringify(value, null, 2)}\n`);
+
+function ago(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined) return "-";
+  const s = Math.max(0, (Date.now() - ms) / 1000);
+  return s < 60 ? `${s.toFixed(0)}s ago` : s < 3600 ? `${Math.floor(s / 60)}m ago` : `${Math.floor(s / 3600)}h ago`;
+}
+
+function seconds(value: number | null): string {
+  if (value === null) return "-";
+  return value < 60 ? `${value.toFixed(1)}s` : formatDuration(Math.round(value) * 1000);
+}
+
+function positiveInt(what: string) {
+  return (text: string) => {
+    const n = Number(text);
+    if (!/^\d+$/.test(text) || n < 1)
+      throw new InvalidArgumentError(`'${text}' is not ${what}: use a whole number ≥ 1`);
+    return n;
+  };
+}
+
+export function registerControlCommands(program: Command, io: ProgramIo): void {
+  // ---- site -------------------------------------------------------------------------------------
+  const site = program.command("site").description("the sites Ferry knows: each runs a ferryd and its NATS server");
+  site
+    .command("list")
+    .description("list the sites this site's ferryd has heard of (sites announce themselves over the link)")
+    .addOption(jsonOption())
+    .action(async (options: JsonOption, command: Command) => {
+      const sites = await withFerryd(command, (nc, s) =>
+        call<(Site & { reachable: boolean; self: boolean })[]>(nc, s, "siteList"),
+      );
+      if (options.json) return printJson(io, sites);
+      io.writeOut(
+        `${formatTable(
+          ["SITE", "REGION", "REACHABLE", "LAST SEEN", "VERSION"],
+          sites.map((x) => [
+            `${x.name}${x.self ? " (this)" : ""}`,
+            x.region,
+            x.reachable ? "yes" : "no",
+            ago(x.lastSeenMs),
+            x.version,
+          ]),
+        )}\n`,
+      );
+    });
+
+  // ---- app --------------------------------------------------------------------------------------
+  const app = program
+    .command("app")
+    .description("applications: sets of volumes (and VMs, Kubernetes objects) protected as one entity");
+  app
+    .command("create")
+    .description("create an application at this site from its volumes; --size creates the volumes that are missing")
+    .argument("<name>", "application name (lower-case letters, digits, '-')")
+    .requiredOption("--volume <name>", "a member volume (repeat for several)", (v: string, all: string[] = []) => [
+      ...all,
+      v,
+    ])
+    .option("--size <size>", "size of volumes to create when missing, e.g. 1G")
+    .addOption(jsonOption())
+    .action(async (name: string, options: JsonOption & { volume: string[]; size?: string }, command: Command) => {
+      const sizeBytes = options.size === undefined ? null : await parseSize(command, "--size", options.size);
+      const created = await withFerryd(command, (nc, s) =>
+        call<Application>(nc, s, "appCreate", { name, volumes: options.volume, sizeBytes }),
+      );
+      if (options.json) return printJson(io, created);
+      io.writeOut(`application ${created.name} at site ${created.active}: volumes ${created.volumes.join(", ")}\n`);
+    });
+  app
+    .command("list")
+    .description("list applications in this site's catalog (its own and the ones it holds replicas of)")
+    .addOption(jsonOption())
+    .action(async (options: JsonOption, command: Command) => {
+      const apps = await withFerryd(command, (nc, s) => call<Application[]>(nc, s, "appList"));
+      if (options.json) return printJson(io, apps);
+      if (apps.length === 0) return io.writeOut("no applications\n");
+      io.writeOut(
+        `${formatTable(
+          ["APP", "ACTIVE AT", "ORIGIN", "VOLUMES"],
+          apps.map((a) => [a.name, a.active, a.origin, a.volumes.join(",")]),
+        )}\n`,
+      );
+    });
+  app
+    .command("show")
+    .description("show one application: members, protections and its latest operations")
+    .argument("<name>", "application name")
+    .addOption(jsonOption())
+    .action(async (name: string, options: JsonOption, command: Command) => {
+      const shown = await withFerryd(command, (nc, s) =>
+        call<{ app: Application; protections: Protection[]; operations: Operation[] }>(nc, s, "appShow", { name }),
+      );
+      if (options.json) return printJson(io, shown);
+      const a = shown.app;
+      io.writeOut(
+        `application ${a.name}: active at ${a.active} (origin ${a.origin})\nvolumes: ${a.volumes.join(", ")}\n`,
+      );
+      if (shown.protections.length > 0) {
+        io.writeOut(
+          `${formatTable(
+            ["FROM", "TO", "POLICY", "MODE", "STATE"],
+            shown.protections.map((p) => [p.source, p.target, p.policy, p.settings.mode, p.state]),
+          )}\n`,
+        );
+      }
+      for (const op of shown.operations) io.writeOut(`${operationLine(op)}\n`);
+    });
+
+  // ---- policy -----------------------------------------------------------------------------------
+  const policy = program.command("policy").description("protection policies: how an application is protected");
+  policy
+    .command("create")
+    .description("create a protection policy (idempotent for the same settings)")
+    .argument("<name>", "policy name")
+    .addOption(
+      new Option("--mode <mode>", "async (generations) or sync (zero data loss)")
+        .choices(["async", "sync"])
+        .makeOptionMandatory(),
+    )
+    .option("--rpo <duration>", "recovery point objective, e.g. 10s (default: two intervals; sync: 0)")
+    .option("--interval <duration>", "time between generations, e.g. 5s (default 5s)")
+    .option("--continuous", "cut a new generation as soon as the previous one is in (at most every second)")
+    .addOption(
+      new Option("--retain <n>", "recovery points kept at the target (default 3)").argParser(positiveInt("a count")),
+    )
+    .option("--allowed-regions <regions>", "comma-separated regions allowed to hold a copy (default: any)")
+    .option("--rate <size>", "bandwidth limit per target in bytes/s, e.g. 100M (default: none)")
+    .addOption(new Option("--consistency <kind>", "crash or application").choices(["crash", "application"]))
+    .addOption(jsonOption())
+    .action(async (name: string, options: PolicyOptions, command: Command) => {
+      const spec: PolicySpec = {
+        name,
+        mode: options.mode,
+        rpo: options.rpo ?? null,
+        interval: options.interval ?? null,
+        continuous: options.continuous ?? null,
+        retain: options.retain ?? null,
+        allowedRegions:
+          options.allowedRegions
+            ?.split(",")
+            .map((r) => r.trim())
+            .filter((r) => r !== "") ?? null,
+        rateBytes: options.rate === undefined ? null : await parseSize(command, "--rate", options.rate),
+        consistency: options.consistency ?? null,
+      };
+      const created = await withFerryd(command, (nc, s) => call<ProtectionPolicy>(nc, s, "policyCreate", spec));
+      if (options.json) return printJson(io, created);
+      io.writeOut(`policy ${created.name}: ${policyLine(created)}\n`);
+    });
+  policy
+    .command("list")
+    .description("list protection policies")
+    .addOption(jsonOption())
+    .action(async (options: JsonOption, command: Command) => {
+      const policies = await withFerryd(command, (nc, s) => call<ProtectionPolicy[]>(nc, s, "policyList"));
+      if (options.json) return printJson(io, policies);
+      io.writeOut(
+        `${formatTable(
+          ["POLICY", "SETTINGS"],
+          policies.map((p) => [p.name, policyLine(p)]),
+        )}\n`,
+      );
+    });
+
+  // ---- protect, status, recovery points ---------------------------------------------------------
+  program
+    .command("protect")
+    .description("protect an application to another site under a policy: replication starts at once")
+    .argument("<app>", "application name")
+    .requiredOption("--policy <name>", "protection policy")
+    .requiredOption("--to <site>", "target site")
+    .addOption(jsonOption())
+    .action(async (appName: string, options: JsonOption & { policy: string; to: string }, command: Command) => {
+      const p = await withFerryd(command, (nc, s) =>
+        call<Protection>(nc, s, "protect", { app: appName, policy: options.policy, to: options.to }),
+      );
+      if (options.json) return printJson(io, p);
+      io.writeOut(
+        `protecting ${p.app} from ${p.source} to ${p.target} under ${p.policy} (${policyLine(p.settings)})\n`,
+      );
+    });
+
+  program
+    .command("status")
+    .description("per application and target: mode, state, lag, whether the RPO is met, the last recovery point")
+    .argument("[app]", "one application (default: all)")
+    .addOption(jsonOption())
+    .action(async (appName: string | undefined, options: JsonOption, command: Command) => {
+      const rows = await withFerryd(command, (nc, s) =>
+        call<ProtectionStatus[]>(nc, s, "status", { app: appName ?? null }),
+      );
+      if (options.json) return printJson(io, rows);
+      if (rows.length === 0) return io.writeOut("no protected applications\n");
+      io.writeOut(
+        `${formatTable(
+          ["APP", "FROM", "TO", "MODE", "STATE", "LAG", "RPO", "RPO MET", "LAST POINT", "WIRE"],
+          rows.map((r) => [
+            r.app,
+            r.source,
+            r.target,
+            r.syncState ? `${r.mode} (${r.syncState})` : r.mode,
+            r.state,
+            seconds(r.lagSeconds),
+            seconds(r.rpoSeconds),
+            r.rpoMet ? "yes" : "NO",
+            r.lastRecoveryPoint === null ? "-" : `${r.lastRecoveryPoint.generation} (${ago(r.lastRecoveryPoint.atMs)})`,
+            formatBytes(r.bytesWire),
+          ]),
+        )}\n`,
+      );
+      for (const r of rows) if (r.lastError) io.writeOut(`${r.app} → ${r.target}: ${r.lastError}\n`);
+    });
+
+  program
+    .command("recovery-points")
+    .description("list an application's recovery points at its target sites (newest first)")
+    .argument("<app>", "application name")
+    .addOption(jsonOption())
+    .action(async (appName: string, options: JsonOption, command: Command) => {
+      const points = await withFerryd(command, (nc, s) =>
+        call<RecoveryPoint[]>(nc, s, "recoveryPoints", { app: appName }),
+      );
+      if (options.json) return printJson(io, points);
+      if (points.length === 0) return io.writeOut(`no recovery points of ${appName} yet\n`);
+      io.writeOut(
+        `${formatTable(
+          ["ID", "SITE", "FROM", "TAKEN", "CONSISTENCY"],
+          points.map((p) => [
+            p.id,
+            p.site,
+            p.source,
+            `${new Date(p.atMs).toISOString()} (${ago(p.atMs)})`,
+            p.consistency,
+          ]),
+        )}\n`,
+      );
+    });
+
+  // ---- recovery operations ----------------------------------------------------------------------
+  const waitOption = () => new Option("--no-wait", "return once the operation started, with its id");
+  program
+    .command("failover")
+    .description(
+      "recover an application at a site: unplanned (promote the latest recovery point, or --point), --planned " +
+        "(final sync, stop at the source, promote, replicate back: zero data loss) or --test (a drill: an isolated " +
+        "copy beside running replication; remove it with `ferry drill cleanup`)",
+    )
+    .argument("<app>", "application name")
+    .requiredOption("--to <site>", "the site to recover at")
+    .option("--planned", "planned migration: no data loss, needs the source site")
+    .option("--test", "DR drill: replication keeps running")
+    .option("--point <id>", "recover to this recovery point (see `ferry recovery-points`)")
+    .addOption(waitOption())
+    .addOption(jsonOption())
+    .action(async (appName: string, options: FailoverOptions, command: Command) => {
+      if (options.planned && options.test) {
+        command.error("give either --planned or --test, not both", { code: "ferry.usage" });
+      }
+      await runOperation(io, command, options, (nc, s) =>
+        call<Operation>(nc, s, "failover", {
+          app: appName,
+          to: options.to,
+          planned: options.planned === true,
+          test: options.test === true,
+          point: options.point ?? null,
+        }),
+      );
+    });
+  program
+    .command("failback")
+    .description(
+      "after a failover: replicate the changes made at the recovery site back to the application's origin " +
+        "(only what changed), then migrate it back there without data loss",
+    )
+    .argument("<app>", "application name")
+    .addOption(waitOption())
+    .addOption(jsonOption())
+    .action(async (appName: string, options: OperationOptions, command: Command) => {
+      await runOperation(io, command, options, (nc, s) => call<Operation>(nc, s, "failback", { app: appName }));
+    });
+  const drill = program.command("drill").description("DR drills (`ferry failover --test` starts one)");
+  drill
+    .command("cleanup")
+    .description("remove the isolated copy of the application's last drill")
+    .argument("<app>", "application name")
+    .addOption(waitOption())
+    .addOption(jsonOption())
+    .action(async (appName: string, options: OperationOptions, command: Command) => {
+      await runOperation(io, command, options, (nc, s) => call<Operation>(nc, s, "drillCleanup", { app: appName }));
+    });
+  program
+    .command("operation")
+    .description("show a recovery operation and its steps, or list them")
+    .argument("[id]", "operation id (default: list all)")
+    .option("--app <name>", "only this application's operations")
+    .addOption(jsonOption())
+    .action(async (id: string | undefined, options: JsonOption & { app?: string }, command: Command) => {
+      if (id === undefined) {
+        const ops = await withFerryd(command, (nc, s) =>
+          call<Operation[]>(nc, s, "operationList", { app: options.app ?? null }),
+        );
+        if (options.json) return printJson(io, ops);
+        for (const op of ops) io.writeOut(`${operationLine(op)}\n`);
+        return;
+      }
+      const op = await withFerryd(command, (nc, s) => call<Operation>(nc, s, "operationGet", { id }));
+      if (options.json) return printJson(io, op);
+      io.writeOut(`${operationReport(op)}\n`);
+    });
+
+  // ---- events -----------------------------------------------------------------------------------
+  program
+    .command("events")
+    .description("print the site's events (protection, RPO, operations); --follow keeps printing new ones")
+    .option("--follow", "keep printing events as they happen (Ctrl-C to stop)")
+    .option("--app <name>", "only events of this application")
+    .addOption(
+      new Option("--limit <n>", "how many past events (default 50)").argParser(positiveInt("a count")).default(50),
+    )
+    .addOption(new Option("--json", "one JSON event per line"))
+    .action(async (options: { follow?: boolean; app?: string; limit: number; json?: boolean }, command: Command) => {
+      const print = (e: FerryEvent) =>
+        io.writeOut(
+          options.json
+            ? `${JSON.stringify(e)}\n`
+            : `${e.time}  ${e.type.replace(/^io\.ferry\./, "").padEnd(20)} ${e.subject ?? "-"}  ${JSON.stringify(e.data)}\n`,
+        );
+      await withFerryd(command, async (nc, s) => {
+        const past = await call<FerryEvent[]>(nc, s, "events", { app: options.app ?? null, limit: options.limit });
+        for (const e of past) print(e);
+        if (!options.follow) return;
+        const seen = new Set(past.map((e) => e.id));
+        const sub = nc.subscribe(`ferry.events.${s}.>`);
+        const stop = () => sub.unsubscribe();
+        process.once("SIGINT", stop);
+        process.once("SIGTERM", stop);
+        for await (const m of sub) {
+          const e = m.json<FerryEvent>();
+          if (seen.has(e.id) || (options.app !== undefined && e.subject !== options.app)) continue;
+          print(e);
+        }
+      });
+    });
+}
+
+interface PolicyOptions extends JsonOption {
+  mode: string;
+  rpo?: string;
+  interval?: string;
+  continuous?: boolean;
+  retain?: number;
+  allowedRegions?: string;
+  rate?: string;
+  consistency?: string;
+}
+
+interface OperationOptions extends JsonOption {
+  wait: boolean;
+}
+
+interface FailoverOptions extends OperationOptions {
+  to: string;
+  planned?: boolean;
+  test?: boolean;
+  point?: string;
+}
+
+async function parseSize(command: Command, flag: string, text: string): Promise<number> {
+  const native = await dataplane();
+  try {
+    return native.parseSize(text);
+  } catch (error) {
+    command.error(`option '${flag} <size>': ${(error as Error).message}`, { code: "commander.invalidArgument" });
+  }
+}
+
+function policyLine(p: ProtectionPolicy): string {
+  const parts = [
+    p.mode,
+    p.continuous ? "continuous" : `every ${formatDuration(p.intervalMs)}`,
+    `RPO ${p.rpoMs === 0 ? "0" : formatDuration(p.rpoMs)}`,
+    `keep ${p.retain}`,
+    p.allowedRegions.length > 0 ? `regions ${p.allowedRegions.join(",")}` : "any region",
+    ...(p.rateBytes === null ? [] : [`at most ${formatBytes(p.rateBytes)}/s`]),
+    `${p.consistency}-consistent`,
+  ];
+  return parts.join(", ");
+}
+
+function operationLine(op: Operation): string {
+  const took = op.endedAtMs === null ? "" : ` in ${((op.endedAtMs - op.startedAtMs) / 1000).toFixed(1)}s`;
+  return `${op.id}  ${op.kind} of ${op.app} ${op.from} → ${op.to}: ${op.state}${took}${op.error ? ` (${op.error.message})` : ""}`;
+}
+
+function operationReport(op: Operation): string {
+  const lines = [operationLine(op)];
+  for (const s of op.steps) {
+    const mark = { pending: " ", running: ">", done: "✓", skipped: "-" }[s.state];
+    lines.push(`  [${mark}] ${s.name}${s.detail ? `: ${s.detail}` : ""}`);
+  }
+  return lines.join("\n");
+}
+
+/**
+ * Start an operation and, unless --no-wait, follow it step by step until it ends; a failed
+ * operation exits 1 with its error.
+ */
+async function runOperation(
+  io: ProgramIo,
+  command: Command,
+  options: OperationOptions,
+  start: (nc: Conn, site: string) => Promise<Operation>,
+): Promise<void> {
+  const final = await withFerryd(command, async (nc, site) => {
+    let op = await start(nc, site);
+    // The operation runs at its destination; follow it there.
+    const at = op.to;
+    if (!options.wait) return op;
+    if (!options.json) io.writeOut(`${op.kind} of ${op.app} to ${op.to}: operation ${op.id}\n`);
+    const reported = new Set<string>();
+    for (;;) {
+      for (const s of op.steps) {
+        if ((s.state === "done" || s.state === "skipped") && !reported.has(s.name)) {
+          reported.add(s.name);
+          if (!options.json)
+            io.writeOut(`  ${s.state === "done" ? "✓" : "-"} ${s.name}${s.detail ? `: ${s.detail}` : ""}\n`);
+        }
+      }
+      if (op.state !== "running") return op;
+      await new Promise((r) => setTimeout(r, 200));
+      op = await call<Operation>(nc, at, "operationGet", { id: op.id });
+    }
+  });
+  if (options.json) printJson(io, final);
+  else if (final.state === "succeeded") {
+    io.writeOut(`${final.kind} of ${final.app} succeeded in ${((final.endedAtMs ?? 0) - final.startedAtMs) / 1000}s\n`);
+  } else if (final.state === "running") {
+    io.writeOut(`follow it with: ferry operation ${final.id} --site ${final.to}\n`);
+  }
+  if (final.state === "failed") {
+    throw new OperationFailed(`${final.kind} of ${final.app} failed: ${final.error?.message ?? "unknown error"}`);
+  }
+}

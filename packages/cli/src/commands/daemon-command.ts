@@ -1,0 +1,56 @@
+/** The `ferry daemon` command line (the daemon itself: daemon.ts). */
+import { type Command, Option } from "commander";
+import { resolveDataDir } from "../data-dir.js";
+import type { ProgramIo } from "../program.js";
+import { runDaemon } from "./daemon.js";
+import { type DataOption, dataOption } from "./volume.js";
+import { DEFAULT_LISTEN, joinedSite, SiteOptionsError, siteOptions } from "./volume-serve.js";
+
+interface DaemonOptions extends DataOption {
+  listen?: string;
+  socket?: string;
+  region?: string;
+  allowRegions?: string;
+  metrics?: string;
+}
+
+export function registerDaemonCommand(program: Command, io: ProgramIo): void {
+  program
+    .command("daemon")
+    .summary("run this site's ferryd: volume service + orchestrator (also installed as `ferryd`)")
+    .description(
+      "run one site's ferryd in the foreground: the volume service (NBD exports of the data directory, replication " +
+        "over the site's NATS) and the orchestrator (applications, policies, protection, recovery operations, " +
+        "events; the other `ferry` commands talk to it over NATS). SIGTERM or SIGINT stops it cleanly; a restart " +
+        `resumes replication and any operation under way. Needs --site, --region and --nats. NBD on ${DEFAULT_LISTEN} ` +
+        "unless --listen or --socket is given.",
+    )
+    .addOption(dataOption())
+    .option("--listen <host:port>", `NBD over TCP (default: ${DEFAULT_LISTEN} when --socket is not given)`)
+    .option("--socket <path>", "NBD over a unix socket")
+    .option("--region <region>", "this site's region (residency rules name regions)")
+    .option("--allow-regions <regions>", "comma-separated regions allowed to hold copies of this site's volumes")
+    .addOption(new Option("--metrics <host:port>", "serve Prometheus /metrics and /healthz here, e.g. 127.0.0.1:9464"))
+    .action(async (options: DaemonOptions, command: Command) => {
+      let join: ReturnType<typeof joinedSite>;
+      try {
+        join = joinedSite(siteOptions(command, options));
+      } catch (error) {
+        if (error instanceof SiteOptionsError) command.error(`${error.message}`, { code: "ferry.siteOptions" });
+        throw error;
+      }
+      if (join === undefined) {
+        command.error("ferryd needs its site: give --site, --region and --nats", { code: "ferry.siteOptions" });
+      }
+      await runDaemon(
+        {
+          dataDir: resolveDataDir(options.data),
+          listen: options.listen,
+          socket: options.socket,
+          join,
+          metrics: options.metrics,
+        },
+        io,
+      );
+    });
+}

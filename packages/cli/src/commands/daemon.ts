@@ -1,0 +1,112 @@
+/**
+ * `ferry daemon` (also installed as `ferryd`): one site's ferryd — the volume service (NBD exports,
+ * replication) and the orchestrator (catalog, API, scheduler, recovery operations, events) in one
+ * process, with Prometheus `/metrics` and `/healthz` on an optional loopback address. SIGTERM or
+ * SIGINT stops it cleanly; a restart resumes every replication pair (the data plane persists them)
+ * and every recovery operation (the catalog persists them).
+ */
+import { createServer, type Server } from "node:http";
+import { createRequire } from "node:module";
+import { hostname } from "node:os";
+import { connectNats, nativeDataPlane, natsHost, Orchestrator } from "@ferry/orchestrator";
+import type { ProgramIo } from "../program.js";
+import { nextStopSignal, type ServeRequest, type SiteJoin, startService, stopOnce } from "./volume-serve.js";
+
+const { version } = createRequire(import.meta.url)("../../package.json") as { version: string };
+
+export interface DaemonRequest extends ServeRequest {
+  join: SiteJoin;
+  /** `host:port` for /metrics and /healthz; none: no HTTP endpoint. */
+  metrics?: string | undefined;
+}
+
+export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<void> {
+  const { service, serving } = await startService(request);
+  let orchestrator: Orchestrator | undefined;
+  let http: Server | undefined;
+  let nc: Awaited<ReturnType<typeof connectNats>> | undefined;
+  try {
+    nc = await connectNats(request.join.nats, `ferryd ${request.join.site}`, {
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 500,
+    });
+    orchestrator = await Orchestrator.start({
+      site: request.join.site,
+      region: request.join.region,
+      nc,
+      dataPlane: nativeDataPlane(request.dataDir),
+      version,
+      holder: `${hostname()}:${request.dataDir}`,
+    });
+    if (request.metrics !== undefined) http = await serveMetrics(request.metrics, orchestrator, nc);
+  } catch (error) {
+    await orchestrator?.stop();
+    await nc?.close();
+    await service.stop();
+    throw error;
+  }
+  const metrics = http === undefined ? "" : `; metrics on http://${address(http)}/metrics`;
+  io.writeOut(
+    `ferryd: ${serving}; orchestrator ${orchestrator.isLeader ? "leading" : "following"} site ${request.join.site}${metrics}\n`,
+  );
+
+  const signal = await nextStopSignal();
+  io.writeErr(`ferryd: ${signal} received, stopping\n`);
+  const o = orchestrator;
+  const conn = nc;
+  const server = http;
+  await stopOnce(io, async () => {
+    await o.stop();
+    await conn.drain().catch(() => {});
+    await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
+    await service.stop();
+  });
+}
+
+function address(server: Server): string {
+  const a = server.address();
+  return typeof a === "object" && a !== null ? `${a.address}:${a.port}` : String(a);
+}
+
+/** `/metrics` (Prometheus text) and `/healthz` (200 while connected to NATS, else 503). */
+async function serveMetrics(
+  listen: string,
+  orchestrator: Orchestrator,
+  nc: Awaited<ReturnType<typeof connectNats>>,
+): Promise<Server> {
+  const match = /^(.+):(\d+)$/.exec(listen);
+  if (match?.[1] === undefined || match[2] === undefined) {
+    throw new Error(`--metrics '${listen}' is not host:port, e.g. 127.0.0.1:9464`);
+  }
+  const server = createServer((req, res) => {
+    if (req.url === "/metrics") {
+      orchestrator.metrics.registry
+        .metrics()
+        .then((text) => {
+          res.writeHead(200, { "content-type": orchestrator.metrics.registry.contentType });
+          res.end(text);
+        })
+        .catch((error: Error) => {
+          res.writeHead(500).end(error.message);
+        });
+      return;
+    }
+    if (req.url === "/healthz") {
+      const healthy = !nc.isClosed() && nc.info !== undefined;
+      const body = {
+        status: healthy ? "ok" : "nats-disconnected",
+        site: orchestrator.site,
+        leader: orchestrator.isLeader,
+        nats: natsHost(`nats://${nc.getServer()}`),
+      };
+      res.writeHead(healthy ? 200 : 503, { "content-type": "application/json" }).end(JSON.stringify(body));
+      return;
+    }
+    res.writeHead(404).end("not found: try /metrics or /healthz\n");
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(Number(match[2]), match[1], () => resolve());
+  });
+  return server;
+}

@@ -1,0 +1,283 @@
+/**
+ * Applications end to end over two real sites: two nats-servers linked by a leafnode, one ferryd
+ * (`ferry daemon`) per site, and the `ferry` CLI talking to them over NATS as the sites' `cli`
+ * user. One application of two volumes is protected from A to B, failed over (unplanned), failed
+ * back, migrated (planned) and drilled; bytes are checked with sha256 of the NBD exports after
+ * every step, and bad input is checked as a user sees it: exit status and one `ferry:` line.
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { Application, FerryEvent, Operation, ProtectionStatus, RecoveryPoint } from "@ferry/orchestrator";
+import { FerryCli, type FerryServe, qemuIo, Sandbox, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+
+const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
+
+let sites: TwoSites;
+let sandbox: Sandbox;
+let ferry: FerryCli;
+const ferryd: Record<"a" | "b", { data: string; serve: FerryServe; metrics: string }> = {} as never;
+
+async function startFerryd(site: "a" | "b", data?: string): Promise<void> {
+  const dir = data ?? (await sandbox.dir(`ferryd-${site}-`));
+  const s = sites[site];
+  const serve = await ferry.daemon([
+    "--data",
+    dir,
+    "--socket",
+    join(dir, "nbd.sock"),
+    "--site",
+    s.name,
+    "--region",
+    s.region,
+    "--nats",
+    s.url,
+    "--metrics",
+    "127.0.0.1:0",
+  ]);
+  const metrics = /metrics on (http:\/\/\S+)\/metrics/.exec(serve.servingLine)?.[1];
+  if (metrics === undefined) throw new Error(`ferryd did not say where its metrics are: ${serve.servingLine}`);
+  ferryd[site] = { data: dir, serve, metrics };
+}
+
+/** The CLI against one site's ferryd, as that site's `cli` user (global options after the command). */
+function at(site: "a" | "b", args: readonly string[]) {
+  return [...args, "--nats", sites[site].cliUrl, "--site", sites[site].name];
+}
+
+async function exportSha256(uri: string): Promise<string> {
+  const result = await sandbox.run("bash", ["-o", "pipefail", "-c", 'nbdcopy "$1" - | sha256sum', "bash", uri]);
+  if (result.code !== 0) throw new Error(`nbdcopy ${uri} - | sha256sum: ${result.stderr.trim()}`);
+  return result.stdout.split(" ")[0] ?? "";
+}
+
+async function digests(site: "a" | "b", volumes: readonly string[]): Promise<string[]> {
+  return Promise.all(volumes.map((v) => exportSha256(ferryd[site].serve.uri(v))));
+}
+
+/** Wait until the target holds a recovery point cut after `sinceMs` (the writes before it are in). */
+async function pointAfter(site: "a" | "b", app: string, sinceMs: number): Promise<void> {
+  await waitFor(
+    `a recovery point of ${app} newer than the last write`,
+    async () => {
+      const rows = await ferry.json<ProtectionStatus[]>(at(site, ["status", app]));
+      const p = rows.find((r) => r.source === sites[site].name)?.lastRecoveryPoint;
+      return p !== null && p !== undefined && p.atMs > sinceMs;
+    },
+    { timeoutMs: 30_000 },
+  );
+}
+
+beforeAll(async () => {
+  sites = await startTwoSites();
+  sandbox = new Sandbox();
+  ferry = new FerryCli(sandbox, BIN);
+  await startFerryd("a");
+  await startFerryd("b");
+  await waitFor(
+    "both sites to know each other",
+    async () => {
+      const list = await ferry.json<{ name: string }[]>(at("a", ["site", "list"]));
+      return list.length === 2;
+    },
+    { timeoutMs: 20_000 },
+  );
+});
+
+afterAll(async () => {
+  await sandbox?.cleanup();
+  await sites?.stop();
+});
+
+const VOLUMES = ["shop-db", "shop-logs"];
+
+describe("applications across two sites", () => {
+  it("refuses bad input with a clear message and exit status", async () => {
+    const rpo = await ferry.run(
+      at("a", ["policy", "create", "bad", "--mode", "async", "--interval", "5s", "--rpo", "1s"]),
+    );
+    expect(rpo.code).toBe(2);
+    expect(rpo.stderr).toMatch(/^ferry: policy bad: --rpo 1s is shorter than the interval \(5s\)/);
+    const mode = await ferry.run(at("a", ["policy", "create", "bad", "--mode", "fast"]));
+    expect(mode.code).toBe(2);
+    expect(mode.stderr).toContain("'fast' is invalid");
+    const name = await ferry.run(at("a", ["policy", "create", "Bad_Name", "--mode", "async"]));
+    expect(name.code).toBe(2);
+    expect(name.stderr).toContain('policy name "Bad_Name" is not valid');
+    const unknown = await ferry.run(at("a", ["app", "show", "nope"]));
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toBe("ferry: application nope does not exist at site site-a: see `ferry app list`\n");
+    const noSite = await ferry.run(["status", "--nats", sites.a.cliUrl], { env: { ...process.env, FERRY_SITE: "" } });
+    expect(noSite.code).toBe(2);
+    const missing = await ferry.run(at("a", ["app", "create", "shop", "--volume", "shop-db"]));
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toContain("volume shop-db does not exist at this site: add --size");
+    const noFerryd = await ferry.run(["status", "--nats", sites.a.cliUrl, "--site", "site-x"]);
+    expect(noFerryd.code).toBe(1);
+    expect(noFerryd.stderr).toContain("no ferryd answers for site site-x");
+  });
+
+  it("protects an application to B, refusing a region its policy does not allow", async () => {
+    const app = await ferry.json<Application>(
+      at("a", ["app", "create", "shop", "--volume", VOLUMES[0] ?? "", "--volume", VOLUMES[1] ?? "", "--size", "8M"]),
+    );
+    expect(app).toMatchObject({ name: "shop", volumes: VOLUMES, active: "site-a", origin: "site-a" });
+    // Idempotent.
+    await ferry.ok(at("a", ["app", "create", "shop", "--volume", "shop-db", "--volume", "shop-logs", "--size", "8M"]));
+
+    await ferry.ok(at("a", ["policy", "create", "spain-only", "--mode", "async", "--allowed-regions", "eu-es"]));
+    const refused = await ferry.run(at("a", ["protect", "shop", "--policy", "spain-only", "--to", "site-b"]));
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toBe(
+      "ferry: residency: application shop may not be protected to site site-b: its region eu-de is not among the " +
+        "regions policy spain-only allows (eu-es); nothing was changed\n",
+    );
+    expect(await ferry.json<ProtectionStatus[]>(at("a", ["status"]))).toEqual([]);
+
+    await ferry.ok(at("a", ["policy", "create", "gold", "--mode", "async", "--interval", "500ms", "--rpo", "5s"]));
+    const out = await ferry.ok(at("a", ["protect", "shop", "--policy", "gold", "--to", "site-b"]));
+    expect(out).toContain("protecting shop from site-a to site-b under gold");
+    await ferry.ok(at("a", ["protect", "shop", "--policy", "gold", "--to", "site-b"])); // idempotent
+
+    await qemuIo(sandbox, ferryd.a.serve.uri("shop-db"), ["write -P 0xa1 0 1M"]);
+    await qemuIo(sandbox, ferryd.a.serve.uri("shop-logs"), ["write -P 0xa2 1M 512K"]);
+    const wrote = Date.now();
+    await pointAfter("a", "shop", wrote);
+    const [status] = await ferry.json<ProtectionStatus[]>(at("a", ["status", "shop"]));
+    expect(status).toMatchObject({ app: "shop", source: "site-a", target: "site-b", mode: "async", rpoSeconds: 5 });
+    expect(status?.rpoMet).toBe(true);
+    expect(status?.lagSeconds).toBeLessThan(5);
+
+    const metrics = await (await fetch(`${ferryd.a.metrics}/metrics`)).text();
+    expect(metrics).toContain('ferry_rpo_met{app="shop",target="site-b"} 1');
+    expect(metrics).toContain("ferry_leader 1");
+    expect(metrics).toMatch(/ferry_replication_lag_seconds\{app="shop",target="site-b"\} \d/);
+    const health = await fetch(`${ferryd.a.metrics}/healthz`);
+    expect(health.status).toBe(200);
+    expect(await health.json()).toMatchObject({ status: "ok", site: "site-a", leader: true });
+
+    const points = await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "shop"]));
+    expect(points.length).toBeGreaterThanOrEqual(1);
+    expect(points[0]).toMatchObject({ app: "shop", site: "site-b", source: "site-a", back: 0 });
+    // B knows the application as a replica.
+    const atB = await ferry.json<Application[]>(at("b", ["app", "list"]));
+    expect(atB.map((a) => [a.name, a.active])).toEqual([["shop", "site-a"]]);
+  });
+
+  it("fails over to B (unplanned), then fails back with the changes made at B", async () => {
+    const before = await digests("a", VOLUMES);
+    const failover = await ferry.json<Operation>(at("a", ["failover", "shop", "--to", "site-b"]));
+    expect(failover).toMatchObject({ kind: "failover", app: "shop", to: "site-b", from: "site-a", state: "succeeded" });
+    expect(failover.steps.map((s) => s.name)).toEqual(["check", "stop-source", "promote", "activate"]);
+    expect(await digests("b", VOLUMES)).toEqual(before);
+    const apps = await ferry.json<Application[]>(at("b", ["app", "list"]));
+    expect(apps[0]?.active).toBe("site-b");
+
+    // A second failover is refused: it runs at B already.
+    const again = await ferry.run(at("a", ["failover", "shop", "--to", "site-b"]));
+    expect(again.code).toBe(1);
+    expect(again.stderr).toContain("application shop runs at site site-b already");
+
+    // Work goes on at B; failback brings it home with only what changed.
+    await qemuIo(sandbox, ferryd.b.serve.uri("shop-db"), ["write -P 0xb1 2M 256K"]);
+    const atB = await digests("b", VOLUMES);
+    const failback = await ferry.json<Operation>(at("a", ["failback", "shop"]));
+    expect(failback.state, JSON.stringify(failback.error)).toBe("succeeded");
+    expect(failback.to).toBe("site-a");
+    expect(await digests("a", VOLUMES)).toEqual(atB);
+    expect(Number(failback.result.bytesResynced)).toBeLessThan(2 * 8 * 2 ** 20);
+    const [home] = await ferry.json<Application[]>(at("a", ["app", "list"]));
+    expect(home?.active).toBe("site-a");
+    const [s] = await ferry.json<ProtectionStatus[]>(at("a", ["status", "shop"]));
+    expect(s).toMatchObject({ source: "site-a", target: "site-b" });
+  });
+
+  it("migrates to B with a planned failover: every write acknowledged at A is at B", async () => {
+    await qemuIo(sandbox, ferryd.a.serve.uri("shop-logs"), ["write -P 0xc1 3M 64K"]);
+    const atA = await digests("a", VOLUMES);
+    const op = await ferry.json<Operation>(at("b", ["failover", "shop", "--to", "site-b", "--planned"]));
+    expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
+    expect(op.steps.map((s) => s.name)).toContain("fence");
+    expect(await digests("b", VOLUMES)).toEqual(atA);
+    // A's volumes are replicas of B's now: writes there are refused.
+    const write = await sandbox.run("qemu-io", ["-f", "raw", ferryd.a.serve.uri("shop-db"), "-c", "write 0 4K"]);
+    expect(write.code).not.toBe(0);
+
+    const events = (await ferry.ok(at("b", ["events", "--app", "shop", "--json"])))
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as FerryEvent);
+    const mine = events.filter((e) => e.data.operation === op.id).map((e) => e.type);
+    expect(mine[0]).toBe("io.ferry.operation.started");
+    expect(mine.at(-1)).toBe("io.ferry.operation.completed");
+  });
+
+  it("runs one operation per application at a time, and a drill beside running replication", async () => {
+    // The application runs at B now, protected to A.
+    await qemuIo(sandbox, ferryd.b.serve.uri("shop-db"), ["write -P 0xd1 4M 128K"]);
+    const wrote = Date.now();
+    await pointAfter("b", "shop", wrote);
+    const [point] = await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "shop"]));
+    const atB = await digests("b", VOLUMES);
+
+    const drill = await ferry.json<Operation>(at("a", ["failover", "shop", "--to", "site-a", "--test", "--no-wait"]));
+    const second = await ferry.run(at("a", ["failover", "shop", "--to", "site-a", "--test"]));
+    expect(second.code).toBe(1);
+    expect(second.stderr).toContain(`application shop is busy with drill ${drill.id}`);
+    await waitFor("the drill to finish", async () => {
+      const op = await ferry.json<Operation>(at("a", ["operation", drill.id]));
+      return op.state !== "running" && op;
+    });
+    const done = await ferry.json<Operation>(at("a", ["operation", drill.id]));
+    expect(done.state, JSON.stringify(done.error)).toBe("succeeded");
+    expect(Number(done.result.point)).toBeGreaterThanOrEqual(Number(point?.id));
+    // The drill copy holds the recovery point and is writable; the replicas are untouched.
+    expect(
+      await digests(
+        "a",
+        VOLUMES.map((v) => `${v}-drill`),
+      ),
+    ).toEqual(atB);
+    await qemuIo(sandbox, ferryd.a.serve.uri("shop-db-drill"), ["write -P 0xee 0 64K"]);
+    // Replication went on: a new write at B reaches A's replica.
+    await qemuIo(sandbox, ferryd.b.serve.uri("shop-logs"), ["write -P 0xd2 5M 64K"]);
+    const later = Date.now();
+    await pointAfter("b", "shop", later);
+    const cleanup = await ferry.json<Operation>(at("a", ["drill", "cleanup", "shop"]));
+    expect(cleanup.state, JSON.stringify(cleanup.error)).toBe("succeeded");
+    const volumes = await ferry.json<{ name: string }[]>(["volume", "list", "--data", ferryd.a.data]);
+    expect(volumes.map((v) => v.name).sort()).toEqual([...VOLUMES].sort());
+  });
+
+  it("resumes a failover after ferryd is killed mid-way (kill -9), with the source hung", async () => {
+    await qemuIo(sandbox, ferryd.b.serve.uri("shop-db"), ["write -P 0xf1 6M 64K"]);
+    const wrote = Date.now();
+    await pointAfter("b", "shop", wrote);
+    const atB = await digests("b", VOLUMES);
+    // Site B hangs (its whole ferryd, volume service included): requests to it time out.
+    process.kill(ferryd.b.serve.pid, "SIGSTOP");
+    try {
+      const op = await ferry.json<Operation>(at("a", ["failover", "shop", "--to", "site-a", "--no-wait"]));
+      await waitFor("the failover to wait on the hung source", async () => {
+        const o = await ferry.json<Operation>(at("a", ["operation", op.id]));
+        return o.steps.find((s) => s.name === "stop-source")?.state === "running";
+      });
+      await ferryd.a.serve.kill9();
+      await startFerryd("a", ferryd.a.data);
+      await waitFor(
+        "the resumed failover to finish",
+        async () => {
+          const o = await ferry.json<Operation>(at("a", ["operation", op.id]));
+          return o.state !== "running";
+        },
+        { timeoutMs: 40_000 },
+      );
+      const done = await ferry.json<Operation>(at("a", ["operation", op.id]));
+      expect(done.state, JSON.stringify(done.error)).toBe("succeeded");
+      expect(done.steps.find((s) => s.name === "stop-source")).toMatchObject({ state: "skipped" });
+      expect(await digests("a", VOLUMES)).toEqual(atB);
+    } finally {
+      process.kill(ferryd.b.serve.pid, "SIGCONT");
+    }
+  });
+});

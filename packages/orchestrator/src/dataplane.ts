@@ -1,0 +1,130 @@
+/**
+ * What the orchestrator asks of its site's volume service. ferryd runs the service in-process; the
+ * calls go through the data plane's control interface of the data directory, exactly as the
+ * `ferry volume` / `ferry replicate` commands do, so the orchestrator never touches a block.
+ */
+
+/** One replication pair as the data plane reports it: a consistency group shipped to one site. */
+export interface PairStatus {
+  group: string;
+  volumes: string[];
+  target: string;
+  mode: string;
+  /** `starting`, `syncing` (first full copy), `shipping`, `idle`, `error` or `stopped`. */
+  state: string;
+  /** The newest generation the target holds completely (per volume numbers: the highest). */
+  lastCompleteGeneration: number | null;
+  lastCompleteAtMs: number | null;
+  lagSeconds: number;
+  /** Bytes of volume data shipped, before and after compression (since the service started). */
+  bytesRaw: number;
+  bytesWire: number;
+  generationsShipped: number;
+  /** Bytes of volume data per byte on the wire. */
+  compressionRatio: number;
+  lastError: string | null;
+  /** Sync pairs: `catching-up`, `active` (every write waits for the target), `suspended` or `blocked`. */
+  syncState?: string;
+  /** Sync pairs: writes the target acknowledged, and times the target was lost. */
+  syncWrites: number;
+  suspensions: number;
+  /** The last generation shipped whole: cut to the target's commit, and the bytes it took. */
+  lastCycle: { generation: number; ms: number; bytesRaw: number; bytesWire: number } | null;
+}
+
+/** A target site's replica and the generations it can be promoted at. */
+export interface ReplicaPoints {
+  volume: string;
+  sourceSite: string;
+  keep: number;
+  points: { back: number; generation: number; atMs: number }[];
+}
+
+/** A replica made writable by `promote`: the generation (of its former source) it now holds. */
+export interface PromotedVolume {
+  volume: string;
+  generation: number;
+}
+
+export interface VolumeInfo {
+  name: string;
+  size: number;
+  granularity: number;
+  openGeneration: number;
+  generations: number[];
+  readOnly: boolean;
+  dirtyBytes: number;
+  replicaOf?: string | null;
+  replicaGeneration?: number | null;
+  fenced?: boolean;
+}
+
+export interface PairSettings {
+  volumes: string[];
+  to: string;
+  mode: "sync" | "async";
+  intervalMs: number;
+  rate: number | null;
+  recoveryPoints: number;
+  reverse: boolean;
+}
+
+export interface DataPlane {
+  listVolumes(): Promise<VolumeInfo[]>;
+  createVolume(name: string, size: number): Promise<VolumeInfo>;
+  replicateStart(settings: PairSettings): Promise<PairStatus>;
+  replicateStatus(): Promise<PairStatus[]>;
+  replicateSync(volumes: string[]): Promise<PairStatus>;
+  replicateStop(volumes: string[]): Promise<PairStatus>;
+  promote(volumes: string[], back: number): Promise<PromotedVolume[]>;
+  points(volumes: string[]): Promise<ReplicaPoints[]>;
+  /** Refuse (or allow again) writes to ordinary volumes; writes in flight finish first. */
+  fence(volumes: string[], fenced: boolean): Promise<{ volume: string; fenced: boolean }[]>;
+  /** At a target: new writable volumes holding the replicas at a recovery point (drills). */
+  clone(volumes: string[], back: number, names: string[]): Promise<ClonedVolume[]>;
+  deleteVolume(name: string): Promise<void>;
+}
+
+export interface ClonedVolume {
+  volume: string;
+  clone: string;
+  generation: number;
+}
+
+/** The data plane of `dataDir` through the native addon (loaded on first use). */
+export function nativeDataPlane(dataDir: string): DataPlane {
+  let loaded: Promise<typeof import("@ferry/dataplane-native")> | undefined;
+  const native = () => {
+    loaded ??= import("@ferry/dataplane-native");
+    return loaded;
+  };
+  const replicate = async <T>(body: Record<string, unknown>): Promise<T> =>
+    JSON.parse(await (await native()).replicate(dataDir, JSON.stringify(body))) as T;
+  return {
+    listVolumes: async () => (await (await native()).listVolumes(dataDir)) as VolumeInfo[],
+    createVolume: async (name, size) => (await (await native()).createVolume(dataDir, name, size)) as VolumeInfo,
+    replicateStart: (s) =>
+      replicate<PairStatus>({
+        op: "replicateStart",
+        volumes: s.volumes,
+        to: s.to,
+        mode: s.mode,
+        intervalMs: s.intervalMs,
+        rate: s.rate,
+        level: null,
+        onLoss: null,
+        blockTimeoutMs: null,
+        recoveryPoints: s.recoveryPoints,
+        maxMessage: null,
+        reverse: s.reverse,
+      }),
+    replicateStatus: () => replicate<PairStatus[]>({ op: "replicateStatus" }),
+    replicateSync: (volumes) => replicate<PairStatus>({ op: "replicateSync", volumes }),
+    replicateStop: (volumes) => replicate<PairStatus>({ op: "replicateStop", volumes }),
+    promote: (volumes, back) => replicate<PromotedVolume[]>({ op: "replicatePromote", volumes, back }),
+    points: (volumes) => replicate<ReplicaPoints[]>({ op: "replicaPoints", volumes }),
+    fence: (volumes, fenced) => replicate({ op: "fence", volumes, fenced }),
+    clone: (volumes, back, names) => replicate<ClonedVolume[]>({ op: "replicaClone", volumes, back, names }),
+    deleteVolume: async (name) => (await native()).deleteVolume(dataDir, name),
+  };
+}

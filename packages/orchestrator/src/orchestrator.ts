@@ -1,0 +1,1086 @@
+/**
+ * One site's orchestrator, inside ferryd next to the volume service: it leads the site (a KV
+ * lease), serves the API on `ferry.api.<site>.<op>`, announces the site to the others, keeps the
+ * data plane's replication pairs in line with the catalog's protections, tracks every protection's
+ * RPO, and runs recovery operations (operations.ts) to completion — also after a restart.
+ *
+ * Cross-site work goes through the other site's ferryd, over the same API (internal ops below),
+ * never into its catalog directly: each site's catalog has one writer, its leader.
+ */
+import { randomUUID } from "node:crypto";
+import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node";
+import { Catalog, protectionKey } from "./catalog.js";
+import { call } from "./client.js";
+import type { DataPlane, PairStatus } from "./dataplane.js";
+import { conflict, ErrorCode, errorBody, FerryError, invalid, notFound } from "./errors.js";
+import { EventLog, type FerryEvent } from "./events.js";
+import { Lease } from "./lease.js";
+import { Metrics } from "./metrics.js";
+import type {
+  Application,
+  Operation,
+  OperationKind,
+  Protection,
+  ProtectionPolicy,
+  ProtectionStatus,
+  RecoveryPoint,
+  Site,
+} from "./model.js";
+import { newOperation, runSteps, type StepFn } from "./operations.js";
+import {
+  type ApplicationSpec,
+  checkName,
+  type PolicySpec,
+  samePolicy,
+  validateApplication,
+  validatePolicy,
+} from "./validate.js";
+
+export interface OrchestratorOptions {
+  site: string;
+  region: string;
+  /** Connected as the site's ferryd user. */
+  nc: NatsConnection;
+  dataPlane: DataPlane;
+  version: string;
+  /**
+   * This ferryd's identity in the leader lease; stable across restarts of the same ferryd (host and
+   * data directory), so a restarted leader takes its lease back at once. Default: a random id.
+   */
+  holder?: string;
+  /** Scheduler period (RPO tracking, pair reconciliation); default 1 s. */
+  tickMs?: number;
+  /** Site announcement period; default 5 s. A site unheard for 3 periods shows as unreachable. */
+  heartbeatMs?: number;
+  /** Leader lease term; default 10 s. */
+  leaseTermMs?: number;
+  log?: (line: string) => void;
+}
+
+/** How long one site's ferryd waits for another's on steps that do not move data. */
+const PEER_TIMEOUT_MS = 10_000;
+/** A final sync or a resync may move a lot of data. */
+const SYNC_TIMEOUT_MS = 30 * 60_000;
+const HELLO_SUBJECT = "ferry.sites.hello";
+
+type Handler = (body: Record<string, unknown>) => Promise<unknown>;
+
+export class Orchestrator {
+  readonly metrics = new Metrics();
+  readonly site: string;
+  readonly region: string;
+  private readonly nc: NatsConnection;
+  private readonly dataPlane: DataPlane;
+  private readonly version: string;
+  private readonly tickMs: number;
+  private readonly heartbeatMs: number;
+  private readonly log: (line: string) => void;
+  private catalog!: Catalog;
+  private events!: EventLog;
+  private lease!: Lease;
+  private leading = false;
+  private stopped = false;
+  private apiSub: Subscription | undefined;
+  private helloSub: Subscription | undefined;
+  private timers: NodeJS.Timeout[] = [];
+  private ticking = false;
+  private readonly running = new Map<string, Promise<Operation>>();
+  /** Last RPO verdict per protection key, to publish only changes. */
+  private readonly rpoMet = new Map<string, boolean>();
+  private readonly handlers: Record<string, Handler>;
+
+  private constructor(options: OrchestratorOptions) {
+    this.site = options.site;
+    this.region = options.region;
+    this.nc = options.nc;
+    this.dataPlane = options.dataPlane;
+    this.version = options.version;
+    this.tickMs = options.tickMs ?? 1_000;
+    this.heartbeatMs = options.heartbeatMs ?? 5_000;
+    this.log = options.log ?? ((line) => process.stderr.write(`ferryd: ${line}\n`));
+    this.handlers = this.buildHandlers();
+  }
+
+  static async start(options: OrchestratorOptions): Promise<Orchestrator> {
+    checkName("site", options.site);
+    const o = new Orchestrator(options);
+    o.catalog = await Catalog.open(o.nc);
+    o.events = await EventLog.open(o.nc, o.site);
+    o.lease = await Lease.open(o.nc, options.holder ?? randomUUID(), options.leaseTermMs ?? 10_000);
+    await o.campaign();
+    o.helloSub = o.nc.subscribe(HELLO_SUBJECT, { callback: (_e, m) => void o.onHello(m) });
+    await o.hello();
+    o.timers.push(setInterval(() => void o.hello(), o.heartbeatMs));
+    o.timers.push(setInterval(() => void o.campaign(), Math.max(500, (options.leaseTermMs ?? 10_000) / 3)));
+    o.timers.push(setInterval(() => void o.tick(), o.tickMs));
+    return o;
+  }
+
+  get isLeader(): boolean {
+    return this.leading;
+  }
+
+  /** Stop serving: the API and timers end, running operations stay persisted (resumed on restart). */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    for (const t of this.timers) clearInterval(t);
+    this.helloSub?.unsubscribe();
+    this.apiSub?.unsubscribe();
+    await this.events?.flush();
+    await this.lease?.release();
+    this.leading = false;
+    this.metrics.leader.set(0);
+  }
+
+  // ---- leadership -------------------------------------------------------------------------------
+
+  private async campaign(): Promise<void> {
+    if (this.stopped) return;
+    const lead = await this.lease.tryAcquire();
+    if (lead && !this.leading) await this.becomeLeader();
+    else if (!lead && this.leading) this.stepDown();
+  }
+
+  private async becomeLeader(): Promise<void> {
+    await this.catalog.load();
+    this.leading = true;
+    this.metrics.leader.set(1);
+    this.metrics.applications.set(this.catalog.apps.list().length);
+    this.apiSub = this.nc.subscribe(`ferry.api.${this.site}.*`, {
+      queue: "ferryd",
+      callback: (_e, m) => void this.serve(m),
+    });
+    this.log(`leading site ${this.site} (region ${this.region})`);
+    for (const op of this.catalog.operations.list()) {
+      if (op.state === "running") this.launch(op);
+    }
+  }
+
+  private stepDown(): void {
+    this.leading = false;
+    this.metrics.leader.set(0);
+    this.apiSub?.unsubscribe();
+    this.apiSub = undefined;
+    this.log(`no longer leading site ${this.site}`);
+  }
+
+  // ---- API ----------------------------------------------------------------------------------------
+
+  private async serve(m: Msg): Promise<void> {
+    const op = m.subject.slice(`ferry.api.${this.site}.`.length);
+    let reply: unknown;
+    try {
+      const handler = this.handlers[op];
+      if (handler === undefined) throw invalid(`ferryd of site ${this.site} has no operation '${op}'`);
+      let body: unknown;
+      try {
+        body = m.data.length === 0 ? {} : m.json();
+      } catch {
+        throw invalid(`the request to ${op} is not JSON`);
+      }
+      if (typeof body !== "object" || body === null || Array.isArray(body)) {
+        throw invalid(`the request to ${op} must be a JSON object`);
+      }
+      reply = { ok: true, result: (await handler(body as Record<string, unknown>)) ?? null };
+    } catch (error) {
+      reply = { ok: false, error: errorBody(error) };
+    }
+    m.respond(JSON.stringify(reply));
+  }
+
+  private buildHandlers(): Record<string, Handler> {
+    return {
+      siteList: async () => this.sites(),
+      appCreate: async (b) => this.createApp(b as unknown as ApplicationSpec),
+      appList: async () => this.catalog.apps.list().sort((a, b) => a.name.localeCompare(b.name)),
+      appShow: async (b) => this.showApp(str(b, "name")),
+      policyCreate: async (b) => this.createPolicy(b as unknown as PolicySpec),
+      policyList: async () => this.catalog.policies.list().sort((a, b) => a.name.localeCompare(b.name)),
+      protect: async (b) => this.protect(str(b, "app"), str(b, "policy"), str(b, "to")),
+      status: async (b) => this.status(optStr(b, "app")),
+      recoveryPoints: async (b) => this.recoveryPoints(str(b, "app")),
+      failover: async (b) => this.startFailover(b),
+      failback: async (b) => this.startFailback(str(b, "app")),
+      drillCleanup: async (b) => this.startDrillCleanup(str(b, "app")),
+      operationGet: async (b) => this.operation(str(b, "id")),
+      operationList: async (b) => this.operationList(optStr(b, "app")),
+      events: async (b) => this.events.recent(num(b, "limit", 100), optStr(b, "app")),
+      // Internal: one site's ferryd asking another's.
+      replicaRegister: async (b) => this.registerReplica(b.app as Application, b.protection as Protection),
+      pairSync: async (b) => this.pairSync(str(b, "app")),
+      pairStop: async (b) => this.pairStop(str(b, "app"), str(b, "target")),
+      fence: async (b) => this.fenceApp(str(b, "app"), b.fenced === true),
+      reverseStart: async (b) => this.reverseStart(str(b, "app"), str(b, "to")),
+      protectionStatus: async (b) => this.status(str(b, "app")),
+      appActivated: async (b) => this.appActivated(b.app as Application, b.protection as Protection | null),
+    };
+  }
+
+  // ---- sites --------------------------------------------------------------------------------------
+
+  private async hello(): Promise<void> {
+    if (this.stopped || this.nc.isClosed()) return;
+    const me: Site = { name: this.site, region: this.region, version: this.version, lastSeenMs: Date.now() };
+    this.nc.publish(HELLO_SUBJECT, JSON.stringify(me));
+  }
+
+  private async onHello(m: Msg): Promise<void> {
+    if (!this.leading) return;
+    let site: Site;
+    try {
+      site = m.json<Site>();
+      checkName("site", site.name);
+    } catch {
+      return;
+    }
+    const known = this.catalog.sites.get(site.name);
+    site.lastSeenMs = Date.now();
+    await this.catalog.sites.put(site.name, site).catch(() => {});
+    if (known === undefined && site.name !== this.site) {
+      await this.events.emit("site.joined", null, { site: site.name, region: site.region });
+      await this.hello(); // let the newcomer learn of this site at once
+    }
+  }
+
+  private sites(): (Site & { reachable: boolean; self: boolean })[] {
+    const now = Date.now();
+    return this.catalog.sites
+      .list()
+      .map((s) => ({ ...s, self: s.name === this.site, reachable: now - s.lastSeenMs < 3 * this.heartbeatMs }))
+      .sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  private requireSite(name: string): Site {
+    checkName("site", name);
+    const site = this.catalog.sites.get(name);
+    if (site === undefined) {
+      const known = this.catalog.sites.list().map((s) => s.name);
+      throw notFound(
+        `site ${name} is unknown to site ${this.site} (known: ${known.join(", ") || "none"}); ` +
+          "a site becomes known once its ferryd runs and the sites are linked",
+      );
+    }
+    return site;
+  }
+
+  /** Refuse before anything moves when the policy does not allow the site's region. */
+  private checkResidency(app: string, policy: ProtectionPolicy, site: Site, action: string): void {
+    if (policy.allowedRegions.length > 0 && !policy.allowedRegions.includes(site.region)) {
+      throw new FerryError(
+        ErrorCode.residency,
+        `residency: application ${app} may not ${action} site ${site.name}: its region ${site.region} is not among ` +
+          `the regions policy ${policy.name} allows (${policy.allowedRegions.join(", ")}); nothing was changed`,
+      );
+    }
+  }
+
+  // ---- applications and policies ---------------------------------------------------------------
+
+  private requireApp(name: string): Application {
+    checkName("application", name);
+    const app = this.catalog.apps.get(name);
+    if (app === undefined) {
+      throw notFound(`application ${name} does not exist at site ${this.site}: see \`ferry app list\``);
+    }
+    return app;
+  }
+
+  private async createApp(spec: ApplicationSpec): Promise<Application> {
+    const { name, volumes, vms, sizeBytes } = validateApplication(spec);
+    const existing = this.catalog.apps.get(name);
+    if (existing !== undefined) {
+      if (JSON.stringify(existing.volumes) === JSON.stringify(volumes) && existing.vms.length === vms.length) {
+        return existing;
+      }
+      throw conflict(
+        `application ${name} exists already with volumes ${existing.volumes.join(", ")}; choose another name`,
+      );
+    }
+    for (const other of this.catalog.apps.list()) {
+      const shared = other.volumes.find((v) => volumes.includes(v));
+      if (shared !== undefined) {
+        throw conflict(`volume ${shared} belongs to application ${other.name} already; a volume is in one application`);
+      }
+    }
+    const present = new Map((await this.dataPlane.listVolumes()).map((v) => [v.name, v]));
+    const missing = volumes.filter((v) => !present.has(v));
+    const replica = volumes.find((v) => present.get(v)?.replicaOf);
+    if (replica !== undefined) {
+      throw conflict(
+        `volume ${replica} is a replica of another site's volume; an application is created where it runs`,
+      );
+    }
+    if (missing.length > 0 && sizeBytes === null) {
+      throw invalid(
+        `application ${name}: volume${missing.length > 1 ? "s" : ""} ${missing.join(", ")} do${missing.length > 1 ? "" : "es"} ` +
+          "not exist at this site: add --size (e.g. --size 1G) to create them, or create them first",
+      );
+    }
+    for (const v of missing) await this.dataPlane.createVolume(v, sizeBytes as number);
+    const app: Application = {
+      name,
+      volumes,
+      vms,
+      kubernetes: null,
+      origin: this.site,
+      active: this.site,
+      createdAtMs: Date.now(),
+    };
+    await this.catalog.apps.create(name, app);
+    this.metrics.applications.set(this.catalog.apps.list().length);
+    await this.events.emit("app.created", name, { volumes, created: missing });
+    return app;
+  }
+
+  private showApp(name: string) {
+    const app = this.requireApp(name);
+    return {
+      app,
+      protections: this.catalog.protectionsOf(name),
+      operations: this.operationList(name).slice(-5),
+    };
+  }
+
+  private async createPolicy(spec: PolicySpec): Promise<ProtectionPolicy> {
+    const policy = validatePolicy(spec, Date.now());
+    const existing = this.catalog.policies.get(policy.name);
+    if (existing !== undefined) {
+      if (samePolicy(existing, policy)) return existing;
+      throw conflict(`policy ${policy.name} exists already with other settings; choose another name`);
+    }
+    await this.catalog.policies.create(policy.name, policy);
+    await this.events.emit("policy.created", null, { policy: policy.name, mode: policy.mode });
+    return policy;
+  }
+
+  // ---- protection ---------------------------------------------------------------------------------
+
+  private async protect(appName: string, policyName: string, to: string): Promise<Protection> {
+    const app = this.requireApp(appName);
+    checkName("policy", policyName);
+    const policy = this.catalog.policies.get(policyName);
+    if (policy === undefined) throw notFound(`policy ${policyName} does not exist: see \`ferry policy list\``);
+    if (app.active !== this.site) {
+      throw conflict(
+        `application ${appName} runs at site ${app.active}, not here: protect it there (--site ${app.active})`,
+      );
+    }
+    if (to === this.site) throw invalid(`application ${appName} runs at site ${to}; protect it to another site`);
+    const target = this.requireSite(to);
+    this.checkResidency(appName, policy, target, "be protected to");
+    this.requireIdle(appName);
+    const key = protectionKey(appName, to);
+    const existing = this.catalog.protections.get(key);
+    if (existing !== undefined && existing.state === "protecting") {
+      if (existing.policy === policyName) return existing;
+      throw conflict(
+        `application ${appName} is protected to ${to} under policy ${existing.policy} already; one policy per target`,
+      );
+    }
+    const other = this.catalog.protectionsOf(appName).find((p) => p.source === this.site && p.target !== to);
+    if (other !== undefined && other.state === "protecting") {
+      throw conflict(
+        `application ${appName} is protected to ${other.target} already; a volume replicates to one site at a time in ` +
+          "this version",
+      );
+    }
+    const now = Date.now();
+    const protection: Protection = {
+      app: appName,
+      policy: policyName,
+      source: this.site,
+      target: to,
+      state: "protecting",
+      settings: policy,
+      createdAtMs: now,
+      updatedAtMs: now,
+    };
+    // The target learns of the application first: it checks residency on its side too.
+    await call(this.nc, to, "replicaRegister", { app, protection }, PEER_TIMEOUT_MS);
+    await this.startPair(app, protection, false);
+    await this.catalog.protections.put(key, protection);
+    await this.events.emit("protection.started", appName, {
+      target: to,
+      policy: policyName,
+      mode: policy.mode,
+      rpoSeconds: policy.rpoMs / 1000,
+    });
+    return protection;
+  }
+
+  private startPair(app: Application, p: Protection, reverse: boolean): Promise<PairStatus> {
+    return this.dataPlane.replicateStart({
+      volumes: app.volumes,
+      to: p.target,
+      mode: p.settings.mode,
+      intervalMs: p.settings.intervalMs,
+      rate: p.settings.rateBytes,
+      recoveryPoints: p.settings.retain,
+      reverse,
+    });
+  }
+
+  /** At the target: remember the application and its protection (the source's ferryd calls this). */
+  private async registerReplica(app: Application, protection: Protection): Promise<Protection> {
+    checkName("application", app?.name);
+    if (protection?.target !== this.site) throw invalid(`protection of ${app.name} is not for site ${this.site}`);
+    const source = this.requireSite(protection.source);
+    if (protection.settings.allowedRegions.length > 0 && !protection.settings.allowedRegions.includes(this.region)) {
+      throw new FerryError(
+        ErrorCode.residency,
+        `residency: site ${this.site} (region ${this.region}) refuses a copy of application ${app.name} from ` +
+          `${source.name}: policy ${protection.policy} allows only ${protection.settings.allowedRegions.join(", ")}`,
+      );
+    }
+    const present = this.catalog.apps.get(app.name);
+    if (present !== undefined && present.active === this.site) {
+      throw conflict(`application ${app.name} runs at site ${this.site}; it cannot also be a replica here`);
+    }
+    const owned = new Map((await this.dataPlane.listVolumes()).map((v) => [v.name, v]));
+    const clash = app.volumes.find((v) => {
+      const info = owned.get(v);
+      return info !== undefined && !info.replicaOf && !info.readOnly;
+    });
+    if (clash !== undefined && present === undefined) {
+      throw conflict(
+        `site ${this.site} has its own volume ${clash}; a replica of ${app.name}'s volume of that name cannot be kept here`,
+      );
+    }
+    await this.catalog.apps.put(app.name, app);
+    await this.catalog.protections.put(protectionKey(app.name, this.site), protection);
+    this.metrics.applications.set(this.catalog.apps.list().length);
+    return protection;
+  }
+
+  private findPair(app: Application, target: string, pairs: PairStatus[]): PairStatus | undefined {
+    const want = [...app.volumes].sort().join("\u0000");
+    return pairs.find((p) => p.target === target && [...p.volumes].sort().join("\u0000") === want);
+  }
+
+  private async pairSync(appName: string): Promise<PairStatus> {
+    const app = this.requireApp(appName);
+    return this.dataPlane.replicateSync(app.volumes);
+  }
+
+  /** Stop this site's pair of the application to `target`, if there is one. */
+  private async pairStop(appName: string, target: string): Promise<PairStatus | null> {
+    const app = this.requireApp(appName);
+    const pair = this.findPair(app, target, await this.dataPlane.replicateStatus());
+    if (pair === undefined) return null;
+    const stopped = await this.dataPlane.replicateStop(app.volumes);
+    const p = this.catalog.protections.get(protectionKey(appName, target));
+    if (p !== undefined && p.source === this.site) {
+      await this.catalog.protections.put(protectionKey(appName, target), {
+        ...p,
+        state: "paused",
+        updatedAtMs: Date.now(),
+      });
+    }
+    return stopped;
+  }
+
+  private async fenceApp(appName: string, fenced: boolean) {
+    const app = this.requireApp(appName);
+    const result = await this.dataPlane.fence(app.volumes, fenced);
+    await this.events.emit(fenced ? "app.fenced" : "app.unfenced", appName, { volumes: app.volumes });
+    return result;
+  }
+
+  /** At a site whose replicas were promoted: replicate the application back to `to`. */
+  private async reverseStart(appName: string, to: string): Promise<Protection> {
+    const app = this.requireApp(appName);
+    // The settings come from the protection the application had (either direction).
+    const previous = this.catalog
+      .protectionsOf(appName)
+      .sort((a, b) => b.updatedAtMs - a.updatedAtMs)
+      .at(0);
+    if (previous === undefined)
+      throw notFound(`application ${appName} has no protection at site ${this.site} to reverse`);
+    const now = Date.now();
+    const protection: Protection = {
+      ...previous,
+      source: this.site,
+      target: to,
+      state: "protecting",
+      createdAtMs: now,
+      updatedAtMs: now,
+    };
+    await this.startPair(app, protection, true);
+    for (const p of this.catalog.protectionsOf(appName)) {
+      if (p.target !== to) await this.catalog.protections.delete(protectionKey(appName, p.target)).catch(() => {});
+    }
+    await this.catalog.protections.put(protectionKey(appName, to), protection);
+    await this.events.emit("protection.started", appName, { target: to, policy: protection.policy, reverse: true });
+    return protection;
+  }
+
+  /** The other site's view after an operation moved the application. */
+  private async appActivated(app: Application, protection: Protection | null): Promise<null> {
+    checkName("application", app?.name);
+    await this.catalog.apps.put(app.name, app);
+    for (const p of this.catalog.protectionsOf(app.name)) {
+      if (protection === null || p.target !== protection.target) {
+        await this.catalog.protections.put(protectionKey(p.app, p.target), {
+          ...p,
+          state: "failed-over",
+          updatedAtMs: Date.now(),
+        });
+      }
+    }
+    if (protection !== null) await this.catalog.protections.put(protectionKey(app.name, protection.target), protection);
+    return null;
+  }
+
+  // ---- status and RPO -----------------------------------------------------------------------------
+
+  private async status(appName: string | null): Promise<ProtectionStatus[]> {
+    if (appName !== null) this.requireApp(appName);
+    const protections = this.catalog.protections
+      .list()
+      .filter((p) => appName === null || p.app === appName)
+      .sort((a, b) => a.app.localeCompare(b.app) || a.target.localeCompare(b.target));
+    const pairs = protections.some((p) => p.source === this.site) ? await this.dataPlane.replicateStatus() : [];
+    const out: ProtectionStatus[] = [];
+    for (const p of protections) {
+      const app = this.catalog.apps.get(p.app);
+      if (app === undefined) continue;
+      out.push(await this.statusOf(app, p, pairs));
+    }
+    return out;
+  }
+
+  private async statusOf(app: Application, p: Protection, pairs: PairStatus[]): Promise<ProtectionStatus> {
+    const base = {
+      app: p.app,
+      source: p.source,
+      target: p.target,
+      policy: p.policy,
+      mode: p.settings.mode,
+      rpoSeconds: p.settings.rpoMs / 1000,
+    };
+    if (p.source === this.site && p.state === "protecting") {
+      const pair = this.findPair(app, p.target, pairs);
+      const lag =
+        pair === undefined || pair.lastCompleteGeneration === null
+          ? null
+          : pair.syncState === "active"
+            ? 0
+            : pair.lagSeconds;
+      return {
+        ...base,
+        state: pair?.state ?? "missing",
+        syncState: pair?.syncState ?? null,
+        lagSeconds: lag,
+        rpoMet: lag !== null && lag * 1000 <= p.settings.rpoMs,
+        lastRecoveryPoint:
+          pair?.lastCompleteGeneration == null
+            ? null
+            : { generation: pair.lastCompleteGeneration, atMs: pair.lastCompleteAtMs ?? 0 },
+        bytesRaw: pair?.bytesRaw ?? 0,
+        bytesWire: pair?.bytesWire ?? 0,
+        lastError: pair?.lastError ?? (pair === undefined ? "the data plane has no pair for this protection" : null),
+      };
+    }
+    // At the target (or a protection no longer shipping): what the replicas hold.
+    let last: { generation: number; atMs: number } | null = null;
+    if (p.target === this.site && app.active !== this.site) {
+      const points = await this.dataPlane.points(app.volumes).catch(() => []);
+      const newest = points[0]?.points[0];
+      if (newest !== undefined) last = { generation: newest.generation, atMs: newest.atMs };
+    }
+    const lag = last === null ? null : Math.max(0, (Date.now() - last.atMs) / 1000);
+    return {
+      ...base,
+      state: p.target === this.site && p.state === "protecting" ? "replica" : p.state,
+      syncState: null,
+      lagSeconds: lag,
+      rpoMet: lag !== null && lag * 1000 <= Math.max(p.settings.rpoMs, p.settings.intervalMs * 2),
+      lastRecoveryPoint: last,
+      bytesRaw: 0,
+      bytesWire: 0,
+      lastError: null,
+    };
+  }
+
+  /** One scheduler pass: reconcile pairs with protections, track RPO, publish changes. */
+  private async tick(): Promise<void> {
+    if (!this.leading || this.stopped || this.ticking) return;
+    this.ticking = true;
+    const end = this.metrics.tickSeconds.startTimer();
+    try {
+      const mine = this.catalog.protections.list().filter((p) => p.source === this.site && p.state === "protecting");
+      if (mine.length === 0) return;
+      const pairs = await this.dataPlane.replicateStatus();
+      for (const p of mine) {
+        const app = this.catalog.apps.get(p.app);
+        if (app === undefined || app.active !== this.site || this.holdsLock(p.app)) continue;
+        if (this.findPair(app, p.target, pairs) === undefined) {
+          // Level-triggered: a protection without its pair gets it back (e.g. after a data dir restore).
+          await this.startPair(app, p, false).catch((error) =>
+            this.log(`cannot restart replication of ${p.app} to ${p.target}: ${errorBody(error).message}`),
+          );
+          continue;
+        }
+        const s = await this.statusOf(app, p, pairs);
+        const labels = { app: p.app, target: p.target };
+        this.metrics.rpoSeconds.set(labels, s.rpoSeconds);
+        if (s.lagSeconds !== null) this.metrics.lag.set(labels, s.lagSeconds);
+        this.metrics.rpoMet.set(labels, s.rpoMet ? 1 : 0);
+        this.metrics.bytesRaw.set(labels, s.bytesRaw);
+        this.metrics.bytesWire.set(labels, s.bytesWire);
+        const key = protectionKey(p.app, p.target);
+        const before = this.rpoMet.get(key);
+        // Before the first complete generation there is no RPO to miss or meet yet.
+        if (s.lastRecoveryPoint === null) continue;
+        this.rpoMet.set(key, s.rpoMet);
+        if (before !== undefined && before !== s.rpoMet) {
+          await this.events.emit(s.rpoMet ? "rpo.recovered" : "rpo.breached", p.app, {
+            target: p.target,
+            lagSeconds: s.lagSeconds,
+            rpoSeconds: s.rpoSeconds,
+          });
+        } else if (before === undefined && !s.rpoMet) {
+          await this.events.emit("rpo.breached", p.app, {
+            target: p.target,
+            lagSeconds: s.lagSeconds,
+            rpoSeconds: s.rpoSeconds,
+          });
+        }
+      }
+    } catch (error) {
+      this.log(`scheduler: ${errorBody(error).message}`);
+    } finally {
+      end();
+      this.ticking = false;
+    }
+  }
+
+  // ---- recovery points ----------------------------------------------------------------------------
+
+  private async recoveryPoints(appName: string): Promise<RecoveryPoint[]> {
+    const app = this.requireApp(appName);
+    const here = this.catalog.protectionsOf(appName).find((p) => p.target === this.site);
+    if (here !== undefined && app.active !== this.site) {
+      const replicas = await this.dataPlane.points(app.volumes);
+      const points = replicas[0]?.points ?? [];
+      return points.map((pt) => ({
+        id: String(pt.generation),
+        app: appName,
+        site: this.site,
+        source: here.source,
+        generation: pt.generation,
+        back: pt.back,
+        atMs: pt.atMs,
+        consistency: here.settings.consistency,
+      }));
+    }
+    const out: RecoveryPoint[] = [];
+    for (const p of this.catalog.protectionsOf(appName)) {
+      if (p.source !== this.site || p.state !== "protecting") continue;
+      out.push(
+        ...(await call<RecoveryPoint[]>(this.nc, p.target, "recoveryPoints", { app: appName }, PEER_TIMEOUT_MS)),
+      );
+    }
+    return out;
+  }
+
+  // ---- operations ---------------------------------------------------------------------------------
+
+  private operation(id: string): Operation {
+    const op = this.catalog.operations.get(id);
+    if (op === undefined) throw notFound(`operation ${id} is not known at site ${this.site}`);
+    return op;
+  }
+
+  private operationList(app: string | null): Operation[] {
+    return this.catalog.operations
+      .list()
+      .filter((o) => app === null || o.app === app)
+      .sort((a, b) => a.startedAtMs - b.startedAtMs);
+  }
+
+  private holdsLock(app: string): boolean {
+    return this.catalog.locks.get(app) !== undefined;
+  }
+
+  private requireIdle(app: string): void {
+    const holder = this.catalog.locks.get(app);
+    if (holder === undefined) return;
+    const op = this.catalog.operations.get(holder);
+    const step = op?.steps.find((s) => s.state === "running")?.name ?? "starting";
+    throw conflict(
+      `application ${app} is busy with ${op?.kind ?? "an operation"} ${holder} (step ${step}); wait for it to finish ` +
+        `(\`ferry operation ${holder}\`) and try again`,
+    );
+  }
+
+  /** Create, lock and launch an operation; answers it as first persisted (state running). */
+  private async begin(kind: OperationKind, app: Application, from: string, point: number | null): Promise<Operation> {
+    this.requireIdle(app.name);
+    const op = newOperation(kind, { id: randomUUID(), app: app.name, to: this.site, from, point, nowMs: Date.now() });
+    await this.catalog.locks.create(app.name, op.id).catch((error) => {
+      if (error instanceof FerryError && error.code === ErrorCode.conflict) this.requireIdle(app.name);
+      throw error;
+    });
+    await this.catalog.operations.put(op.id, op);
+    await this.events.emit("operation.started", app.name, { operation: op.id, kind, from, to: this.site });
+    this.launch(op);
+    return op;
+  }
+
+  private launch(op: Operation): void {
+    if (this.running.has(op.id)) return;
+    const run = runSteps(
+      op,
+      this.stepsFor(op),
+      (o) => this.catalog.operations.put(o.id, o),
+      (o, step) =>
+        void this.events.emit("operation.step", o.app, {
+          operation: o.id,
+          kind: o.kind,
+          step: step.name,
+          state: step.state,
+          detail: step.detail,
+        }),
+      errorBody,
+    ).then(async (done) => {
+      this.running.delete(op.id);
+      await this.catalog.locks.delete(done.app).catch(() => {});
+      const seconds = ((done.endedAtMs ?? Date.now()) - done.startedAtMs) / 1000;
+      this.metrics.operations.inc({ kind: done.kind, result: done.state });
+      this.metrics.operationSeconds.observe({ kind: done.kind }, seconds);
+      await this.events.emit(done.state === "succeeded" ? "operation.completed" : "operation.failed", done.app, {
+        operation: done.id,
+        kind: done.kind,
+        seconds,
+        error: done.error,
+        result: done.result,
+      });
+      return done;
+    });
+    this.running.set(op.id, run);
+  }
+
+  /** Wait for a running operation (tests and the CLI's --wait go through operationGet instead). */
+  async settle(id: string): Promise<Operation | undefined> {
+    return this.running.get(id);
+  }
+
+  private async startFailover(body: Record<string, unknown>): Promise<Operation> {
+    const appName = str(body, "app");
+    const to = optStr(body, "to") ?? this.site;
+    const planned = body.planned === true;
+    const test = body.test === true;
+    if (planned && test) throw invalid("give either --planned or --test, not both");
+    if (to !== this.site) {
+      // The operation runs where the application is to be recovered: pass the request on.
+      return call<Operation>(this.nc, to, "failover", { ...body, to }, PEER_TIMEOUT_MS);
+    }
+    const app = this.requireApp(appName);
+    const point = body.point === undefined || body.point === null ? null : Number(body.point);
+    if (point !== null && (!Number.isSafeInteger(point) || point < 0)) {
+      throw invalid(
+        `--point ${String(body.point)} is not a recovery point id: see \`ferry recovery-points ${appName}\``,
+      );
+    }
+    if (planned && point !== null)
+      throw invalid("a planned migration moves the latest data; --point applies to failover");
+    const protection = this.catalog.protectionsOf(appName).find((p) => p.target === this.site);
+    if (app.active === this.site && !test) {
+      throw conflict(`application ${appName} runs at site ${this.site} already; nothing to fail over`);
+    }
+    if (protection === undefined) {
+      throw notFound(`application ${appName} is not protected to site ${this.site}: no replica to recover here`);
+    }
+    const here = this.requireSite(this.site);
+    this.checkResidency(appName, protection.settings, here, test ? "run a drill at" : "fail over to");
+    await this.requirePoint(app, point);
+    return this.begin(test ? "drill" : planned ? "migration" : "failover", app, app.active, point);
+  }
+
+  private async requirePoint(app: Application, point: number | null): Promise<number> {
+    const replicas = await this.dataPlane.points(app.volumes).catch((error) => {
+      throw new FerryError(
+        ErrorCode.failed,
+        `cannot read the recovery points of ${app.name}: ${errorBody(error).message}`,
+      );
+    });
+    const points = replicas[0]?.points ?? [];
+    if (points.length === 0) {
+      throw new FerryError(
+        ErrorCode.notFound,
+        `application ${app.name} has no recovery point at site ${this.site} yet: the first full copy has not ` +
+          "completed (see `ferry status`)",
+      );
+    }
+    if (point === null) return 0;
+    const found = points.find((p) => p.generation === point);
+    if (found === undefined) {
+      throw notFound(
+        `application ${app.name} has no recovery point ${point} at site ${this.site}; it has ` +
+          `${points.map((p) => p.generation).join(", ")} (see \`ferry recovery-points ${app.name}\`)`,
+      );
+    }
+    return found.back;
+  }
+
+  private async startFailback(appName: string): Promise<Operation> {
+    const app = this.requireApp(appName);
+    if (app.origin !== this.site) {
+      return call<Operation>(this.nc, app.origin, "failback", { app: appName }, PEER_TIMEOUT_MS);
+    }
+    let active = app.active;
+    if (active === this.site) {
+      // This site may have been down while the application failed over: ask the targets.
+      for (const p of this.catalog.protectionsOf(appName)) {
+        if (p.target === this.site) continue;
+        const view = await call<{ app: Application }>(
+          this.nc,
+          p.target,
+          "appShow",
+          { name: appName },
+          PEER_TIMEOUT_MS,
+        ).catch(() => null);
+        if (view !== null && view.app.active === p.target) active = p.target;
+      }
+    }
+    if (active === this.site) {
+      throw conflict(`application ${appName} runs at its origin ${this.site} already; nothing to fail back`);
+    }
+    if (active !== app.active) await this.catalog.apps.put(appName, { ...app, active });
+    return this.begin("failback", { ...app, active }, active, null);
+  }
+
+  private async startDrillCleanup(appName: string): Promise<Operation> {
+    const app = this.requireApp(appName);
+    const drill = this.catalog.operations
+      .list()
+      .filter((o) => o.app === appName && o.kind === "drill" && o.state === "succeeded" && o.result.cleaned !== "yes")
+      .at(-1);
+    if (drill === undefined) {
+      // A drill runs at the target; the request may have come to the source.
+      const target = this.catalog.protectionsOf(appName).find((p) => p.source === this.site)?.target;
+      if (target !== undefined && target !== this.site) {
+        return call<Operation>(this.nc, target, "drillCleanup", { app: appName }, PEER_TIMEOUT_MS);
+      }
+      throw notFound(`application ${appName} has no drill to clean up at site ${this.site}`);
+    }
+    const op = await this.begin("drill-cleanup", app, this.site, null);
+    op.result.drill = drill.id;
+    await this.catalog.operations.put(op.id, op);
+    return op;
+  }
+
+  private stepsFor(op: Operation): Record<string, StepFn> {
+    const app = () => this.requireApp(op.app);
+    const peer = op.from;
+    const promote: StepFn = async (o) => {
+      const a = app();
+      const volumes = await this.dataPlane.listVolumes();
+      const replicas = a.volumes.filter((v) => volumes.find((x) => x.name === v)?.replicaOf);
+      if (replicas.length === 0) return { detail: "already promoted", skipped: true };
+      const back = await this.requirePoint(a, o.point);
+      const promoted = await this.dataPlane.promote(replicas, back);
+      const generation = promoted[0]?.generation ?? null;
+      o.result.point = generation;
+      return { detail: `promoted ${replicas.join(", ")} at generation ${generation}` };
+    };
+    const activate: StepFn = async (o) => {
+      const a = app();
+      const moved: Application = { ...a, active: this.site };
+      await this.catalog.apps.put(a.name, moved);
+      const reversed = this.catalog.protections.get(protectionKey(a.name, peer));
+      const current = reversed?.source === this.site && reversed.state === "protecting" ? reversed : null;
+      for (const p of this.catalog.protectionsOf(a.name)) {
+        if (p !== current && p.target === this.site) {
+          await this.catalog.protections.put(protectionKey(p.app, p.target), {
+            ...p,
+            state: "failed-over",
+            updatedAtMs: Date.now(),
+          });
+        }
+      }
+      try {
+        await call(this.nc, peer, "appActivated", { app: moved, protection: current }, PEER_TIMEOUT_MS);
+      } catch (error) {
+        return { detail: `active at ${this.site}; site ${peer} not told (${errorBody(error).message})` };
+      }
+      return { detail: `${o.app} active at ${this.site}` };
+    };
+    const migration: Record<string, StepFn> = {
+      sync: async () => {
+        const s = await call<PairStatus>(this.nc, peer, "pairSync", { app: op.app }, SYNC_TIMEOUT_MS);
+        return { detail: `site ${peer} shipped generation ${s.lastCompleteGeneration}` };
+      },
+      fence: async () => {
+        await call(this.nc, peer, "fence", { app: op.app, fenced: true }, PEER_TIMEOUT_MS);
+        return { detail: `writes to ${op.app} at ${peer} stopped` };
+      },
+      "final-sync": async (o) => {
+        const s = await call<PairStatus>(this.nc, peer, "pairSync", { app: op.app }, SYNC_TIMEOUT_MS);
+        o.result.finalGeneration = s.lastCompleteGeneration;
+        return { detail: `site ${this.site} holds generation ${s.lastCompleteGeneration}, the last write at ${peer}` };
+      },
+      "stop-source": async () => {
+        const stopped = await call<PairStatus | null>(
+          this.nc,
+          peer,
+          "pairStop",
+          { app: op.app, target: this.site },
+          PEER_TIMEOUT_MS,
+        );
+        return stopped === null ? { detail: "no pair to stop", skipped: true } : { detail: `pair at ${peer} stopped` };
+      },
+      promote,
+      reverse: async () => {
+        const existing = this.catalog.protections.get(protectionKey(op.app, peer));
+        if (existing?.source === this.site && existing.state === "protecting") {
+          return { detail: `replicating to ${peer} already`, skipped: true };
+        }
+        await this.reverseStart(op.app, peer);
+        return { detail: `replicating ${op.app} back to ${peer}, changes only` };
+      },
+      activate,
+    };
+    switch (op.kind) {
+      case "failover":
+        return {
+          check: async () => {
+            await this.requirePoint(app(), op.point);
+            return { detail: null };
+          },
+          "stop-source": async () => {
+            try {
+              const stopped = await call<PairStatus | null>(
+                this.nc,
+                peer,
+                "pairStop",
+                { app: op.app, target: this.site },
+                5_000,
+              );
+              return stopped === null
+                ? { detail: "no pair to stop", skipped: true }
+                : { detail: `pair at ${peer} stopped` };
+            } catch (error) {
+              if (error instanceof FerryError && error.code === ErrorCode.unreachable) {
+                return { detail: `site ${peer} unreachable: its pair is stopped at failback`, skipped: true };
+              }
+              throw error;
+            }
+          },
+          promote,
+          activate,
+        };
+      case "migration":
+        return {
+          check: async () => {
+            await call(this.nc, peer, "protectionStatus", { app: op.app }, PEER_TIMEOUT_MS);
+            return { detail: `site ${peer} reachable` };
+          },
+          ...migration,
+        };
+      case "failback":
+        return {
+          check: async () => {
+            await call(this.nc, peer, "protectionStatus", { app: op.app }, PEER_TIMEOUT_MS);
+            return { detail: `site ${peer} reachable` };
+          },
+          "stop-stale-pair": async () => {
+            const stopped = await this.pairStop(op.app, peer);
+            return stopped === null
+              ? { detail: "no stale pair", skipped: true }
+              : { detail: `stale pair to ${peer} stopped` };
+          },
+          "reverse-back": async () => {
+            const status = await call<ProtectionStatus[]>(
+              this.nc,
+              peer,
+              "protectionStatus",
+              { app: op.app },
+              PEER_TIMEOUT_MS,
+            );
+            if (status.some((s) => s.source === peer && s.target === this.site && s.state !== "failed-over")) {
+              return { detail: `site ${peer} replicates here already`, skipped: true };
+            }
+            await call(this.nc, peer, "reverseStart", { app: op.app, to: this.site }, PEER_TIMEOUT_MS);
+            return { detail: `site ${peer} replicates ${op.app} back here, changes only` };
+          },
+          resync: async (o) => {
+            const s = await call<PairStatus>(this.nc, peer, "pairSync", { app: op.app }, SYNC_TIMEOUT_MS);
+            o.result.bytesResynced = s.bytesRaw;
+            return { detail: `resynced ${s.bytesRaw} bytes (generation ${s.lastCompleteGeneration})` };
+          },
+          ...migration,
+        };
+      case "drill":
+        return {
+          check: async () => {
+            await this.requirePoint(app(), op.point);
+            return { detail: null };
+          },
+          clone: async (o) => {
+            const a = app();
+            const names = a.volumes.map((v) => drillVolume(v));
+            const existing = new Set((await this.dataPlane.listVolumes()).map((v) => v.name));
+            if (names.every((n) => existing.has(n))) return { detail: "clones exist already", skipped: true };
+            const back = await this.requirePoint(a, o.point);
+            const cloned = await this.dataPlane.clone(a.volumes, back, names);
+            o.result.point = cloned[0]?.generation ?? null;
+            o.result.volumes = names.join(",");
+            return { detail: `cloned ${names.join(", ")} at generation ${o.result.point}` };
+          },
+          record: async () => ({ detail: "drill copy ready; replication goes on" }),
+        };
+      case "drill-cleanup":
+        return {
+          "delete-clones": async () => {
+            const a = app();
+            const existing = new Set((await this.dataPlane.listVolumes()).map((v) => v.name));
+            const names = a.volumes.map((v) => drillVolume(v)).filter((n) => existing.has(n));
+            for (const n of names) await this.dataPlane.deleteVolume(n);
+            return names.length === 0
+              ? { detail: "nothing left", skipped: true }
+              : { detail: `deleted ${names.join(", ")}` };
+          },
+          record: async (o) => {
+            const drillId = o.result.drill;
+            const drill = typeof drillId === "string" ? this.catalog.operations.get(drillId) : undefined;
+            if (drill !== undefined) {
+              await this.catalog.operations.put(drill.id, { ...drill, result: { ...drill.result, cleaned: "yes" } });
+            }
+            return { detail: null };
+          },
+        };
+    }
+  }
+
+  /** Events published by this ferryd, for tests. */
+  recentEvents(limit = 100, app: string | null = null): Promise<FerryEvent[]> {
+    return this.events.recent(limit, app);
+  }
+}
+
+/** The name of a drill's copy of a volume. */
+export const drillVolume = (volume: string) => `${volume}-drill`;
+
+function str(body: Record<string, unknown>, field: string): string {
+  const v = body[field];
+  if (typeof v !== "string" || v === "") throw invalid(`the request needs '${field}' (a non-empty string)`);
+  return v;
+}
+
+function optStr(body: Record<string, unknown>, field: string): string | null {
+  const v = body[field];
+  if (v === undefined || v === null) return null;
+  if (typeof v !== "string" || v === "") throw invalid(`'${field}' must be a non-empty string`);
+  return v;
+}
+
+function num(body: Record<string, unknown>, field: string, fallback: number): number {
+  const v = body[field];
+  if (v === undefined || v === null) return fallback;
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v <= 0)
+    throw invalid(`'${field}' must be a positive whole number`);
+  return v;
+}
