@@ -20,6 +20,7 @@ interface VolumeJson {
   openGeneration: number;
   generations: number[];
   readOnly: boolean;
+  fenced: boolean;
   dirtyBytes: number;
 }
 
@@ -54,6 +55,7 @@ describe("ferry volume create / list / delete", () => {
         generations: [],
         readOnly: false,
         dirtyBytes: 0,
+        fenced: false,
       },
     ]);
 

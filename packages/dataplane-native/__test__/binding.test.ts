@@ -16,6 +16,7 @@ import {
   importVolume,
   listVolumes,
   parseSize,
+  replicate,
   startVolumeService,
   type VolumeService,
   volumeStats,
@@ -160,5 +161,34 @@ describe("VolumeService", () => {
     const error = await failure(() => startVolumeService({ dataDir: data, listen: "not-an-address" }));
     expect(error.code).toBe("ERR_LISTEN");
     expect(error.message).toContain("not-an-address");
+  });
+});
+
+describe("recovery operations through replicate()", () => {
+  it("fences a served volume against writes, keeps reads, and lifts the fence", async () => {
+    await createVolume(data, "moving", 4 * MiB);
+    const socket = join(data, "nbd.sock");
+    await start({ socket });
+    const uri = `nbd+unix:///moving?socket=${socket}`;
+    await qemuIo(sandbox, uri, ["write -P 0x11 0 4K"]);
+
+    const request = (fenced: boolean) => JSON.stringify({ op: "fence", volumes: ["moving"], fenced });
+    expect(JSON.parse(await replicate(data, request(true)))).toEqual([{ volume: "moving", fenced: true }]);
+    expect((await listVolumes(data))[0]).toMatchObject({ name: "moving", fenced: true, readOnly: false });
+    const refused = await qemuIo(sandbox, uri, ["write -P 0x22 0 4K"]).catch((error: unknown) => String(error));
+    expect(refused).toContain("Operation not permitted");
+    await qemuIo(sandbox, uri, ["read -P 0x11 0 4K"]);
+
+    expect(JSON.parse(await replicate(data, request(false)))).toEqual([{ volume: "moving", fenced: false }]);
+    await qemuIo(sandbox, uri, ["write -P 0x22 0 4K", "read -P 0x22 0 4K"]);
+  });
+
+  it("refuses to clone a volume that is not a replica, creating nothing", async () => {
+    await createVolume(data, "plain", 4 * MiB);
+    const request = { op: "replicaClone", volumes: ["plain"], back: 0, names: ["plain-drill"] };
+    const error = await failure(() => replicate(data, JSON.stringify(request)));
+    expect(error.code).toBe("ERR_INVALID_ARGUMENT");
+    expect(error.message).toContain("volume 'plain' is not a replica");
+    expect((await listVolumes(data)).map((v) => v.name)).toEqual(["plain"]);
   });
 });

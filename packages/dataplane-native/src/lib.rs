@@ -59,6 +59,9 @@ pub struct VolumeInfo {
     pub replica_of: Option<String>,
     /// On a replica: the last generation it holds completely.
     pub replica_generation: Option<f64>,
+    /// Writes refused for a planned migration or failback (the `fence` operation of
+    /// `replicate`).
+    pub fenced: bool,
 }
 
 impl From<ferry_dataplane::volume::VolumeInfo> for VolumeInfo {
@@ -73,6 +76,7 @@ impl From<ferry_dataplane::volume::VolumeInfo> for VolumeInfo {
             dirty_bytes: v.dirty_bytes as f64,
             replica_of: v.replica_of,
             replica_generation: v.replica_generation.map(|g| g as f64),
+            fenced: v.fenced,
         }
     }
 }
@@ -198,7 +202,8 @@ pub async fn import_volume(
 }
 
 /// A replication request to the running service of `dataDir`, as JSON text (`{"op":
-/// "replicateStart", …}`, `replicateStatus`, `replicateSync`, `replicateStop`); answers JSON text.
+/// "replicateStart", …}`, `replicateStatus`, `replicateSync`, `replicateStop`,
+/// `replicatePromote`, `replicaPoints`, `fence`, `replicaClone`); answers JSON text.
 #[napi]
 pub async fn replicate(data_dir: String, request_json: String) -> Result<String> {
     let req: ferry_dataplane::control::ControlRequest = serde_json::from_str(&request_json)

@@ -94,7 +94,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
         v.openGeneration,
         v.generations.length === 0 ? "-" : v.generations.join(","),
         formatBytes(v.dirtyBytes),
-        v.readOnly ? "ro" : "rw",
+        v.readOnly ? "ro" : v.fenced ? "fenced" : "rw",
       ]);
       io.writeOut(
         `${formatTable(["NAME", "SIZE", "GRANULARITY", "OPEN GEN", "CLOSED GENS", "DIRTY", "MODE"], rows)}\n`,

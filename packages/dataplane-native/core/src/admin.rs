@@ -181,6 +181,18 @@ fn local(
             reg.close_all()?;
             r
         }
+        ControlRequest::Fence { volumes, fenced } => {
+            let reg = Registry::open_subset(dir.clone(), &volumes)?;
+            let r = fence(&reg, &volumes, fenced);
+            reg.close_all()?;
+            r
+        }
+        ControlRequest::ReplicaClone { volumes, back, names } => {
+            let reg = Registry::open_subset(dir.clone(), &volumes)?;
+            let r = replica_clone(&reg, &volumes, back.unwrap_or(0), &names, progress);
+            reg.close_all()?;
+            r
+        }
         ControlRequest::ReplicateStart { .. } | ControlRequest::ReplicateSync { .. } | ControlRequest::ReplicateStop { .. } => {
             Err(Error::InvalidArgument(format!(
                 "replication needs a running volume service for {}: start `ferry volume serve --data {} --site NAME --region REGION --nats URL`",
@@ -191,17 +203,19 @@ fn local(
     }
 }
 
-/// The named volumes, each a replica (else a clear error naming what to do).
-fn replicas(reg: &Registry, volumes: &[String], what: &str) -> Result<Vec<Arc<Volume>>> {
+/// The named volumes, at least one, all known (else a clear error naming what to do).
+fn named(reg: &Registry, volumes: &[String], what: &str) -> Result<Vec<Arc<Volume>>> {
     if volumes.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "{what} needs at least one volume"
         )));
     }
-    let vols = volumes
-        .iter()
-        .map(|n| reg.require(n))
-        .collect::<Result<Vec<_>>>()?;
+    volumes.iter().map(|n| reg.require(n)).collect()
+}
+
+/// The named volumes, each a replica (else a clear error naming what to do).
+fn replicas(reg: &Registry, volumes: &[String], what: &str) -> Result<Vec<Arc<Volume>>> {
+    let vols = named(reg, volumes, what)?;
     if let Some(v) = vols.iter().find(|v| v.replica().is_none()) {
         return Err(Error::InvalidArgument(format!(
             "volume '{}' is not a replica: {what} runs at the target site, on replicated volumes",
@@ -218,27 +232,46 @@ fn promote(reg: &Registry, volumes: &[String], back: usize) -> Result<Value> {
     let vols = replicas(reg, volumes, "promote")?;
     let mut targets = Vec::new();
     for v in &vols {
-        let rep = v.replica().expect("checked");
-        let to = match back {
-            0 => rep.last_complete_generation,
-            n => match rep.points.get(n - 1) {
-                Some(p) => p.generation,
-                None => {
-                    return Err(Error::InvalidArgument(format!(
-                        "replica '{}' keeps {} recovery point(s) before its last complete generation, not {n}: see `ferry replicate points`",
-                        v.name(),
-                        rep.points.len()
-                    )))
-                }
-            },
-        };
-        targets.push(to);
+        targets.push(v.replica().expect("checked").point_back(v.name(), back)?);
     }
     let mut out = Vec::new();
     for (v, to) in vols.iter().zip(targets) {
         out.push(serde_json::json!({ "volume": v.name(), "generation": v.promote_to(Some(to))? }));
     }
     Ok(Value::Array(out))
+}
+
+/// Raise or lift the fence of every named volume; answers `[{volume, fenced}]`. Every volume
+/// is checked before any is changed.
+fn fence(reg: &Registry, volumes: &[String], fenced: bool) -> Result<Value> {
+    let vols = named(reg, volumes, "fence")?;
+    if let Some(v) = vols.iter().find(|v| v.replica().is_some()) {
+        return Err(Error::InvalidArgument(format!(
+            "volume '{}' is a replica: it takes no client writes, so there is nothing to fence; fence its source volume at the source site",
+            v.name()
+        )));
+    }
+    let mut out = Vec::new();
+    for v in &vols {
+        v.set_fenced(fenced)?;
+        out.push(serde_json::json!({ "volume": v.name(), "fenced": v.fenced() }));
+    }
+    Ok(Value::Array(out))
+}
+
+/// Clone every named replica at recovery point `back` as the volume of the same position in
+/// `names`; answers `[{volume, clone, generation}]`.
+fn replica_clone(
+    reg: &Registry,
+    volumes: &[String],
+    back: usize,
+    names: &[String],
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Value> {
+    let vols = replicas(reg, volumes, "replicaClone")?;
+    Ok(to_value(crate::replica_clone::clone_replicas(
+        reg, &vols, back, names, progress,
+    )?))
 }
 
 /// The recovery points of every named replica, newest first (the last complete one first).
@@ -369,6 +402,12 @@ impl ControlHandler for ServiceControl {
                 promote(reg, &volumes, back.unwrap_or(0))
             }
             ControlRequest::ReplicaPoints { volumes } => points(reg, &volumes),
+            ControlRequest::Fence { volumes, fenced } => fence(reg, &volumes, fenced),
+            ControlRequest::ReplicaClone {
+                volumes,
+                back,
+                names,
+            } => replica_clone(reg, &volumes, back.unwrap_or(0), &names, progress),
             ControlRequest::ReplicateStatus => Ok(to_value(match &self.replication {
                 Some(r) => r.status(),
                 None => Vec::new(),

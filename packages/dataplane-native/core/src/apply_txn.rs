@@ -426,6 +426,12 @@ impl ApplyTxn {
         Ok(())
     }
 
+    /// The blocks (in units of the granularity) journaled so far: where the replica's file may
+    /// no longer hold its last complete generation.
+    pub fn journaled_blocks(&self) -> Vec<u64> {
+        self.index.lock().blocks.keys().copied().collect()
+    }
+
     /// Bytes of before-images journaled so far.
     pub fn journaled_bytes(&self) -> u64 {
         self.index.lock().end - HEADER_LEN

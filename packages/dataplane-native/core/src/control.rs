@@ -81,6 +81,20 @@ pub enum ControlRequest {
     ReplicaPoints {
         volumes: Vec<String>,
     },
+    /// Raise (`fenced: true`) or lift the fence of a planned migration or failback on ordinary
+    /// volumes: while raised, client writes are refused (see `Volume::set_fenced`).
+    Fence {
+        volumes: Vec<String>,
+        fenced: bool,
+    },
+    /// At a target: new writable volumes `names[i]` holding replica `volumes[i]` at recovery
+    /// point `back`, while replication goes on (see `replica_clone`).
+    ReplicaClone {
+        volumes: Vec<String>,
+        #[serde(default)]
+        back: Option<usize>,
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -177,6 +177,24 @@ impl DataDir {
         Volume::open_with(&self.volume_dir(name), name, Some(commit))
     }
 
+    /// A hidden directory next to the volumes to build volume `name` in before it is moved into
+    /// place (`move_into_place`): never listed, never opened as a volume, so a crash midway
+    /// leaves no half-made volume. A stale one is removed by the next build of the same name.
+    pub fn staging_dir(&self, name: &str, what: &str) -> PathBuf {
+        self.root.join(VOLUMES).join(format!(".{what}-{name}"))
+    }
+
+    /// Rename a volume built under `staged` to `name` (which must not exist), durably.
+    pub fn move_into_place(&self, staged: &Path, name: &str) -> Result<()> {
+        let to = self.volume_dir(name);
+        std::fs::rename(staged, &to)
+            .ctx(|| format!("cannot move {} to {}", staged.display(), to.display()))?;
+        let parent = self.root.join(VOLUMES);
+        File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .ctx(|| format!("cannot fsync {}", parent.display()))
+    }
+
     /// Names of the volumes present, sorted.
     pub fn volume_names(&self) -> Result<Vec<String>> {
         let dir = self.root.join(VOLUMES);

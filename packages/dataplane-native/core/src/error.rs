@@ -101,6 +101,10 @@ pub enum Error {
     #[error("volume '{name}' is read-only")]
     ReadOnly { name: String },
 
+    /// Writes refused while a planned migration or failback moves the volume to another site.
+    #[error("volume '{name}' is fenced for a planned migration or failback: writes are refused so none can be lost in the move; reads still work. Lift the fence with {{\"op\":\"fence\",\"volumes\":[\"{name}\"],\"fenced\":false}} once the move is finished or abandoned")]
+    Fenced { name: String },
+
     #[error("request on volume '{name}' is out of range: offset {offset} + length {length} > size {size}")]
     OutOfRange {
         name: String,
@@ -145,6 +149,7 @@ impl Error {
             Error::Residency { .. } => "ERR_RESIDENCY",
             Error::Nats { .. } => "ERR_NATS",
             Error::ReadOnly { .. } => "ERR_READ_ONLY",
+            Error::Fenced { .. } => "ERR_FENCED",
             Error::OutOfRange { .. } => "ERR_OUT_OF_RANGE",
             Error::NotSupported(_) => "ERR_NOT_SUPPORTED",
             Error::Frame { .. } => "ERR_FRAME",
@@ -156,7 +161,7 @@ impl Error {
     pub fn nbd_errno(&self) -> u32 {
         use crate::nbd::proto;
         match self {
-            Error::ReadOnly { .. } => proto::EPERM,
+            Error::ReadOnly { .. } | Error::Fenced { .. } => proto::EPERM,
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => proto::EINVAL,
             Error::NotSupported(_) => proto::ENOTSUP,
             Error::ServerError { errno, .. } => *errno,

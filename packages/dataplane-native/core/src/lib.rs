@@ -18,6 +18,7 @@ pub mod import_volume;
 pub mod nbd;
 pub mod recovery_points;
 pub mod registry;
+pub mod replica_clone;
 pub mod replication;
 pub mod service;
 pub mod size;

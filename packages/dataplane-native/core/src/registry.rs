@@ -120,6 +120,25 @@ impl Registry {
         Ok(info)
     }
 
+    /// Move a volume built under `staged` (a hidden directory of the same data directory, see
+    /// `DataDir::staging_dir`) into place as `name` and export it at once. Refused when `name`
+    /// exists by then; the staged directory is left to the caller.
+    pub fn adopt(&self, name: &str, staged: &std::path::Path) -> Result<VolumeInfo> {
+        let mut vols = self.volumes.write();
+        DataDir::validate_name(name)?;
+        if vols.contains_key(name) || self.dir.exists(name) {
+            return Err(Error::VolumeExists {
+                name: name.to_string(),
+                dir: self.dir.root().to_path_buf(),
+            });
+        }
+        self.dir.move_into_place(staged, name)?;
+        let v = Arc::new(self.dir.open_volume(name)?);
+        let info = v.info();
+        vols.insert(name.to_string(), v);
+        Ok(info)
+    }
+
     pub fn delete(&self, name: &str) -> Result<()> {
         let mut vols = self.volumes.write();
         let v = vols.get(name).ok_or_else(|| Error::UnknownVolume {

@@ -105,6 +105,9 @@ pub struct VolumeInfo {
     pub replica_of: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_generation: Option<u64>,
+    /// Writes refused for a planned migration or failback (see `Volume::set_fenced`).
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 struct OpenGeneration {
@@ -120,6 +123,13 @@ pub struct Volume {
     granularity: u64,
     /// Clients may not write (a read-only volume, or a replica).
     read_only: AtomicBool,
+    /// Clients may not write for now: a planned migration or failback (see `set_fenced`).
+    fenced: AtomicBool,
+    /// Taken exclusively by a replica clone while it copies (see `hold_apply`); every step that
+    /// changes what the replica's last complete generation is, or its recovery points, takes it
+    /// shared. Applying the data of a generation does not: its before-images keep the last
+    /// complete generation readable meanwhile.
+    apply_hold: RwLock<()>,
     gate: RwLock<OpenGeneration>,
     closed: RwLock<BTreeMap<u64, Arc<DirtyBitmap>>>,
     meta: Mutex<VolumeMeta>,
@@ -184,6 +194,7 @@ impl Volume {
             read_only: false,
             replica: None,
             promoted: None,
+            fenced: false,
         };
         let id = GenerationId {
             epoch: 1,
@@ -305,6 +316,8 @@ impl Volume {
             size,
             granularity: gran,
             read_only: AtomicBool::new(meta.read_only || meta.replica.is_some()),
+            fenced: AtomicBool::new(meta.fenced && meta.replica.is_none()),
+            apply_hold: RwLock::new(()),
             gate: RwLock::new(OpenGeneration { id, bitmap }),
             closed: RwLock::new(closed),
             meta: Mutex::new(meta),
@@ -342,6 +355,9 @@ impl Volume {
     pub fn read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)
     }
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -363,6 +379,7 @@ impl Volume {
             dirty_bytes,
             replica_of: meta.replica.as_ref().map(|r| r.source_site.clone()),
             replica_generation: meta.replica.as_ref().map(|r| r.last_complete_generation),
+            fenced: self.fenced(),
         }
     }
 
@@ -382,12 +399,59 @@ impl Volume {
         }
     }
 
-    fn check_writable(&self) -> Result<()> {
+    fn check_not_read_only(&self) -> Result<()> {
         if self.read_only() {
             return Err(Error::ReadOnly {
                 name: self.name.clone(),
             });
         }
+        Ok(())
+    }
+
+    /// May a client change the volume now? (Read-only and replicas never; fenced not until the
+    /// fence is lifted.) Checked again under the gate, which is how demote and fence drain.
+    fn check_writable(&self) -> Result<()> {
+        self.check_not_read_only()?;
+        if self.fenced() {
+            return Err(Error::Fenced {
+                name: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Raise (`true`) or lift the fence of a planned migration or failback: while raised,
+    /// client writes, trims and zeroes fail with `Error::Fenced` (EPERM on NBD, also for
+    /// connections made before) and reads go on. Raising returns only once the writes in flight
+    /// have finished, so nothing lands after it; cuts still work, so the last changes can be
+    /// shipped. Persisted, so a restart keeps it. Idempotent. A replica has no fence (it takes
+    /// no client writes at all).
+    pub fn set_fenced(&self, on: bool) -> Result<()> {
+        if self.replica().is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "volume '{}' is a replica: it takes no client writes, so there is nothing to fence; fence its source volume at the source site",
+                self.name
+            )));
+        }
+        if on == self.fenced() && on == self.meta.lock().fenced {
+            return Ok(());
+        }
+        let was = self.fenced();
+        if on {
+            // As `demote`: writes stop first (a write re-checks under the gate), then the gate
+            // drains the ones in flight.
+            self.fenced.store(true, Ordering::SeqCst);
+            drop(self.gate.write());
+        }
+        let mut meta = self.meta.lock();
+        let mut next = meta.clone();
+        next.fenced = on;
+        if let Err(e) = next.save(&self.dir.join(META_FILE)) {
+            self.fenced.store(was, Ordering::SeqCst);
+            return Err(e);
+        }
+        *meta = next;
+        self.fenced.store(on, Ordering::SeqCst);
         Ok(())
     }
 
@@ -748,8 +812,9 @@ impl Volume {
     /// Promote at recovery point `to` (a generation listed in the replica's points, or its last
     /// complete one; `None`: the last complete one). Going back undoes the kept journals.
     pub fn promote_to(&self, to: Option<u64>) -> Result<u64> {
+        let _hold = self.apply_hold.read();
         let rep = self.require_replica()?;
-        self.abort_apply()?;
+        self.abort_apply_held()?;
         let held = match to {
             Some(g) if g != rep.last_complete_generation => {
                 if !rep.points.iter().any(|p| p.generation == g) {
@@ -833,6 +898,8 @@ impl Volume {
         // flight: nothing lands after the divergence is taken.
         self.read_only.store(true, Ordering::SeqCst);
         drop(self.gate.write());
+        // A replica takes no client writes: the fence of the move that demoted it is done.
+        self.fenced.store(false, Ordering::SeqCst);
         let diverged = common
             .and_then(|(e, g)| self.changes_since(e, g))
             .unwrap_or_else(|| {
@@ -859,6 +926,7 @@ impl Volume {
             restoring_to: None,
         });
         next.promoted = None;
+        next.fenced = false;
         next.save(&self.dir.join(META_FILE))?;
         *meta = next;
         Ok(diverged)
@@ -921,6 +989,7 @@ impl Volume {
     /// How many complete generations the replica keeps (the last one included; 1 keeps none
     /// before it).
     pub fn set_keep_points(&self, keep: usize) -> Result<()> {
+        let _hold = self.apply_hold.read();
         let keep = keep.max(1);
         if self.replica().is_some_and(|r| r.keep_points == keep) {
             return Ok(());
@@ -936,6 +1005,7 @@ impl Volume {
     /// Forget every recovery point (a synchronous session changes blocks without journaling
     /// them, so no kept journal leads back to its generation any more).
     pub fn drop_points(&self) -> Result<()> {
+        let _hold = self.apply_hold.read();
         if self.replica().is_some_and(|r| r.points.is_empty()) {
             return Ok(());
         }
@@ -1067,6 +1137,7 @@ impl Volume {
     /// Apply one change of a synchronous session to this replica, in place (no transaction: a
     /// sync replica is always the source's latest acknowledged state).
     pub fn apply_sync(&self, op: &ApplyOp<'_>) -> Result<()> {
+        let _hold = self.apply_hold.read();
         self.require_replica()?;
         self.check_range(op.offset(), op.length())?;
         if self.txn.read().is_some() {
@@ -1095,6 +1166,7 @@ impl Volume {
     /// A synchronous session reached generation `generation` of the source: every change of it is
     /// applied. Make it durable and record it as complete.
     pub fn mark_complete(&self, epoch: u64, generation: u64) -> Result<()> {
+        let _hold = self.apply_hold.read();
         self.flush_data()?;
         self.update_replica(|r| {
             r.epoch = epoch;
@@ -1106,6 +1178,7 @@ impl Volume {
 
     /// Commit the running transaction: the replica now holds generation `target` completely.
     pub fn commit_apply(&self, txn: &ApplyTxn) -> Result<()> {
+        let _hold = self.apply_hold.read();
         let id = txn.id();
         let rep = self.require_replica()?;
         // The journal undoes this generation: keep it as the way back to the one before.
@@ -1144,6 +1217,11 @@ impl Volume {
 
     /// Abort the running transaction, restoring the last complete generation.
     pub fn abort_apply(&self) -> Result<()> {
+        let _hold = self.apply_hold.read();
+        self.abort_apply_held()
+    }
+
+    fn abort_apply_held(&self) -> Result<()> {
         let Some(t) = self.txn.write().take() else {
             return Ok(());
         };
@@ -1154,6 +1232,78 @@ impl Volume {
                 ApplyTxn::recover(&self.dir, &self.file, |_| false).map(|_| ())
             }
         }
+    }
+
+    /// Keep this replica at its last complete generation, with its recovery points, until the
+    /// guard is dropped: no generation commits or aborts, no synchronous change lands, no point
+    /// is dropped. A generation's data goes on being applied meanwhile (under its journal, which
+    /// `read_at` overlays), so the transfer from the source does not stop; only its commit waits.
+    pub(crate) fn hold_apply(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.apply_hold.write()
+    }
+
+    /// The byte runs where this replica's last complete generation may hold anything but zeroes:
+    /// the file's data, and the blocks a generation being applied has changed (one of its zero
+    /// runs may have punched a hole where that generation has data). Call with `hold_apply`
+    /// held. The file is scanned before the journal is read: a block punched after the scan was
+    /// data in it, one punched before is journaled by then.
+    pub(crate) fn content_runs(&self) -> Result<Vec<(u64, u64)>> {
+        let fd = self.file.as_raw_fd();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut pos = 0u64;
+        while pos < self.size {
+            // SAFETY: lseek on our own descriptor; we never rely on the file position elsewhere.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(Error::io(
+                    format!("SEEK_DATA on volume '{}' failed", self.name),
+                    err,
+                ));
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(Error::io(
+                    format!("SEEK_HOLE on volume '{}' failed", self.name),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            let (start, end) = (data as u64, (hole as u64).min(self.size));
+            runs.push((start, end));
+            pos = end.max(start + 1);
+        }
+        if let Some(txn) = self.applying() {
+            let g = self.granularity;
+            runs.extend(
+                txn.journaled_blocks()
+                    .into_iter()
+                    .map(|b| (b * g, ((b + 1) * g).min(self.size))),
+            );
+        }
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for (s, e) in runs {
+            match merged.last_mut() {
+                Some(m) if s <= m.1 => m.1 = m.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// The data file, for filling a volume no client uses yet (a replica clone).
+    pub(crate) fn data_file(&self) -> &File {
+        &self.file
+    }
+
+    /// Record `[offset, offset+length)` as changed in the open generation, for content written
+    /// to `data_file` directly; durable at the next `checkpoint` (or `close`).
+    pub(crate) fn mark_changed(&self, offset: u64, length: u64) {
+        self.gate.read().bitmap.mark(offset, length);
     }
 
     pub(crate) fn add_lease(&self) {
@@ -1212,7 +1362,8 @@ impl CutGuard<'_> {
     /// The metadata rename is the commit point.
     pub fn commit(mut self, cut_id: &str) -> Result<u64> {
         let v = self.vol;
-        v.check_writable()?;
+        // A fenced volume is still cut: its last changes must reach the other site.
+        v.check_not_read_only()?;
         let closed_id = self.gen.id;
         let closed_path = v.dir.join(format!("gen-{}.bitmap", closed_id.generation));
         self.gen.bitmap.save(&closed_path, closed_id)?;
@@ -1669,6 +1820,66 @@ mod tests {
                 length: 65536
             }]
         );
+    }
+
+    #[test]
+    fn a_fence_refuses_writes_until_lifted_and_outlives_a_reopen() {
+        let (_t, dir) = new_volume(4 << 20);
+        let v = Volume::open(&dir, "v").unwrap();
+        v.write_at(0, &[1u8; 4096], false).unwrap();
+        v.set_fenced(true).unwrap();
+        v.set_fenced(true).unwrap();
+        let refused = [
+            v.write_at(0, &[2u8; 4096], false).unwrap_err(),
+            v.trim(0, 4096, false).unwrap_err(),
+            v.write_zeroes(0, 4096, ZeroFlags::default()).unwrap_err(),
+        ];
+        for e in refused {
+            assert_eq!(e.code(), "ERR_FENCED");
+            assert_eq!(e.nbd_errno(), crate::nbd::proto::EPERM);
+            assert!(
+                e.to_string().contains("planned migration or failback"),
+                "{e}"
+            );
+        }
+        assert_eq!(byte_at(&v, 0), 1, "reads go on, nothing landed");
+        // Cuts go on too: the last changes must still ship.
+        assert_eq!(v.lock_for_cut().commit("c").unwrap(), 1);
+        assert!(v.info().fenced);
+        v.close().unwrap();
+        drop(v);
+        let v = Volume::open(&dir, "v").unwrap();
+        assert!(v.info().fenced, "the fence is persisted");
+        assert_eq!(v.write_at(0, &[3], false).unwrap_err().code(), "ERR_FENCED");
+        v.set_fenced(false).unwrap();
+        v.write_at(0, &[3], false).unwrap();
+        drop(v);
+        let v = Volume::open(&dir, "v").unwrap();
+        assert!(!v.fenced());
+        // Demoting (what `reverse` does to the former source) ends the fence.
+        v.set_fenced(true).unwrap();
+        v.demote("site-b", 1, 1, None).unwrap();
+        assert!(!v.fenced() && !v.meta().fenced && v.read_only());
+        assert_eq!(
+            v.set_fenced(true).unwrap_err().code(),
+            "ERR_INVALID_ARGUMENT",
+            "a replica has no fence"
+        );
+        drop(v);
+        assert!(!Volume::open(&dir, "v").unwrap().info().fenced);
+    }
+
+    #[test]
+    fn a_meta_from_before_fences_loads_unfenced() {
+        let (_t, dir) = new_volume(1 << 20);
+        let path = dir.join(META_FILE);
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        m.as_object_mut().unwrap().remove("fenced");
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        let v = Volume::open(&dir, "v").unwrap();
+        assert!(!v.fenced());
+        v.write_at(0, &[1], false).unwrap();
     }
 
     #[test]

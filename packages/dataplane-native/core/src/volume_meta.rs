@@ -44,6 +44,22 @@ pub struct ReplicaState {
     pub restoring_to: Option<u64>,
 }
 
+impl ReplicaState {
+    /// The generation of recovery point `back` of replica `name`: 0 is the last complete
+    /// generation, n the n-th kept point before it (as `replicate points` lists them).
+    pub fn point_back(&self, name: &str, back: usize) -> Result<u64> {
+        match back {
+            0 => Ok(self.last_complete_generation),
+            n => self.points.get(n - 1).map(|p| p.generation).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "replica '{name}' keeps {} recovery point(s) before its last complete generation, not {n}: see `ferry replicate points`",
+                    self.points.len()
+                ))
+            }),
+        }
+    }
+}
+
 pub const DEFAULT_KEEP_POINTS: usize = 3;
 
 fn default_keep_points() -> usize {
@@ -84,6 +100,10 @@ pub struct VolumeMeta {
     /// back (`reverse`) can prove what both sides still share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promoted: Option<Promoted>,
+    /// Writes refused for a planned migration or failback (see `Volume::set_fenced`); kept
+    /// across restarts so a restarted service cannot take a write the move would lose.
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
