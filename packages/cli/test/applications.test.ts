@@ -134,7 +134,9 @@ describe("applications across two sites", () => {
     );
     expect(await ferry.json<ProtectionStatus[]>(at("a", ["status"]))).toEqual([]);
 
-    await ferry.ok(at("a", ["policy", "create", "gold", "--mode", "async", "--interval", "500ms", "--rpo", "5s"]));
+    await ferry.ok(
+      at("a", ["policy", "create", "gold", "--mode", "async", "--interval", "500ms", "--rpo", "5s", "--retain", "200"]),
+    );
     const out = await ferry.ok(at("a", ["protect", "shop", "--policy", "gold", "--to", "site-b"]));
     expect(out).toContain("protecting shop from site-a to site-b under gold");
     await ferry.ok(at("a", ["protect", "shop", "--policy", "gold", "--to", "site-b"])); // idempotent
@@ -164,12 +166,43 @@ describe("applications across two sites", () => {
     expect(atB.map((a) => [a.name, a.active])).toEqual([["shop", "site-a"]]);
   });
 
-  it("fails over to B (unplanned), then fails back with the changes made at B", async () => {
+  it("follows events as they happen (ferry events --follow) until Ctrl-C", async () => {
+    const child = sandbox.spawn(process.execPath, [BIN, ...at("a", ["events", "--follow", "--json", "--limit", "1"])]);
+    let out = "";
+    child.stdout?.setEncoding("utf8").on("data", (chunk: string) => {
+      out += chunk;
+    });
+    const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+    await waitFor("the last past event", () => out.split("\n").length >= 2);
+    await ferry.ok(at("a", ["policy", "create", "silver", "--mode", "async", "--interval", "1m"]));
+    await waitFor("the new event", () => out.includes('"io.ferry.policy.created"') && out.includes('"silver"'));
+    const events = out
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as FerryEvent);
+    expect(events.at(-1)).toMatchObject({ specversion: "1.0", source: "ferry/site-a", data: { policy: "silver" } });
+    child.kill("SIGINT");
+    expect(await exited).toBe(0);
+  });
+
+  it("fails over to B (unplanned) at a named recovery point, then fails back with the changes made at B", async () => {
     const before = await digests("a", VOLUMES);
-    const failover = await ferry.json<Operation>(at("a", ["failover", "shop", "--to", "site-b"]));
+    const [point] = await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "shop"]));
+    // Written after that point: a failover to the point must not have it.
+    await qemuIo(sandbox, ferryd.a.serve.uri("shop-db"), ["write -P 0xa9 6M 64K"]);
+    const wrote = Date.now();
+    await pointAfter("a", "shop", wrote);
+    const unknown = await ferry.run(at("a", ["failover", "shop", "--to", "site-b", "--point", "999999"]));
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toContain("application shop has no recovery point 999999 at site site-b; it has");
+    const failover = await ferry.json<Operation>(
+      at("a", ["failover", "shop", "--to", "site-b", "--point", point?.id ?? "none"]),
+    );
     expect(failover).toMatchObject({ kind: "failover", app: "shop", to: "site-b", from: "site-a", state: "succeeded" });
     expect(failover.steps.map((s) => s.name)).toEqual(["check", "stop-source", "promote", "activate"]);
+    expect(failover.result.point).toBe(point?.generation);
     expect(await digests("b", VOLUMES)).toEqual(before);
+    expect(await digests("a", VOLUMES)).not.toEqual(before);
     const apps = await ferry.json<Application[]>(at("b", ["app", "list"]));
     expect(apps[0]?.active).toBe("site-b");
 
