@@ -11,7 +11,7 @@ import { randomUUID } from "node:crypto";
 import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node";
 import { Catalog, protectionKey } from "./catalog.js";
 import { call } from "./client.js";
-import type { DataPlane, PairStatus } from "./dataplane.js";
+import type { DataPlane, PairStatus, ReplicaPoints } from "./dataplane.js";
 import { conflict, ErrorCode, errorBody, FerryError, invalid, notFound } from "./errors.js";
 import { EventLog, type FerryEvent } from "./events.js";
 import { Lease } from "./lease.js";
@@ -453,9 +453,8 @@ export class Orchestrator {
     return protection;
   }
 
-  private findPair(app: Application, target: string, pairs: PairStatus[]): PairStatus | undefined {
-    const want = [...app.volumes].sort().join("\u0000");
-    return pairs.find((p) => p.target === target && [...p.volumes].sort().join("\u0000") === want);
+  private findPair(app: Application, target: string, pairs: PairIndex): PairStatus | undefined {
+    return pairs.get(pairKey(target, app.volumes));
   }
 
   private async pairSync(appName: string): Promise<PairStatus> {
@@ -466,7 +465,7 @@ export class Orchestrator {
   /** Stop this site's pair of the application to `target`, if there is one. */
   private async pairStop(appName: string, target: string): Promise<PairStatus | null> {
     const app = this.requireApp(appName);
-    const pair = this.findPair(app, target, await this.dataPlane.replicateStatus());
+    const pair = this.findPair(app, target, indexPairs(await this.dataPlane.replicateStatus()));
     if (pair === undefined) return null;
     const stopped = await this.dataPlane.replicateStop(app.volumes);
     const p = this.catalog.protections.get(protectionKey(appName, target));
@@ -540,7 +539,9 @@ export class Orchestrator {
       .list()
       .filter((p) => appName === null || p.app === appName)
       .sort((a, b) => a.app.localeCompare(b.app) || a.target.localeCompare(b.target));
-    const pairs = protections.some((p) => p.source === this.site) ? await this.dataPlane.replicateStatus() : [];
+    const pairs = indexPairs(
+      protections.some((p) => p.source === this.site) ? await this.dataPlane.replicateStatus() : [],
+    );
     const out: ProtectionStatus[] = [];
     for (const p of protections) {
       const app = this.catalog.apps.get(p.app);
@@ -550,7 +551,7 @@ export class Orchestrator {
     return out;
   }
 
-  private async statusOf(app: Application, p: Protection, pairs: PairStatus[]): Promise<ProtectionStatus> {
+  private async statusOf(app: Application, p: Protection, pairs: PairIndex): Promise<ProtectionStatus> {
     const base = {
       app: p.app,
       source: p.source,
@@ -586,7 +587,7 @@ export class Orchestrator {
     let last: { generation: number; atMs: number } | null = null;
     if (p.target === this.site && app.active !== this.site) {
       const points = await this.dataPlane.points(app.volumes).catch(() => []);
-      const newest = points[0]?.points[0];
+      const newest = completePoints(points)[0];
       if (newest !== undefined) last = { generation: newest.generation, atMs: newest.atMs };
     }
     const lag = last === null ? null : Math.max(0, (Date.now() - last.atMs) / 1000);
@@ -611,7 +612,7 @@ export class Orchestrator {
     try {
       const mine = this.catalog.protections.list().filter((p) => p.source === this.site && p.state === "protecting");
       if (mine.length === 0) return;
-      const pairs = await this.dataPlane.replicateStatus();
+      const pairs = indexPairs(await this.dataPlane.replicateStatus());
       for (const p of mine) {
         const app = this.catalog.apps.get(p.app);
         if (app === undefined || app.active !== this.site || this.holdsLock(p.app)) continue;
@@ -663,7 +664,7 @@ export class Orchestrator {
     const here = this.catalog.protectionsOf(appName).find((p) => p.target === this.site);
     if (here !== undefined && app.active !== this.site) {
       const replicas = await this.dataPlane.points(app.volumes);
-      const points = replicas[0]?.points ?? [];
+      const points = completePoints(replicas);
       return points.map((pt) => ({
         id: String(pt.generation),
         app: appName,
@@ -806,7 +807,7 @@ export class Orchestrator {
         `cannot read the recovery points of ${app.name}: ${errorBody(error).message}`,
       );
     });
-    const points = replicas[0]?.points ?? [];
+    const points = completePoints(replicas);
     if (points.length === 0) {
       throw new FerryError(
         ErrorCode.notFound,
@@ -1059,6 +1060,25 @@ export class Orchestrator {
   recentEvents(limit = 100, app: string | null = null): Promise<FerryEvent[]> {
     return this.events.recent(limit, app);
   }
+}
+
+/**
+ * The recovery points of a group's replicas (they share them; the first volume's stand for all),
+ * newest first. Generation 0 is the data plane's "nothing complete yet", not a point.
+ */
+function completePoints(replicas: readonly ReplicaPoints[]): ReplicaPoints["points"] {
+  return (replicas[0]?.points ?? []).filter((p) => p.generation > 0);
+}
+
+/** A site's pairs by target and volume set: found once per tick or request, not searched per protection. */
+type PairIndex = Map<string, PairStatus>;
+
+function pairKey(target: string, volumes: readonly string[]): string {
+  return `${target}\u0000${[...volumes].sort().join("\u0000")}`;
+}
+
+function indexPairs(pairs: readonly PairStatus[]): PairIndex {
+  return new Map(pairs.map((p) => [pairKey(p.target, p.volumes), p]));
 }
 
 /** The name of a drill's copy of a volume. */
