@@ -169,12 +169,12 @@ describe("applications across two sites", () => {
   });
 
   it("refuses a failover before the first full copy completed: no recovery point yet", async () => {
-    // 4 MiB of random bytes at 256 KiB/s: the first copy takes ~16 s.
+    // 2 MiB of random bytes at 256 KiB/s: the first copy takes ~8 s.
     const data = await sandbox.dir("random-");
     const file = join(data, "random.bin");
-    await writeFile(file, randomBytes(4 * 2 ** 20));
+    await writeFile(file, randomBytes(2 * 2 ** 20));
     await ferry.ok(at("a", ["app", "create", "slow", "--volume", "slow-data", "--size", "8M"]));
-    await qemuIo(sandbox, ferryd.a.serve.uri("slow-data"), [`write -s ${file} 0 4M`]);
+    await qemuIo(sandbox, ferryd.a.serve.uri("slow-data"), [`write -s ${file} 0 2M`]);
     await ferry.ok(at("a", ["policy", "create", "trickle", "--mode", "async", "--interval", "1h", "--rate", "256K"]));
     await ferry.ok(at("a", ["protect", "slow", "--policy", "trickle", "--to", "site-b"]));
     const early = await ferry.run(at("a", ["failover", "slow", "--to", "site-b"]));
@@ -185,6 +185,15 @@ describe("applications across two sites", () => {
     );
     const [status] = await ferry.json<ProtectionStatus[]>(at("a", ["status", "slow"]));
     expect(status).toMatchObject({ app: "slow", lastRecoveryPoint: null, rpoMet: false });
+    expect(status?.initialCopy?.totalBytes).toBe(8 * 2 ** 20);
+
+    // Protecting again is idempotent; --wait follows the first copy to its end.
+    const waited = await ferry.run(at("a", ["protect", "slow", "--policy", "trickle", "--to", "site-b", "--wait"]));
+    expect(waited.code, waited.stderr).toBe(0);
+    expect(waited.stderr).toMatch(/^initial copy of slow to site-b: \d+% \([\d.]+\w? of 8M\)$/m);
+    expect(waited.stdout).toMatch(/^protecting slow to site-b: first recovery point \d+ after [\d.]+s \(8M copied, /);
+    const [point] = await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "slow"]));
+    expect(point?.generation).toBeGreaterThan(0);
   });
 
   it("follows events as they happen (ferry events --follow) until Ctrl-C", async () => {
@@ -297,7 +306,12 @@ describe("applications across two sites", () => {
     const cleanup = await ferry.json<Operation>(at("a", ["drill", "cleanup", "shop"]));
     expect(cleanup.state, JSON.stringify(cleanup.error)).toBe("succeeded");
     const volumes = await ferry.json<{ name: string }[]>(["volume", "list", "--data", ferryd.a.data]);
-    expect(volumes.map((v) => v.name).filter((n) => n.startsWith("shop-")).sort()).toEqual([...VOLUMES].sort());
+    expect(
+      volumes
+        .map((v) => v.name)
+        .filter((n) => n.startsWith("shop-"))
+        .sort(),
+    ).toEqual([...VOLUMES].sort());
   });
 
   it("runs one operation per application at a time, and resumes a failover after ferryd is killed mid-way (kill -9)", async () => {

@@ -109,6 +109,8 @@ export interface ProtectionStatus {
   bytesRaw: number;
   bytesWire: number;
   lastError: string | null;
+  /** While the first full copy runs (no recovery point yet): bytes shipped of the volumes' total. */
+  initialCopy?: { doneBytes: number; totalBytes: number } | null;
 }
 
 export type OperationKind = "failover" | "migration" | "failback" | "drill" | "drill-cleanup";

@@ -88,6 +88,7 @@ export class Orchestrator {
   /** Last RPO verdict per protection key, to publish only changes. */
   private readonly rpoMet = new Map<string, boolean>();
   private readonly handlers: Record<string, Handler>;
+  private readonly volumeSizes = new Map<string, number>();
 
   private constructor(options: OrchestratorOptions) {
     this.site = options.site;
@@ -581,6 +582,10 @@ export class Orchestrator {
         bytesRaw: pair?.bytesRaw ?? 0,
         bytesWire: pair?.bytesWire ?? 0,
         lastError: pair?.lastError ?? (pair === undefined ? "the data plane has no pair for this protection" : null),
+        initialCopy:
+          pair === undefined || pair.lastCompleteGeneration !== null
+            ? null
+            : { doneBytes: pair.bytesRaw, totalBytes: await this.sizeOf(app) },
       };
     }
     // At the target (or a protection no longer shipping): what the replicas hold.
@@ -602,6 +607,14 @@ export class Orchestrator {
       bytesWire: 0,
       lastError: null,
     };
+  }
+
+  /** The application's volumes' total size (sizes cached: a volume's size does not change). */
+  private async sizeOf(app: Application): Promise<number> {
+    if (app.volumes.some((v) => !this.volumeSizes.has(v))) {
+      for (const v of await this.dataPlane.listVolumes()) this.volumeSizes.set(v.name, v.size);
+    }
+    return app.volumes.reduce((sum, v) => sum + (this.volumeSizes.get(v) ?? 0), 0);
   }
 
   /** One scheduler pass: reconcile pairs with protections, track RPO, publish changes. */

@@ -226,15 +226,37 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
     .argument("<app>", "application name")
     .requiredOption("--policy <name>", "protection policy")
     .requiredOption("--to <site>", "target site")
+    .option("--wait", "wait for the first full copy (the first recovery point), showing its progress")
     .addOption(jsonOption())
-    .action(async (appName: string, options: JsonOption & { policy: string; to: string }, command: Command) => {
-      const p = await withFerryd(command, (nc, s) =>
-        call<Protection>(nc, s, "protect", { app: appName, policy: options.policy, to: options.to }),
-      );
-      if (options.json) return printJson(io, p);
-      io.writeOut(
-        `protecting ${p.app} from ${p.source} to ${p.target} under ${p.policy} (${policyLine(p.settings)})\n`,
-      );
+    .action(async (appName: string, options: JsonOption & { policy: string; to: string; wait?: boolean }, command) => {
+      await withFerryd(command, async (nc, s) => {
+        const p = await call<Protection>(nc, s, "protect", { app: appName, policy: options.policy, to: options.to });
+        if (!options.wait) {
+          if (options.json) return printJson(io, p);
+          io.writeOut(
+            `protecting ${p.app} from ${p.source} to ${p.target} under ${p.policy} (${policyLine(p.settings)})\n`,
+          );
+          return;
+        }
+        const started = Date.now();
+        const progress = new Progress(io, `initial copy of ${appName} to ${options.to}`);
+        for (;;) {
+          const rows = await call<ProtectionStatus[]>(nc, s, "status", { app: appName });
+          const row = rows.find((r) => r.source === s && r.target === options.to);
+          if (row?.lastRecoveryPoint) {
+            progress.done();
+            if (options.json) return printJson(io, row);
+            io.writeOut(
+              `protecting ${appName} to ${options.to}: first recovery point ${row.lastRecoveryPoint.generation} after ` +
+                `${((Date.now() - started) / 1000).toFixed(1)}s (${formatBytes(row.bytesRaw)} copied, ${formatBytes(row.bytesWire)} on the wire)\n`,
+            );
+            return;
+          }
+          if (row?.initialCopy) progress.update(row.initialCopy.doneBytes, row.initialCopy.totalBytes);
+          if (row?.lastError) progress.note(row.lastError);
+          await new Promise((r) => setTimeout(r, 500));
+        }
+      });
     });
 
   program
@@ -256,7 +278,7 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
             r.source,
             r.target,
             r.syncState ? `${r.mode} (${r.syncState})` : r.mode,
-            r.state,
+            r.initialCopy ? `copying ${percent(r.initialCopy.doneBytes, r.initialCopy.totalBytes)}` : r.state,
             seconds(r.lagSeconds),
             seconds(r.rpoSeconds),
             r.rpoMet ? "yes" : "NO",
@@ -496,5 +518,55 @@ async function runOperation(
   }
   if (final.state === "failed") {
     throw new OperationFailed(`${final.kind} of ${final.app} failed: ${final.error?.message ?? "unknown error"}`);
+  }
+}
+
+function percent(done: number, total: number): string {
+  return `${total === 0 ? 100 : Math.min(100, Math.floor((done / total) * 100))}%`;
+}
+
+/**
+ * Progress of a long copy on stderr: a bar redrawn in place on a terminal; elsewhere a line at
+ * every tenth (logs stay short).
+ */
+class Progress {
+  private lastTenth = -1;
+  private drawn = false;
+  private readonly tty = process.stderr.isTTY === true;
+
+  constructor(
+    private readonly io: ProgramIo,
+    private readonly what: string,
+  ) {}
+
+  update(done: number, total: number): void {
+    const fraction = total === 0 ? 1 : Math.min(1, done / total);
+    const text = `${this.what}: ${percent(done, total)} (${formatBytes(done)} of ${formatBytes(total)})`;
+    if (this.tty) {
+      const width = 30;
+      const bar = "#".repeat(Math.round(fraction * width)).padEnd(width, ".");
+      this.io.writeErr(`\r[${bar}] ${text}`);
+      this.drawn = true;
+      return;
+    }
+    const tenth = Math.floor(fraction * 10);
+    if (tenth > this.lastTenth) {
+      this.lastTenth = tenth;
+      this.io.writeErr(`${text}\n`);
+    }
+  }
+
+  private lastNote = "";
+
+  note(text: string): void {
+    if (text === this.lastNote) return;
+    this.lastNote = text;
+    this.done();
+    this.io.writeErr(`${this.what}: ${text}\n`);
+  }
+
+  done(): void {
+    if (this.drawn) this.io.writeErr("\n");
+    this.drawn = false;
   }
 }
