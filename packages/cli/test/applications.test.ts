@@ -194,6 +194,13 @@ describe("applications across two sites", () => {
     expect(waited.stdout).toMatch(/^protecting slow to site-b: first recovery point \d+ after [\d.]+s \(8M copied, /);
     const [point] = await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "slow"]));
     expect(point?.generation).toBeGreaterThan(0);
+
+    expect(await ferry.ok(at("a", ["unprotect", "slow"]))).toBe("no longer protecting slow to site-b\n");
+    expect(await ferry.json<ProtectionStatus[]>(at("a", ["status", "slow"]))).toEqual([]);
+    expect(await ferry.json<ProtectionStatus[]>(at("b", ["status", "slow"]))).toEqual([]);
+    const again = await ferry.run(at("a", ["unprotect", "slow"]));
+    expect(again.code).toBe(1);
+    expect(again.stderr).toBe("ferry: application slow is not protected from site site-a\n");
   });
 
   it("follows events as they happen (ferry events --follow) until Ctrl-C", async () => {

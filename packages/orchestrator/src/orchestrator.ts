@@ -199,6 +199,8 @@ export class Orchestrator {
       policyCreate: async (b) => this.createPolicy(b as unknown as PolicySpec),
       policyList: async () => this.catalog.policies.list().sort((a, b) => a.name.localeCompare(b.name)),
       protect: async (b) => this.protect(str(b, "app"), str(b, "policy"), str(b, "to")),
+      unprotect: async (b) => this.unprotect(str(b, "app")),
+      replicaForget: async (b) => this.replicaForget(str(b, "app")),
       status: async (b) => this.status(optStr(b, "app")),
       recoveryPoints: async (b) => this.recoveryPoints(str(b, "app")),
       failover: async (b) => this.startFailover(b),
@@ -408,6 +410,40 @@ export class Orchestrator {
       rpoSeconds: policy.rpoMs / 1000,
     });
     return protection;
+  }
+
+  /**
+   * Stop protecting an application: its pairs stop, the protection records go at both ends (the
+   * target's when it answers). The replicas stay at the target, read-only, as the data plane keeps
+   * them after a stop.
+   */
+  private async unprotect(appName: string): Promise<Protection[]> {
+    const app = this.requireApp(appName);
+    if (app.active !== this.site) {
+      throw conflict(`application ${appName} runs at site ${app.active}: unprotect it there (--site ${app.active})`);
+    }
+    this.requireIdle(appName);
+    const mine = this.catalog.protectionsOf(appName).filter((p) => p.source === this.site);
+    if (mine.length === 0) throw notFound(`application ${appName} is not protected from site ${this.site}`);
+    for (const p of mine) {
+      await this.pairStop(appName, p.target);
+      await this.catalog.protections.delete(protectionKey(appName, p.target));
+      this.rpoMet.delete(protectionKey(appName, p.target));
+      this.metrics.dropProtection(appName, p.target);
+      await call(this.nc, p.target, "replicaForget", { app: appName }, PEER_TIMEOUT_MS).catch((error) =>
+        this.log(`site ${p.target} not told that ${appName} is unprotected: ${errorBody(error).message}`),
+      );
+      await this.events.emit("protection.stopped", appName, { target: p.target });
+    }
+    return mine;
+  }
+
+  /** At a target: forget a protection its source stopped (the replicas stay). */
+  private async replicaForget(appName: string): Promise<null> {
+    const app = this.catalog.apps.get(appName);
+    if (app === undefined || app.active === this.site) return null;
+    await this.catalog.protections.delete(protectionKey(appName, this.site)).catch(() => {});
+    return null;
   }
 
   private startPair(app: Application, p: Protection, reverse: boolean): Promise<PairStatus> {

@@ -260,6 +260,20 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
     });
 
   program
+    .command("unprotect")
+    .description(
+      "stop protecting an application: replication stops and the protection is forgotten at both sites; the " +
+        "replicas stay at the target, read-only (delete them there with `ferry volume delete` when no longer wanted)",
+    )
+    .argument("<app>", "application name")
+    .addOption(jsonOption())
+    .action(async (appName: string, options: JsonOption, command: Command) => {
+      const stopped = await withFerryd(command, (nc, s) => call<Protection[]>(nc, s, "unprotect", { app: appName }));
+      if (options.json) return printJson(io, stopped);
+      for (const p of stopped) io.writeOut(`no longer protecting ${p.app} to ${p.target}\n`);
+    });
+
+  program
     .command("status")
     .description("per application and target: mode, state, lag, whether the RPO is met, the last recovery point")
     .argument("[app]", "one application (default: all)")
