@@ -1090,6 +1090,16 @@ impl Volume {
     /// Apply a batch of changes of the running transaction: before-images first (durable), then
     /// the data.
     pub fn apply_batch(&self, txn: &ApplyTxn, ops: &[ApplyOp<'_>]) -> Result<()> {
+        // Held for the batch: an abort or a promotion waits for it, and a batch queued for a
+        // transaction that has ended since is refused instead of written over what replaced it.
+        let running = self.txn.read();
+        if !running.as_deref().is_some_and(|t| std::ptr::eq(t, txn)) {
+            return Err(Error::InvalidArgument(format!(
+                "generation {} is no longer being applied to replica '{}'",
+                txn.id().target,
+                self.name
+            )));
+        }
         for op in ops {
             self.check_range(op.offset(), op.length())?;
             txn.save_before_images(&self.file, op.offset(), op.length())?;
@@ -1183,10 +1193,24 @@ impl Volume {
         let rep = self.require_replica()?;
         // The journal undoes this generation: keep it as the way back to the one before.
         let keep = id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch;
-        if keep {
-            recovery_points::keep(&self.dir, &ApplyTxn::journal_path(&self.dir), id.base)?;
-        }
-        self.flush_data()?;
+        // Both before the metadata that lists the point and commits the generation; independent
+        // of each other, so their fsyncs overlap.
+        let (kept, flushed) = std::thread::scope(|s| {
+            let kept = s.spawn(|| {
+                if keep {
+                    recovery_points::keep(&self.dir, &ApplyTxn::journal_path(&self.dir), id.base)
+                } else {
+                    Ok(())
+                }
+            });
+            let flushed = self.flush_data();
+            (
+                kept.join().expect("keeping a recovery point panicked"),
+                flushed,
+            )
+        });
+        kept?;
+        flushed?;
         let rep = self.update_replica(|r| {
             if keep {
                 r.points.insert(
@@ -1366,7 +1390,11 @@ impl CutGuard<'_> {
         v.check_not_read_only()?;
         let closed_id = self.gen.id;
         let closed_path = v.dir.join(format!("gen-{}.bitmap", closed_id.generation));
-        self.gen.bitmap.save(&closed_path, closed_id)?;
+        let new_id = GenerationId {
+            epoch: closed_id.epoch,
+            generation: closed_id.generation + 1,
+        };
+        let next_bitmap = DirtyBitmap::new(v.size, v.granularity);
 
         let mut meta = v.meta.lock();
         let mut next = meta.clone();
@@ -1383,18 +1411,30 @@ impl CutGuard<'_> {
             .drain(..excess)
             .map(|g| g.generation)
             .collect();
-        next.save(&v.dir.join(META_FILE))?;
+        // The closed generation's bitmap, the metadata that lists it and the next generation's
+        // empty bitmap are written at once, their fsyncs overlapping: the cut holds the writes of
+        // the whole group meanwhile. Any of them may survive a crash without the others, and
+        // each such mix opens safely — a listed bitmap that is missing, or an open bitmap of a
+        // generation the metadata does not have open, reads as all dirty (more to ship, never
+        // less), and an open bitmap one generation behind reads as empty, the activity log
+        // (reset below, before writes resume) holding what the new generation wrote.
+        let (closed_saved, meta_saved, next_saved) = std::thread::scope(|s| {
+            let closed = s.spawn(|| self.gen.bitmap.save(&closed_path, closed_id));
+            let open = s.spawn(|| next_bitmap.save(&v.dir.join(OPEN_BITMAP_FILE), new_id));
+            let meta_saved = next.save(&v.dir.join(META_FILE));
+            (
+                closed.join().expect("saving a bitmap panicked"),
+                meta_saved,
+                open.join().expect("saving a bitmap panicked"),
+            )
+        });
+        closed_saved?;
+        meta_saved?;
+        next_saved?;
         *meta = next;
         drop(meta);
 
-        let new_id = GenerationId {
-            epoch: closed_id.epoch,
-            generation: closed_id.generation + 1,
-        };
-        let closed_bitmap = std::mem::replace(
-            &mut self.gen.bitmap,
-            DirtyBitmap::new(v.size, v.granularity),
-        );
+        let closed_bitmap = std::mem::replace(&mut self.gen.bitmap, next_bitmap);
         self.gen.id = new_id;
         {
             let mut closed = v.closed.write();
@@ -1404,9 +1444,6 @@ impl CutGuard<'_> {
                 let _ = std::fs::remove_file(v.dir.join(format!("gen-{g}.bitmap")));
             }
         }
-        self.gen
-            .bitmap
-            .save(&v.dir.join(OPEN_BITMAP_FILE), new_id)?;
         v.al.reset(new_id)?;
         Ok(closed_id.generation)
     }

@@ -65,6 +65,35 @@ fn damaged_frames_are_refused_and_resent() {
     let mut got = vec![0u8; 16 << 20];
     replica.read_at(0, &mut got).unwrap();
     assert!(got == data, "the replica differs from the source");
+
+    // Then a delta of 40 scattered 64 KiB blocks: small frames travel as bundles of several, a
+    // damaged one is refused whole and sent again.
+    let mut data = data;
+    let before = ferry_dataplane::replication::shipper::test_hooks::frames_seen();
+    for i in 0..40u64 {
+        let offset = (i * 6 + 1) * 65536;
+        let block = &mut data[offset as usize..(offset + 65536) as usize];
+        block
+            .iter_mut()
+            .for_each(|b| *b = b.wrapping_add(1 + i as u8));
+        vol.write_at(offset, block, false).unwrap();
+    }
+    let st = adm
+        .replicate(ControlRequest::ReplicateSync {
+            volumes: vec!["v".into()],
+        })
+        .unwrap();
+    assert_eq!(st["state"], "idle", "{st}");
+    let messages = ferry_dataplane::replication::shipper::test_hooks::frames_seen() - before;
+    assert!(
+        messages < 40,
+        "40 frames should have gone as a few bundles and their resends, saw {messages} messages"
+    );
+    replica.read_at(0, &mut got).unwrap();
+    assert!(
+        got == data,
+        "the replica differs from the source after the delta"
+    );
     a.stop().unwrap();
     b.stop().unwrap();
 }

@@ -35,6 +35,16 @@
 //! header itself: without it a flipped bit in `offset` or `seq` would put good data in the wrong
 //! place and no data hash could tell.
 //!
+//! # Bundles
+//!
+//! One NATS message may carry several data frames back to back (a *bundle*, at most
+//! [`MAX_BUNDLE_FRAMES`] and never more than the message size): each frame is self-delimiting
+//! (its header gives its payload's length), so [`split`] cuts a message into its frames, which are
+//! then decoded and verified one by one as if each had come alone. A message of one frame is a
+//! bundle of one. The receiver answers a bundle as a whole: if any frame of it fails, none is
+//! applied and the source sends the whole bundle again (applying a frame twice writes the same
+//! bytes).
+//!
 //! [`decode`] is strict and allocates nothing but its error: it checks the header and returns
 //! views borrowed from the message. [`Frame::verify`] then decompresses — never into more than the header's
 //! `length`, itself at most [`MAX_LENGTH`] — and compares the data hash. Nothing from a peer may
@@ -598,6 +608,61 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+/// Most data frames in one message.
+pub const MAX_BUNDLE_FRAMES: usize = 16;
+
+/// Cut a message into the frames it carries, front to back, checking each header's checksum
+/// before trusting the payload length it gives; the frames still have to be [`decode`]d (which
+/// checks the rest) and verified. An empty message, a truncated frame or a damaged header refuses
+/// the whole message.
+pub fn split(bytes: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut frames = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if frames.len() == MAX_BUNDLE_FRAMES {
+            return Err(refuse(format!(
+                "a message carries more than {MAX_BUNDLE_FRAMES} frames"
+            )));
+        }
+        // Anything but a data frame's header (a generation end, which travels alone, or bytes
+        // that are no frame) is taken whole, for `decode` to judge.
+        let covered = PREFIX_LEN + DATA_BODY_LEN + rest.get(6).copied().unwrap_or(0) as usize;
+        let len = if rest.len() >= covered + CHECKSUM_LEN
+            && rest[..4] == MAGIC
+            && rest[5] == KIND_DATA
+        {
+            let at = bytes.len() - rest.len();
+            let stored = u64::from_le_bytes(
+                rest[covered..covered + CHECKSUM_LEN]
+                    .try_into()
+                    .expect("8 bytes"),
+            );
+            if stored != xxh3_64(&rest[..covered]) {
+                return Err(refuse(format!(
+                    "the header of the frame at byte {at} of a {}-byte message does not match its checksum: corrupted in transit",
+                    bytes.len()
+                )));
+            }
+            let field = PREFIX_LEN + DATA_BODY_LEN - 4;
+            let payload_len =
+                u32::from_le_bytes(rest[field..field + 4].try_into().expect("4 bytes")) as usize;
+            // Truncated: the whole rest goes to `decode`, which says so.
+            (covered + CHECKSUM_LEN)
+                .saturating_add(payload_len)
+                .min(rest.len())
+        } else {
+            rest.len()
+        };
+        let (frame, tail) = rest.split_at(len);
+        frames.push(frame);
+        rest = tail;
+    }
+    if frames.is_empty() {
+        return Err(refuse("an empty message carries no frame".into()));
+    }
+    Ok(frames)
+}
+
 fn refuse(why: String) -> Error {
     Error::Frame { why }
 }
@@ -662,6 +727,7 @@ pub struct Piece {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameSizer {
     max_piece: u32,
+    max_message: usize,
 }
 
 impl FrameSizer {
@@ -680,7 +746,30 @@ impl FrameSizer {
         }
         Ok(FrameSizer {
             max_piece: max_piece as u32,
+            max_message,
         })
+    }
+
+    /// Consecutive `pieces` grouped into bundles: the frames of each, whatever their encoding
+    /// (zstd is kept only when smaller than raw), fit one message together, and a bundle has at
+    /// most [`MAX_BUNDLE_FRAMES`]. Pieces of the largest size go one per message.
+    pub fn bundles(&self, pieces: impl IntoIterator<Item = Piece>) -> Vec<Vec<Piece>> {
+        let mut out: Vec<Vec<Piece>> = Vec::new();
+        let mut bytes = 0;
+        for piece in pieces {
+            let size = MAX_DATA_HEADER_LEN + piece.length as usize;
+            match out.last_mut() {
+                Some(b) if b.len() < MAX_BUNDLE_FRAMES && bytes + size <= self.max_message => {
+                    b.push(piece);
+                    bytes += size;
+                }
+                _ => {
+                    out.push(vec![piece]);
+                    bytes = size;
+                }
+            }
+        }
+        out
     }
 
     /// Longest piece: a multiple of 4 KiB, at most [`MAX_LENGTH`].
@@ -779,6 +868,121 @@ mod tests {
     use rand::{Rng, RngCore, SeedableRng};
 
     const VOL: &str = "vm1-disk0";
+
+    /// A bundle of a raw, a zero and a zstd frame (in that order), as the shipper builds it.
+    fn mixed_bundle() -> (Vec<u8>, [Vec<u8>; 3]) {
+        let frames = [
+            encode_data(VOL, 1, 2, 0, 0, &random(65536, 1), DEFAULT_LEVEL).unwrap(),
+            encode_data(VOL, 1, 2, 1, 65536, &[0u8; 65536], DEFAULT_LEVEL).unwrap(),
+            encode_data(
+                VOL,
+                1,
+                2,
+                2,
+                1 << 20,
+                &compressible(65536, 2),
+                DEFAULT_LEVEL,
+            )
+            .unwrap(),
+        ];
+        (frames.concat(), frames)
+    }
+
+    #[test]
+    fn a_bundle_splits_into_its_frames_of_every_encoding() {
+        let (bundle, frames) = mixed_bundle();
+        let parts = split(&bundle).unwrap();
+        assert_eq!(parts, frames.iter().map(|f| &f[..]).collect::<Vec<_>>());
+        let kinds: Vec<&str> = parts
+            .iter()
+            .map(|p| match decode(p).unwrap() {
+                Message::Data(f) => {
+                    f.verify().unwrap();
+                    f.encoding.as_str()
+                }
+                Message::End(_) => "end",
+            })
+            .collect();
+        assert_eq!(kinds, ["raw", "zero", "zstd"]);
+        // A lone frame is a bundle of one; a generation end travels alone.
+        assert_eq!(split(&frames[1]).unwrap(), [&frames[1][..]]);
+        let end = encode_end(&GenerationEnd {
+            volume: VOL,
+            epoch: 1,
+            generation: 2,
+            frames: 3,
+            bytes: 3 * 65536,
+        })
+        .unwrap();
+        assert!(matches!(
+            decode(split(&end).unwrap()[0]).unwrap(),
+            Message::End(_)
+        ));
+    }
+
+    #[test]
+    fn a_damaged_frame_inside_a_bundle_is_caught() {
+        let (bundle, frames) = mixed_bundle();
+        let second = frames[0].len();
+        let third = second + frames[1].len();
+        // A flipped byte in the header of the middle frame: its boundaries cannot be trusted, the
+        // whole message is refused.
+        let mut bad = bundle.clone();
+        bad[second + 20] ^= 0x40;
+        let e = split(&bad).unwrap_err();
+        assert_eq!(e.code(), "ERR_FRAME");
+        assert!(e.to_string().contains(&format!("at byte {second}")), "{e}");
+        // A flipped payload byte of the last (zstd) frame: it splits, and that frame fails
+        // verification.
+        let mut bad = bundle.clone();
+        let last = bad.len() - 10;
+        bad[last] ^= 0x01;
+        let parts = split(&bad).unwrap();
+        assert_eq!(parts.len(), 3);
+        let Message::Data(f) = decode(parts[2]).unwrap() else {
+            panic!("a data frame")
+        };
+        assert_eq!(f.verify().unwrap_err().code(), "ERR_FRAME");
+        // Cut short inside the last frame, or with bytes after it.
+        let e = decode(split(&bundle[..bundle.len() - 1]).unwrap()[2]).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let mut long = bundle.clone();
+        long.extend_from_slice(b"FRYF");
+        assert!(split(&long).unwrap().len() == 4 && decode(b"FRYF").is_err());
+        assert_eq!(split(&bundle[..third]).unwrap().len(), 2);
+        assert_eq!(split(&[]).unwrap_err().code(), "ERR_FRAME");
+    }
+
+    #[test]
+    fn bundles_fit_one_message_and_hold_at_most_sixteen_frames() {
+        let sizer = FrameSizer::new(DEFAULT_MAX_MESSAGE).unwrap();
+        let small = (0..40u64).map(|i| Piece {
+            offset: i * 131072,
+            length: 65536,
+        });
+        let bundles = sizer.bundles(small);
+        assert_eq!(
+            bundles.iter().map(Vec::len).collect::<Vec<_>>(),
+            [15, 15, 10]
+        );
+        for b in &bundles {
+            let worst: usize = b
+                .iter()
+                .map(|p| MAX_DATA_HEADER_LEN + p.length as usize)
+                .sum();
+            assert!(worst <= DEFAULT_MAX_MESSAGE);
+        }
+        let tiny = (0..40u64).map(|i| Piece {
+            offset: i * 8192,
+            length: 4096,
+        });
+        assert_eq!(
+            sizer.bundles(tiny).iter().map(Vec::len).collect::<Vec<_>>(),
+            [16, 16, 8]
+        );
+        let large = sizer.pieces([(0u64, 4u64 << 20)]);
+        assert!(sizer.bundles(large).iter().all(|b| b.len() == 1));
+    }
 
     fn random(len: usize, seed: u64) -> Vec<u8> {
         let mut v = vec![0u8; len];

@@ -407,7 +407,7 @@ impl Replication {
     async fn apply_frames(&self, batch: Vec<async_nats::Message>) {
         let receiver = self.receiver.clone();
         let answered = tokio::task::spawn_blocking(move || {
-            let payloads: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
+            let payloads: Vec<bytes::Bytes> = batch.iter().map(|m| m.payload.clone()).collect();
             let replies = receiver.frames(&payloads);
             (batch, replies)
         })

@@ -7,6 +7,7 @@
 //! `manager` a volume service's role at its site. Bytes
 //! from a peer are never applied before `frame` has decoded and verified them.
 
+pub mod applier;
 pub mod frame;
 pub mod manager;
 pub mod protocol;

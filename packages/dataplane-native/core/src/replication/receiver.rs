@@ -3,12 +3,14 @@
 //! data frames to replicas, acknowledging each only after it is applied. It refuses any frame for
 //! a volume no accepted session covers, and never applies a frame that fails verification.
 
+use super::applier::{Applier, Change};
 use super::frame::{self, Content, Message};
 use super::protocol::{
     block_hash, region_allowed, ApplyingReport, ControlMessage, ControlReply, GenerationRef,
     ReplicaReport, MAX_HASHES, MAX_RESUME_EXTENTS,
 };
 use super::sync::SyncSession;
+use crate::apply_txn::ApplyTxn;
 use crate::commit_intent::{self, Intent, IntentEntry};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
@@ -35,6 +37,8 @@ pub struct Receiver {
     sessions: Mutex<HashMap<String, SyncSession>>,
     /// This site's volumes that its own pairs ship elsewhere (volume -> pair).
     shipping: Mutex<HashMap<String, String>>,
+    /// Per replica, what applies the acknowledged frames of its running generation.
+    appliers: Mutex<HashMap<String, Arc<Applier>>>,
 }
 
 fn refused(code: &str, message: String) -> Error {
@@ -53,7 +57,37 @@ impl Receiver {
             groups: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             shipping: Mutex::new(HashMap::new()),
+            appliers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Apply what is queued for `volume` and stop its applier: every frame acknowledged so far
+    /// is in the replica, or the error says which failed.
+    fn finish_applying(&self, volume: &str) -> Result<()> {
+        let Some(a) = self.appliers.lock().remove(volume) else {
+            return Ok(());
+        };
+        match Arc::try_unwrap(a) {
+            Ok(a) => a.finish(),
+            // A batch of frames still holds it: the drain covers everything queued so far.
+            Err(a) => a.drain(),
+        }
+    }
+
+    /// The applier of `txn`, the running generation of `volume` (a new one replaces an applier
+    /// of an earlier generation, which applies what it holds first).
+    fn applier(
+        &self,
+        volume: &Arc<crate::volume::Volume>,
+        txn: &Arc<ApplyTxn>,
+    ) -> Result<Arc<Applier>> {
+        let mut appliers = self.appliers.lock();
+        if let Some(a) = appliers.get(volume.name()).filter(|a| a.applies(txn)) {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(Applier::start(volume.clone(), txn.clone())?);
+        appliers.insert(volume.name().to_string(), a.clone());
+        Ok(a)
     }
 
     /// A pair of this site ships `volumes` (or stopped doing so).
@@ -197,6 +231,13 @@ impl Receiver {
                     sessions.remove(&v.name);
                 }
                 drop(sessions);
+                for v in &volumes {
+                    // What an earlier attempt left queued lands before that attempt is resumed
+                    // or rolled back; a failure there matters to that attempt only.
+                    if let Err(e) = self.finish_applying(&v.name) {
+                        log::warn!("an earlier transfer to '{}' ended unapplied: {e}", v.name);
+                    }
+                }
                 for GenerationRef {
                     name,
                     epoch,
@@ -221,8 +262,12 @@ impl Receiver {
             ControlMessage::Commit { group, volumes } => {
                 self.check_group(&group, &names(&volumes))?;
                 // One commit point for the whole group (see `commit_intent`): every volume's data
-                // durable, then the intent, then each volume's own commit.
+                // durable, then the intent, then each volume's own commit. Every acknowledged
+                // frame is applied first.
                 let mut txns = Vec::new();
+                for g in &volumes {
+                    self.finish_applying(&g.name)?;
+                }
                 for g in &volumes {
                     let v = self.registry.require(&g.name)?;
                     let txn = v.applying().ok_or_else(|| {
@@ -241,8 +286,17 @@ impl Receiver {
                             g.epoch
                         )));
                     }
-                    v.flush_replica()?;
+                    // (`commit_apply` makes a volume's data durable itself: a lone volume's is.)
+                    if volumes.len() > 1 {
+                        v.flush_replica()?;
+                    }
                     txns.push((v, txn));
+                }
+                // A group of one volume needs no intent: its own commit is atomic already, and
+                // the intent's two fsyncs are a good part of a small generation's time.
+                if let [(v, txn)] = txns.as_slice() {
+                    v.commit_apply(txn)?;
+                    return Ok(ControlReply::ok());
                 }
                 let intent = commit_intent::write(
                     self.registry.data_dir().root(),
@@ -267,6 +321,7 @@ impl Receiver {
             ControlMessage::Abort { group, volumes } => {
                 self.check_group(&group, &volumes)?;
                 for name in &volumes {
+                    let _ = self.finish_applying(name);
                     self.registry.require(name)?.abort_apply()?;
                 }
                 Ok(ControlReply::ok())
@@ -426,43 +481,69 @@ impl Receiver {
             .any(|g| g.volumes.iter().any(|v| v == volume))
     }
 
-    /// Verify and apply a batch of data frames, in arrival order; blocking. Each frame gets its
-    /// own answer: a damaged or unexpected frame is refused alone and never applied. The good
-    /// frames of one volume are applied together — every before-image journaled and synced once,
-    /// then the data — so a burst of small frames costs one journal fsync, not one each.
-    pub fn frames(&self, payloads: &[&[u8]]) -> Vec<ControlReply> {
-        let mut replies: Vec<Option<ControlReply>> = payloads.iter().map(|_| None).collect();
-        type Checked<'a> = (usize, frame::Frame<'a>, Content<'a>);
-        let mut by_volume: Vec<(&str, Vec<Checked<'_>>)> = Vec::new();
-        for (i, bytes) in payloads.iter().enumerate() {
-            match self.check_frame(bytes) {
-                Ok((f, content)) => match by_volume.iter_mut().find(|(v, _)| *v == f.volume) {
-                    Some((_, list)) => list.push((i, f, content)),
-                    None => by_volume.push((f.volume, vec![(i, f, content)])),
-                },
-                Err(e) => replies[i] = Some(ControlReply::error(&e)),
+    /// Verify a batch of messages of data frames (each a bundle of one or more frames) and queue
+    /// their changes for the replicas' appliers, in arrival order; blocking (it waits while an
+    /// applier's queue is full). Each message gets its own answer: a message with a damaged or
+    /// unexpected frame is refused whole and none of its frames is applied; a good one is
+    /// acknowledged once queued — its generation is then committed only with it applied
+    /// (`finish_applying`).
+    pub fn frames(&self, messages: &[bytes::Bytes]) -> Vec<ControlReply> {
+        let mut replies: Vec<Option<ControlReply>> = messages.iter().map(|_| None).collect();
+        // Per volume: the messages with changes for it, and the changes.
+        let mut by_volume: Vec<(&str, Vec<usize>, Vec<Change>)> = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            let changes = match self.check_bundle(message) {
+                Ok(changes) => changes,
+                Err(e) => {
+                    replies[i] = Some(ControlReply::error(&e));
+                    continue;
+                }
+            };
+            for (volume, change) in changes {
+                let at = match by_volume.iter().position(|(v, _, _)| *v == volume) {
+                    Some(at) => at,
+                    None => {
+                        by_volume.push((volume, Vec::new(), Vec::new()));
+                        by_volume.len() - 1
+                    }
+                };
+                let (_, indexes, list) = &mut by_volume[at];
+                if indexes.last() != Some(&i) {
+                    indexes.push(i);
+                }
+                list.push(change);
             }
         }
-        for (volume, list) in &by_volume {
-            let applied = self.registry.require(volume).and_then(|v| {
+        for (volume, indexes, changes) in by_volume {
+            let queued = self.registry.require(volume).and_then(|v| {
                 let txn = v.applying().ok_or_else(|| no_generation(volume))?;
-                // Checked against the frames' generation above; it may only have ended since.
-                if let Some((_, f, _)) = list.iter().find(|(_, f, _)| !matches(&txn, f)) {
-                    return Err(mismatch(&txn, f));
-                }
-                let ops: Vec<ApplyOp<'_>> = list.iter().map(|(_, f, c)| apply_op(f, c)).collect();
-                v.apply_batch(&txn, &ops)
+                self.applier(&v, &txn)?.push(changes)
             });
-            for (i, _, _) in list {
-                replies[*i] = Some(match &applied {
-                    Ok(()) => ControlReply::ok(),
-                    Err(e) => ControlReply::error(e),
-                });
+            for i in indexes {
+                // A message with changes for two volumes is refused if either is.
+                if replies[i].as_ref().is_none_or(|r| r.ok) {
+                    replies[i] = Some(match &queued {
+                        Ok(()) => ControlReply::ok(),
+                        Err(e) => ControlReply::error(e),
+                    });
+                }
             }
         }
         replies
             .into_iter()
-            .map(|r| r.expect("every frame is answered"))
+            .map(|r| r.expect("every message is answered"))
+            .collect()
+    }
+
+    /// Split one message into its frames and check every one of them (see `check_frame`): its
+    /// changes, or why the message is refused.
+    fn check_bundle<'a>(&self, message: &'a bytes::Bytes) -> Result<Vec<(&'a str, Change)>> {
+        frame::split(message)?
+            .into_iter()
+            .map(|bytes| {
+                let (f, content) = self.check_frame(bytes)?;
+                Ok((f.volume, owned_change(message, &f, content)))
+            })
             .collect()
     }
 
@@ -524,6 +605,24 @@ fn applying_report(txn: &crate::apply_txn::ApplyTxn) -> Option<ApplyingReport> {
     })
 }
 
+/// A verified frame's change, owning its bytes: raw data stays a slice of its message.
+fn owned_change(message: &bytes::Bytes, f: &frame::Frame<'_>, content: Content<'_>) -> Change {
+    match content {
+        Content::Data(std::borrow::Cow::Borrowed(d)) => Change::Data {
+            offset: f.offset,
+            data: message.slice_ref(d),
+        },
+        Content::Data(std::borrow::Cow::Owned(d)) => Change::Data {
+            offset: f.offset,
+            data: d.into(),
+        },
+        Content::Zero | Content::Trim => Change::Zero {
+            offset: f.offset,
+            length: f.length as u64,
+        },
+    }
+}
+
 fn apply_op<'a>(f: &frame::Frame<'_>, content: &'a Content<'a>) -> ApplyOp<'a> {
     match content {
         Content::Data(d) => ApplyOp::Data {
@@ -545,4 +644,123 @@ fn runs(map: &crate::bitmap::DirtyBitmap, size: u64) -> Vec<[u64; 2]> {
         return vec![[0, size]];
     }
     extents.iter().map(|e| [e.offset, e.length]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data_dir::DataDir;
+    use crate::replication::protocol::VolumeSpec;
+
+    const GROUP: &str = "site-b/r";
+
+    /// A site's receiver with group `GROUP` open for replica `r` (1 MiB) and `generation` begun.
+    fn receiving(generation: u64) -> (tempfile::TempDir, crate::data_dir::DirLock, Receiver) {
+        let t = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(t.path()).unwrap();
+        let lock = dd.try_lock().unwrap().unwrap();
+        let rx = Receiver::new("site-b", "eu", Registry::open(dd).unwrap());
+        rx.control(ControlMessage::Open {
+            group: GROUP.into(),
+            source_site: "site-a".into(),
+            source_region: "eu".into(),
+            allowed_regions: vec![],
+            volumes: vec![VolumeSpec {
+                name: "r".into(),
+                size: 1 << 20,
+                granularity: 65536,
+            }],
+            recovery_points: None,
+            reverse: vec![],
+        })
+        .unwrap();
+        rx.control(ControlMessage::Begin {
+            group: GROUP.into(),
+            volumes: vec![generation_ref(generation)],
+        })
+        .unwrap();
+        (t, lock, rx)
+    }
+
+    fn generation_ref(generation: u64) -> GenerationRef {
+        GenerationRef {
+            name: "r".into(),
+            epoch: 1,
+            generation,
+            resume_from: None,
+        }
+    }
+
+    fn frame(seq: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+        frame::encode_data("r", 1, 1, seq, offset, data, frame::DEFAULT_LEVEL).unwrap()
+    }
+
+    fn read(rx: &Receiver, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        rx.registry
+            .require("r")
+            .unwrap()
+            .read_at(offset, &mut buf)
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_bundle_with_a_damaged_frame_is_refused_whole_and_applied_when_sent_again() {
+        let (_t, _lock, rx) = receiving(1);
+        let text = b"generation one of replica r, frame two. ".repeat(1640);
+        let frames = [
+            frame(0, 0, &[7u8; 65536]),
+            frame(1, 65536, &[0u8; 65536]),
+            frame(2, 131072, &text[..65536]),
+            frame(3, 262144, &[9u8; 4096]),
+        ];
+        let bundle = frames.concat();
+        // One copy with a payload byte of the third frame flipped, one with a header byte of
+        // the second (a zero frame, all header).
+        let mut damaged_payload = bundle.clone();
+        let third = frames[0].len() + frames[1].len();
+        damaged_payload[third + frames[2].len() - 1] ^= 0x5a;
+        let mut damaged_header = bundle.clone();
+        damaged_header[frames[0].len() + 9] ^= 0x01;
+        let other = frame(4, 524288, &[5u8; 65536]);
+        let replies = rx.frames(&[damaged_payload.into(), damaged_header.into(), other.into()]);
+        assert!(!replies[0].ok && !replies[1].ok && replies[2].ok);
+        for r in &replies[..2] {
+            assert_eq!(r.code.as_deref(), Some("ERR_FRAME"), "{:?}", r.message);
+        }
+        // Sent again intact (as the source does after ERR_FRAME), and once more (a resend after
+        // a lost acknowledgement): the same bytes either way.
+        let replies = rx.frames(&[bundle.clone().into(), bundle.into()]);
+        assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+        rx.control(ControlMessage::Commit {
+            group: GROUP.into(),
+            volumes: vec![generation_ref(1)],
+        })
+        .unwrap();
+        assert_eq!(read(&rx, 0, 65536), vec![7u8; 65536]);
+        assert_eq!(read(&rx, 65536, 65536), vec![0u8; 65536]);
+        assert_eq!(read(&rx, 131072, 65536), text[..65536].to_vec());
+        assert_eq!(read(&rx, 262144, 4096), vec![9u8; 4096]);
+        assert_eq!(read(&rx, 524288, 65536), vec![5u8; 65536]);
+        let rep = rx.registry.require("r").unwrap().replica().unwrap();
+        assert_eq!(rep.last_complete_generation, 1);
+    }
+
+    #[test]
+    fn a_commit_waits_for_every_acknowledged_frame() {
+        let (_t, _lock, rx) = receiving(1);
+        let frames: Vec<bytes::Bytes> = (0..16u64)
+            .map(|i| frame(i, i * 65536, &[i as u8 + 1; 65536]).into())
+            .collect();
+        assert!(rx.frames(&frames).iter().all(|r| r.ok));
+        rx.control(ControlMessage::Commit {
+            group: GROUP.into(),
+            volumes: vec![generation_ref(1)],
+        })
+        .unwrap();
+        for i in 0..16u64 {
+            assert_eq!(read(&rx, i * 65536, 65536), vec![i as u8 + 1; 65536]);
+        }
+    }
 }

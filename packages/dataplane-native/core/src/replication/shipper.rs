@@ -821,9 +821,21 @@ impl Shipper {
         let started = Instant::now();
         let sent_wire = Arc::new(AtomicU64::new(0));
         let mut in_flight_bytes = 0u64;
-        for (seq, piece) in sizer.pieces(extents).enumerate() {
+        // Frames are read and compressed a few at a time, as many as there are cores: a window
+        // of 64 blocking tasks at once would make the first frames wait for the CPU behind all
+        // the others instead of going out while the rest are prepared.
+        let encoders = Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ));
+        let mut next_seq = 0u64;
+        // Small pieces travel several to a message (a bundle): fewer requests through the two
+        // servers and fewer round trips for the same bytes.
+        for bundle in sizer.bundles(sizer.pieces(extents)) {
+            let first_seq = next_seq;
+            next_seq += bundle.len() as u64;
+            let length: u64 = bundle.iter().map(|p| p.length as u64).sum();
             while inflight.len() >= WINDOW
-                || (!inflight.is_empty() && in_flight_bytes + piece.length as u64 > WINDOW_BYTES)
+                || (!inflight.is_empty() && in_flight_bytes + length > WINDOW_BYTES)
             {
                 in_flight_bytes -= inflight
                     .join_next()
@@ -831,7 +843,7 @@ impl Shipper {
                     .expect("non-empty")
                     .map_err(join_err)??;
             }
-            in_flight_bytes += piece.length as u64;
+            in_flight_bytes += length;
             let nats = self.nats.clone();
             let subject = frames_subject(&self.cfg.target_site);
             let (vol, image) = (vol.clone(), image.clone());
@@ -840,25 +852,37 @@ impl Shipper {
             let rate = self.cfg.rate.filter(|r| *r > 0);
             let sent_wire = sent_wire.clone();
             let stats = (self.bytes_raw.clone(), self.bytes_wire.clone());
-            // Each frame is read and compressed on the blocking pool, so the window's frames are
-            // prepared in parallel with one another and with the sending.
+            let encoders = encoders.clone();
+            // Each bundle is read and compressed on the blocking pool, so the window's bundles
+            // are prepared in parallel with one another and with the sending.
             inflight.spawn(async move {
-                let (msg, image) = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; piece.length as usize];
-                    vol.read_cut(&image, piece.offset, &mut buf)?;
-                    let msg = frame::encode_data(
-                        vol.name(),
-                        epoch,
-                        generation,
-                        seq as u64,
-                        piece.offset,
-                        &buf,
-                        level,
-                    )?;
-                    Ok::<_, Error>((msg, image))
+                let permit = encoders.acquire_owned().await.expect("never closed");
+                let (msg, image, bundle) = tokio::task::spawn_blocking(move || {
+                    let mut msg = Vec::new();
+                    let mut buf = Vec::new();
+                    for (seq, piece) in (first_seq..).zip(&bundle) {
+                        buf.resize(piece.length as usize, 0);
+                        vol.read_cut(&image, piece.offset, &mut buf)?;
+                        let frame = frame::encode_data(
+                            vol.name(),
+                            epoch,
+                            generation,
+                            seq,
+                            piece.offset,
+                            &buf,
+                            level,
+                        )?;
+                        if msg.is_empty() {
+                            msg = frame;
+                        } else {
+                            msg.extend_from_slice(&frame);
+                        }
+                    }
+                    Ok::<_, Error>((msg, image, bundle))
                 })
                 .await
                 .map_err(join_err)??;
+                drop(permit);
                 let wire = msg.len() as u64;
                 if let Some(rate) = rate {
                     // Keep the average at or under the limit: wait until the bytes sent are due.
@@ -869,10 +893,12 @@ impl Shipper {
                     }
                 }
                 send_frame(&nats, subject, msg, &target).await?;
-                image.shipped(piece.offset, piece.length as u64);
-                stats.0.fetch_add(piece.length as u64, Ordering::Relaxed);
+                for piece in &bundle {
+                    image.shipped(piece.offset, piece.length as u64);
+                }
+                stats.0.fetch_add(length, Ordering::Relaxed);
                 stats.1.fetch_add(wire, Ordering::Relaxed);
-                Ok::<u64, Error>(piece.length as u64)
+                Ok::<u64, Error>(length)
             });
         }
         while let Some(r) = inflight.join_next().await {
@@ -902,7 +928,7 @@ fn join_err(e: tokio::task::JoinError) -> Error {
     Error::io("frame task", std::io::Error::other(e.to_string()))
 }
 
-/// Send one frame; resend it when the target says it arrived damaged.
+/// Send one message of frames; resend it when the target says it arrived damaged.
 async fn send_frame(
     nats: &async_nats::Client,
     subject: String,

@@ -1,0 +1,303 @@
+//! `Applier`: applies the verified frames of one replica's running generation on a thread of its
+//! own, so that the receiver can acknowledge a frame as soon as it is verified and queued instead
+//! of after its before-image is journaled and synced. What waits is applied as one batch (one
+//! journal fsync for all of it), while the next frames keep arriving.
+//!
+//! It owns the promise the acknowledgement makes: every queued change is applied, or the first
+//! failure is kept and [`Applier::finish`] returns it, so that the generation is never committed
+//! without every acknowledged frame. It never applies anything but the changes queued for its
+//! transaction (`Volume::apply_batch` refuses a transaction that is no longer the running one),
+//! and it never holds more than `MAX_QUEUED_BYTES`: a full queue makes the receiver wait, which
+//! holds back the acknowledgements and so the source's window.
+
+use crate::apply_txn::ApplyTxn;
+use crate::error::{Error, Result};
+use crate::volume::{ApplyOp, Volume};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
+
+/// Most bytes of changes queued and not yet applied (data frames count their data; zero frames
+/// nothing).
+pub const MAX_QUEUED_BYTES: usize = 32 << 20;
+
+/// One verified change, owning its bytes (a slice of the message it arrived in, or its
+/// decompressed data).
+pub enum Change {
+    Data { offset: u64, data: bytes::Bytes },
+    Zero { offset: u64, length: u64 },
+}
+
+impl Change {
+    fn queued_bytes(&self) -> usize {
+        match self {
+            Change::Data { data, .. } => data.len(),
+            Change::Zero { .. } => 0,
+        }
+    }
+
+    fn op(&self) -> ApplyOp<'_> {
+        match self {
+            Change::Data { offset, data } => ApplyOp::Data {
+                offset: *offset,
+                data,
+            },
+            Change::Zero { offset, length } => ApplyOp::Zero {
+                offset: *offset,
+                length: *length,
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Change>,
+    queued_bytes: usize,
+    /// The worker is applying a batch taken from the queue.
+    busy: bool,
+    closing: bool,
+    /// The first failure; later changes are dropped, not applied.
+    failed: Option<(String, String)>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when changes are queued, when a batch is done, and at close.
+    changed: Condvar,
+}
+
+pub struct Applier {
+    volume: Arc<Volume>,
+    txn: Arc<ApplyTxn>,
+    shared: Arc<Shared>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Applier {
+    /// Start applying changes of `txn`, the running transaction of `volume`.
+    pub fn start(volume: Arc<Volume>, txn: Arc<ApplyTxn>) -> Result<Applier> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let worker = {
+            let (volume, txn, shared) = (volume.clone(), txn.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name(format!("ferry-apply-{}", volume.name()))
+                .spawn(move || work(&volume, &txn, &shared))
+                .map_err(|e| Error::io("cannot start the replica's apply thread", e))?
+        };
+        Ok(Applier {
+            volume,
+            txn,
+            shared,
+            worker: Some(worker),
+        })
+    }
+
+    /// Whether this applier applies `txn`.
+    pub fn applies(&self, txn: &Arc<ApplyTxn>) -> bool {
+        Arc::ptr_eq(&self.txn, txn)
+    }
+
+    /// Queue changes, waiting while the queue is full. Fails, queuing nothing, once an earlier
+    /// change failed to apply: the generation cannot be committed any more.
+    pub fn push(&self, changes: Vec<Change>) -> Result<()> {
+        let bytes: usize = changes.iter().map(Change::queued_bytes).sum();
+        let mut st = self.shared.state.lock();
+        while st.failed.is_none()
+            && st.queued_bytes > 0
+            && st.queued_bytes + bytes > MAX_QUEUED_BYTES
+        {
+            self.shared.changed.wait(&mut st);
+        }
+        if let Some(e) = failure(&st) {
+            return Err(e);
+        }
+        st.queued_bytes += bytes;
+        st.queue.extend(changes);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Wait until every queued change is applied; the first failure if one was not.
+    pub fn drain(&self) -> Result<()> {
+        let mut st = self.shared.state.lock();
+        while st.failed.is_none() && (st.busy || !st.queue.is_empty()) {
+            self.shared.changed.wait(&mut st);
+        }
+        match failure(&st) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Apply what is queued, stop the thread, and say whether everything was applied.
+    pub fn finish(mut self) -> Result<()> {
+        let r = self.drain();
+        self.stop();
+        r.map_err(|e| match e {
+            Error::Remote { code, message } => Error::Remote {
+                code,
+                message: format!(
+                    "generation {} of '{}' cannot be committed: {message}",
+                    self.txn.id().target,
+                    self.volume.name()
+                ),
+            },
+            e => e,
+        })
+    }
+
+    fn stop(&mut self) {
+        self.shared.state.lock().closing = true;
+        self.shared.changed.notify_all();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Applier {
+    /// Whatever is still queued is applied first (at most `MAX_QUEUED_BYTES`).
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The failure as an error the receiver can answer with, as often as asked.
+fn failure(st: &State) -> Option<Error> {
+    st.failed.as_ref().map(|(code, message)| Error::Remote {
+        code: code.clone(),
+        message: message.clone(),
+    })
+}
+
+fn work(volume: &Volume, txn: &ApplyTxn, shared: &Shared) {
+    loop {
+        let batch = {
+            let mut st = shared.state.lock();
+            while st.queue.is_empty() && !st.closing {
+                shared.changed.wait(&mut st);
+            }
+            if st.queue.is_empty() {
+                return;
+            }
+            st.busy = true;
+            std::mem::take(&mut st.queue)
+        };
+        let bytes: usize = batch.iter().map(Change::queued_bytes).sum();
+        let ops: Vec<ApplyOp<'_>> = batch.iter().map(Change::op).collect();
+        // Nothing more is applied after a failure: the generation is lost either way.
+        let failed = shared.state.lock().failed.is_some();
+        let r = if failed {
+            Ok(())
+        } else {
+            volume.apply_batch(txn, &ops)
+        };
+        let mut st = shared.state.lock();
+        st.busy = false;
+        st.queued_bytes -= bytes;
+        if let Err(e) = r {
+            log::warn!("applying to replica '{}' failed: {e}", volume.name());
+            st.failed
+                .get_or_insert((e.code().to_string(), e.to_string()));
+        }
+        shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::DEFAULT_GRANULARITY;
+
+    fn replica(size: u64) -> (tempfile::TempDir, Arc<Volume>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r");
+        Volume::create(&dir, "r", size, DEFAULT_GRANULARITY).unwrap();
+        let v = Volume::open(&dir, "r").unwrap();
+        v.make_replica("site-a", 1).unwrap();
+        (tmp, Arc::new(v))
+    }
+
+    fn read(v: &Volume, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        v.read_at(offset, &mut buf).unwrap();
+        buf
+    }
+
+    /// Apply and commit `generation`, its changes queued one at a time.
+    fn apply_generation(v: &Arc<Volume>, generation: u64, changes: Vec<Change>) {
+        let txn = v.begin_apply(1, generation, None).unwrap();
+        let a = Applier::start(v.clone(), txn.clone()).unwrap();
+        assert!(a.applies(&txn));
+        for c in changes {
+            a.push(vec![c]).unwrap();
+        }
+        a.finish().unwrap();
+        v.commit_apply(&txn).unwrap();
+    }
+
+    #[test]
+    fn queued_changes_are_all_applied_before_finish_returns() {
+        let (_t, v) = replica(4 << 20);
+        // A first generation, then a second one over it: the second journals before-images.
+        for (generation, byte) in [(1u64, 1u8), (2, 2)] {
+            let mut changes: Vec<Change> = (0..40u64)
+                .map(|i| Change::Data {
+                    offset: i * 65536,
+                    data: vec![byte.wrapping_add(i as u8); 65536].into(),
+                })
+                .collect();
+            changes.push(Change::Zero {
+                offset: 3 << 20,
+                length: 65536,
+            });
+            apply_generation(&v, generation, changes);
+        }
+        for i in 0..40u64 {
+            assert_eq!(
+                read(&v, i * 65536, 65536),
+                vec![2u8.wrapping_add(i as u8); 65536]
+            );
+        }
+        assert_eq!(read(&v, 3 << 20, 65536), vec![0u8; 65536]);
+        assert_eq!(v.replica().unwrap().last_complete_generation, 2);
+    }
+
+    #[test]
+    fn changes_queued_for_an_ended_generation_are_refused_not_written() {
+        let (_t, v) = replica(4 << 20);
+        apply_generation(
+            &v,
+            1,
+            vec![Change::Data {
+                offset: 0,
+                data: vec![7u8; 65536].into(),
+            }],
+        );
+
+        let txn = v.begin_apply(1, 2, None).unwrap();
+        let a = Applier::start(v.clone(), txn.clone()).unwrap();
+        // The generation ends (aborted, as a promotion would) with the applier still holding it.
+        v.abort_apply().unwrap();
+        a.push(vec![Change::Data {
+            offset: 0,
+            data: vec![9u8; 65536].into(),
+        }])
+        .unwrap();
+        let e = a.drain().unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{e}");
+        assert!(e.to_string().contains("no longer being applied"), "{e}");
+        // Once failed, nothing more is queued, and finishing says why.
+        let again = a.push(vec![Change::Zero {
+            offset: 0,
+            length: 65536,
+        }]);
+        assert!(again.is_err());
+        let e = a.finish().unwrap_err();
+        assert!(e.to_string().contains("cannot be committed"), "{e}");
+        assert_eq!(read(&v, 0, 65536), vec![7u8; 65536]);
+    }
+}
