@@ -92,7 +92,9 @@ async function main() {
         1_800_000,
       ),
     );
-    console.log(`every application has its first recovery point at ${sites.b.name} after ${firstPoints.seconds.toFixed(1)} s`);
+    console.log(
+      `every application has its first recovery point at ${sites.b.name} after ${firstPoints.seconds.toFixed(1)} s`,
+    );
 
     // The scheduler ticks every second: the histogram's growth over a quiet window.
     const metricsUrl = `${ferryd[at].metrics}/metrics`;
@@ -123,7 +125,12 @@ async function main() {
     const mem = memory(ferryd[at].child.pid);
 
     const results = {
-      environment: { ...env, load: loadavg().map((l) => l.toFixed(1)).join(" ") },
+      environment: {
+        ...env,
+        load: loadavg()
+          .map((l) => l.toFixed(1))
+          .join(" "),
+      },
       apps,
       volumes: apps * VOLUMES_PER_APP,
       createSeconds: create.seconds,
@@ -140,9 +147,24 @@ async function main() {
       `\n${align([
         ["measure", "ferry", "goal", "met"],
         ["scheduler tick, mean ms", tickMeanMs.toFixed(1), `≤ ${GOALS.tickMs}`, yes(tickMeanMs <= GOALS.tickMs)],
-        ["scheduler tick, p99 (bucket bound) ms", tickP99Ms.toFixed(0), `≤ ${GOALS.tickMs}`, yes(tickP99Ms <= GOALS.tickMs)],
-        ["status, API request, median ms", median(apiMs).toFixed(0), `≤ ${GOALS.statusMs}`, yes(median(apiMs) <= GOALS.statusMs)],
-        ["ferry status --json (CLI), median ms", median(cliMs).toFixed(0), `≤ ${GOALS.statusMs}`, yes(median(cliMs) <= GOALS.statusMs)],
+        [
+          "scheduler tick, p99 (bucket bound) ms",
+          tickP99Ms.toFixed(0),
+          `≤ ${GOALS.tickMs}`,
+          yes(tickP99Ms <= GOALS.tickMs),
+        ],
+        [
+          "status, API request, median ms",
+          median(apiMs).toFixed(0),
+          `≤ ${GOALS.statusMs}`,
+          yes(median(apiMs) <= GOALS.statusMs),
+        ],
+        [
+          "ferry status --json (CLI), median ms",
+          median(cliMs).toFixed(0),
+          `≤ ${GOALS.statusMs}`,
+          yes(median(cliMs) <= GOALS.statusMs),
+        ],
         ["ferryd RSS at site A, MB", mem.rssMB.toFixed(0), `≤ ${GOALS.rssMB}`, yes(mem.rssMB <= GOALS.rssMB)],
         ["ferryd peak RSS (VmHWM), MB", mem.hwmMB.toFixed(0), `≤ ${GOALS.rssMB}`, yes(mem.hwmMB <= GOALS.rssMB)],
       ])}`,
@@ -217,7 +239,8 @@ function tickHistogram(text) {
   let sum = 0;
   for (const line of text.split("\n")) {
     const bucket = /^ferry_scheduler_tick_seconds_bucket\{le="([^"]+)"\} (\S+)$/.exec(line);
-    if (bucket) buckets.push({ le: bucket[1] === "+Inf" ? Number.POSITIVE_INFINITY : Number(bucket[1]), n: Number(bucket[2]) });
+    if (bucket)
+      buckets.push({ le: bucket[1] === "+Inf" ? Number.POSITIVE_INFINITY : Number(bucket[1]), n: Number(bucket[2]) });
     const c = /^ferry_scheduler_tick_seconds_count (\S+)$/.exec(line);
     if (c) count = Number(c[1]);
     const s = /^ferry_scheduler_tick_seconds_sum (\S+)$/.exec(line);
