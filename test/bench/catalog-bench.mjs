@@ -21,6 +21,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { startSitePair } from "@ferry/nats-sites";
 import { call, connectNats } from "@ferry/orchestrator";
+import { replicate } from "../../packages/dataplane-native/binding.js";
 import { benchArgs, positiveEnv } from "./bench-options.mjs";
 import { environment } from "./environment.mjs";
 import { ferryArgs } from "./ferry-site.mjs";
@@ -110,6 +111,14 @@ async function main() {
       const t = await timed(() => call(nc, at, "status", {}, 60_000));
       apiMs.push(t.seconds * 1000);
     }
+    // The data plane's part of a tick: the status of every pair through the control socket.
+    const dataPlaneMs = [];
+    for (let i = 0; i < statusReps; i++) {
+      const t = await timed(async () =>
+        JSON.parse(await replicate(ferryd[at].data, JSON.stringify({ op: "replicateStatus" }))),
+      );
+      dataPlaneMs.push(t.seconds * 1000);
+    }
     const cliMs = [];
     for (let i = 0; i < 3; i++) {
       const t = await timed(() =>
@@ -139,6 +148,7 @@ async function main() {
       tick: { count: ticks, meanMs: tickMeanMs, p99BucketMs: tickP99Ms },
       statusApiMs: { median: median(apiMs), p90: percentile(apiMs, 90) },
       statusCliMs: { median: median(cliMs) },
+      dataPlaneStatusMs: { median: median(dataPlaneMs) },
       rssMB: mem.rssMB,
       peakRssMB: mem.hwmMB,
       goals: GOALS,
@@ -153,6 +163,7 @@ async function main() {
           `≤ ${GOALS.tickMs}`,
           yes(tickP99Ms <= GOALS.tickMs),
         ],
+        ["  of a tick or status: the data plane's status of all pairs, ms", median(dataPlaneMs).toFixed(1), "-", "-"],
         [
           "status, API request, median ms",
           median(apiMs).toFixed(0),
@@ -209,7 +220,7 @@ async function startFerryd(root, site) {
   );
   const line = await waitForLine(child, /metrics on http:\/\/\S+\/metrics/, 60_000);
   const metrics = /metrics on (http:\/\/\S+)\/metrics/.exec(line)?.[1];
-  return { child, metrics };
+  return { child, metrics, data };
 }
 
 /** Run `fn` over `items`, CONCURRENCY at a time. */

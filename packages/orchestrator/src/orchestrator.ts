@@ -673,12 +673,12 @@ export class Orchestrator {
           continue;
         }
         const s = await this.statusOf(app, p, pairs);
-        const labels = { app: p.app, target: p.target };
-        this.metrics.rpoSeconds.set(labels, s.rpoSeconds);
-        if (s.lagSeconds !== null) this.metrics.lag.set(labels, s.lagSeconds);
-        this.metrics.rpoMet.set(labels, s.rpoMet ? 1 : 0);
-        this.metrics.bytesRaw.set(labels, s.bytesRaw);
-        this.metrics.bytesWire.set(labels, s.bytesWire);
+        const series = this.metrics.protection(p.app, p.target);
+        series.rpoSeconds.set(s.rpoSeconds);
+        if (s.lagSeconds !== null) series.lag.set(s.lagSeconds);
+        series.rpoMet.set(s.rpoMet ? 1 : 0);
+        series.bytesRaw.set(s.bytesRaw);
+        series.bytesWire.set(s.bytesWire);
         const key = protectionKey(p.app, p.target);
         const before = this.rpoMet.get(key);
         // Before the first complete generation there is no RPO to miss or meet yet.
