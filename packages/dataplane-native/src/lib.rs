@@ -287,6 +287,22 @@ impl VolumeService {
             .unwrap_or_default()
     }
 
+    /// Every replication pair's status as JSON text (what `replicate({op: "replicateStatus"})`
+    /// answers), straight from the running service: no control-socket round trip, for the
+    /// orchestrator that runs in the same process and asks every second.
+    #[napi]
+    pub async fn replication_status(&self) -> Result<String> {
+        let replication = self
+            .inner
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|s| s.replication().cloned());
+        let pairs =
+            blocking(move || Ok(replication.map(|r| r.status()).unwrap_or_default())).await?;
+        serde_json::to_string(&pairs).map_err(internal)
+    }
+
     /// Stop serving: in-flight requests finish, volumes are closed cleanly. Idempotent.
     #[napi]
     pub async fn stop(&self) -> Result<()> {

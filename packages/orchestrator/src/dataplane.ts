@@ -91,8 +91,16 @@ export interface ClonedVolume {
   generation: number;
 }
 
-/** The data plane of `dataDir` through the native addon (loaded on first use). */
-export function nativeDataPlane(dataDir: string): DataPlane {
+/** The running volume service, when it runs in this process (ferryd): its status needs no socket. */
+export interface InProcessService {
+  replicationStatus(): Promise<string>;
+}
+
+/**
+ * The data plane of `dataDir` through the native addon (loaded on first use); with `service`, the
+ * status every scheduler tick asks for comes straight from the in-process service.
+ */
+export function nativeDataPlane(dataDir: string, service?: InProcessService): DataPlane {
   let loaded: Promise<typeof import("@ferry/dataplane-native")> | undefined;
   const native = () => {
     loaded ??= import("@ferry/dataplane-native");
@@ -118,7 +126,10 @@ export function nativeDataPlane(dataDir: string): DataPlane {
         maxMessage: null,
         reverse: s.reverse,
       }),
-    replicateStatus: () => replicate<PairStatus[]>({ op: "replicateStatus" }),
+    replicateStatus: async () =>
+      service === undefined
+        ? replicate<PairStatus[]>({ op: "replicateStatus" })
+        : (JSON.parse(await service.replicationStatus()) as PairStatus[]),
     replicateSync: (volumes) => replicate<PairStatus>({ op: "replicateSync", volumes }),
     replicateStop: (volumes) => replicate<PairStatus>({ op: "replicateStop", volumes }),
     promote: (volumes, back) => replicate<PromotedVolume[]>({ op: "replicatePromote", volumes, back }),

@@ -4,6 +4,7 @@ export { apiSubject, call, connectNats, DEFAULT_TIMEOUT_MS, natsHost, natsOption
 export type {
   ClonedVolume,
   DataPlane,
+  InProcessService,
   PairSettings,
   PairStatus,
   PromotedVolume,

@@ -589,6 +589,14 @@ export class Orchestrator {
   }
 
   private async statusOf(app: Application, p: Protection, pairs: PairIndex): Promise<ProtectionStatus> {
+    if (p.source === this.site && p.state === "protecting") {
+      const pair = this.findPair(app, p.target, pairs);
+      const status = sourceStatus(p, pair);
+      if (pair !== undefined && pair.lastCompleteGeneration === null) {
+        status.initialCopy = { doneBytes: pair.bytesRaw, totalBytes: await this.sizeOf(app) };
+      }
+      return status;
+    }
     const base = {
       app: p.app,
       source: p.source,
@@ -597,33 +605,6 @@ export class Orchestrator {
       mode: p.settings.mode,
       rpoSeconds: p.settings.rpoMs / 1000,
     };
-    if (p.source === this.site && p.state === "protecting") {
-      const pair = this.findPair(app, p.target, pairs);
-      const lag =
-        pair === undefined || pair.lastCompleteGeneration === null
-          ? null
-          : pair.syncState === "active"
-            ? 0
-            : pair.lagSeconds;
-      return {
-        ...base,
-        state: pair?.state ?? "missing",
-        syncState: pair?.syncState ?? null,
-        lagSeconds: lag,
-        rpoMet: lag !== null && lag * 1000 <= p.settings.rpoMs,
-        lastRecoveryPoint:
-          pair?.lastCompleteGeneration == null
-            ? null
-            : { generation: pair.lastCompleteGeneration, atMs: pair.lastCompleteAtMs ?? 0 },
-        bytesRaw: pair?.bytesRaw ?? 0,
-        bytesWire: pair?.bytesWire ?? 0,
-        lastError: pair?.lastError ?? (pair === undefined ? "the data plane has no pair for this protection" : null),
-        initialCopy:
-          pair === undefined || pair.lastCompleteGeneration !== null
-            ? null
-            : { doneBytes: pair.bytesRaw, totalBytes: await this.sizeOf(app) },
-      };
-    }
     // At the target (or a protection no longer shipping): what the replicas hold.
     let last: { generation: number; atMs: number } | null = null;
     if (p.target === this.site && app.active !== this.site) {
@@ -672,7 +653,8 @@ export class Orchestrator {
           );
           continue;
         }
-        const s = await this.statusOf(app, p, pairs);
+        // Synchronous: a tick handles every protection of the site without a turn of the event loop each.
+        const s = sourceStatus(p, this.findPair(app, p.target, pairs));
         const series = this.metrics.protection(p.app, p.target);
         series.rpoSeconds.set(s.rpoSeconds);
         if (s.lagSeconds !== null) series.lag.set(s.lagSeconds);
@@ -1109,6 +1091,36 @@ export class Orchestrator {
   recentEvents(limit = 100, app: string | null = null): Promise<FerryEvent[]> {
     return this.events.recent(limit, app);
   }
+}
+
+/** A protection shipped from this site, as its data-plane pair reports it (undefined: no pair). */
+function sourceStatus(p: Protection, pair: PairStatus | undefined): ProtectionStatus {
+  const lag =
+    pair === undefined || pair.lastCompleteGeneration === null
+      ? null
+      : pair.syncState === "active"
+        ? 0
+        : pair.lagSeconds;
+  return {
+    app: p.app,
+    source: p.source,
+    target: p.target,
+    policy: p.policy,
+    mode: p.settings.mode,
+    rpoSeconds: p.settings.rpoMs / 1000,
+    state: pair?.state ?? "missing",
+    syncState: pair?.syncState ?? null,
+    lagSeconds: lag,
+    rpoMet: lag !== null && lag * 1000 <= p.settings.rpoMs,
+    lastRecoveryPoint:
+      pair?.lastCompleteGeneration == null
+        ? null
+        : { generation: pair.lastCompleteGeneration, atMs: pair.lastCompleteAtMs ?? 0 },
+    bytesRaw: pair?.bytesRaw ?? 0,
+    bytesWire: pair?.bytesWire ?? 0,
+    lastError: pair?.lastError ?? (pair === undefined ? "the data plane has no pair for this protection" : null),
+    initialCopy: null,
+  };
 }
 
 /**

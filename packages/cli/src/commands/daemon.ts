@@ -34,7 +34,7 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
       site: request.join.site,
       region: request.join.region,
       nc,
-      dataPlane: nativeDataPlane(request.dataDir),
+      dataPlane: nativeDataPlane(request.dataDir, service),
       version,
       holder: `${hostname()}:${request.dataDir}`,
     });

@@ -146,6 +146,11 @@ impl VolumeService {
         &self.registry
     }
 
+    /// The replication of the site this service joined (none when it joined none).
+    pub fn replication(&self) -> Option<&Arc<Replication>> {
+        self.replication.as_ref()
+    }
+
     /// Stop accepting, let in-flight requests finish, close every volume cleanly. Blocking.
     pub fn stop(mut self) -> Result<()> {
         let _ = self.shutdown.send(true);
