@@ -597,14 +597,7 @@ export class Orchestrator {
       }
       return status;
     }
-    const base = {
-      app: p.app,
-      source: p.source,
-      target: p.target,
-      policy: p.policy,
-      mode: p.settings.mode,
-      rpoSeconds: p.settings.rpoMs / 1000,
-    };
+    const base = statusBase(p);
     // At the target (or a protection no longer shipping): what the replicas hold.
     let last: { generation: number; atMs: number } | null = null;
     if (p.target === this.site && app.active !== this.site) {
@@ -1093,6 +1086,18 @@ export class Orchestrator {
   }
 }
 
+/** What every status row says of its protection, whichever end reports it. */
+function statusBase(p: Protection) {
+  return {
+    app: p.app,
+    source: p.source,
+    target: p.target,
+    policy: p.policy,
+    mode: p.settings.mode,
+    rpoSeconds: p.settings.rpoMs / 1000,
+  };
+}
+
 /** A protection shipped from this site, as its data-plane pair reports it (undefined: no pair). */
 function sourceStatus(p: Protection, pair: PairStatus | undefined): ProtectionStatus {
   const lag =
@@ -1102,12 +1107,7 @@ function sourceStatus(p: Protection, pair: PairStatus | undefined): ProtectionSt
         ? 0
         : pair.lagSeconds;
   return {
-    app: p.app,
-    source: p.source,
-    target: p.target,
-    policy: p.policy,
-    mode: p.settings.mode,
-    rpoSeconds: p.settings.rpoMs / 1000,
+    ...statusBase(p),
     state: pair?.state ?? "missing",
     syncState: pair?.syncState ?? null,
     lagSeconds: lag,
