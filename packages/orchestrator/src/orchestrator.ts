@@ -84,6 +84,9 @@ export class Orchestrator {
   private helloSub: Subscription | undefined;
   private timers: NodeJS.Timeout[] = [];
   private ticking = false;
+  private campaigning = false;
+  /** When each site was last heard (kept in memory: the catalog is written only when a site changes). */
+  private readonly lastSeen = new Map<string, number>();
   private readonly running = new Map<string, Promise<Operation>>();
   /** Last RPO verdict per protection key, to publish only changes. */
   private readonly rpoMet = new Map<string, boolean>();
@@ -136,11 +139,20 @@ export class Orchestrator {
 
   // ---- leadership -------------------------------------------------------------------------------
 
+  /**
+   * One round of the lease. Rounds never overlap: becoming leader loads the catalog, which can take
+   * longer than the round period, and a second round meanwhile would subscribe the API twice.
+   */
   private async campaign(): Promise<void> {
-    if (this.stopped) return;
-    const lead = await this.lease.tryAcquire();
-    if (lead && !this.leading) await this.becomeLeader();
-    else if (!lead && this.leading) this.stepDown();
+    if (this.stopped || this.campaigning) return;
+    this.campaigning = true;
+    try {
+      const lead = await this.lease.tryAcquire();
+      if (lead && !this.leading) await this.becomeLeader();
+      else if (!lead && this.leading) this.stepDown();
+    } finally {
+      this.campaigning = false;
+    }
   }
 
   private async becomeLeader(): Promise<void> {
@@ -239,6 +251,8 @@ export class Orchestrator {
     }
     const known = this.catalog.sites.get(site.name);
     site.lastSeenMs = Date.now();
+    this.lastSeen.set(site.name, site.lastSeenMs);
+    if (known?.region === site.region && known.version === site.version) return;
     await this.catalog.sites.put(site.name, site).catch(() => {});
     if (known === undefined && site.name !== this.site) {
       await this.events.emit("site.joined", null, { site: site.name, region: site.region });
@@ -250,6 +264,7 @@ export class Orchestrator {
     const now = Date.now();
     return this.catalog.sites
       .list()
+      .map((s) => ({ ...s, lastSeenMs: this.lastSeen.get(s.name) ?? s.lastSeenMs }))
       .map((s) => ({ ...s, self: s.name === this.site, reachable: now - s.lastSeenMs < 3 * this.heartbeatMs }))
       .sort((a, b) => a.name.localeCompare(b.name));
   }
@@ -293,7 +308,7 @@ export class Orchestrator {
     const { name, volumes, vms, sizeBytes } = validateApplication(spec);
     const existing = this.catalog.apps.get(name);
     if (existing !== undefined) {
-      if (JSON.stringify(existing.volumes) === JSON.stringify(volumes) && existing.vms.length === vms.length) {
+      if (JSON.stringify([existing.volumes, existing.vms]) === JSON.stringify([volumes, vms])) {
         return existing;
       }
       throw conflict(
@@ -639,7 +654,8 @@ export class Orchestrator {
       for (const p of mine) {
         const app = this.catalog.apps.get(p.app);
         if (app === undefined || app.active !== this.site || this.holdsLock(p.app)) continue;
-        if (this.findPair(app, p.target, pairs) === undefined) {
+        const pair = this.findPair(app, p.target, pairs);
+        if (pair === undefined) {
           // Level-triggered: a protection without its pair gets it back (e.g. after a data dir restore).
           await this.startPair(app, p, false).catch((error) =>
             this.log(`cannot restart replication of ${p.app} to ${p.target}: ${errorBody(error).message}`),
@@ -647,7 +663,7 @@ export class Orchestrator {
           continue;
         }
         // Synchronous: a tick handles every protection of the site without a turn of the event loop each.
-        const s = sourceStatus(p, this.findPair(app, p.target, pairs));
+        const s = sourceStatus(p, pair);
         const series = this.metrics.protection(p.app, p.target);
         series.rpoSeconds.set(s.rpoSeconds);
         if (s.lagSeconds !== null) series.lag.set(s.lagSeconds);
@@ -659,14 +675,9 @@ export class Orchestrator {
         // Before the first complete generation there is no RPO to miss or meet yet.
         if (s.lastRecoveryPoint === null) continue;
         this.rpoMet.set(key, s.rpoMet);
-        if (before !== undefined && before !== s.rpoMet) {
+        // A change, or a first verdict that is a breach (a first "met" is no news).
+        if (before !== s.rpoMet && (before !== undefined || !s.rpoMet)) {
           await this.events.emit(s.rpoMet ? "rpo.recovered" : "rpo.breached", p.app, {
-            target: p.target,
-            lagSeconds: s.lagSeconds,
-            rpoSeconds: s.rpoSeconds,
-          });
-        } else if (before === undefined && !s.rpoMet) {
-          await this.events.emit("rpo.breached", p.app, {
             target: p.target,
             lagSeconds: s.lagSeconds,
             rpoSeconds: s.rpoSeconds,
