@@ -39,7 +39,8 @@ ensure_rust() {
 ensure_node_modules() {
   if [[ ! -f $NPM_STAMP || package-lock.json -nt $NPM_STAMP ]]; then
     say "installing npm dependencies (npm ci)"
-    npm ci --no-audit --no-fund
+    # Native addons (zstd-napi) compile here: prebuilt binaries would be fetched from outside the registries.
+    npm_config_build_from_source=true npm ci --no-audit --no-fund
     touch "$NPM_STAMP"
   fi
 }

@@ -9,7 +9,14 @@ import { randomBytes } from "node:crypto";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Application, FerryEvent, Operation, ProtectionStatus, RecoveryPoint } from "@ferry/orchestrator";
+import type {
+  Application,
+  FerryEvent,
+  Operation,
+  PointMetadata,
+  ProtectionStatus,
+  RecoveryPoint,
+} from "@ferry/orchestrator";
 import { FerryCli, type FerryServe, qemuIo, Sandbox, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
@@ -236,7 +243,15 @@ describe("applications across two sites", () => {
       at("a", ["failover", "shop", "--to", "site-b", "--point", point?.id ?? "none"]),
     );
     expect(failover).toMatchObject({ kind: "failover", app: "shop", to: "site-b", from: "site-a", state: "succeeded" });
-    expect(failover.steps.map((s) => s.name)).toEqual(["check", "stop-source", "promote", "activate"]);
+    expect(failover.steps.map((s) => s.name)).toEqual([
+      "check",
+      "stop-source",
+      "promote",
+      "recover-members",
+      "activate",
+    ]);
+    // Volumes only: nothing to start besides them.
+    expect(failover.steps.find((s) => s.name === "recover-members")?.state).toBe("skipped");
     expect(failover.result.point).toBe(point?.generation);
     expect(await digests("b", VOLUMES)).toEqual(before);
     expect(await digests("a", VOLUMES)).not.toEqual(before);
@@ -319,6 +334,98 @@ describe("applications across two sites", () => {
         .filter((n) => n.startsWith("shop-"))
         .sort(),
     ).toEqual([...VOLUMES].sort());
+  });
+
+  it("cuts around hooks for application consistency, stores what they printed with each point, and says when a point is only crash-consistent", async () => {
+    const blank = await ferry.run(at("a", ["policy", "create", "bad", "--mode", "async", "--pre-hook", " "]));
+    expect(blank.code).toBe(2);
+    expect(blank.stderr).toContain("policy bad: the pre-hook must be a shell command");
+    const age = await ferry.run(at("a", ["policy", "create", "bad", "--mode", "async", "--retain-age", "soon"]));
+    expect(age.code).toBe(2);
+    expect(age.stderr).toContain("--retain-age");
+
+    const marker = join(await sandbox.dir("hooks-"), "held");
+    await ferry.ok(at("a", ["app", "create", "crm", "--volume", "crm-db", "--size", "4M"]));
+    await ferry.ok(
+      at("a", [
+        "policy",
+        "create",
+        "consistent",
+        "--mode",
+        "async",
+        "--interval",
+        "1s",
+        "--retain",
+        "5",
+        "--retain-age",
+        "1h",
+        "--consistency",
+        "application",
+        "--pre-hook",
+        `echo "freeze $FERRY_APP for $FERRY_TARGET"; touch ${marker}`,
+        "--post-hook",
+        `rm ${marker}; echo thawed`,
+      ]),
+    );
+    await ferry.ok(at("a", ["protect", "crm", "--policy", "consistent", "--to", "site-b", "--wait"]));
+    await qemuIo(sandbox, ferryd.a.serve.uri("crm-db"), ["write -P 0x5a 1M 64K"]);
+    const wrote = Date.now();
+    const point = await waitFor(
+      "an application-consistent recovery point of crm after the write",
+      async () =>
+        (await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "crm"]))).find(
+          (p) => p.consistency === "application" && p.atMs > wrote,
+        ),
+      { timeoutMs: 30_000 },
+    );
+    expect(point.metadataBytes).toBeGreaterThan(0);
+    const meta = await ferry.json<PointMetadata>(at("b", ["recovery-points", "crm", "--point", point.id]));
+    expect(meta).toMatchObject({ app: "crm", source: "site-a", target: "site-b", consistency: "application" });
+    expect(meta.generation).toBe(point.generation);
+    expect(meta.hooks.pre?.output).toBe("freeze crm for site-b\n");
+    expect(meta.hooks.post).toMatchObject({ exitCode: 0, output: "thawed\n" });
+    const shown = await ferry.ok(at("a", ["recovery-points", "crm", "--point", point.id]));
+    expect(shown).toContain("consistency: application");
+    expect(shown).toContain("| freeze crm for site-b");
+
+    // A failing pre-hook: the cut still happens, as a crash-consistent point that says why.
+    await ferry.ok(
+      at("a", [
+        "policy",
+        "create",
+        "flaky",
+        "--mode",
+        "async",
+        "--interval",
+        "1s",
+        "--consistency",
+        "application",
+        "--pre-hook",
+        "echo cannot flush; exit 3",
+      ]),
+    );
+    await ferry.ok(at("a", ["app", "create", "crm-legacy", "--volume", "crm-old", "--size", "4M"]));
+    await ferry.ok(at("a", ["protect", "crm-legacy", "--policy", "flaky", "--to", "site-b", "--wait"]));
+    const degraded = await waitFor(
+      "a crash-consistent point of crm-legacy with its reason",
+      async () =>
+        (await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "crm-legacy"]))).find(
+          (p) => p.metadataBytes !== null,
+        ),
+      { timeoutMs: 30_000 },
+    );
+    expect(degraded).toMatchObject({ consistency: "crash", reason: "pre-hook exited with 3" });
+    const events = (await ferry.ok(at("a", ["events", "--app", "crm-legacy", "--json"])))
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as FerryEvent);
+    expect(events.find((e) => e.type === "io.ferry.point.degraded")?.data).toMatchObject({
+      consistency: "crash",
+      wanted: "application",
+      reason: "pre-hook exited with 3",
+    });
+    await ferry.ok(at("a", ["unprotect", "crm-legacy"]));
+    await ferry.ok(at("a", ["unprotect", "crm"]));
   });
 
   it("runs one operation per application at a time, and resumes a failover after ferryd is killed mid-way (kill -9)", async () => {

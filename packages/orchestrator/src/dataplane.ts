@@ -66,7 +66,18 @@ export interface PairSettings {
   intervalMs: number;
   rate: number | null;
   recoveryPoints: number;
+  /** Recovery points older than this are dropped at the target; null keeps them by count only. */
+  pointsMaxAgeMs: number | null;
+  /** false: the pair cuts only when `cut` asks (the orchestrator's quiesce/capture cycle). */
+  scheduled: boolean;
   reverse: boolean;
+}
+
+/** A cut taken on request: the generation of each volume (it ships after). */
+export interface CutTaken {
+  group: string;
+  volumes: { name: string; generation: number }[];
+  atMs: number;
 }
 
 export interface DataPlane {
@@ -75,6 +86,8 @@ export interface DataPlane {
   replicateStart(settings: PairSettings): Promise<PairStatus>;
   replicateStatus(): Promise<PairStatus[]>;
   replicateSync(volumes: string[]): Promise<PairStatus>;
+  /** Cut the pair holding `volumes` now; answers once the cut is taken, while it ships. */
+  cut(volumes: string[]): Promise<CutTaken>;
   replicateStop(volumes: string[]): Promise<PairStatus>;
   promote(volumes: string[], back: number): Promise<PromotedVolume[]>;
   points(volumes: string[]): Promise<ReplicaPoints[]>;
@@ -123,6 +136,8 @@ export function nativeDataPlane(dataDir: string, service?: InProcessService): Da
         onLoss: null,
         blockTimeoutMs: null,
         recoveryPoints: s.recoveryPoints,
+        pointsMaxAgeMs: s.pointsMaxAgeMs,
+        scheduled: s.scheduled,
         maxMessage: null,
         reverse: s.reverse,
       }),
@@ -131,6 +146,7 @@ export function nativeDataPlane(dataDir: string, service?: InProcessService): Da
         ? replicate<PairStatus[]>({ op: "replicateStatus" })
         : (JSON.parse(await service.replicationStatus()) as PairStatus[]),
     replicateSync: (volumes) => replicate<PairStatus>({ op: "replicateSync", volumes }),
+    cut: (volumes) => replicate<CutTaken>({ op: "replicateCut", volumes }),
     replicateStop: (volumes) => replicate<PairStatus>({ op: "replicateStop", volumes }),
     promote: (volumes, back) => replicate<PromotedVolume[]>({ op: "replicatePromote", volumes, back }),
     points: (volumes) => replicate<ReplicaPoints[]>({ op: "replicaPoints", volumes }),

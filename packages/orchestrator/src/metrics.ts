@@ -52,6 +52,12 @@ export class Metrics {
     buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
     registers: [this.registry],
   });
+  readonly captureSeconds = new Histogram({
+    name: "ferry_capture_seconds",
+    help: "Time of one orchestrated cut: quiesce, hooks, cut, thaw, member capture and storing the metadata",
+    buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+    registers: [this.registry],
+  });
   readonly leader = new Gauge({
     name: "ferry_leader",
     help: "1 while this ferryd leads its site (serves the API, runs the scheduler and operations)",

@@ -54,6 +54,8 @@ export interface ProtectionPolicy {
   continuous: boolean;
   /** Recovery points kept at each target (the newest included). */
   retain: number;
+  /** Recovery points older than this are dropped at the target (the latest stays); null: by count only. */
+  retainAgeMs: number | null;
   /** Regions allowed to hold a copy; empty means any. */
   allowedRegions: string[];
   /** Bandwidth limit on the wire per target, bytes per second; null means none. */
@@ -90,6 +92,12 @@ export interface RecoveryPoint {
   back: number;
   atMs: number;
   consistency: Consistency;
+  /** Why a point the policy wanted application-consistent is crash-consistent. */
+  reason?: string | null;
+  /** VM and Kubernetes members captured with the point (their metadata is stored with it). */
+  members?: number;
+  /** Compressed size of the metadata stored with the point; null: none (volume data only). */
+  metadataBytes?: number | null;
 }
 
 /** What `status` reports, per application and target. */

@@ -3,13 +3,17 @@
  * the operation before and after every step, so a ferryd that restarts mid-way runs the step it was
  * in again and goes on; each step therefore checks what is already done before it acts.
  *
- *  failover  (unplanned, at the target): check → stop-source (best effort) → promote → activate
- *  migration (planned, at the target):   check → sync → fence → final-sync → stop-source → promote
- *                                        → reverse → activate
+ *  failover  (unplanned, at the target): check → stop-source (best effort) → promote
+ *                                        → recover-members → activate
+ *  migration (planned, at the target):   check → sync → stop-members → fence → final-sync
+ *                                        → stop-source → promote → recover-members → reverse → activate
  *  failback  (at the site the application failed over from): check → stop-stale-pair → reverse-back
  *                                        → resync → then the migration's steps from `sync` on
- *  drill     (at the target, replication keeps running): check → clone → record
- *  drill-cleanup: delete-clones → record
+ *  drill     (at the target, replication keeps running): check → clone → recover-members → record
+ *  drill-cleanup: cleanup-members → delete-clones → record
+ *
+ * `*-members` steps act on the application's VMs and Kubernetes objects through the adapters, with
+ * the metadata captured at the recovery point; an application of volumes alone skips them.
  */
 import type { Operation, OperationKind, OperationStep } from "./model.js";
 
@@ -20,20 +24,22 @@ export type StepFn = (op: Operation) => Promise<StepOutcome>;
 
 export const MIGRATION_STEPS = [
   "sync",
+  "stop-members",
   "fence",
   "final-sync",
   "stop-source",
   "promote",
+  "recover-members",
   "reverse",
   "activate",
 ] as const;
 
 export const PLANS: Record<OperationKind, readonly string[]> = {
-  failover: ["check", "stop-source", "promote", "activate"],
+  failover: ["check", "stop-source", "promote", "recover-members", "activate"],
   migration: ["check", ...MIGRATION_STEPS],
   failback: ["check", "stop-stale-pair", "reverse-back", "resync", ...MIGRATION_STEPS],
-  drill: ["check", "clone", "record"],
-  "drill-cleanup": ["delete-clones", "record"],
+  drill: ["check", "clone", "recover-members", "record"],
+  "drill-cleanup": ["cleanup-members", "delete-clones", "record"],
 };
 
 export function newOperation(

@@ -9,6 +9,8 @@
  */
 import { randomUUID } from "node:crypto";
 import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node";
+import type { K8sAdapter, VmAdapter } from "./adapters.js";
+import { type Adapters, captureCut, kubernetesMembers, orchestratedCuts } from "./capture.js";
 import { Catalog, protectionKey } from "./catalog.js";
 import { call } from "./client.js";
 import type { DataPlane, PairStatus, ReplicaPoints } from "./dataplane.js";
@@ -27,6 +29,7 @@ import type {
   Site,
 } from "./model.js";
 import { newOperation, runSteps, type StepFn } from "./operations.js";
+import { type PointMetadata, PointStore } from "./points.js";
 import {
   type ApplicationSpec,
   checkName,
@@ -54,6 +57,8 @@ export interface OrchestratorOptions {
   heartbeatMs?: number;
   /** Leader lease term; default 10 s. */
   leaseTermMs?: number;
+  /** Where the application's VMs and Kubernetes objects are handled (none: volumes only). */
+  adapters?: Adapters;
   log?: (line: string) => void;
 }
 
@@ -61,6 +66,8 @@ export interface OrchestratorOptions {
 const PEER_TIMEOUT_MS = 10_000;
 /** A final sync or a resync may move a lot of data. */
 const SYNC_TIMEOUT_MS = 30 * 60_000;
+/** How often a target drops the metadata of recovery points it no longer keeps. */
+const PRUNE_EVERY_MS = 30_000;
 const HELLO_SUBJECT = "ferry.sites.hello";
 
 type Handler = (body: Record<string, unknown>) => Promise<unknown>;
@@ -92,6 +99,13 @@ export class Orchestrator {
   private readonly rpoMet = new Map<string, boolean>();
   private readonly handlers: Record<string, Handler>;
   private readonly volumeSizes = new Map<string, number>();
+  private readonly adapters: Adapters;
+  private points!: PointStore;
+  /** Orchestrated cuts: per protection key, when the last one started and whether one runs. */
+  private readonly lastCut = new Map<string, number>();
+  private readonly cutting = new Set<string>();
+  private readonly cutReason = new Map<string, string | null>();
+  private lastPrune = 0;
 
   private constructor(options: OrchestratorOptions) {
     this.site = options.site;
@@ -102,6 +116,7 @@ export class Orchestrator {
     this.tickMs = options.tickMs ?? 1_000;
     this.heartbeatMs = options.heartbeatMs ?? 5_000;
     this.log = options.log ?? ((line) => process.stderr.write(`ferryd: ${line}\n`));
+    this.adapters = options.adapters ?? {};
     this.handlers = this.buildHandlers();
   }
 
@@ -110,6 +125,8 @@ export class Orchestrator {
     const o = new Orchestrator(options);
     o.catalog = await Catalog.open(o.nc);
     o.events = await EventLog.open(o.nc, o.site);
+    o.points = new PointStore(o.nc, o.site);
+    await o.points.ensureOwn();
     o.lease = await Lease.open(o.nc, options.holder ?? randomUUID(), options.leaseTermMs ?? 10_000);
     await o.campaign();
     o.helloSub = o.nc.subscribe(HELLO_SUBJECT, { callback: (_e, m) => void o.onHello(m) });
@@ -215,6 +232,7 @@ export class Orchestrator {
       replicaForget: async (b) => this.replicaForget(str(b, "app")),
       status: async (b) => this.status(optStr(b, "app")),
       recoveryPoints: async (b) => this.recoveryPoints(str(b, "app")),
+      recoveryPointShow: async (b) => this.recoveryPointShow(str(b, "app"), str(b, "point")),
       failover: async (b) => this.startFailover(b),
       failback: async (b) => this.startFailback(str(b, "app")),
       drillCleanup: async (b) => this.startDrillCleanup(str(b, "app")),
@@ -229,6 +247,7 @@ export class Orchestrator {
       reverseStart: async (b) => this.reverseStart(str(b, "app"), str(b, "to")),
       protectionStatus: async (b) => this.status(str(b, "app")),
       appActivated: async (b) => this.appActivated(b.app as Application, b.protection as Protection | null),
+      membersStop: async (b) => this.membersStop(str(b, "app")),
     };
   }
 
@@ -469,6 +488,8 @@ export class Orchestrator {
       intervalMs: p.settings.intervalMs,
       rate: p.settings.rateBytes,
       recoveryPoints: p.settings.retain,
+      pointsMaxAgeMs: p.settings.retainAgeMs ?? null,
+      scheduled: !orchestratedCuts(app, p),
       reverse,
     });
   }
@@ -648,6 +669,10 @@ export class Orchestrator {
     this.ticking = true;
     const end = this.metrics.tickSeconds.startTimer();
     try {
+      if (Date.now() - this.lastPrune >= PRUNE_EVERY_MS) {
+        this.lastPrune = Date.now();
+        void this.prunePoints();
+      }
       const mine = this.catalog.protections.list().filter((p) => p.source === this.site && p.state === "protecting");
       if (mine.length === 0) return;
       const pairs = indexPairs(await this.dataPlane.replicateStatus());
@@ -662,6 +687,7 @@ export class Orchestrator {
           );
           continue;
         }
+        if (orchestratedCuts(app, p)) this.maybeCut(app, p);
         // Synchronous: a tick handles every protection of the site without a turn of the event loop each.
         const s = sourceStatus(p, pair);
         const series = this.metrics.protection(p.app, p.target);
@@ -700,16 +726,24 @@ export class Orchestrator {
     if (here !== undefined && app.active !== this.site) {
       const replicas = await this.dataPlane.points(app.volumes);
       const points = completePoints(replicas);
-      return points.map((pt) => ({
-        id: String(pt.generation),
-        app: appName,
-        site: this.site,
-        source: here.source,
-        generation: pt.generation,
-        back: pt.back,
-        atMs: pt.atMs,
-        consistency: here.settings.consistency,
-      }));
+      const captured = await this.points.list(appName, here.source).catch(() => new Map());
+      return points.map((pt) => {
+        const c = captured.get(pt.generation);
+        return {
+          id: String(pt.generation),
+          app: appName,
+          site: this.site,
+          source: here.source,
+          generation: pt.generation,
+          back: pt.back,
+          atMs: pt.atMs,
+          // Without a capture the point holds what the disks held at the cut: crash-consistent.
+          consistency: c?.consistency ?? "crash",
+          reason: c?.reason ?? null,
+          members: c?.members ?? 0,
+          metadataBytes: c?.bytes ?? null,
+        };
+      });
     }
     const out: RecoveryPoint[] = [];
     for (const p of this.catalog.protectionsOf(appName)) {
@@ -719,6 +753,119 @@ export class Orchestrator {
       );
     }
     return out;
+  }
+
+  /** The metadata stored with one recovery point (asked at the target, or passed on to it). */
+  private async recoveryPointShow(appName: string, point: string): Promise<PointMetadata | null> {
+    const app = this.requireApp(appName);
+    const generation = Number(point);
+    if (!/^\d+$/.test(point) || !Number.isSafeInteger(generation)) {
+      throw invalid(`${point} is not a recovery point id: see \`ferry recovery-points ${appName}\``);
+    }
+    const here = this.catalog.protectionsOf(appName).find((p) => p.target === this.site);
+    if (here === undefined || app.active === this.site) {
+      const target = this.catalog.protectionsOf(appName).find((p) => p.source === this.site)?.target;
+      if (target === undefined) throw notFound(`application ${appName} has no recovery points: it is not protected`);
+      return call(this.nc, target, "recoveryPointShow", { app: appName, point }, PEER_TIMEOUT_MS);
+    }
+    const meta = await this.points.get(appName, here.source, generation);
+    if (meta === null) {
+      const kept = completePoints(await this.dataPlane.points(app.volumes)).some((p) => p.generation === generation);
+      if (!kept) {
+        throw notFound(
+          `application ${appName} has no recovery point ${point} at site ${this.site} (see \`ferry recovery-points ${appName}\`)`,
+        );
+      }
+    }
+    return meta;
+  }
+
+  /**
+   * Start an orchestrated cut of `p` when its interval has passed and none is running; in the
+   * background (the tick goes on), one at a time per protection.
+   */
+  private maybeCut(app: Application, p: Protection): void {
+    const key = protectionKey(p.app, p.target);
+    const now = Date.now();
+    if (this.cutting.has(key) || now - (this.lastCut.get(key) ?? 0) < p.settings.intervalMs) return;
+    this.cutting.add(key);
+    this.lastCut.set(key, now);
+    const end = this.metrics.captureSeconds.startTimer();
+    void captureCut(app, p, this.dataPlane, this.points, this.adapters)
+      .then(async ({ meta }) => {
+        end();
+        const before = this.cutReason.get(key);
+        this.cutReason.set(key, meta.reason);
+        // Said once when it starts (or its reason changes), and once when it is over.
+        if (meta.reason !== null && meta.reason !== before) {
+          await this.events.emit("point.degraded", p.app, {
+            target: p.target,
+            generation: meta.generation,
+            consistency: meta.consistency,
+            wanted: p.settings.consistency,
+            reason: meta.reason,
+          });
+        } else if (meta.reason === null && before !== undefined && before !== null) {
+          await this.events.emit("point.restored", p.app, { target: p.target, generation: meta.generation });
+        }
+      })
+      .catch((error) => {
+        end();
+        this.log(`cut of ${p.app} for ${p.target}: ${errorBody(error).message}`);
+      })
+      .finally(() => this.cutting.delete(key));
+  }
+
+  /** At a target: drop the metadata of points its replicas no longer keep. */
+  private async prunePoints(): Promise<void> {
+    for (const p of this.catalog.protections.list()) {
+      const app = this.catalog.apps.get(p.app);
+      if (p.target !== this.site || app === undefined || app.active === this.site) continue;
+      try {
+        const kept = completePoints(await this.dataPlane.points(app.volumes));
+        const oldest = kept.at(-1);
+        if (oldest !== undefined) await this.points.prune(p.app, p.source, oldest.generation);
+      } catch (error) {
+        this.log(`pruning recovery-point metadata of ${p.app}: ${errorBody(error).message}`);
+      }
+    }
+  }
+
+  /** The member adapters an application needs, with their members; fails naming what is missing. */
+  private memberAdapters(app: Application): { adapter: VmAdapter | K8sAdapter; members: string[] }[] {
+    const out: { adapter: VmAdapter | K8sAdapter; members: string[] }[] = [];
+    if (app.vms.length > 0) {
+      if (this.adapters.vm === undefined) {
+        throw new FerryError(
+          ErrorCode.failed,
+          `application ${app.name} has VMs (${app.vms.join(", ")}) but ferryd at site ${this.site} has no VM adapter: ` +
+            "start it with libvirt access",
+        );
+      }
+      out.push({ adapter: this.adapters.vm, members: app.vms });
+    }
+    if (app.kubernetes !== null) {
+      if (this.adapters.k8s === undefined) {
+        throw new FerryError(
+          ErrorCode.failed,
+          `application ${app.name} has Kubernetes members but ferryd at site ${this.site} has no Kubernetes adapter: ` +
+            "start it with a kubeconfig",
+        );
+      }
+      out.push({ adapter: this.adapters.k8s, members: kubernetesMembers(app) });
+    }
+    return out;
+  }
+
+  /** Planned migration, at the site the application leaves: stop its members cleanly. */
+  private async membersStop(appName: string): Promise<string[]> {
+    const app = this.requireApp(appName);
+    const stopped: string[] = [];
+    for (const { adapter, members } of this.memberAdapters(app)) {
+      await adapter.stop(members);
+      stopped.push(...members);
+    }
+    return stopped;
   }
 
   // ---- operations ---------------------------------------------------------------------------------
@@ -922,6 +1069,37 @@ export class Orchestrator {
       o.result.point = generation;
       return { detail: `promoted ${replicas.join(", ")} at generation ${generation}` };
     };
+    /** Bring the VMs and Kubernetes objects up from what was captured at the recovered point. */
+    const recoverMembers =
+      (drill: boolean): StepFn =>
+      async (o) => {
+        const a = app();
+        if (a.vms.length === 0 && a.kubernetes === null)
+          return { detail: "no VM or Kubernetes members", skipped: true };
+        const adapters = this.memberAdapters(a);
+        // The recovered generation (set by promote or clone); unknown only if that step ran before a crash.
+        const generation = typeof o.result.point === "number" ? o.result.point : Number.MAX_SAFE_INTEGER;
+        const meta = await this.points.forRecovery(a.name, peer, generation);
+        if (meta === null) {
+          throw new FerryError(
+            ErrorCode.notFound,
+            `no VM or Kubernetes metadata was captured for ${a.name} up to generation ${generation} at site ` +
+              `${this.site}: its volumes are recovered, its members must be started by hand`,
+          );
+        }
+        const volumes = Object.fromEntries(a.volumes.map((v) => [v, drill ? drillVolume(v) : v]));
+        const started: string[] = [];
+        for (const { adapter } of adapters) {
+          const kind = adapter === this.adapters.vm ? "vm" : "kubernetes";
+          const captures = meta.captures.filter((c) => c.kind === kind);
+          started.push(...(await adapter.recover(captures, { app: a.name, site: this.site, drill, volumes })));
+        }
+        o.result.members = started.join(",");
+        o.result.membersFrom = meta.generation;
+        return {
+          detail: `started ${started.join(", ") || "nothing"} from the capture of generation ${meta.generation}`,
+        };
+      };
     const activate: StepFn = async (o) => {
       const a = app();
       const moved: Application = { ...a, active: this.site };
@@ -953,6 +1131,13 @@ export class Orchestrator {
         await call(this.nc, peer, "fence", { app: op.app, fenced: true }, PEER_TIMEOUT_MS);
         return { detail: `writes to ${op.app} at ${peer} stopped` };
       },
+      "stop-members": async () => {
+        const a = app();
+        if (a.vms.length === 0 && a.kubernetes === null)
+          return { detail: "no VM or Kubernetes members", skipped: true };
+        const stopped = await call<string[]>(this.nc, peer, "membersStop", { app: op.app }, SYNC_TIMEOUT_MS);
+        return { detail: `stopped ${stopped.join(", ")} at ${peer}` };
+      },
       "final-sync": async (o) => {
         const s = await call<PairStatus>(this.nc, peer, "pairSync", { app: op.app }, SYNC_TIMEOUT_MS);
         o.result.finalGeneration = s.lastCompleteGeneration;
@@ -969,6 +1154,7 @@ export class Orchestrator {
         return stopped === null ? { detail: "no pair to stop", skipped: true } : { detail: `pair at ${peer} stopped` };
       },
       promote,
+      "recover-members": recoverMembers(false),
       reverse: async () => {
         const existing = this.catalog.protections.get(protectionKey(op.app, peer));
         if (existing?.source === this.site && existing.state === "protecting") {
@@ -1006,6 +1192,7 @@ export class Orchestrator {
             }
           },
           promote,
+          "recover-members": recoverMembers(false),
           activate,
         };
       case "migration":
@@ -1066,10 +1253,19 @@ export class Orchestrator {
             o.result.volumes = names.join(",");
             return { detail: `cloned ${names.join(", ")} at generation ${o.result.point}` };
           },
+          "recover-members": recoverMembers(true),
           record: async () => ({ detail: "drill copy ready; replication goes on" }),
         };
       case "drill-cleanup":
         return {
+          "cleanup-members": async () => {
+            const a = app();
+            if (a.vms.length === 0 && a.kubernetes === null) {
+              return { detail: "no VM or Kubernetes members", skipped: true };
+            }
+            for (const { adapter } of this.memberAdapters(a)) await adapter.cleanupDrill(a.name);
+            return { detail: "drill copies of the members removed" };
+          },
           "delete-clones": async () => {
             const a = app();
             const existing = new Set((await this.dataPlane.listVolumes()).map((v) => v.name));

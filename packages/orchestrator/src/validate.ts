@@ -57,6 +57,8 @@ export interface PolicySpec {
   interval?: string | null;
   continuous?: boolean | null;
   retain?: number | null;
+  /** Drop recovery points older than this (a duration such as 7d); the latest is always kept. */
+  retainAge?: string | null;
   allowedRegions?: string[] | null;
   rateBytes?: number | null;
   consistency?: string | null;
@@ -91,6 +93,7 @@ export function validatePolicy(spec: PolicySpec, nowMs: number): ProtectionPolic
   if (!Number.isInteger(retain) || retain < 1 || retain > MAX_RETAIN) {
     throw invalid(`policy ${name}: --retain ${retain} is not a whole number from 1 to ${MAX_RETAIN}`);
   }
+  const retainAgeMs = spec.retainAge == null ? null : parseDuration("--retain-age", spec.retainAge, intervalMs);
   const allowedRegions = (spec.allowedRegions ?? []).map((r) => {
     if (typeof r !== "string" || !NAME.test(r)) {
       throw invalid(`policy ${name}: allowed region ${JSON.stringify(r)} is not a region name such as eu-de`);
@@ -107,7 +110,14 @@ export function validatePolicy(spec: PolicySpec, nowMs: number): ProtectionPolic
       `policy ${name}: consistency ${JSON.stringify(spec.consistency)} is not one of ${CONSISTENCIES.join(", ")}`,
     );
   }
-  const hooks = { pre: spec.hooks?.pre ?? null, post: spec.hooks?.post ?? null };
+  const hook = (which: "pre" | "post") => {
+    const command = spec.hooks?.[which] ?? null;
+    if (command !== null && (typeof command !== "string" || command.trim() === "")) {
+      throw invalid(`policy ${name}: the ${which}-hook must be a shell command; leave it out for none`);
+    }
+    return command;
+  };
+  const hooks = { pre: hook("pre"), post: hook("post") };
   return {
     name,
     mode,
@@ -115,6 +125,7 @@ export function validatePolicy(spec: PolicySpec, nowMs: number): ProtectionPolic
     intervalMs,
     continuous,
     retain,
+    retainAgeMs,
     allowedRegions: [...new Set(allowedRegions)],
     rateBytes,
     consistency,

@@ -11,6 +11,7 @@ import {
   type FerryEvent,
   formatDuration,
   type Operation,
+  type PointMetadata,
   type PolicySpec,
   type Protection,
   type ProtectionPolicy,
@@ -180,9 +181,21 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
     .addOption(
       new Option("--retain <n>", "recovery points kept at the target (default 3)").argParser(positiveInt("a count")),
     )
+    .option("--retain-age <duration>", "also drop recovery points older than this, e.g. 7d (the latest stays)")
     .option("--allowed-regions <regions>", "comma-separated regions allowed to hold a copy (default: any)")
     .option("--rate <size>", "bandwidth limit per target in bytes/s, e.g. 100M (default: none)")
-    .addOption(new Option("--consistency <kind>", "crash or application").choices(["crash", "application"]))
+    .addOption(
+      new Option(
+        "--consistency <kind>",
+        "crash, or application: quiesce the VMs (guest agent) and run the hooks around every cut",
+      ).choices(["crash", "application"]),
+    )
+    .option(
+      "--pre-hook <command>",
+      "shell command run at the active site just before each cut ($FERRY_APP, $FERRY_SITE, $FERRY_TARGET set); " +
+        "non-zero exit makes the point crash-consistent",
+    )
+    .option("--post-hook <command>", "shell command run right after each cut (also when the cut failed)")
     .addOption(jsonOption())
     .action(async (name: string, options: PolicyOptions, command: Command) => {
       const spec: PolicySpec = {
@@ -192,6 +205,7 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
         interval: options.interval ?? null,
         continuous: options.continuous ?? null,
         retain: options.retain ?? null,
+        retainAge: options.retainAge ?? null,
         allowedRegions:
           options.allowedRegions
             ?.split(",")
@@ -199,6 +213,7 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
             .filter((r) => r !== "") ?? null,
         rateBytes: options.rate === undefined ? null : await parseSize(command, "--rate", options.rate),
         consistency: options.consistency ?? null,
+        hooks: { pre: options.preHook ?? null, post: options.postHook ?? null },
       };
       const created = await withFerryd(command, (nc, s) => call<ProtectionPolicy>(nc, s, "policyCreate", spec));
       if (options.json) return printJson(io, created);
@@ -306,10 +321,25 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
 
   program
     .command("recovery-points")
-    .description("list an application's recovery points at its target sites (newest first)")
+    .description(
+      "list an application's recovery points at its target sites (newest first); with --point, show what was " +
+        "captured with one (members' metadata, hook output)",
+    )
     .argument("<app>", "application name")
+    .option("--point <id>", "show the metadata stored with this recovery point")
     .addOption(jsonOption())
-    .action(async (appName: string, options: JsonOption, command: Command) => {
+    .action(async (appName: string, options: JsonOption & { point?: string }, command: Command) => {
+      if (options.point !== undefined) {
+        const point = options.point;
+        const meta = await withFerryd(command, (nc, s) =>
+          call<PointMetadata | null>(nc, s, "recoveryPointShow", { app: appName, point }),
+        );
+        if (options.json) return printJson(io, meta);
+        if (meta === null) {
+          return io.writeOut(`recovery point ${point} of ${appName} holds volume data only (crash-consistent)\n`);
+        }
+        return io.writeOut(pointReport(meta));
+      }
       const points = await withFerryd(command, (nc, s) =>
         call<RecoveryPoint[]>(nc, s, "recoveryPoints", { app: appName }),
       );
@@ -317,13 +347,15 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
       if (points.length === 0) return io.writeOut(`no recovery points of ${appName} yet\n`);
       io.writeOut(
         `${formatTable(
-          ["ID", "SITE", "FROM", "TAKEN", "CONSISTENCY"],
+          ["ID", "SITE", "FROM", "TAKEN", "CONSISTENCY", "MEMBERS", "METADATA"],
           points.map((p) => [
             p.id,
             p.site,
             p.source,
             `${new Date(p.atMs).toISOString()} (${ago(p.atMs)})`,
-            p.consistency,
+            p.reason ? `${p.consistency} (${p.reason})` : p.consistency,
+            String(p.members ?? 0),
+            p.metadataBytes == null ? "-" : formatBytes(p.metadataBytes),
           ]),
         )}\n`,
       );
@@ -442,9 +474,12 @@ interface PolicyOptions extends JsonOption {
   interval?: string;
   continuous?: boolean;
   retain?: number;
+  retainAge?: string;
   allowedRegions?: string;
   rate?: string;
   consistency?: string;
+  preHook?: string;
+  postHook?: string;
 }
 
 interface OperationOptions extends JsonOption {
@@ -472,12 +507,38 @@ function policyLine(p: ProtectionPolicy): string {
     p.mode,
     p.continuous ? "continuous" : `every ${formatDuration(p.intervalMs)}`,
     `RPO ${p.rpoMs === 0 ? "0" : formatDuration(p.rpoMs)}`,
-    `keep ${p.retain}`,
+    `keep ${p.retain}${p.retainAgeMs ? ` for up to ${formatDuration(p.retainAgeMs)}` : ""}`,
     p.allowedRegions.length > 0 ? `regions ${p.allowedRegions.join(",")}` : "any region",
     ...(p.rateBytes === null ? [] : [`at most ${formatBytes(p.rateBytes)}/s`]),
     `${p.consistency}-consistent`,
+    ...(p.hooks.pre === null ? [] : ["pre-hook"]),
+    ...(p.hooks.post === null ? [] : ["post-hook"]),
   ];
   return parts.join(", ");
+}
+
+function pointReport(m: PointMetadata): string {
+  const lines = [
+    `recovery point ${m.generation} of ${m.app}: cut at ${m.source} ${new Date(m.atMs).toISOString()}, kept at ${m.target}`,
+    `  consistency: ${m.consistency}${m.reason ? ` (${m.reason})` : ""}; application held ${m.heldMs} ms`,
+    `  volumes: ${Object.entries(m.generations)
+      .map(([v, g]) => `${v}@${g}`)
+      .join(", ")}`,
+  ];
+  for (const c of m.captures) lines.push(`  ${c.kind} ${c.name}: captured`);
+  for (const [which, run] of [
+    ["pre-hook", m.hooks.pre],
+    ["post-hook", m.hooks.post],
+  ] as const) {
+    if (run === null) continue;
+    lines.push(`  ${which} \`${run.command}\`: exit ${run.exitCode ?? "-"} in ${run.ms} ms`);
+    for (const l of run.output
+      .trimEnd()
+      .split("\n")
+      .filter((x) => x !== ""))
+      lines.push(`    | ${l}`);
+  }
+  return `${lines.join("\n")}\n`;
 }
 
 function operationLine(op: Operation): string {

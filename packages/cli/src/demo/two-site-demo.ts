@@ -11,7 +11,7 @@
  * It owns everything it starts or creates — one temp directory, two nats-servers, the volume
  * services (B's twice) — and stops and removes all of it again, on success, on failure and on Ctrl-C.
  */
-import type { Site, SitePair } from "@ferry/nats-sites";
+import type { SitePair } from "@ferry/nats-sites";
 import { formatBytes } from "../bytes.js";
 import type { PairStatus, PromotedVolume } from "../commands/replicate.js";
 import { DemoCheckFailed, ToolFailed } from "../errors.js";

@@ -193,7 +193,10 @@ fn local(
             reg.close_all()?;
             r
         }
-        ControlRequest::ReplicateStart { .. } | ControlRequest::ReplicateSync { .. } | ControlRequest::ReplicateStop { .. } => {
+        ControlRequest::ReplicateStart { .. }
+        | ControlRequest::ReplicateSync { .. }
+        | ControlRequest::ReplicateCut { .. }
+        | ControlRequest::ReplicateStop { .. } => {
             Err(Error::InvalidArgument(format!(
                 "replication needs a running volume service for {}: start `ferry volume serve --data {} --site NAME --region REGION --nats URL`",
                 dir.root().display(),
@@ -359,6 +362,8 @@ impl ControlHandler for ServiceControl {
                 recovery_points,
                 reverse,
                 max_message,
+                points_max_age_ms,
+                scheduled,
             } => {
                 let on_loss = match on_loss.as_deref() {
                     None | Some("suspend") => OnLoss::Suspend,
@@ -395,6 +400,8 @@ impl ControlHandler for ServiceControl {
                         .unwrap_or(crate::volume_meta::DEFAULT_KEEP_POINTS)
                         .max(1),
                     reverse: reverse.unwrap_or(false),
+                    points_max_age_ms,
+                    scheduled: scheduled.unwrap_or(true),
                 };
                 Ok(to_value(self.replication()?.start_pair(cfg)?))
             }
@@ -418,6 +425,20 @@ impl ControlHandler for ServiceControl {
                     self.runtime
                         .block_on(async move { r.sync(&volumes).await })?,
                 ))
+            }
+            ControlRequest::ReplicateCut { volumes } => {
+                let r = self.replication()?.clone();
+                let (group, cut) = self
+                    .runtime
+                    .block_on(async move { r.cut(&volumes).await })?;
+                Ok(serde_json::json!({
+                    "group": group,
+                    "volumes": cut
+                        .iter()
+                        .map(|(name, generation)| serde_json::json!({"name": name, "generation": generation}))
+                        .collect::<Vec<_>>(),
+                    "atMs": crate::volume_meta::now_ms(),
+                }))
             }
             ControlRequest::ReplicateStop { volumes } => {
                 let r = self.replication()?.clone();

@@ -62,9 +62,19 @@ pub enum ControlRequest {
         /// Largest message on the wire (bytes); never above the NATS server's `max_payload`.
         #[serde(default)]
         max_message: Option<usize>,
+        /// Recovery points older than this are dropped at the target (ms; none: by count).
+        #[serde(default)]
+        points_max_age_ms: Option<u64>,
+        /// `false`: cut only on `replicateCut` (the orchestrator's quiesce/capture cycle).
+        #[serde(default)]
+        scheduled: Option<bool>,
     },
     ReplicateStatus,
     ReplicateSync {
+        volumes: Vec<String>,
+    },
+    /// Cut the group now; answered once the cut is taken, while it ships.
+    ReplicateCut {
         volumes: Vec<String>,
     },
     ReplicateStop {

@@ -923,6 +923,7 @@ impl Volume {
             last_complete_at_ms: now_ms(),
             points: Vec::new(),
             keep_points: DEFAULT_KEEP_POINTS,
+            points_max_age_ms: None,
             restoring_to: None,
         });
         next.promoted = None;
@@ -987,16 +988,22 @@ impl Volume {
     }
 
     /// How many complete generations the replica keeps (the last one included; 1 keeps none
-    /// before it).
-    pub fn set_keep_points(&self, keep: usize) -> Result<()> {
+    /// before it), and for how long (`max_age_ms`; `None`: by count only).
+    pub fn set_keep_points(&self, keep: usize, max_age_ms: Option<u64>) -> Result<()> {
         let _hold = self.apply_hold.read();
         let keep = keep.max(1);
-        if self.replica().is_some_and(|r| r.keep_points == keep) {
+        let oldest = max_age_ms.map(|age| now_ms().saturating_sub(age));
+        if self.replica().is_some_and(|r| {
+            r.keep_points == keep
+                && r.points_max_age_ms == max_age_ms
+                && !r.points.iter().any(|p| oldest.is_some_and(|o| p.at_ms < o))
+        }) {
             return Ok(());
         }
         let rep = self.update_replica(|r| {
             r.keep_points = keep;
-            r.points.truncate(keep - 1);
+            r.points_max_age_ms = max_age_ms;
+            retain_points(r);
         })?;
         recovery_points::prune(&self.dir, &rep.points);
         Ok(())
@@ -1025,6 +1032,7 @@ impl Volume {
             last_complete_at_ms: now_ms(),
             points: Vec::new(),
             keep_points: DEFAULT_KEEP_POINTS,
+            points_max_age_ms: None,
             restoring_to: None,
         });
         next.save(&self.dir.join(META_FILE))?;
@@ -1220,7 +1228,7 @@ impl Volume {
                         at_ms: r.last_complete_at_ms,
                     },
                 );
-                r.points.truncate(r.keep_points.saturating_sub(1));
+                retain_points(r);
             } else if r.epoch != id.epoch {
                 r.points.clear();
             }
@@ -1526,6 +1534,16 @@ impl CutGuard<'_> {
                 Err(e)
             }
         }
+    }
+}
+
+/// Apply the replica's retention to its recovery points (newest first): at most `keep_points`
+/// complete generations in all, none older than `points_max_age_ms`.
+fn retain_points(r: &mut ReplicaState) {
+    r.points.truncate(r.keep_points.saturating_sub(1));
+    if let Some(age) = r.points_max_age_ms {
+        let oldest = now_ms().saturating_sub(age);
+        r.points.retain(|p| p.at_ms >= oldest);
     }
 }
 

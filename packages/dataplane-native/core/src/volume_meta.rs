@@ -38,6 +38,9 @@ pub struct ReplicaState {
     /// Complete generations to keep, the last one included.
     #[serde(default = "default_keep_points")]
     pub keep_points: usize,
+    /// Recovery points older than this (ms) are dropped; `None` keeps them by count only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points_max_age_ms: Option<u64>,
     /// Set while the replica is being rolled back to this generation (finished at open after a
     /// crash).
     #[serde(default, skip_serializing_if = "Option::is_none")]

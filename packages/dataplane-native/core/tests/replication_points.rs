@@ -6,7 +6,7 @@ mod support;
 
 use ferry_dataplane::control::ControlRequest;
 use support::nats_sites::TwoSites;
-use support::sites::{start_pair, sync, Site};
+use support::sites::{start_pair, start_request, sync, wait_until, Site};
 
 const MIB: u64 = 1 << 20;
 
@@ -87,4 +87,95 @@ fn a_group_can_be_promoted_at_an_earlier_recovery_point() {
         .read_dir()
         .unwrap()
         .any(|_| true));
+}
+
+/// The replica's last complete generation (0: none, or no replica yet).
+fn last_complete(b: &Site, vol: &str) -> u64 {
+    b.admin()
+        .replicate(ControlRequest::ReplicaPoints {
+            volumes: vec![vol.to_string()],
+        })
+        .map_or(0, |p| p[0]["points"][0]["generation"].as_u64().unwrap_or(0))
+}
+
+/// An unscheduled pair cuts only when asked (the orchestrator's quiesce/capture cycle): the cut
+/// is answered at once with each volume's generation, which then ships; points older than the
+/// pair's age limit are dropped at the target.
+#[test]
+fn unscheduled_pairs_cut_on_request_and_points_age_out() {
+    let sites = TwoSites::start();
+    let a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
+    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
+    a.admin().create("app", 4 * MIB, 65536).unwrap();
+    let mut req = start_request(&["app"], "site-b", "async", 200);
+    if let ControlRequest::ReplicateStart {
+        scheduled,
+        recovery_points,
+        points_max_age_ms,
+        ..
+    } = &mut req
+    {
+        *scheduled = Some(false);
+        *recovery_points = Some(10);
+        *points_max_age_ms = Some(2_000);
+    }
+    a.admin().replicate(req).unwrap();
+    // The first full copy starts by itself.
+    wait_until(20, "first full copy", || last_complete(&b, "app") > 0);
+    let first = last_complete(&b, "app");
+
+    // Nothing is cut without a request, however long the interval has passed.
+    a.write("app", 0, 0x11, 65536);
+    std::thread::sleep(std::time::Duration::from_millis(1_000));
+    assert_eq!(last_complete(&b, "app"), first, "no cut was asked for");
+
+    let cut = |a: &Site| {
+        let r = a
+            .admin()
+            .replicate(ControlRequest::ReplicateCut {
+                volumes: vec!["app".into()],
+            })
+            .unwrap();
+        assert_eq!(r["volumes"][0]["name"], "app", "{r}");
+        r["volumes"][0]["generation"].as_u64().unwrap()
+    };
+    let g = cut(&a);
+    assert!(g > first, "a new generation: {g} after {first}");
+    wait_until(20, "the cut ships", || last_complete(&b, "app") == g);
+    assert!(b.content("app") == a.content("app"));
+
+    // Three more points; then, past the age limit, one more cut drops all older ones.
+    for i in 0..3u8 {
+        a.write("app", MIB, 0x20 + i, 4096);
+        let g = cut(&a);
+        wait_until(20, "the cut ships", || last_complete(&b, "app") == g);
+    }
+    assert_eq!(
+        points(&b, &["app"])[0]["points"].as_array().unwrap().len(),
+        5
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    let g = cut(&a);
+    wait_until(20, "the cut ships", || last_complete(&b, "app") == g);
+    let p = points(&b, &["app"]);
+    let kept: Vec<u64> = p[0]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["generation"].as_u64().unwrap())
+        .collect();
+    // The newest point, and the one before it (completed just now, when it became the base).
+    assert!(
+        kept.len() <= 2 && kept[0] == g,
+        "older points aged out: {p}"
+    );
+
+    // Asking a pair that does not exist says which volumes and what to do.
+    let e = a
+        .admin()
+        .replicate(ControlRequest::ReplicateCut {
+            volumes: vec!["nope".into()],
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("no replication pair holds"), "{e}");
 }

@@ -306,6 +306,14 @@ impl Replication {
         Ok(s.status())
     }
 
+    /// Cut the pair holding `volumes` now: its group id and the generation of each volume, as
+    /// soon as the cut is taken (it ships after).
+    pub async fn cut(&self, volumes: &[String]) -> Result<(String, super::shipper::Cut)> {
+        let s = self.pair_of(volumes)?;
+        let cut = s.cut_now().await?;
+        Ok((s.config().group.clone(), cut))
+    }
+
     /// Stop the pair holding `volumes` and forget its configuration.
     pub async fn stop_pair(&self, volumes: &[String]) -> Result<PairStatus> {
         let group = self.pair_of(volumes)?.config().group.clone();

@@ -55,6 +55,10 @@ pub enum ControlMessage {
         /// Complete generations each replica keeps as recovery points (the last one included).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         recovery_points: Option<usize>,
+        /// Recovery points older than this are dropped (with `recovery_points` given: `None`
+        /// keeps them by count only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        points_max_age_ms: Option<u64>,
         /// Replicating back after a failover: the target's volumes become replicas of the
         /// source's (see `ReverseBase`).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]

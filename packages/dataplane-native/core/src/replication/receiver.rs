@@ -112,6 +112,7 @@ impl Receiver {
                 allowed_regions,
                 volumes,
                 recovery_points,
+                points_max_age_ms,
                 reverse,
             } => {
                 if !region_allowed(&self.region, &allowed_regions) {
@@ -201,7 +202,7 @@ impl Receiver {
                         )));
                     }
                     if let Some(n) = recovery_points {
-                        vol.set_keep_points(n)?;
+                        vol.set_keep_points(n, points_max_age_ms)?;
                     }
                     replicas.push(ReplicaReport {
                         name: spec.name.clone(),
@@ -671,6 +672,7 @@ mod tests {
                 granularity: 65536,
             }],
             recovery_points: None,
+            points_max_age_ms: None,
             reverse: vec![],
         })
         .unwrap();

@@ -63,7 +63,31 @@ pub struct PairConfig {
     /// Replicating back to the site these volumes were promoted from (see `ReverseBase`).
     #[serde(default)]
     pub reverse: bool,
+    /// Recovery points older than this (ms) are dropped at the target; `None` keeps them by
+    /// count only.
+    #[serde(default)]
+    pub points_max_age_ms: Option<u64>,
+    /// Cut on `interval_ms` (the default) or only when asked (`Shipper::cut_now`): the
+    /// orchestrator then takes every cut itself, around quiesce/thaw and member capture.
+    #[serde(default = "default_scheduled")]
+    pub scheduled: bool,
 }
+
+fn default_scheduled() -> bool {
+    true
+}
+
+/// The generation each volume of a group was cut at.
+pub type Cut = Vec<(String, u64)>;
+
+/// Someone waiting on the shipper: for the next cut, or for it to be complete at the target.
+enum Waiter {
+    Complete(oneshot::Sender<Result<u64>>),
+    Cut(oneshot::Sender<Result<Cut>>),
+}
+
+/// How long an unscheduled pair sleeps between cuts nobody asked for (never, in practice).
+const UNSCHEDULED: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn default_recovery_points() -> usize {
     crate::volume_meta::DEFAULT_KEEP_POINTS
@@ -142,8 +166,8 @@ pub struct Shipper {
     started_ms: u64,
     bytes_raw: Arc<AtomicU64>,
     bytes_wire: Arc<AtomicU64>,
-    sync_tx: mpsc::Sender<oneshot::Sender<Result<u64>>>,
-    sync_rx: Mutex<Option<mpsc::Receiver<oneshot::Sender<Result<u64>>>>>,
+    sync_tx: mpsc::Sender<Waiter>,
+    sync_rx: Mutex<Option<mpsc::Receiver<Waiter>>>,
     /// Sync pairs: the links installed in the volumes (one per volume), and their signal.
     links: Mutex<Vec<(Arc<Volume>, Arc<SyncLink>)>>,
     link_lost: Arc<tokio::sync::Notify>,
@@ -154,6 +178,12 @@ pub struct Shipper {
 
 fn now_ms() -> u64 {
     crate::volume_meta::now_ms()
+}
+
+fn answer_cut(waiters: &mut Vec<oneshot::Sender<Result<Cut>>>, cut: Cut) {
+    for w in waiters.drain(..) {
+        let _ = w.send(Ok(cut.clone()));
+    }
 }
 
 impl Shipper {
@@ -296,7 +326,7 @@ impl Shipper {
     /// Cut now and wait until that generation is complete at the target.
     pub async fn sync_now(&self) -> Result<u64> {
         let (tx, rx) = oneshot::channel();
-        self.sync_tx.send(tx).await.map_err(|_| {
+        self.sync_tx.send(Waiter::Complete(tx)).await.map_err(|_| {
             Error::InvalidArgument(format!(
                 "replication of group '{}' is stopped",
                 self.cfg.group
@@ -307,12 +337,35 @@ impl Shipper {
         })?
     }
 
+    /// Cut now and answer the generations as soon as the cut is taken (shipping goes on): the
+    /// orchestrator thaws an application it quiesced for this cut.
+    pub async fn cut_now(&self) -> Result<Cut> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || {
+            Error::InvalidArgument(format!(
+                "replication of group '{}' is stopped",
+                self.cfg.group
+            ))
+        };
+        self.sync_tx
+            .send(Waiter::Cut(tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
     /// Run cycles until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut sync_rx = self.sync_rx.lock().take().expect("run once");
         let mut held: Option<HashMap<String, ReplicaReport>> = None;
-        let interval =
-            Duration::from_millis(self.cfg.interval_ms.max(super::manager::MIN_INTERVAL_MS));
+        let interval = if self.cfg.scheduled {
+            Duration::from_millis(self.cfg.interval_ms.max(super::manager::MIN_INTERVAL_MS))
+        } else {
+            UNSCHEDULED
+        };
+        let retry =
+            Duration::from_millis(self.cfg.interval_ms.max(super::manager::MIN_INTERVAL_MS))
+                .min(Duration::from_secs(2));
         let mut next = tokio::time::Instant::now();
         let mut last_shipped = u64::MAX;
         let link_lost = self.link_lost.clone();
@@ -321,15 +374,22 @@ impl Shipper {
             if *shutdown.borrow() {
                 break;
             }
-            let mut waiters = Vec::new();
+            let mut received = Vec::new();
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep_until(next) => {}
                 _ = link_lost.notified() => {}
-                w = sync_rx.recv() => match w { Some(w) => waiters.push(w), None => break },
+                w = sync_rx.recv() => match w { Some(w) => received.push(w), None => break },
             }
             while let Ok(w) = sync_rx.try_recv() {
-                waiters.push(w);
+                received.push(w);
+            }
+            let (mut waiters, mut cut_waiters) = (Vec::new(), Vec::new());
+            for w in received {
+                match w {
+                    Waiter::Complete(w) => waiters.push(w),
+                    Waiter::Cut(w) => cut_waiters.push(w),
+                }
             }
             if let Some(why) = self.lost_link() {
                 match self.cfg.on_loss {
@@ -353,10 +413,10 @@ impl Shipper {
                 _ = stopping => break,
                 r = async {
                     if in_sync {
-                        self.mark().await
+                        self.mark(&mut cut_waiters).await
                     } else {
                         let enter = sync_pair && last_shipped <= SYNC_ENTRY_MAX_BYTES;
-                        self.cycle(&mut held, enter).await
+                        self.cycle(&mut held, enter, &mut cut_waiters).await
                     }
                 } => r,
             };
@@ -393,7 +453,7 @@ impl Shipper {
                         self.suspend_sync(&e.to_string()).await;
                     }
                     // Back off, but not past the interval: the RPO depends on retrying.
-                    next = tokio::time::Instant::now() + interval.min(Duration::from_secs(2));
+                    next = tokio::time::Instant::now() + retry;
                     for name in &self.cfg.volumes {
                         if let Some(v) = self.registry.get(name) {
                             v.release_cut_image();
@@ -409,6 +469,16 @@ impl Shipper {
                     );
                 }
             }
+            // A cut that was not reached: say why.
+            for w in cut_waiters {
+                let _ = w.send(Err(match &r {
+                    Ok(_) => Error::InvalidArgument("replication stopped before the cut".into()),
+                    Err(e) => Error::Remote {
+                        code: e.code().to_string(),
+                        message: e.to_string(),
+                    },
+                }));
+            }
             for w in waiters {
                 let _ = w.send(match &r {
                     Ok(g) => Ok(*g),
@@ -423,7 +493,7 @@ impl Shipper {
         // generation before the links go, so the target reports (and promotes at) what it holds
         // and a later reverse has less to send. Bounded: a target that is gone changes nothing.
         if self.cfg.mode == Mode::Sync && self.synchronous() {
-            match tokio::time::timeout(FINAL_MARK_TIMEOUT, self.mark()).await {
+            match tokio::time::timeout(FINAL_MARK_TIMEOUT, self.mark(&mut Vec::new())).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => log::warn!("final mark of group '{}': {e}", self.cfg.group),
                 Err(_) => log::warn!("final mark of group '{}' timed out", self.cfg.group),
@@ -434,7 +504,7 @@ impl Shipper {
 
     /// In sync: cut the group (every change before the cut is acknowledged by the target, since
     /// writes hold the gate until then) and tell the target that generation is complete.
-    async fn mark(&self) -> Result<u64> {
+    async fn mark(&self, cut_waiters: &mut Vec<oneshot::Sender<Result<Cut>>>) -> Result<u64> {
         let cut_at = now_ms();
         let reg = self.registry.clone();
         let names = self.cfg.volumes.clone();
@@ -450,6 +520,10 @@ impl Shipper {
                 resume_from: None,
             })
             .collect();
+        answer_cut(
+            cut_waiters,
+            cuts.iter().map(|(n, g)| (n.clone(), *g)).collect(),
+        );
         let _committing = Committing::start(&self.committing);
         self.control(&ControlMessage::SyncMark {
             group: self.cfg.group.clone(),
@@ -518,6 +592,7 @@ impl Shipper {
                 allowed_regions: self.me.allowed_regions.clone(),
                 volumes,
                 recovery_points: Some(self.cfg.recovery_points),
+                points_max_age_ms: self.cfg.points_max_age_ms,
                 reverse: self.reverse_bases()?,
             })
             .await?;
@@ -574,6 +649,7 @@ impl Shipper {
         &self,
         held: &mut Option<HashMap<String, ReplicaReport>>,
         enter_sync: bool,
+        cut_waiters: &mut Vec<oneshot::Sender<Result<Cut>>>,
     ) -> Result<u64> {
         if held.is_none() {
             *held = Some(self.open().await?);
@@ -671,6 +747,10 @@ impl Shipper {
                 resume_from: resume_from.get(name).copied(),
             })
             .collect();
+        answer_cut(
+            cut_waiters,
+            cuts.iter().map(|(n, g, _)| (n.clone(), *g)).collect(),
+        );
         // Where the target may differ almost everywhere (a reverse whose common history could not
         // be proven), compare block hashes and ship only the blocks that differ.
         for (name, _, image) in &cuts {

@@ -152,6 +152,8 @@ pub fn start_request(vols: &[&str], to: &str, mode: &str, interval_ms: u64) -> C
         recovery_points: None,
         reverse: None,
         max_message: None,
+        points_max_age_ms: None,
+        scheduled: None,
     }
 }
 
