@@ -428,6 +428,42 @@ describe("applications across two sites", () => {
     await ferry.ok(at("a", ["unprotect", "crm"]));
   });
 
+  it("holds an application at both sites while an operation runs: the other site refuses a conflicting request", async () => {
+    await ferry.ok(at("a", ["app", "create", "ledger", "--volume", "ledger-db", "--size", "4M"]));
+    // Slow on purpose: the migration's sync step then takes a few seconds.
+    await ferry.ok(at("a", ["policy", "create", "slow", "--mode", "async", "--interval", "1s", "--rate", "512K"]));
+    await ferry.ok(at("a", ["protect", "ledger", "--policy", "slow", "--to", "site-b", "--wait"]));
+    const data = join(await sandbox.dir("ledger-"), "random.bin");
+    await writeFile(data, randomBytes(4 * 2 ** 20));
+    const copy = await sandbox.run("nbdcopy", [data, ferryd.a.serve.uri("ledger-db")]);
+    expect(copy.code, copy.stderr).toBe(0);
+    const atA = await digests("a", ["ledger-db"]);
+
+    const op = await ferry.json<Operation>(at("b", ["failover", "ledger", "--to", "site-b", "--planned", "--no-wait"]));
+    await waitFor("the migration to wait on its sync", async () => {
+      const o = await ferry.json<Operation>(at("b", ["operation", op.id]));
+      return o.steps.find((s) => s.name === "sync")?.state === "running";
+    });
+    const refused = await ferry.run(at("a", ["unprotect", "ledger"]));
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toBe(
+      `ferry: application ledger is busy with operation ${op.id} run by site site-b; wait for it to finish ` +
+        `(\`ferry operation ${op.id} --site site-b\`) and try again\n`,
+    );
+    const done = await waitFor(
+      "the migration to finish",
+      async () => {
+        const o = await ferry.json<Operation>(at("b", ["operation", op.id]));
+        return o.state !== "running" && o;
+      },
+      { timeoutMs: 60_000 },
+    );
+    expect(done.state, JSON.stringify(done.error)).toBe("succeeded");
+    expect(await digests("b", ["ledger-db"])).toEqual(atA);
+    // Released at both sites: the application can be worked on again.
+    await ferry.ok(at("b", ["unprotect", "ledger"]));
+  });
+
   it("runs one operation per application at a time, and resumes a failover after ferryd is killed mid-way (kill -9)", async () => {
     await qemuIo(sandbox, ferryd.b.serve.uri("shop-db"), ["write -P 0xf1 6M 64K"]);
     const wrote = Date.now();

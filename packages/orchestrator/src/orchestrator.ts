@@ -248,6 +248,8 @@ export class Orchestrator {
       protectionStatus: async (b) => this.status(str(b, "app")),
       appActivated: async (b) => this.appActivated(b.app as Application, b.protection as Protection | null),
       membersStop: async (b) => this.membersStop(str(b, "app")),
+      lockAcquire: async (b) => this.lockAcquire(str(b, "app"), str(b, "operation"), str(b, "site")),
+      lockRelease: async (b) => this.lockRelease(str(b, "app"), str(b, "operation")),
     };
   }
 
@@ -406,7 +408,7 @@ export class Orchestrator {
     if (to === this.site) throw invalid(`application ${appName} runs at site ${to}; protect it to another site`);
     const target = this.requireSite(to);
     this.checkResidency(appName, policy, target, "be protected to");
-    this.requireIdle(appName);
+    await this.ensureIdle(appName);
     const key = protectionKey(appName, to);
     const existing = this.catalog.protections.get(key);
     if (existing !== undefined && existing.state === "protecting") {
@@ -456,7 +458,7 @@ export class Orchestrator {
     if (app.active !== this.site) {
       throw conflict(`application ${appName} runs at site ${app.active}: unprotect it there (--site ${app.active})`);
     }
-    this.requireIdle(appName);
+    await this.ensureIdle(appName);
     const mine = this.catalog.protectionsOf(appName).filter((p) => p.source === this.site);
     if (mine.length === 0) throw notFound(`application ${appName} is not protected from site ${this.site}`);
     for (const p of mine) {
@@ -857,6 +859,24 @@ export class Orchestrator {
     return out;
   }
 
+  /** Another site's operation on `app` involves this site: hold the application for it. */
+  private async lockAcquire(app: string, operation: string, site: string): Promise<null> {
+    const value = `${site}/${operation}`;
+    if (this.catalog.locks.get(app) === value) return null;
+    await this.ensureIdle(app);
+    await this.catalog.locks.create(app, value).catch((error) => {
+      if (error instanceof FerryError && error.code === ErrorCode.conflict) this.requireIdle(app);
+      throw error;
+    });
+    return null;
+  }
+
+  private async lockRelease(app: string, operation: string): Promise<null> {
+    const holder = this.catalog.locks.get(app);
+    if (holder !== undefined && remoteHolder(holder)?.operation === operation) await this.catalog.locks.delete(app);
+    return null;
+  }
+
   /** Planned migration, at the site the application leaves: stop its members cleanly. */
   private async membersStop(appName: string): Promise<string[]> {
     const app = this.requireApp(appName);
@@ -887,9 +907,43 @@ export class Orchestrator {
     return this.catalog.locks.get(app) !== undefined;
   }
 
+  /**
+   * Refuse while an operation holds `app` — one of this site's, or one another site runs on it
+   * (lock value `<site>/<operation>`). A remote holder that no longer runs it (its lock release was
+   * lost) is cleared here.
+   */
+  private async ensureIdle(app: string): Promise<void> {
+    const holder = this.catalog.locks.get(app);
+    const remote = holder === undefined ? null : remoteHolder(holder);
+    if (remote !== null) {
+      const op = await call<Operation>(this.nc, remote.site, "operationGet", { id: remote.operation }, 5_000).catch(
+        (error) => {
+          if (error instanceof FerryError && error.code === ErrorCode.notFound) return null;
+          throw conflict(
+            `application ${app} is held by operation ${remote.operation} of site ${remote.site}, which does not ` +
+              `answer (${errorBody(error).message}); try again when it is back (\`ferry operation ${remote.operation} ` +
+              `--site ${remote.site}\`)`,
+          );
+        },
+      );
+      if (op === null || op.state !== "running") {
+        await this.catalog.locks.delete(app);
+        return;
+      }
+    }
+    this.requireIdle(app);
+  }
+
   private requireIdle(app: string): void {
     const holder = this.catalog.locks.get(app);
     if (holder === undefined) return;
+    const remote = remoteHolder(holder);
+    if (remote !== null) {
+      throw conflict(
+        `application ${app} is busy with operation ${remote.operation} run by site ${remote.site}; wait for it to ` +
+          `finish (\`ferry operation ${remote.operation} --site ${remote.site}\`) and try again`,
+      );
+    }
     const op = this.catalog.operations.get(holder);
     const step = op?.steps.find((s) => s.state === "running")?.name ?? "starting";
     throw conflict(
@@ -898,14 +952,29 @@ export class Orchestrator {
     );
   }
 
-  /** Create, lock and launch an operation; answers it as first persisted (state running). */
+  /**
+   * Create, lock and launch an operation; answers it as first persisted (state running). The
+   * application is locked here and at the other site the operation involves, so neither starts
+   * another on it meanwhile; an unreachable other site (an unplanned failover) does not stop it.
+   */
   private async begin(kind: OperationKind, app: Application, from: string, point: number | null): Promise<Operation> {
-    this.requireIdle(app.name);
+    await this.ensureIdle(app.name);
     const op = newOperation(kind, { id: randomUUID(), app: app.name, to: this.site, from, point, nowMs: Date.now() });
     await this.catalog.locks.create(app.name, op.id).catch((error) => {
       if (error instanceof FerryError && error.code === ErrorCode.conflict) this.requireIdle(app.name);
       throw error;
     });
+    if (from !== this.site) {
+      try {
+        await call(this.nc, from, "lockAcquire", { app: app.name, operation: op.id, site: this.site }, 5_000);
+      } catch (error) {
+        if (!(error instanceof FerryError && error.code === ErrorCode.unreachable)) {
+          await this.catalog.locks.delete(app.name).catch(() => {});
+          throw error;
+        }
+        this.log(`${kind} of ${app.name}: site ${from} does not answer; its side is not locked`);
+      }
+    }
     await this.catalog.operations.put(op.id, op);
     await this.events.emit("operation.started", app.name, { operation: op.id, kind, from, to: this.site });
     this.launch(op);
@@ -930,6 +999,11 @@ export class Orchestrator {
     ).then(async (done) => {
       this.running.delete(op.id);
       await this.catalog.locks.delete(done.app).catch(() => {});
+      if (done.from !== this.site) {
+        await call(this.nc, done.from, "lockRelease", { app: done.app, operation: done.id }, 5_000).catch((error) =>
+          this.log(`site ${done.from} not told that ${done.kind} ${done.id} ended: ${errorBody(error).message}`),
+        );
+      }
       const seconds = ((done.endedAtMs ?? Date.now()) - done.startedAtMs) / 1000;
       this.metrics.operations.inc({ kind: done.kind, result: done.state });
       this.metrics.operationSeconds.observe({ kind: done.kind }, seconds);
@@ -1347,6 +1421,12 @@ function pairKey(target: string, volumes: readonly string[]): string {
 
 function indexPairs(pairs: readonly PairStatus[]): PairIndex {
   return new Map(pairs.map((p) => [pairKey(p.target, p.volumes), p]));
+}
+
+/** A lock held for another site's operation: `<site>/<operation id>`; null for this site's own. */
+function remoteHolder(holder: string): { site: string; operation: string } | null {
+  const slash = holder.indexOf("/");
+  return slash < 0 ? null : { site: holder.slice(0, slash), operation: holder.slice(slash + 1) };
 }
 
 /** The name of a drill's copy of a volume. */
