@@ -39,7 +39,10 @@ describe("policy validation", () => {
       [{ name: "p", mode: "async", allowedRegions: ["EU DE"] }, 'allowed region "EU DE" is not a region name'],
       [{ name: "p", mode: "async", rateBytes: 0 }, "--rate must be above 0"],
       [{ name: "p", mode: "async", consistency: "perfect" }, 'consistency "perfect" is not one of crash, application'],
-      [{ name: "p", mode: "async", interval: "1m", retainAge: "10s" }, "--retain-age '10s' is too short: the shortest is 1m"],
+      [
+        { name: "p", mode: "async", interval: "1m", retainAge: "10s" },
+        "--retain-age '10s' is too short: the shortest is 1m",
+      ],
       [{ name: "p", mode: "async", hooks: { pre: "" } }, "policy p: the pre-hook must be a shell command"],
       [{ name: "-p", mode: "async" }, 'policy name "-p" is not valid'],
     ];
