@@ -147,6 +147,9 @@ export class NatsSite implements Site {
     try {
       child = spawn(this.spec.natsServer, ["-c", this.configFile, "-P", this.pidFile], {
         stdio: ["ignore", logFd, logFd],
+        // Replication frames are MiB-sized: with Go's default GC target the server spends a third
+        // of its CPU collecting them (infra/nats/README.md, "Tuning"). A caller's GOGC wins.
+        env: { ...process.env, GOGC: process.env.GOGC ?? NATS_GOGC },
       });
     } finally {
       closeSync(logFd);
@@ -245,6 +248,9 @@ export class NatsSite implements Site {
 function natsUrl({ user, password }: NatsCredentials, server: string): string {
   return `nats://${encodeURIComponent(user)}:${encodeURIComponent(password)}@${server}`;
 }
+
+/** Go's GC target for the sites' nats-servers (Go's default is 100); see infra/nats/README.md. */
+export const NATS_GOGC = "400";
 
 const PLACEHOLDER = /\{\{([A-Z0-9_]+)\}\}/g;
 const INCLUDE = /^\s*include\s+"([^"]+)"/gm;
