@@ -124,6 +124,30 @@ impl CutImage {
         Ok(())
     }
 
+    /// Was `[offset, offset+length)` a hole at the cut? True when no block of it was preserved
+    /// and the volume's file has no data there now: any write since the cut would have
+    /// preserved the block first (under this image's lock). Lets the shipper send a hole as a
+    /// zero frame without reading it — and without filling the page cache with its zeroes.
+    pub fn is_hole(&self, data: &File, offset: u64, length: u64) -> Result<bool> {
+        let _g = self.lock.lock();
+        if self.saved.any_in(offset, length) {
+            return Ok(false);
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(data);
+        // SAFETY: lseek on a file descriptor this image's volume keeps open.
+        let next = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if next < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `offset`.
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(true),
+                _ => Err(e)
+                    .ctx(|| format!("SEEK_DATA in generation {} at {offset}", self.generation)),
+            };
+        }
+        Ok(next as u64 >= offset + length)
+    }
+
     /// `[offset, offset+length)` reached the target: stop preserving it.
     pub fn shipped(&self, offset: u64, length: u64) {
         let _g = self.lock.lock();
@@ -170,5 +194,33 @@ mod tests {
                 "at {offset}"
             );
         }
+    }
+
+    #[test]
+    fn holes_at_the_cut_are_known_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (size, g) = (64 * 65536u64, 65536u64);
+        let data = tempfile::tempfile().unwrap();
+        data.set_len(size).unwrap();
+        // Data in block 1 only; the rest of the file is holes.
+        data.write_all_at(&vec![7u8; g as usize], g).unwrap();
+        let changed = DirtyBitmap::new(size, g);
+        changed.mark(0, size);
+        let image = CutImage::create(dir.path(), 3, &changed).unwrap();
+        assert!(image.is_hole(&data, 0, g).unwrap());
+        assert!(!image.is_hole(&data, 0, 2 * g).unwrap(), "reaches the data");
+        assert!(!image.is_hole(&data, g, g).unwrap());
+        assert!(
+            image.is_hole(&data, 8 * g, 56 * g).unwrap(),
+            "up to the end"
+        );
+        // A write after the cut preserves the hole's content first: it is still a hole at the
+        // cut (zero frames are right) — but it must be read from the side file now.
+        image.preserve(&data, 9 * g, 4096).unwrap();
+        data.write_all_at(&[1u8; 4096], 9 * g).unwrap();
+        assert!(!image.is_hole(&data, 8 * g, 4 * g).unwrap());
+        let mut block = vec![9u8; g as usize];
+        image.read(&data, 9 * g, &mut block).unwrap();
+        assert!(block.iter().all(|b| *b == 0), "read as it was at the cut");
     }
 }

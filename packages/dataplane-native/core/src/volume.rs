@@ -545,6 +545,12 @@ impl Volume {
         image.read(&self.file, offset, buf)
     }
 
+    /// Was `[offset, offset+length)` a hole at the image's cut (see `CutImage::is_hole`)?
+    pub fn cut_hole(&self, image: &CutImage, offset: u64, length: u64) -> Result<bool> {
+        self.check_range(offset, length)?;
+        image.is_hole(&self.file, offset, length)
+    }
+
     /// The image being shipped, if any.
     pub fn cut_image(&self) -> Option<Arc<CutImage>> {
         self.image.read().clone()

@@ -167,6 +167,23 @@ pub enum Content<'a> {
     Trim,
 }
 
+/// Refuse a zstd level outside [`LEVELS`], saying which are allowed.
+pub fn check_level(level: i32) -> Result<()> {
+    if LEVELS.contains(&level) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "zstd level {level} for replication frames is out of range: use {} to {} ({} is the default)",
+        LEVELS.start(),
+        LEVELS.end(),
+        DEFAULT_LEVEL
+    )))
+}
+
+/// `encode_data` at this level sends data frames raw, never trying zstd: the synchronous write
+/// path's small writes, where compressing costs more time than the bytes it saves.
+pub const RAW_LEVEL: i32 = 0;
+
 /// Encode `data`, the volume's bytes at `[offset, offset + data.len())` in generation
 /// `(epoch, generation)`, as data frame `seq`: a `zero` frame if every byte is zero, else `zstd`
 /// at `level` when that saves at least 1/16 of the bytes, else `raw`. The message is never longer
@@ -182,13 +199,8 @@ pub fn encode_data(
     data: &[u8],
     level: i32,
 ) -> Result<Vec<u8>> {
-    if !LEVELS.contains(&level) {
-        return Err(Error::InvalidArgument(format!(
-            "zstd level {level} for replication frames is out of range: use {} to {} ({} is the default)",
-            LEVELS.start(),
-            LEVELS.end(),
-            DEFAULT_LEVEL
-        )));
+    if level != RAW_LEVEL {
+        check_level(level)?;
     }
     let length = check_range(volume, offset, data.len() as u64)?;
     let mut frame = Frame {
@@ -206,6 +218,12 @@ pub fn encode_data(
         return Ok(frame.header(0));
     }
     frame.xxh3 = xxh3_64(data);
+    if level == RAW_LEVEL {
+        frame.encoding = Encoding::Raw;
+        let mut out = frame.header(data.len());
+        out.extend_from_slice(data);
+        return Ok(out);
+    }
     // Compress straight into the message, behind room for the header: one buffer per frame, and
     // at least zstd's bound for `data`, so compression cannot run out of room (nor can `data`).
     let header_len = frame.header_len();
@@ -1163,11 +1181,25 @@ mod tests {
     #[test]
     fn encoders_refuse_bad_arguments() {
         let data = random(4096, 4);
-        for level in [0, -1, 20, 22] {
+        for level in [-1, 20, 22] {
             let e = encode_data(VOL, 1, 1, 0, 0, &data, level).unwrap_err();
             assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "level {level}");
             assert!(e.to_string().contains("1 to 19"), "{e}");
         }
+        // What a user may configure: 0 is the sync path's internal "raw", not a level.
+        for level in [0, -1, 20] {
+            assert!(check_level(level)
+                .unwrap_err()
+                .to_string()
+                .contains("1 to 19"));
+        }
+        let text = b"compressible ".repeat(400);
+        let raw = encode_data(VOL, 1, 1, 0, 0, &text, RAW_LEVEL).unwrap();
+        let Message::Data(f) = decode(&raw).unwrap() else {
+            panic!("a data frame")
+        };
+        assert_eq!(f.encoding, Encoding::Raw, "never compressed at RAW_LEVEL");
+        assert!(matches!(f.verify().unwrap(), Content::Data(d) if *d == text[..]));
         assert!(encode_data(VOL, 1, 1, 0, 0, &data, 19).is_ok());
         let e = encode_data(VOL, 1, 1, 0, 0, &[], 1).unwrap_err();
         assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");

@@ -229,7 +229,7 @@ impl Replication {
         }
         // Settings the shipper would only trip over later are refused now.
         super::frame::FrameSizer::new(cfg.max_message)?;
-        super::frame::encode_data("v", 1, 1, 0, 0, &[1], cfg.level)?;
+        super::frame::check_level(cfg.level)?;
         for v in &cfg.volumes {
             let vol = self.registry.require(v)?;
             if vol.replica().is_some() {

@@ -941,17 +941,29 @@ impl Shipper {
                     let mut msg = Vec::new();
                     let mut buf = Vec::new();
                     for (seq, piece) in (first_seq..).zip(&bundle) {
-                        buf.resize(piece.length as usize, 0);
-                        vol.read_cut(&image, piece.offset, &mut buf)?;
-                        let frame = frame::encode_data(
-                            vol.name(),
-                            epoch,
-                            generation,
-                            seq,
-                            piece.offset,
-                            &buf,
-                            level,
-                        )?;
+                        // Holes go as zero frames without being read.
+                        let frame = if vol.cut_hole(&image, piece.offset, piece.length as u64)? {
+                            frame::encode_zero(
+                                vol.name(),
+                                epoch,
+                                generation,
+                                seq,
+                                piece.offset,
+                                piece.length,
+                            )?
+                        } else {
+                            buf.resize(piece.length as usize, 0);
+                            vol.read_cut(&image, piece.offset, &mut buf)?;
+                            frame::encode_data(
+                                vol.name(),
+                                epoch,
+                                generation,
+                                seq,
+                                piece.offset,
+                                &buf,
+                                level,
+                            )?
+                        };
                         if msg.is_empty() {
                             msg = frame;
                         } else {

@@ -25,6 +25,9 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Synchronous writes up to this size are sent raw (see `Mirror::write` below).
+const SYNC_RAW_MAX: usize = 16 << 10;
 use std::time::{Duration, Instant};
 
 /// What a sync pair does when the target stops answering.
@@ -300,7 +303,13 @@ impl Mirror for SyncLink {
                     seq,
                     offset,
                     data,
-                    self.level,
+                    // A write waits for the target: small ones go raw, compressing them costs
+                    // more time (zstd's setup per frame) than the bytes save on a metro link.
+                    if data.len() <= SYNC_RAW_MAX {
+                        frame::RAW_LEVEL
+                    } else {
+                        self.level
+                    },
                 )
             },
             fua,
