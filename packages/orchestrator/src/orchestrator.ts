@@ -689,7 +689,11 @@ export class Orchestrator {
           );
           continue;
         }
-        if (orchestratedCuts(app, p)) this.maybeCut(app, p);
+        // Only between cycles: a cut asked for while one ships (or the first full copy runs) waits
+        // for it, and the application would stay quiesced all that time.
+        if (orchestratedCuts(app, p) && pair.state === "idle" && pair.lastCompleteGeneration !== null) {
+          this.maybeCut(app, p);
+        }
         // Synchronous: a tick handles every protection of the site without a turn of the event loop each.
         const s = sourceStatus(p, pair);
         const series = this.metrics.protection(p.app, p.target);
