@@ -444,6 +444,14 @@ describe("applications across two sites", () => {
       const o = await ferry.json<Operation>(at("b", ["operation", op.id]));
       return o.steps.find((s) => s.name === "sync")?.state === "running";
     });
+    // The transfer under way shows at the source, with its progress.
+    const moving = await waitFor("the transfer's progress at site A", async () => {
+      const rows = await ferry.json<ProtectionStatus[]>(at("a", ["status", "ledger"]));
+      return rows.find((r) => r.source === "site-a")?.transfer ?? undefined;
+    });
+    expect(moving.totalBytes).toBeGreaterThan(0);
+    expect(moving.totalBytes).toBeLessThanOrEqual(4 * 2 ** 20);
+    expect(moving.doneBytes).toBeLessThanOrEqual(moving.totalBytes);
     const refused = await ferry.run(at("a", ["unprotect", "ledger"]));
     expect(refused.code).toBe(1);
     expect(refused.stderr).toBe(

@@ -30,6 +30,8 @@ export interface PairStatus {
   suspensions: number;
   /** The last generation shipped whole: cut to the target's commit, and the bytes it took. */
   lastCycle: { generation: number; ms: number; bytesRaw: number; bytesWire: number } | null;
+  /** While a generation ships: its volume data sent so far and in all. */
+  transfer?: { generation: number; doneBytes: number; totalBytes: number } | null;
 }
 
 /** A target site's replica and the generations it can be promoted at. */

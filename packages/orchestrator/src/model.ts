@@ -119,6 +119,8 @@ export interface ProtectionStatus {
   lastError: string | null;
   /** While the first full copy runs (no recovery point yet): bytes shipped of the volumes' total. */
   initialCopy?: { doneBytes: number; totalBytes: number } | null;
+  /** While a generation ships (at the source): its bytes sent so far and in all. */
+  transfer?: { generation: number; doneBytes: number; totalBytes: number } | null;
 }
 
 export type OperationKind = "failover" | "migration" | "failback" | "drill" | "drill-cleanup";

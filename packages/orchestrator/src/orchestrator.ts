@@ -631,7 +631,10 @@ export class Orchestrator {
       const pair = this.findPair(app, p.target, pairs);
       const status = sourceStatus(p, pair);
       if (pair !== undefined && pair.lastCompleteGeneration === null) {
-        status.initialCopy = { doneBytes: pair.bytesRaw, totalBytes: await this.sizeOf(app) };
+        status.initialCopy =
+          pair.transfer != null
+            ? { doneBytes: pair.transfer.doneBytes, totalBytes: pair.transfer.totalBytes }
+            : { doneBytes: pair.bytesRaw, totalBytes: await this.sizeOf(app) };
       }
       return status;
     }
@@ -1405,6 +1408,7 @@ function sourceStatus(p: Protection, pair: PairStatus | undefined): ProtectionSt
     bytesWire: pair?.bytesWire ?? 0,
     lastError: pair?.lastError ?? (pair === undefined ? "the data plane has no pair for this protection" : null),
     initialCopy: null,
+    transfer: pair?.transfer ?? null,
   };
 }
 

@@ -559,6 +559,11 @@ function operationReport(op: Operation): string {
  * Start an operation and, unless --no-wait, follow it step by step until it ends; a failed
  * operation exits 1 with its error.
  */
+/** Steps that wait for a generation to ship (a migration's syncs, a failback's resync). */
+const TRANSFER_STEPS = new Set(["sync", "final-sync", "resync"]);
+/** Transfers smaller than this finish before a bar would say anything. */
+const PROGRESS_MIN_BYTES = 16 * 2 ** 20;
+
 async function runOperation(
   io: ProgramIo,
   command: Command,
@@ -572,15 +577,27 @@ async function runOperation(
     if (!options.wait) return op;
     if (!options.json) io.writeOut(`${op.kind} of ${op.app} to ${op.to}: operation ${op.id}\n`);
     const reported = new Set<string>();
+    let progress = null as { step: string; bar: Progress } | null;
     for (;;) {
       for (const s of op.steps) {
         if ((s.state === "done" || s.state === "skipped") && !reported.has(s.name)) {
           reported.add(s.name);
+          if (progress?.step === s.name) progress.bar.done();
           if (!options.json)
             io.writeOut(`  ${s.state === "done" ? "✓" : "-"} ${s.name}${s.detail ? `: ${s.detail}` : ""}\n`);
         }
       }
       if (op.state !== "running") return op;
+      const running = op.steps.find((s) => s.state === "running")?.name;
+      if (!options.json && running !== undefined && TRANSFER_STEPS.has(running)) {
+        // The data moves from the site the application leaves: show that pair's transfer.
+        const rows = await call<ProtectionStatus[]>(nc, op.from, "status", { app: op.app }).catch(() => []);
+        const t = rows.find((r) => r.source === op.from && r.target === op.to)?.transfer;
+        if (t != null && t.totalBytes >= PROGRESS_MIN_BYTES) {
+          if (progress?.step !== running) progress = { step: running, bar: new Progress(io, `  ${running}`) };
+          progress.bar.update(t.doneBytes, t.totalBytes);
+        }
+      }
       await new Promise((r) => setTimeout(r, 200));
       op = await call<Operation>(nc, at, "operationGet", { id: op.id });
     }

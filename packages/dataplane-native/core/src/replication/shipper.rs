@@ -132,6 +132,18 @@ pub struct PairStatus {
     pub suspensions: u64,
     /// The last generation shipped whole: what it took from its cut to the target's commit.
     pub last_cycle: Option<CycleStats>,
+    /// While a generation ships: its volume data sent so far and in all (progress of a long
+    /// transfer: a first full copy, a failback's resync, a migration's final sync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Transfer {
+    pub generation: u64,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// One generation's trip: cut at the source, shipped, applied and committed at the target.
@@ -174,6 +186,8 @@ pub struct Shipper {
     /// A commit (or sync mark) is on its way to the target: a stop waits for it to be answered,
     /// so that what the pair reports is what the target holds.
     committing: AtomicBool,
+    /// The generation shipping now: (generation, its bytes, `bytes_raw` when it started).
+    transfer: Mutex<Option<(u64, u64, u64)>>,
 }
 
 fn now_ms() -> u64 {
@@ -220,6 +234,7 @@ impl Shipper {
             links: Mutex::new(Vec::new()),
             link_lost: Arc::new(tokio::sync::Notify::new()),
             committing: AtomicBool::new(false),
+            transfer: Mutex::new(None),
         })
     }
 
@@ -238,6 +253,13 @@ impl Shipper {
         } else {
             s.bytes_raw as f64 / s.bytes_wire as f64
         };
+        if let Some((generation, total, start)) = *self.transfer.lock() {
+            s.transfer = Some(Transfer {
+                generation,
+                done_bytes: s.bytes_raw.saturating_sub(start).min(total),
+                total_bytes: total,
+            });
+        }
         s.sync_writes += self
             .links
             .lock()
@@ -469,6 +491,7 @@ impl Shipper {
                     );
                 }
             }
+            *self.transfer.lock() = None;
             // A cut that was not reached: say why.
             for w in cut_waiters {
                 let _ = w.send(Err(match &r {
@@ -751,6 +774,11 @@ impl Shipper {
             cut_waiters,
             cuts.iter().map(|(n, g, _)| (n.clone(), *g)).collect(),
         );
+        *self.transfer.lock() = Some((
+            cuts.iter().map(|(_, g, _)| *g).max().unwrap_or(0),
+            cuts.iter().map(|(_, _, image)| image.pending_bytes()).sum(),
+            self.bytes_raw.load(Ordering::Relaxed),
+        ));
         // Where the target may differ almost everywhere (a reverse whose common history could not
         // be proven), compare block hashes and ship only the blocks that differ.
         for (name, _, image) in &cuts {
