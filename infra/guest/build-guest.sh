@@ -31,8 +31,14 @@ if [[ -f $current/vmlinuz && -f $current/initrd.img && -f $current/inputs ]] &&
 fi
 
 # The kernel the linux-image-amd64 metapackage points at, e.g. linux-image-6.1.0-56-amd64.
-meta=$(apt-cache show --no-all-versions linux-image-amd64 2>/dev/null) ||
-  die "apt knows no linux-image-amd64: run apt-get update"
+# A fresh machine (or image) may have no package lists yet: fetch them once.
+meta=$(apt-cache show --no-all-versions linux-image-amd64 2>/dev/null) || {
+  say "apt knows no linux-image-amd64 yet: apt-get update"
+  sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo -n)
+  "${sudo[@]}" apt-get update -qq >&2
+  meta=$(apt-cache show --no-all-versions linux-image-amd64 2>/dev/null)
+} || die "apt knows no linux-image-amd64 even after apt-get update"
 kpkg=$(sed -n 's/^Depends: \(linux-image-[0-9][^ ]*-amd64\) (= .*$/\1/p' <<<"$meta" | head -n1)
 kver=$(sed -n 's/^Depends: linux-image-[0-9][^ ]*-amd64 (= \(.*\))$/\1/p' <<<"$meta" | head -n1)
 [[ -n $kpkg && -n $kver ]] || die "cannot tell which kernel linux-image-amd64 depends on"
@@ -74,6 +80,8 @@ build() {
 
 if [[ ! -f $out/vmlinuz || ! -f $out/initrd.img ]]; then
   build
+  # Older builds (another kernel, an older init) are not used any more.
+  find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name "$key" ! -name '.build.*' -exec rm -rf {} +
 fi
 echo "$inputs $bbver" >"$out/inputs"
 ln -sfn "$key" "$current"

@@ -19,6 +19,7 @@ import {
   fileDiskXml,
   type LibvirtDaemon,
   libvirtInstalled,
+  readGuestConsole,
   Sandbox,
   startLibvirtDaemon,
   type TestGuestKernel,
@@ -61,13 +62,19 @@ afterAll(async () => {
   await sandbox?.cleanup();
 });
 
-/** sha256 of the first `bytes` of a Ferry volume, read over NBD by nbdcopy. */
+/** A Ferry volume's bytes, read over NBD by nbdcopy. */
+async function volumeBytes(volume: string): Promise<Buffer> {
+  const { stdout } = await exec("nbdcopy", [serve.uri(volume), "-"], { encoding: "buffer", maxBuffer: 64 * MiB });
+  return stdout;
+}
+
+function sha256(bytes: Buffer): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/** sha256 of the first `bytes` of a Ferry volume. */
 async function volumeSha256(volume: string, bytes: number): Promise<string> {
-  const { stdout } = await exec("nbdcopy", [serve.uri(volume), "-"], {
-    encoding: "buffer",
-    maxBuffer: 256 * MiB,
-  });
-  return createHash("sha256").update(stdout.subarray(0, bytes)).digest("hex");
+  return sha256((await volumeBytes(volume)).subarray(0, bytes));
 }
 
 function virsh(...args: string[]) {
@@ -81,31 +88,51 @@ interface VmJson {
 }
 
 describe("ferry vm", () => {
-  it("adopts a shut-off VM offline; the guest boots from the Ferry volume and writes what it reports", async () => {
-    const disk = join(dir, "web.raw");
-    const original = randomBytes(8 * MiB);
-    await writeFile(disk, original);
+  it("adopts a shut-off VM offline; the guest boots from the Ferry volumes and writes what it reports", async () => {
+    const disks = { vda: join(dir, "web.raw"), vdb: join(dir, "web-data.raw") };
+    const original = { vda: randomBytes(8 * MiB), vdb: randomBytes(4 * MiB) };
+    await writeFile(disks.vda, original.vda);
+    await writeFile(disks.vdb, original.vdb);
     const console = join(dir, "web.console");
     await virsh(
       "define",
       await xmlFile(
         "web",
-        testGuestXml({ name: "web", kernel, disks: [fileDiskXml("vda", disk)], console, seed: 11, mb: 4 }),
+        testGuestXml({
+          name: "web",
+          kernel,
+          disks: [fileDiskXml("vda", disks.vda), fileDiskXml("vdb", disks.vdb)],
+          console,
+          seed: 11,
+          mb: 2,
+        }),
       ),
     );
 
     const before = await ferry.json<VmJson[]>(["vm", "list"], { env });
     expect(before.find((v) => v.name === "web")).toMatchObject({
       state: "shutoff",
-      disks: [{ target: "vda", type: "file", source: disk }],
+      disks: [
+        { target: "vda", type: "file", source: disks.vda },
+        { target: "vdb", type: "file", source: disks.vdb },
+      ],
     });
 
     const out = await ferry.ok(["vm", "adopt", "web"], { env });
-    expect(out).toContain(`web vda: ${disk} -> Ferry volume web-vda`);
+    expect(out).toContain(`web vda: ${disks.vda} -> Ferry volume web-vda`);
+    expect(out).toContain(`web vdb: ${disks.vdb} -> Ferry volume web-vdb`);
     const after = await ferry.json<VmJson[]>(["vm", "list"], { env });
-    expect(after.find((v) => v.name === "web")?.disks).toEqual([
-      { target: "vda", device: "disk", type: "network", format: "raw", source: "web-vda", protocol: "nbd", socket },
-    ]);
+    expect(after.find((v) => v.name === "web")?.disks).toEqual(
+      ["vda", "vdb"].map((target) => ({
+        target,
+        device: "disk",
+        type: "network",
+        format: "raw",
+        source: `web-${target}`,
+        protocol: "nbd",
+        socket,
+      })),
+    );
 
     const started = Date.now();
     await virsh("start", "web");
@@ -117,19 +144,17 @@ describe("ferry vm", () => {
     );
     expect(report.status).toBe("ok");
     expect(report.errors).toEqual([]);
-    // What the guest found is the raw disk it was adopted from ...
-    expect(report.found.vda).toBe(
-      createHash("sha256")
-        .update(original.subarray(0, 4 * MiB))
-        .digest("hex"),
-    );
-    // ... and what it wrote is what the Ferry volume holds.
-    const wrote = report.wrote.vda?.[0];
-    expect(wrote).toBe(expectedGuestSha256(11, "vda", 1, 4));
-    expect(await volumeSha256("web-vda", 4 * MiB)).toBe(wrote);
-    // Beyond the written region the imported bytes are intact.
-    const { stdout } = await exec("nbdcopy", [serve.uri("web-vda"), "-"], { encoding: "buffer", maxBuffer: 64 * MiB });
-    expect(Buffer.compare(stdout.subarray(4 * MiB), original.subarray(4 * MiB))).toBe(0);
+    for (const target of ["vda", "vdb"] as const) {
+      // What the guest found is the raw disk it was adopted from ...
+      expect(report.found[target]).toBe(sha256(original[target].subarray(0, 2 * MiB)));
+      // ... and what it wrote is what the Ferry volume holds.
+      const wrote = report.wrote[target]?.[0];
+      expect(wrote).toBe(expectedGuestSha256(11, target, 1, 2));
+      const volume = await volumeBytes(`web-${target}`);
+      expect(sha256(volume.subarray(0, 2 * MiB))).toBe(wrote);
+      // Beyond the written region the imported bytes are intact.
+      expect(Buffer.compare(volume.subarray(2 * MiB), original[target].subarray(2 * MiB))).toBe(0);
+    }
     await waitFor(async () => (await virsh("domstate", "web")).stdout.trim() === "shut off");
   });
 
@@ -137,7 +162,7 @@ describe("ferry vm", () => {
     const disk = join(dir, "db.raw");
     await writeFile(disk, Buffer.alloc(8 * MiB));
     const console = join(dir, "db.console");
-    const rounds = 12;
+    const rounds = 16;
     await virsh(
       "define",
       await xmlFile(
@@ -163,6 +188,9 @@ describe("ferry vm", () => {
         { env },
       );
       expect(adopt.mode).toBe("live");
+      // The guest was still in its workload when the copy pivoted.
+      const atPivot = (await readGuestConsole(console)).wrote.vda?.length ?? 0;
+      expect(atPivot).toBeLessThan(rounds);
       expect(adopt.disks.map((d) => d.volume)).toEqual(["db-vda"]);
       process.stdout.write(`live adoption of an 8 MiB disk under writes: ${adopt.seconds.toFixed(2)}s\n`);
       // Running on the Ferry export now, and so is the definition.
@@ -176,10 +204,7 @@ describe("ferry vm", () => {
       expect(report.wrote.vda?.[rounds - 1]).toBe(last);
       expect(await volumeSha256("db-vda", 4 * MiB)).toBe(last);
       // The old file stopped receiving writes at the pivot.
-      const old = createHash("sha256")
-        .update((await readFile(disk)).subarray(0, 4 * MiB))
-        .digest("hex");
-      expect(old).not.toBe(last);
+      expect(sha256((await readFile(disk)).subarray(0, 4 * MiB))).not.toBe(last);
     } finally {
       await virsh("destroy", "db").catch(() => undefined);
     }
@@ -188,10 +213,12 @@ describe("ferry vm", () => {
   it("recovers a drill copy from a capture on a copy of the volume, then cleans it up", async () => {
     const adapter = await LibvirtVmAdapter.connect({ uri: libvirtd.uri, exportSocket: socket });
     const [capture] = await adapter.capture(["web"]);
-    expect(capture?.metadata).toMatchObject({ disks: { vda: "web-vda" } });
-    expect(await adapter.volumesOf(["web"])).toEqual(["web-vda"]);
-    // The drill's volume: a copy of web's as it is now (what web wrote in the first test).
-    await ferry.ok(["volume", "import", "web-vda-drill", "--from", serve.uri("web-vda")], { env });
+    expect(capture?.metadata).toMatchObject({ disks: { vda: "web-vda", vdb: "web-vdb" } });
+    expect(await adapter.volumesOf(["web"])).toEqual(["web-vda", "web-vdb"]);
+    // The drill's volumes: copies of web's as they are now (what web wrote in the first test).
+    for (const target of ["vda", "vdb"]) {
+      await ferry.ok(["volume", "import", `web-${target}-drill`, "--from", serve.uri(`web-${target}`)], { env });
+    }
     const console = join(dir, "web.console");
     await writeFile(console, "");
 
@@ -199,12 +226,14 @@ describe("ferry vm", () => {
       app: "shop",
       site: "site-a",
       drill: true,
-      volumes: { "web-vda": "web-vda-drill" },
+      volumes: { "web-vda": "web-vda-drill", "web-vdb": "web-vdb-drill" },
     });
     expect(started).toEqual(["web-drill"]);
     const report = await waitForGuest(console);
-    expect(report.found.vda).toBe(expectedGuestSha256(11, "vda", 1, 4));
-    expect(await volumeSha256("web-vda-drill", 4 * MiB)).toBe(report.wrote.vda?.[0]);
+    for (const target of ["vda", "vdb"]) {
+      expect(report.found[target]).toBe(expectedGuestSha256(11, target, 1, 2));
+      expect(await volumeSha256(`web-${target}-drill`, 2 * MiB)).toBe(report.wrote[target]?.[0]);
+    }
     const drillXml = (await virsh("dumpxml", "--inactive", "web-drill")).stdout;
     expect(drillXml).toContain("name='web-vda-drill'");
     expect(drillXml).not.toContain((await virsh("domuuid", "web")).stdout.trim());
