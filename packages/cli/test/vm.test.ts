@@ -3,7 +3,7 @@
  * serve` on a unix socket, and Ferry's TCG test guest: it boots from Ferry volumes and writes,
  * and the sha256 it prints on its console equals the bytes read back from the Ferry export with
  * nbdcopy. Offline adoption, live adoption while the guest writes, a drill copy recovered from a
- * capture and cleaned up, and bad input that changes nothing.
+ * capture and cleaned up, a qcow2 import, and bad input that changes nothing.
  */
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
@@ -244,15 +244,45 @@ describe("ferry vm", () => {
     expect(names).toContain("web");
   });
 
-  it("refuses an unknown domain and a qcow2 disk with a clear error, changing nothing", async () => {
+  it("imports a qcow2 disk through its backing chain when adopting offline", async () => {
+    const base = join(dir, "base.raw");
+    const overlay = join(dir, "app.qcow2");
+    const baseBytes = randomBytes(4 * MiB);
+    await writeFile(base, baseBytes);
+    await exec("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, overlay]);
+    await exec("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 1M 512K", overlay]);
+    await virsh(
+      "define",
+      await xmlFile(
+        "app",
+        testGuestXml({
+          name: "app",
+          kernel,
+          disks: [fileDiskXml("vda", overlay, "qcow2")],
+          console: join(dir, "app.console"),
+          seed: 1,
+          mb: 1,
+        }),
+      ),
+    );
+    expect(await ferry.ok(["vm", "adopt", "app"], { env })).toContain(`app vda: ${overlay} -> Ferry volume app-vda`);
+    // What the guest would see: the base with the overlay's write on top.
+    const expected = Buffer.from(baseBytes);
+    expected.fill(0x5a, 1 * MiB, 1 * MiB + 512 * 1024);
+    expect(sha256(await volumeBytes("app-vda"))).toBe(sha256(expected));
+    expect((await virsh("dumpxml", "--inactive", "app")).stdout).toContain("name='app-vda'");
+    await virsh("undefine", "app");
+  });
+
+  it("refuses an unknown domain and a vmdk disk with a clear error, changing nothing", async () => {
     const unknown = await ferry.run(["vm", "adopt", "no-such-vm"], { env });
     expect(unknown.code).toBe(1);
     expect(unknown.stderr).toBe(
       "ferry: no domain named 'no-such-vm' in libvirt (see `ferry vm list` for the domains there)\n",
     );
 
-    const qcow2 = join(dir, "legacy.qcow2");
-    await exec("qemu-img", ["create", "-q", "-f", "qcow2", qcow2, "8M"]);
+    const vmdk = join(dir, "legacy.vmdk");
+    await exec("qemu-img", ["create", "-q", "-f", "vmdk", vmdk, "8M"]);
     await virsh(
       "define",
       await xmlFile(
@@ -260,7 +290,7 @@ describe("ferry vm", () => {
         testGuestXml({
           name: "legacy",
           kernel,
-          disks: [fileDiskXml("vda", qcow2, "qcow2")],
+          disks: [fileDiskXml("vda", vmdk, "vmdk")],
           console: join(dir, "legacy.console"),
           seed: 1,
           mb: 1,
@@ -271,7 +301,7 @@ describe("ferry vm", () => {
     const volumesBefore = await ferry.json<unknown[]>(["volume", "list"], { env });
     const refused = await ferry.run(["vm", "adopt", "legacy"], { env });
     expect(refused.code).toBe(1);
-    expect(refused.stderr).toMatch(/^ferry: disk vda of domain legacy is qcow2: .*nothing was changed\n$/);
+    expect(refused.stderr).toMatch(/^ferry: disk vda of domain legacy is vmdk: .*nothing was changed\n$/);
     expect((await virsh("dumpxml", "--inactive", "legacy")).stdout).toBe(before);
     expect(await ferry.json<unknown[]>(["volume", "list"], { env })).toEqual(volumesBefore);
 

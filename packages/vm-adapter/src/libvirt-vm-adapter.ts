@@ -13,8 +13,8 @@ import { Libvirt } from "./libvirt.js";
 
 /** Where adopted disks go: Ferry's volume service of this site (implemented by cli). */
 export interface VolumeStore {
-  /** Copy a raw file or an NBD URI into a new volume of the source's size. */
-  importVolume(name: string, source: string): Promise<void>;
+  /** Copy a disk image file (raw, or qcow2 read through its backing chain) into a new volume of its size. */
+  importVolume(name: string, path: string, format: "raw" | "qcow2"): Promise<void>;
   /** Create an empty volume (a live copy's destination). */
   createVolume(name: string, size: number): Promise<void>;
 }
@@ -119,8 +119,8 @@ export class LibvirtVmAdapter implements VmAdapter {
   }
 
   /**
-   * Bring a VM's disks onto Ferry volumes. Offline (the VM is shut off): each file disk is
-   * imported into a new volume, then the definition is rewritten to use them. Live (running):
+   * Bring a VM's disks onto Ferry volumes. Offline (the VM is shut off): each raw or qcow2 file
+   * disk is imported into a new volume, then the definition is rewritten to use them. Live (running):
    * each disk is copied by libvirt into a new volume while the guest runs, with synchronous
    * writes so it converges, then pivoted; the definition is rewritten after. Every disk is
    * checked before anything changes, so bad input leaves the VM as it was. Disks already on
@@ -143,7 +143,9 @@ export class LibvirtVmAdapter implements VmAdapter {
     }
     const persistentXml = await this.libvirt.xml(domain, true);
     const disks = parseDomainXml(live ? await this.libvirt.xml(domain, false) : persistentXml).disks;
-    const plan = disks.filter((d) => d.device === "disk" || d.device === "lun").map((d) => this.planDisk(domain, d));
+    const plan = disks
+      .filter((d) => d.device === "disk" || d.device === "lun")
+      .map((d) => this.planDisk(domain, d, live));
 
     const result: AdoptedDisk[] = [];
     const exports: Record<string, { exportName: string; socket: string; reconnectDelay: number }> = {};
@@ -164,7 +166,7 @@ export class LibvirtVmAdapter implements VmAdapter {
           timeoutMs: this.options.blockCopyTimeoutMs ?? 30 * 60_000,
         });
       } else {
-        await volumes.importVolume(p.volume, from);
+        await volumes.importVolume(p.volume, from, p.disk.format === "qcow2" ? "qcow2" : "raw");
       }
       result.push({ target: p.disk.target, volume: p.volume, from, adopted: true });
     }
@@ -175,18 +177,23 @@ export class LibvirtVmAdapter implements VmAdapter {
     return { domain, mode: live ? "live" : "offline", disks: result };
   }
 
-  private planDisk(domain: string, disk: DiskInfo): { disk: DiskInfo; volume: string; already: boolean } {
+  private planDisk(
+    domain: string,
+    disk: DiskInfo,
+    live: boolean,
+  ): { disk: DiskInfo; volume: string; already: boolean } {
     if (isFerryDisk(disk, this.options.exportSocket)) {
       return { disk, volume: disk.exportName as string, already: true };
     }
     if (disk.type !== "file" || !disk.path) {
       throw new UnsupportedDisk(
-        `disk ${disk.target} of domain ${domain} is a ${disk.type} disk${disk.protocol ? ` (${disk.protocol})` : ""}: Ferry adopts file disks (raw) only; nothing was changed`,
+        `disk ${disk.target} of domain ${domain} is a ${disk.type} disk${disk.protocol ? ` (${disk.protocol})` : ""}: Ferry adopts file disks only; nothing was changed`,
       );
     }
-    if (disk.format !== null && disk.format !== "raw") {
+    // A live copy reads through QEMU, whatever the format; an offline import reads the file itself.
+    if (!live && disk.format !== null && disk.format !== "raw" && disk.format !== "qcow2") {
       throw new UnsupportedDisk(
-        `disk ${disk.target} of domain ${domain} is ${disk.format}: Ferry adopts raw file disks only (convert it with \`qemu-img convert -O raw\`); nothing was changed`,
+        `disk ${disk.target} of domain ${domain} is ${disk.format}: Ferry imports raw and qcow2 disks offline (convert it with \`qemu-img convert -O raw\`, or adopt the running VM with --live); nothing was changed`,
       );
     }
     return { disk, volume: adoptedVolumeName(domain, disk.target), already: false };

@@ -86,15 +86,15 @@ describe("LibvirtVmAdapter with a real libvirtd", () => {
     await expect(adapter.stop(["no-such-vm"])).rejects.toMatchObject({ code: "ERR_VM_UNKNOWN" });
   });
 
-  it("refuses to adopt a qcow2 or an rbd disk and changes nothing", async () => {
+  it("refuses to adopt a vmdk or an rbd disk offline and changes nothing", async () => {
     const raw = await rawDisk("mixed.raw", 4);
-    const qcow2 = join(dir, "mixed.qcow2");
-    expect(spawnSync("qemu-img", ["create", "-q", "-f", "qcow2", qcow2, "4M"]).status).toBe(0);
-    await adapter.connection.define(guest("mixed-vm", [fileDiskXml("vda", raw), fileDiskXml("vdb", qcow2, "qcow2")]));
+    const vmdk = join(dir, "mixed.vmdk");
+    expect(spawnSync("qemu-img", ["create", "-q", "-f", "vmdk", vmdk, "4M"]).status).toBe(0);
+    await adapter.connection.define(guest("mixed-vm", [fileDiskXml("vda", raw), fileDiskXml("vdb", vmdk, "vmdk")]));
     const before = await adapter.connection.xml("mixed-vm", true);
     await expect(adapter.adopt("mixed-vm")).rejects.toMatchObject({
       code: "ERR_VM_DISK_UNSUPPORTED",
-      message: expect.stringMatching(/disk vdb of domain mixed-vm is qcow2.*nothing was changed/),
+      message: expect.stringMatching(/disk vdb of domain mixed-vm is vmdk.*nothing was changed/),
     });
     await adapter.connection.define(
       guest("rbd-vm", [

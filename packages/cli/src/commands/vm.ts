@@ -4,10 +4,14 @@
  * (`@ferry/vm-adapter`) does the work; this file owns arguments, the volume store it hands the
  * adapter (the data plane of `--data`), and presentation.
  */
+import { spawn } from "node:child_process";
+import { mkdtemp, rm, stat } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { type Command, Option } from "commander";
 import { resolveDataDir } from "../data-dir.js";
 import { dataplane } from "../dataplane.js";
-import { BindingUnavailable } from "../errors.js";
+import { BindingUnavailable, ToolFailed, ToolMissing } from "../errors.js";
 import type { ProgramIo } from "../program.js";
 import { formatTable } from "../table.js";
 import { dataOption, jsonOption } from "./volume.js";
@@ -124,8 +128,12 @@ export function registerVmCommands(program: Command, io: ProgramIo): void {
         uri: options.libvirt,
         exportSocket: options.socket,
         volumes: {
-          importVolume: async (name, source) => {
-            await native.importVolume(dataDir, name, source, null, null);
+          importVolume: async (name, path, format) => {
+            if (format === "raw") {
+              await native.importVolume(dataDir, name, path, null, null);
+            } else {
+              await throughQemuNbd(path, format, (uri) => native.importVolume(dataDir, name, uri, null, null));
+            }
           },
           createVolume: async (name, size) => {
             await native.createVolume(dataDir, name, size, null);
@@ -148,4 +156,49 @@ export function registerVmCommands(program: Command, io: ProgramIo): void {
       }
       io.writeOut(`adopted ${domain} (${result.mode}) in ${seconds.toFixed(1)}s\n`);
     });
+}
+
+/**
+ * Read a qcow2 image as the guest sees it (through its backing chain): `qemu-nbd` serves it
+ * read-only on a private unix socket for the duration of `use`, then is ended by its PID.
+ */
+async function throughQemuNbd<T>(path: string, format: string, use: (uri: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), "ferry-qemu-nbd-"));
+  const socket = join(dir, "nbd.sock");
+  const child = spawn(
+    "qemu-nbd",
+    ["--read-only", `--format=${format}`, "--persistent", "--shared=8", `--socket=${socket}`, path],
+    { stdio: ["ignore", "ignore", "pipe"] },
+  );
+  let stderr = "";
+  child.stderr?.setEncoding("utf8").on("data", (chunk: string) => {
+    stderr += chunk;
+  });
+  const exited = new Promise<void>((resolve) => child.once("close", () => resolve()));
+  let spawnError: Error | undefined;
+  child.once("error", (error) => {
+    spawnError = error;
+  });
+  try {
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      if (spawnError) throw new ToolMissing(`qemu-nbd cannot run (${spawnError.message}): install qemu-utils`);
+      const listening = await stat(socket).then(
+        () => true,
+        () => false,
+      );
+      if (listening) break;
+      if (child.exitCode !== null || Date.now() > deadline) {
+        throw new ToolFailed(`qemu-nbd could not serve ${path}: ${stderr.trim() || "no socket within 10 s"}`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    return await use(`nbd+unix:///?socket=${socket}`);
+  } finally {
+    if (child.exitCode === null && child.pid !== undefined && !spawnError) {
+      child.kill("SIGTERM");
+      await exited;
+    }
+    await rm(dir, { recursive: true, force: true });
+  }
 }
