@@ -92,6 +92,8 @@ export interface GuestReport {
   found: Record<string, string>;
   /** The checksum after each round: disk → sha256 per round (index 0 = round 1). */
   wrote: Record<string, string[]>;
+  /** Guest uptime (s) when each round's checksum was printed: disk → per round. */
+  wroteAt: Record<string, number[]>;
   errors: string[];
   lines: string[];
 }
@@ -105,6 +107,7 @@ export function parseGuestConsole(text: string): GuestReport {
     doneUptime: null,
     found: {},
     wrote: {},
+    wroteAt: {},
     errors: [],
     lines: [],
   };
@@ -125,8 +128,11 @@ export function parseGuestConsole(text: string): GuestReport {
         break;
       case "WROTE": {
         const list = report.wrote[fields.disk as string] ?? [];
+        const at = report.wroteAt[fields.disk as string] ?? [];
         list[Number(fields.round) - 1] = fields.sha256 as string;
+        at[Number(fields.round) - 1] = Number(fields.uptime);
         report.wrote[fields.disk as string] = list;
+        report.wroteAt[fields.disk as string] = at;
         break;
       }
       case "ERROR":
