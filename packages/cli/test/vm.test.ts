@@ -217,7 +217,7 @@ describe("ferry vm", () => {
     }
   });
 
-  it("recovers a drill copy from a capture on a copy of the volume, then cleans it up", async () => {
+  it("recovers a drill copy from a capture, cleans it up, then recovers the VM itself (failover)", async () => {
     const adapter = await LibvirtVmAdapter.connect({ uri: libvirtd.uri, exportSocket: socket });
     const [capture] = await adapter.capture(["web"]);
     expect(capture?.metadata).toMatchObject({ disks: { vda: "web-vda", vdb: "web-vdb" } });
@@ -249,6 +249,22 @@ describe("ferry vm", () => {
     const names = (await ferry.json<VmJson[]>(["vm", "list"], { env })).map((v) => v.name);
     expect(names).not.toContain("web-drill");
     expect(names).toContain("web");
+
+    // A failover recovers the VM itself (same name and UUID, redefined) onto the recovered
+    // volumes; here the drill's copies stand in for a promoted replica.
+    const uuid = (await virsh("domuuid", "web")).stdout.trim();
+    await writeFile(console, "");
+    const recovered = await adapter.recover(capture ? [capture] : [], {
+      app: "shop",
+      site: "site-a",
+      drill: false,
+      volumes: { "web-vda": "web-vda-drill", "web-vdb": "web-vdb-drill" },
+    });
+    expect(recovered).toEqual(["web"]);
+    const failover = await waitForGuest(console);
+    expect(failover.found.vda).toBe(expectedGuestSha256(11, "vda", 1, 2));
+    expect((await virsh("domuuid", "web")).stdout.trim()).toBe(uuid);
+    expect((await virsh("domblklist", "web")).stdout).toMatch(/vdb\s+web-vdb-drill/);
   });
 
   it("imports a qcow2 disk through its backing chain when adopting offline", async () => {
