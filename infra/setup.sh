@@ -46,6 +46,7 @@ ensure_node_modules() {
 }
 
 ensure_debian_packages
+bash infra/setup-libvirt.sh
 ensure_rust
 ensure_node_modules
 say "building (turbo, cached)"

@@ -9,6 +9,7 @@ import { registerControlCommands } from "./commands/control.js";
 import { registerDaemonCommand } from "./commands/daemon-command.js";
 import { registerDemoCommand } from "./commands/demo.js";
 import { registerReplicateCommands } from "./commands/replicate.js";
+import { registerVmCommands } from "./commands/vm.js";
 import { registerVolumeCommands } from "./commands/volume.js";
 import { NATS_ENV, SITE_ENV } from "./commands/volume-serve.js";
 
@@ -55,6 +56,7 @@ export function createProgram(io: ProgramIo = processIo): Command {
   registerControlCommands(program, io);
   registerReplicateCommands(program, io);
   registerDemoCommand(program, io);
+  registerVmCommands(program, io);
 
   // Usage errors become one `ferry: …` line that names the command's help. Set per command
   // because only then the message can say which `--help` to read.
