@@ -326,7 +326,21 @@ export class Orchestrator {
   }
 
   private async createApp(spec: ApplicationSpec): Promise<Application> {
-    const { name, volumes, vms, sizeBytes } = validateApplication(spec);
+    const valid = validateApplication(spec);
+    const { name, vms, sizeBytes } = valid;
+    // A VM's disks are Ferry volumes (adopted): they join the application's consistency group.
+    let volumes = valid.volumes;
+    if (vms.length > 0) {
+      if (this.adapters.vm === undefined) {
+        throw new FerryError(
+          ErrorCode.failed,
+          `application ${name} has VMs (${vms.join(", ")}) but ferryd at site ${this.site} has no VM adapter: start it ` +
+            "with --libvirt URI",
+        );
+      }
+      const vmVolumes = await this.adapters.vm.volumesOf(vms);
+      volumes = [...new Set([...volumes, ...vmVolumes])];
+    }
     const existing = this.catalog.apps.get(name);
     if (existing !== undefined) {
       if (JSON.stringify([existing.volumes, existing.vms]) === JSON.stringify([volumes, vms])) {

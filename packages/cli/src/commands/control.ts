@@ -67,6 +67,8 @@ function seconds(value: number | null): string {
   return value < 60 ? `${value.toFixed(1)}s` : formatDuration(Math.round(value) * 1000);
 }
 
+const repeatable = (value: string, all: string[]) => [...all, value];
+
 function positiveInt(what: string) {
   return (text: string) => {
     const n = Number(text);
@@ -108,22 +110,40 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
     .description("applications: sets of volumes (and VMs, Kubernetes objects) protected as one entity");
   app
     .command("create")
-    .description("create an application at this site from its volumes; --size creates the volumes that are missing")
+    .description(
+      "create an application at this site from its volumes and libvirt VMs (their disks, once adopted with " +
+        "`ferry vm adopt`, join as volumes); --size creates the volumes that are missing",
+    )
     .argument("<name>", "application name (lower-case letters, digits, '-')")
-    .requiredOption("--volume <name>", "a member volume (repeat for several)", (v: string, all: string[] = []) => [
-      ...all,
-      v,
-    ])
+    .option("--volume <name>", "a member volume (repeat for several)", repeatable, [])
+    .option(
+      "--vm <domain>",
+      "a member libvirt VM, on Ferry volumes (repeat for several; ferryd needs --libvirt)",
+      repeatable,
+      [],
+    )
     .option("--size <size>", "size of volumes to create when missing, e.g. 1G")
     .addOption(jsonOption())
-    .action(async (name: string, options: JsonOption & { volume: string[]; size?: string }, command: Command) => {
-      const sizeBytes = options.size === undefined ? null : await parseSize(command, "--size", options.size);
-      const created = await withFerryd(command, (nc, s) =>
-        call<Application>(nc, s, "appCreate", { name, volumes: options.volume, sizeBytes }),
-      );
-      if (options.json) return printJson(io, created);
-      io.writeOut(`application ${created.name} at site ${created.active}: volumes ${created.volumes.join(", ")}\n`);
-    });
+    .action(
+      async (
+        name: string,
+        options: JsonOption & { volume: string[]; vm: string[]; size?: string },
+        command: Command,
+      ) => {
+        if (options.volume.length + options.vm.length === 0) {
+          command.error("give the application's members: --volume NAME and/or --vm DOMAIN", { code: "ferry.usage" });
+        }
+        const sizeBytes = options.size === undefined ? null : await parseSize(command, "--size", options.size);
+        const created = await withFerryd(command, (nc, s) =>
+          call<Application>(nc, s, "appCreate", { name, volumes: options.volume, vms: options.vm, sizeBytes }),
+        );
+        if (options.json) return printJson(io, created);
+        const vms = created.vms.length === 0 ? "" : `; VMs ${created.vms.join(", ")}`;
+        io.writeOut(
+          `application ${created.name} at site ${created.active}: volumes ${created.volumes.join(", ")}${vms}\n`,
+        );
+      },
+    );
   app
     .command("list")
     .description("list applications in this site's catalog (its own and the ones it holds replicas of)")

@@ -3,6 +3,7 @@ import { type Command, Option } from "commander";
 import { resolveDataDir } from "../data-dir.js";
 import type { ProgramIo } from "../program.js";
 import { runDaemon } from "./daemon.js";
+import { LIBVIRT_URI_ENV } from "./vm.js";
 import { type DataOption, dataOption } from "./volume.js";
 import { DEFAULT_LISTEN, joinedSite, SiteOptionsError, siteOptions } from "./volume-serve.js";
 
@@ -12,6 +13,7 @@ interface DaemonOptions extends DataOption {
   region?: string;
   allowRegions?: string;
   metrics?: string;
+  libvirt?: string;
 }
 
 export function registerDaemonCommand(program: Command, io: ProgramIo): void {
@@ -31,6 +33,13 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
     .option("--region <region>", "this site's region (residency rules name regions)")
     .option("--allow-regions <regions>", "comma-separated regions allowed to hold copies of this site's volumes")
     .addOption(new Option("--metrics <host:port>", "serve Prometheus /metrics and /healthz here, e.g. 127.0.0.1:9464"))
+    .addOption(
+      new Option(
+        "--libvirt <uri>",
+        "manage this host's libvirt VMs as application members (capture, quiesce, recover), e.g. qemu:///system; " +
+          "needs --socket (QEMU reaches the volumes there)",
+      ).env(LIBVIRT_URI_ENV),
+    )
     .action(async (options: DaemonOptions, command: Command) => {
       let join: ReturnType<typeof joinedSite>;
       try {
@@ -42,6 +51,11 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
       if (join === undefined) {
         command.error("ferryd needs its site: give --site, --region and --nats", { code: "ferry.siteOptions" });
       }
+      if (options.libvirt !== undefined && options.socket === undefined) {
+        command.error("--libvirt needs --socket: VMs reach their Ferry volumes over a unix socket", {
+          code: "ferry.usage",
+        });
+      }
       await runDaemon(
         {
           dataDir: resolveDataDir(options.data),
@@ -49,6 +63,7 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
           socket: options.socket,
           join,
           metrics: options.metrics,
+          libvirt: options.libvirt,
         },
         io,
       );

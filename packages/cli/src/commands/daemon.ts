@@ -8,8 +8,9 @@
 import { createServer, type Server } from "node:http";
 import { createRequire } from "node:module";
 import { hostname } from "node:os";
-import { connectNats, nativeDataPlane, natsHost, Orchestrator } from "@ferry/orchestrator";
+import { type Adapters, connectNats, nativeDataPlane, natsHost, Orchestrator } from "@ferry/orchestrator";
 import type { ProgramIo } from "../program.js";
+import { vmAdapter } from "./vm.js";
 import { nextStopSignal, type ServeRequest, type SiteJoin, startService, stopOnce } from "./volume-serve.js";
 
 const { version } = createRequire(import.meta.url)("../../package.json") as { version: string };
@@ -18,6 +19,8 @@ export interface DaemonRequest extends ServeRequest {
   join: SiteJoin;
   /** `host:port` for /metrics and /healthz; none: no HTTP endpoint. */
   metrics?: string | undefined;
+  /** libvirt URI: the VMs of this host become possible application members. */
+  libvirt?: string | undefined;
 }
 
 export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<void> {
@@ -30,7 +33,13 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
       maxReconnectAttempts: -1,
       reconnectTimeWait: 500,
     });
+    const adapters: Adapters = {};
+    if (request.libvirt !== undefined) {
+      const { LibvirtVmAdapter } = await vmAdapter();
+      adapters.vm = await LibvirtVmAdapter.connect({ uri: request.libvirt, exportSocket: request.socket ?? "" });
+    }
     orchestrator = await Orchestrator.start({
+      adapters,
       site: request.join.site,
       region: request.join.region,
       nc,

@@ -25,7 +25,7 @@ type VmAdapterModule = typeof import("@ferry/vm-adapter");
 let loaded: Promise<VmAdapterModule> | undefined;
 
 /** Loaded on first use, so `ferry --help` works without the native libvirt binding. */
-function vmAdapter(): Promise<VmAdapterModule> {
+export function vmAdapter(): Promise<VmAdapterModule> {
   loaded ??= import("@ferry/vm-adapter").catch((cause: unknown) => {
     const why = cause instanceof Error ? cause.message.split("\n")[0] : String(cause);
     throw new BindingUnavailable(
