@@ -1,0 +1,14 @@
+/** Public face of @ferry/k8s-adapter. */
+export { chartTemplate, chartTemplates, crdName, crdYaml, customResourceDefinition } from "./crd-manifest.js";
+export {
+  API_VERSION,
+  CATEGORY,
+  DURATION_PATTERN,
+  GROUP,
+  NAME_PATTERN,
+  RATE_PATTERN,
+  RESOURCES,
+  type ResourceDefinition,
+  VERSION,
+} from "./crds.js";
+export type * from "./resources.js";
