@@ -6,4 +6,12 @@ export { PassFailSummary } from "./pass-fail-summary.js";
 export { qemuIo } from "./qemu-io.js";
 export { killAndReap, type RunOptions, type RunResult, Sandbox } from "./sandbox.js";
 export { type PartitionMode, TestLinkProxy } from "./test-link-proxy.js";
+export {
+  type Cluster,
+  type K8sTools,
+  k8sTools,
+  startTwoClusters,
+  type TwoClusters,
+  type TwoClustersOptions,
+} from "./two-clusters.js";
 export { type SiteOptions, startTwoSites, type TwoSites, type TwoSitesOptions } from "./two-sites.js";
