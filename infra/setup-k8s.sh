@@ -65,17 +65,16 @@ build_missing() {
   ldflags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$kube_minor"
   ldflags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kube_minor"
 
-  local staging
   mkdir -p "$BIN_DIR"
-  staging=$(mktemp -d "$BIN_DIR/.build.XXXXXX")
-  trap 'rm -rf "$staging"' EXIT
+  STAGING=$(mktemp -d "$BIN_DIR/.build.XXXXXX")
+  trap 'rm -rf "${STAGING:-}"' EXIT
   local targets=()
   for name in "${missing[@]}"; do targets+=("${packages[$name]}"); done
   say "building ${missing[*]} (Kubernetes $KUBE_VERSION, helm $HELM_VERSION); a cold build takes a while"
   local start=$SECONDS
   # CGO off: static binaries, as the release builds are; -mod=readonly: go.sum is the pin.
-  CGO_ENABLED=0 GOFLAGS=-mod=readonly "$GO" build -trimpath -ldflags "$ldflags" -o "$staging/" "${targets[@]}"
-  for name in "${missing[@]}"; do mv -f "$staging/$name" "$BIN_DIR/$name"; done
+  CGO_ENABLED=0 GOFLAGS=-mod=readonly "$GO" build -trimpath -ldflags "$ldflags" -o "$STAGING/" "${targets[@]}"
+  for name in "${missing[@]}"; do mv -f "$STAGING/$name" "$BIN_DIR/$name"; done
   say "built ${missing[*]} in $((SECONDS - start)) s into $BIN_DIR"
 }
 
