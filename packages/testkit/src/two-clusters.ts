@@ -8,7 +8,7 @@
  * The binaries come from `infra/setup-k8s.sh` (built once per machine into a cache); etcd is the
  * Debian package. This module never builds anything: it fails at once, saying what to run.
  */
-import { execFileSync } from "node:child_process";
+import { type ChildProcess, execFileSync } from "node:child_process";
 import { closeSync, existsSync, openSync, readFileSync } from "node:fs";
 import { mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { request } from "node:https";
@@ -186,6 +186,16 @@ async function makePki(sandbox: Sandbox, dir: string): Promise<Pki> {
   };
 }
 
+/** `ready`, or a rejection as soon as the process exits before it is ready. */
+function untilExit<T>(child: ChildProcess, ready: Promise<T>): Promise<T> {
+  let onExit: (code: number | null) => void = () => {};
+  const exited = new Promise<never>((_, reject) => {
+    onExit = (code) => reject(new Error(`exited with status ${code} before it was ready`));
+    child.once("exit", onExit);
+  });
+  return Promise.race([ready, exited]).finally(() => child.off("exit", onExit));
+}
+
 function logTail(file: string): string {
   try {
     return readFileSync(file, "utf8").split("\n").slice(-30).join("\n");
@@ -221,14 +231,12 @@ async function startEtcd(
     { stdio: ["ignore", log, log] },
   );
   closeSync(log);
-  await waitFor(
-    "etcd /health",
-    async () => {
-      if (child.exitCode !== null) throw new Error(`etcd exited (${child.exitCode}):\n${logTail(logFile)}`);
-      const response = await fetch(`${client}/health`).catch(() => undefined);
-      return response?.ok === true;
-    },
-    { timeoutMs, intervalMs: 100 },
+  await untilExit(
+    child,
+    waitFor("etcd /health", async () => (await fetch(`${client}/health`).catch(() => undefined))?.ok === true, {
+      timeoutMs,
+      intervalMs: 100,
+    }),
   ).catch((error: unknown) => {
     throw new Error(`etcd did not become healthy: ${String(error)}\n${logTail(logFile)}`);
   });
@@ -257,6 +265,8 @@ async function startApiserver(
       `--etcd-prefix=/ferry-test/${name}`,
       "--bind-address=127.0.0.1",
       "--advertise-address=127.0.0.1",
+      // No Endpoints for the `kubernetes` Service: the reconciler refuses a loopback address.
+      "--endpoint-reconciler-type=none",
       `--secure-port=${port}`,
       `--cert-dir=${join(dir, `certs-${name}`)}`,
       `--tls-cert-file=${pki.serverCert}`,
@@ -278,13 +288,12 @@ async function startApiserver(
     readFile(pki.clientCert, "utf8"),
     readFile(pki.clientKey, "utf8"),
   ]);
-  await waitFor(
-    `kube-apiserver ${name} /readyz`,
-    async () => {
-      if (child.exitCode !== null) throw new Error(`kube-apiserver exited (${child.exitCode})`);
-      return (await readyz(port, ca, clientCert, clientKey)) === 200;
-    },
-    { timeoutMs, intervalMs: 200 },
+  await untilExit(
+    child,
+    waitFor(`kube-apiserver ${name} /readyz`, async () => (await readyz(port, ca, clientCert, clientKey)) === 200, {
+      timeoutMs,
+      intervalMs: 200,
+    }),
   ).catch((error: unknown) => {
     throw new Error(`kube-apiserver ${name} did not become ready: ${String(error)}\n${logTail(logFile)}`);
   });
