@@ -72,8 +72,9 @@ build_missing() {
   for name in "${missing[@]}"; do targets+=("${packages[$name]}"); done
   say "building ${missing[*]} (Kubernetes $KUBE_VERSION, helm $HELM_VERSION); a cold build takes a while"
   local start=$SECONDS
-  # CGO off: static binaries, as the release builds are; -mod=readonly: go.sum is the pin.
-  CGO_ENABLED=0 GOFLAGS=-mod=readonly "$GO" build -trimpath -ldflags "$ldflags" -o "$STAGING/" "${targets[@]}"
+  # CGO off: static binaries, as the release builds are; -mod=readonly: go.sum is the pin; GOFLAGS is
+  # set whole so that a developer's own flags cannot change what is built.
+  CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" "$GO" build -trimpath -ldflags "$ldflags" -o "$STAGING/" "${targets[@]}"
   for name in "${missing[@]}"; do mv -f "$STAGING/$name" "$BIN_DIR/$name"; done
   say "built ${missing[*]} in $((SECONDS - start)) s into $BIN_DIR"
 }

@@ -1,4 +1,6 @@
 /** Public face of @ferry/k8s-adapter. */
+
+export { setConditions, type Verdict } from "./conditions.js";
 export { chartTemplate, chartTemplates, crdName, crdYaml, customResourceDefinition } from "./crd-manifest.js";
 export {
   API_VERSION,
@@ -11,4 +13,5 @@ export {
   type ResourceDefinition,
   VERSION,
 } from "./crds.js";
+export { Operator, type OperatorOptions } from "./operator.js";
 export type * from "./resources.js";

@@ -1,0 +1,213 @@
+/**
+ * The operator's control loop: informers on ProtectionPolicies and Applications, one work queue,
+ * one worker. Level-triggered: a key is reconciled when its object appears, when its spec changes
+ * (metadata.generation) and on every resync, and a reconcile always starts from the object as it is
+ * now, never from the event that woke it. The reconcilers (policy-reconciler.ts,
+ * application-reconciler.ts) talk to this site's ferryd over NATS and write only status.
+ *
+ * It owns the queue and the informers; it must never write a user's spec.
+ */
+import {
+  ADD,
+  CustomObjectsApi,
+  ERROR,
+  type Informer,
+  type KubeConfig,
+  type KubernetesObject,
+  makeInformer,
+  UPDATE,
+} from "@kubernetes/client-node";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { reconcileApplication } from "./application-reconciler.js";
+import { GROUP, VERSION } from "./crds.js";
+import { reconcilePolicy } from "./policy-reconciler.js";
+import type { Application, ProtectionPolicy } from "./resources.js";
+
+export interface OperatorOptions {
+  kubeConfig: KubeConfig;
+  /** A connection to this site's NATS, as a user allowed to call ferryd's API. */
+  nc: NatsConnection;
+  /** This site's name: the ferryd the operator drives. */
+  site: string;
+  /** Watch one namespace; all namespaces when left out. */
+  namespace?: string;
+  /** Reconcile everything this often, changed or not (level-triggered); default 30 s. */
+  resyncMs?: number;
+  now?: () => Date;
+  log?: (line: string) => void;
+}
+
+/** What a reconciler needs: the site's ferryd, the status writer, the clock. */
+export interface ReconcileContext {
+  nc: NatsConnection;
+  site: string;
+  now: () => Date;
+  /** Replace the object's status (optimistic concurrency on its resourceVersion). */
+  writeStatus(plural: string, object: KubernetesObject & { status?: unknown }, status: unknown): Promise<void>;
+}
+
+/** How a reconcile ended: `retry` after a delay (a transient failure), or settled until the next event. */
+export type Outcome = "settled" | "retry";
+
+type Kind = "protectionpolicies" | "applications";
+
+const MAX_BACKOFF_MS = 30_000;
+/** A queue of keys, so its size is bounded by the number of objects watched. */
+type Key = `${Kind}/${string}/${string}`;
+
+export class Operator {
+  private readonly api: CustomObjectsApi;
+  private readonly now: () => Date;
+  private readonly log: (line: string) => void;
+  private readonly queue = new Set<Key>();
+  private readonly attempts = new Map<Key, number>();
+  private readonly timers = new Set<NodeJS.Timeout>();
+  private readonly informers;
+  private wake: (() => void) | undefined;
+  private running = false;
+  private worker: Promise<void> | undefined;
+  private resync: NodeJS.Timeout | undefined;
+
+  constructor(private readonly options: OperatorOptions) {
+    this.api = options.kubeConfig.makeApiClient(CustomObjectsApi);
+    this.now = options.now ?? (() => new Date());
+    this.log = options.log ?? ((line) => process.stderr.write(`ferry-operator: ${line}\n`));
+    this.informers = {
+      protectionpolicies: this.informer<ProtectionPolicy>("protectionpolicies"),
+      applications: this.informer<Application>("applications"),
+    };
+  }
+
+  async start(): Promise<void> {
+    this.running = true;
+    await this.watch("protectionpolicies", this.informers.protectionpolicies);
+    await this.watch("applications", this.informers.applications);
+    this.resync = setInterval(() => this.enqueueAll(), this.options.resyncMs ?? 30_000);
+    this.worker = this.work();
+  }
+
+  async stop(): Promise<void> {
+    this.running = false;
+    if (this.resync !== undefined) clearInterval(this.resync);
+    for (const timer of this.timers) clearTimeout(timer);
+    this.timers.clear();
+    this.wake?.();
+    await Promise.all(Object.values(this.informers).map((informer) => informer.stop()));
+    await this.worker;
+  }
+
+  private async watch<T extends KubernetesObject>(kind: Kind, informer: Informer<T>): Promise<void> {
+    informer.on(ADD, (object) => this.enqueue(kind, object));
+    informer.on(UPDATE, (object) => {
+      // A status write comes back as an update too; only a new generation (spec change) or a
+      // deletion in progress is news. Everything else waits for the resync.
+      if (object.metadata?.generation !== observedGeneration(object) || object.metadata?.deletionTimestamp) {
+        this.enqueue(kind, object);
+      }
+    });
+    informer.on(ERROR, (error) => {
+      if (!this.running) return;
+      this.log(`watch of ${kind} failed (${String(error)}); restarting it in 1 s`);
+      this.later(1_000, () => void informer.start().catch((e: unknown) => this.log(String(e))));
+    });
+    await informer.start();
+  }
+
+  private informer<T extends KubernetesObject>(plural: Kind) {
+    const { namespace } = this.options;
+    const path =
+      namespace === undefined
+        ? `/apis/${GROUP}/${VERSION}/${plural}`
+        : `/apis/${GROUP}/${VERSION}/namespaces/${namespace}/${plural}`;
+    const list = () =>
+      namespace === undefined
+        ? this.api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })
+        : this.api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural });
+    return makeInformer<T>(this.options.kubeConfig, path, list);
+  }
+
+  private enqueue(kind: Kind, object: KubernetesObject): void {
+    const { name, namespace } = object.metadata ?? {};
+    if (name === undefined || namespace === undefined) return;
+    this.queue.add(`${kind}/${namespace}/${name}`);
+    this.wake?.();
+  }
+
+  private enqueueAll(): void {
+    for (const object of this.informers.protectionpolicies.list()) this.enqueue("protectionpolicies", object);
+    for (const object of this.informers.applications.list()) this.enqueue("applications", object);
+  }
+
+  private later(ms: number, fn: () => void): void {
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      if (this.running) fn();
+    }, ms);
+    this.timers.add(timer);
+  }
+
+  private async work(): Promise<void> {
+    const context: ReconcileContext = {
+      nc: this.options.nc,
+      site: this.options.site,
+      now: this.now,
+      writeStatus: (plural, object, status) => this.writeStatus(plural, object, status),
+    };
+    while (this.running) {
+      const key = this.queue.values().next().value;
+      if (key === undefined) {
+        await new Promise<void>((resolve) => {
+          this.wake = resolve;
+        });
+        this.wake = undefined;
+        continue;
+      }
+      this.queue.delete(key);
+      let outcome: Outcome;
+      try {
+        outcome = await this.reconcile(key, context);
+      } catch (error) {
+        this.log(`reconcile ${key} failed: ${error instanceof Error ? error.message : String(error)}`);
+        outcome = "retry";
+      }
+      if (outcome === "settled") {
+        this.attempts.delete(key);
+      } else {
+        const attempt = (this.attempts.get(key) ?? 0) + 1;
+        this.attempts.set(key, attempt);
+        this.later(Math.min(MAX_BACKOFF_MS, 250 * 2 ** attempt), () => {
+          this.queue.add(key);
+          this.wake?.();
+        });
+      }
+    }
+  }
+
+  private reconcile(key: Key, context: ReconcileContext): Promise<Outcome> {
+    const [kind, namespace, name] = key.split("/") as [Kind, string, string];
+    if (kind === "protectionpolicies") {
+      const policy = this.informers.protectionpolicies.get(name, namespace);
+      return policy === undefined ? Promise.resolve("settled") : reconcilePolicy(policy, context);
+    }
+    const application = this.informers.applications.get(name, namespace);
+    return application === undefined ? Promise.resolve("settled") : reconcileApplication(application, context);
+  }
+
+  private async writeStatus(plural: string, object: KubernetesObject & { status?: unknown }, status: unknown) {
+    if (JSON.stringify(object.status ?? null) === JSON.stringify(status)) return;
+    const { name, namespace } = object.metadata ?? {};
+    if (name === undefined || namespace === undefined) return;
+    await this.api.replaceNamespacedCustomObjectStatus({
+      group: GROUP,
+      version: VERSION,
+      namespace,
+      plural,
+      name,
+      body: { ...object, status },
+    });
+  }
+}
+
+function observedGeneration(object: KubernetesObject & { status?: { observedGeneration?: number } }) {
+  return object.status?.observedGeneration;
+}
