@@ -90,6 +90,21 @@ describe("Helm chart infra/helm/ferry", () => {
     ).toBeUndefined();
   });
 
+  it("runs `ferry operator` and `ferry daemon` with this site's settings", async () => {
+    const manifests = await render("operator.watchNamespaces={shop,ledger}", "site.region=eu-de");
+    type PodOwner = { template: { spec: { containers: { args: string[] }[] } } };
+    const container = (kind: string) =>
+      (manifests.find((m) => m.kind === kind)?.spec as PodOwner | undefined)?.template.spec.containers[0];
+    expect(container("Deployment")?.args).toEqual(["operator", "--resync=30s", "--namespaces=shop,ledger"]);
+    expect(container("StatefulSet")?.args).toEqual([
+      "daemon",
+      "--region=eu-de",
+      "--data=/var/lib/ferry",
+      "--listen=0.0.0.0:10809",
+      "--metrics=0.0.0.0:9464",
+    ]);
+  });
+
   it("passes the NATS settings to both workloads", async () => {
     const manifests = await render("nats.urlSecret.name=ferry-nats", "site.name=site-b");
     for (const kind of ["Deployment", "StatefulSet"]) {

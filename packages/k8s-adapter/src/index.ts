@@ -13,5 +13,6 @@ export {
   type ResourceDefinition,
   VERSION,
 } from "./crds.js";
+export { kubeConfigFrom } from "./kube-config.js";
 export { Operator, type OperatorOptions } from "./operator.js";
 export type * from "./resources.js";

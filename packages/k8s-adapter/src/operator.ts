@@ -15,6 +15,7 @@ import {
   type KubeConfig,
   type KubernetesObject,
   makeInformer,
+  type ObjectCache,
   UPDATE,
 } from "@kubernetes/client-node";
 import type { NatsConnection } from "@nats-io/transport-node";
@@ -29,8 +30,8 @@ export interface OperatorOptions {
   nc: NatsConnection;
   /** This site's name: the ferryd the operator drives. */
   site: string;
-  /** Watch one namespace; all namespaces when left out. */
-  namespace?: string;
+  /** Watch these namespaces only (RBAC granted per namespace); all namespaces when left out or empty. */
+  namespaces?: readonly string[];
   /** Reconcile everything this often, changed or not (level-triggered); default 30 s. */
   resyncMs?: number;
   now?: () => Date;
@@ -51,6 +52,11 @@ export type Outcome = "settled" | "retry";
 
 type Kind = "protectionpolicies" | "applications";
 
+interface Informers {
+  protectionpolicies: Informer<ProtectionPolicy> & ObjectCache<ProtectionPolicy>;
+  applications: Informer<Application> & ObjectCache<Application>;
+}
+
 const MAX_BACKOFF_MS = 30_000;
 /** A queue of keys, so its size is bounded by the number of objects watched. */
 type Key = `${Kind}/${string}/${string}`;
@@ -62,7 +68,8 @@ export class Operator {
   private readonly queue = new Set<Key>();
   private readonly attempts = new Map<Key, number>();
   private readonly timers = new Set<NodeJS.Timeout>();
-  private readonly informers;
+  /** Per watched namespace ("" for all namespaces), an informer per kind. */
+  private readonly informers: Map<string, Informers>;
   private wake: (() => void) | undefined;
   private running = false;
   private worker: Promise<void> | undefined;
@@ -72,16 +79,24 @@ export class Operator {
     this.api = options.kubeConfig.makeApiClient(CustomObjectsApi);
     this.now = options.now ?? (() => new Date());
     this.log = options.log ?? ((line) => process.stderr.write(`ferry-operator: ${line}\n`));
-    this.informers = {
-      protectionpolicies: this.informer<ProtectionPolicy>("protectionpolicies"),
-      applications: this.informer<Application>("applications"),
-    };
+    const namespaces = options.namespaces?.length ? options.namespaces : [""];
+    this.informers = new Map(
+      namespaces.map((namespace) => [
+        namespace,
+        {
+          protectionpolicies: this.informer<ProtectionPolicy>("protectionpolicies", namespace),
+          applications: this.informer<Application>("applications", namespace),
+        },
+      ]),
+    );
   }
 
   async start(): Promise<void> {
     this.running = true;
-    await this.watch("protectionpolicies", this.informers.protectionpolicies);
-    await this.watch("applications", this.informers.applications);
+    for (const informers of this.informers.values()) {
+      await this.watch("protectionpolicies", informers.protectionpolicies);
+      await this.watch("applications", informers.applications);
+    }
     this.resync = setInterval(() => this.enqueueAll(), this.options.resyncMs ?? 30_000);
     this.worker = this.work();
   }
@@ -92,7 +107,12 @@ export class Operator {
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     this.wake?.();
-    await Promise.all(Object.values(this.informers).map((informer) => informer.stop()));
+    await Promise.all(
+      [...this.informers.values()].flatMap((informers) => [
+        informers.protectionpolicies.stop(),
+        informers.applications.stop(),
+      ]),
+    );
     await this.worker;
   }
 
@@ -113,14 +133,13 @@ export class Operator {
     await informer.start();
   }
 
-  private informer<T extends KubernetesObject>(plural: Kind) {
-    const { namespace } = this.options;
+  private informer<T extends KubernetesObject>(plural: Kind, namespace: string) {
     const path =
-      namespace === undefined
+      namespace === ""
         ? `/apis/${GROUP}/${VERSION}/${plural}`
         : `/apis/${GROUP}/${VERSION}/namespaces/${namespace}/${plural}`;
     const list = () =>
-      namespace === undefined
+      namespace === ""
         ? this.api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })
         : this.api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural });
     return makeInformer<T>(this.options.kubeConfig, path, list);
@@ -134,8 +153,10 @@ export class Operator {
   }
 
   private enqueueAll(): void {
-    for (const object of this.informers.protectionpolicies.list()) this.enqueue("protectionpolicies", object);
-    for (const object of this.informers.applications.list()) this.enqueue("applications", object);
+    for (const informers of this.informers.values()) {
+      for (const object of informers.protectionpolicies.list()) this.enqueue("protectionpolicies", object);
+      for (const object of informers.applications.list()) this.enqueue("applications", object);
+    }
   }
 
   private later(ms: number, fn: () => void): void {
@@ -185,11 +206,13 @@ export class Operator {
 
   private reconcile(key: Key, context: ReconcileContext): Promise<Outcome> {
     const [kind, namespace, name] = key.split("/") as [Kind, string, string];
+    const informers = this.informers.get(namespace) ?? this.informers.get("");
+    if (informers === undefined) return Promise.resolve("settled");
     if (kind === "protectionpolicies") {
-      const policy = this.informers.protectionpolicies.get(name, namespace);
+      const policy = informers.protectionpolicies.get(name, namespace);
       return policy === undefined ? Promise.resolve("settled") : reconcilePolicy(policy, context);
     }
-    const application = this.informers.applications.get(name, namespace);
+    const application = informers.applications.get(name, namespace);
     return application === undefined ? Promise.resolve("settled") : reconcileApplication(application, context);
   }
 

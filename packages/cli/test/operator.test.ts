@@ -1,13 +1,13 @@
 /**
- * The operator against the real things: a kube-apiserver (cluster of site A, CRDs created through
- * the API from crd-manifest.ts), two NATS sites with one ferryd each (`ferry daemon`), and the
- * operator in this process driving site A's ferryd. Resources go in with kubectl, as a user would;
- * what the test checks is what a user reads back: conditions, reasons, printer columns, and
- * ferryd's own view through the `ferry` CLI.
+ * `ferry operator` against the real things: a kube-apiserver (site A's cluster, with the CRDs that
+ * @ferry/k8s-adapter generates), two NATS sites with one ferryd each (`ferry daemon`), and the
+ * operator as a process driving site A's ferryd. Resources go in with kubectl, as a user would;
+ * the test checks what a user reads back: conditions, reasons, printer columns, and ferryd's own
+ * view through the `ferry` CLI.
  */
-import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { connectNats, type ProtectionStatus } from "@ferry/orchestrator";
+import { API_VERSION, type Application, crdName, crdYaml, type ProtectionPolicy, RESOURCES } from "@ferry/k8s-adapter";
+import type { ProtectionStatus } from "@ferry/orchestrator";
 import {
   FerryCli,
   Sandbox,
@@ -17,22 +17,15 @@ import {
   type TwoSites,
   waitFor,
 } from "@ferry/testkit";
-import { ApiextensionsV1Api, CustomObjectsApi, KubeConfig } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { crdName, customResourceDefinition } from "./crd-manifest.js";
-import { API_VERSION, GROUP, RESOURCES, VERSION } from "./crds.js";
-import { Operator } from "./operator.js";
-import type { Application, ProtectionPolicy } from "./resources.js";
+import { daemonSite } from "./site-service.js";
 
-const BIN = fileURLToPath(new URL("../../cli/bin/ferry.js", import.meta.url));
+const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 
 const sandbox = new Sandbox();
 let sites: TwoSites;
 let clusters: TwoClusters;
 let ferry: FerryCli;
-let operator: Operator;
-let nc: Awaited<ReturnType<typeof connectNats>>;
-let objects: CustomObjectsApi;
 
 /** The CLI against one site's ferryd, as that site's `cli` user. */
 const at = (site: "a" | "b", args: readonly string[]) => [
@@ -43,34 +36,15 @@ const at = (site: "a" | "b", args: readonly string[]) => [
   sites[site].name,
 ];
 
-async function startFerryd(site: "a" | "b"): Promise<void> {
-  const dir = await sandbox.dir(`ferryd-${site}-`);
-  const s = sites[site];
-  await ferry.daemon([
-    "--data",
-    dir,
-    "--socket",
-    join(dir, "nbd.sock"),
-    "--site",
-    s.name,
-    "--region",
-    s.region,
-    "--nats",
-    s.url,
-  ]);
-}
-
 beforeAll(async () => {
   try {
     ferry = new FerryCli(sandbox, BIN);
     [sites, clusters] = await Promise.all([startTwoSites(), startTwoClusters(sandbox)]);
-    await Promise.all([startFerryd("a"), startFerryd("b")]);
-    const config = new KubeConfig();
-    config.loadFromFile(clusters.a.kubeconfig);
-    const extensions = config.makeApiClient(ApiextensionsV1Api);
-    for (const resource of RESOURCES) {
-      await extensions.createCustomResourceDefinition({ body: customResourceDefinition(resource) as never });
-    }
+    await Promise.all([daemonSite(ferry, sandbox, sites.a), daemonSite(ferry, sandbox, sites.b)]);
+    const crds = await clusters.kubectl(clusters.a, ["apply", "-f", "-"], {
+      input: RESOURCES.map((r) => crdYaml(r)).join("---\n"),
+    });
+    expect(crds.stderr).toBe("");
     const established = await clusters.kubectl(clusters.a, [
       "wait",
       "--for=condition=Established",
@@ -78,14 +52,27 @@ beforeAll(async () => {
       ...RESOURCES.map((r) => `crd/${crdName(r)}`),
     ]);
     expect(established.stderr).toBe("");
-    objects = config.makeApiClient(CustomObjectsApi);
     await waitFor("both sites to know each other", async () => {
       const list = await ferry.json<{ name: string }[]>(at("a", ["site", "list"]));
       return list.length === 2;
     });
-    nc = await connectNats(sites.a.cliUrl, "ferry-operator-test");
-    operator = new Operator({ kubeConfig: config, nc, site: sites.a.name, resyncMs: 1_000, log: () => {} });
-    await operator.start();
+    // As the chart runs it: site and NATS from the environment.
+    const operator = sandbox.spawn(
+      process.execPath,
+      [BIN, "operator", "--kubeconfig", clusters.a.kubeconfig, "--namespaces", "default", "--resync", "1s"],
+      { env: { ...process.env, FERRY_NATS: sites.a.cliUrl, FERRY_SITE: sites.a.name } },
+    );
+    let out = "";
+    operator.stdout?.setEncoding("utf8").on("data", (chunk: string) => {
+      out += chunk;
+    });
+    operator.stderr?.setEncoding("utf8").on("data", (chunk: string) => {
+      out += chunk;
+    });
+    await waitFor("ferry operator to start watching", () => {
+      if (operator.exitCode !== null) throw new Error(`ferry operator exited ${operator.exitCode}: ${out}`);
+      return out.includes("ferry operator: watching namespaces default of https://127.0.0.1:");
+    });
   } catch (error) {
     await afterAllCleanup();
     throw error;
@@ -93,8 +80,6 @@ beforeAll(async () => {
 });
 
 async function afterAllCleanup() {
-  await operator?.stop();
-  await nc?.close();
   await sandbox.cleanup();
   await sites?.stop();
 }
@@ -115,13 +100,9 @@ async function condition<T extends Application | ProtectionPolicy>(
   return waitFor(
     `${plural}/${name} ${type}=${status}`,
     async () => {
-      const object = (await objects.getNamespacedCustomObject({
-        group: GROUP,
-        version: VERSION,
-        namespace: "default",
-        plural,
-        name,
-      })) as T;
+      const got = await clusters.kubectl(clusters.a, ["get", plural, name, "-o", "json"]);
+      if (got.code !== 0) throw new Error(got.stderr);
+      const object = JSON.parse(got.stdout) as T;
       const found = object.status?.conditions?.find((c) => c.type === type);
       return found?.status === status && found.observedGeneration === object.metadata?.generation && object;
     },
