@@ -6,7 +6,16 @@
  * view through the `ferry` CLI.
  */
 import { fileURLToPath } from "node:url";
-import { API_VERSION, type Application, crdName, crdYaml, type ProtectionPolicy, RESOURCES } from "@ferry/k8s-adapter";
+import {
+  API_VERSION,
+  type Application,
+  crdName,
+  crdYaml,
+  type Drill,
+  type Failover,
+  type ProtectionPolicy,
+  RESOURCES,
+} from "@ferry/k8s-adapter";
 import type { ProtectionStatus } from "@ferry/orchestrator";
 import {
   FerryCli,
@@ -91,7 +100,7 @@ async function kubectlApply(manifest: object) {
 }
 
 /** Wait until the object's condition `type` has `status`; returns the object. */
-async function condition<T extends Application | ProtectionPolicy>(
+async function condition<T extends Application | ProtectionPolicy | Drill | Failover>(
   plural: string,
   name: string,
   type: string,
@@ -184,5 +193,46 @@ describe("operator", () => {
     expect(protectedCondition?.message).toContain(sites.b.region);
     expect(refused.status?.conditions?.find((c) => c.type === "Degraded")?.status).toBe("True");
     expect(await ferry.json<ProtectionStatus[]>(at("a", ["status", "ledger"]))).toEqual([]);
+  });
+
+  it("runs a Drill as ferryd's operation and reports its steps until Succeeded", async () => {
+    await kubectlApply({
+      apiVersion: API_VERSION,
+      kind: "Drill",
+      metadata: { name: "shop-drill-1", namespace: "default" },
+      spec: { application: "shop", site: sites.b.name },
+    } satisfies Drill);
+    const drill = await condition<Drill>("drills", "shop-drill-1", "Succeeded", "True");
+    expect(drill.status?.phase).toBe("Succeeded");
+    expect(drill.status?.operationSite).toBe(sites.b.name);
+    expect(drill.status?.steps?.length).toBeGreaterThan(0);
+    expect(drill.status?.steps?.every((step) => step.state === "done" || step.state === "skipped")).toBe(true);
+    // ferryd at B ran exactly that one operation.
+    const operations = await ferry.json<{ id: string; kind: string; state: string }[]>(
+      at("b", ["operation", "--app", "shop"]),
+    );
+    expect(operations.filter((o) => o.kind === "drill")).toEqual([
+      expect.objectContaining({ id: drill.status?.operationId, state: "succeeded" }),
+    ]);
+    const table = await clusters.kubectl(clusters.a, ["get", "fdr", "shop-drill-1"]);
+    expect(table.stdout).toMatch(new RegExp(`^shop-drill-1\\s+shop\\s+${sites.b.name}\\s+Succeeded\\s+`, "m"));
+  });
+
+  it("fails a Failover that ferryd refuses, with ferryd's reason, starting nothing", async () => {
+    // shop runs at site A: there is nothing to fail over to A.
+    await kubectlApply({
+      apiVersion: API_VERSION,
+      kind: "Failover",
+      metadata: { name: "shop-to-a", namespace: "default" },
+      spec: { application: "shop", targetSite: sites.a.name },
+    } satisfies Failover);
+    const failed = await condition<Failover>("failovers", "shop-to-a", "Succeeded", "False");
+    expect(failed.status?.phase).toBe("Failed");
+    expect(failed.status?.error?.code).toBe("Conflict");
+    expect(failed.status?.error?.message).toContain(`runs at site ${sites.a.name} already; nothing to fail over`);
+    for (const site of ["a", "b"] as const) {
+      const operations = await ferry.json<{ kind: string }[]>(at(site, ["operation", "--app", "shop"]));
+      expect(operations.filter((o) => o.kind === "failover")).toEqual([]);
+    }
   });
 });

@@ -419,6 +419,7 @@ const recoveryPoint: ResourceDefinition = {
 const operationStatus = status("The operation's progress; its steps are idempotent and resumed after a restart.", {
   phase: { type: "string", enum: ["Pending", "Running", "Succeeded", "Failed"] },
   operationId: { type: "string", description: "The orchestrator's operation id." },
+  operationSite: { type: "string", description: "The site whose ferryd runs the operation." },
   steps: {
     type: "array",
     maxItems: 64,

@@ -1,9 +1,9 @@
 /**
- * The operator's control loop: informers on ProtectionPolicies and Applications, one work queue,
- * one worker. Level-triggered: a key is reconciled when its object appears, when its spec changes
+ * The operator's control loop: informers on ProtectionPolicies, Applications and the recovery
+ * operations (Failover, Migration, Failback, Drill), one work queue, one worker. Level-triggered: a key is reconciled when its object appears, when its spec changes
  * (metadata.generation) and on every resync, and a reconcile always starts from the object as it is
- * now, never from the event that woke it. The reconcilers (policy-reconciler.ts,
- * application-reconciler.ts) talk to this site's ferryd over NATS and write only status.
+ * now, never from the event that woke it. The reconcilers (policy-, application-
+ * and operation-reconciler.ts) talk to this site's ferryd over NATS and write only status.
  *
  * It owns the queue and the informers; it must never write a user's spec.
  */
@@ -21,6 +21,12 @@ import {
 import type { NatsConnection } from "@nats-io/transport-node";
 import { reconcileApplication } from "./application-reconciler.js";
 import { GROUP, VERSION } from "./crds.js";
+import {
+  OPERATION_PLURALS,
+  type OperationPlural,
+  type OperationResource,
+  reconcileOperation,
+} from "./operation-reconciler.js";
 import { reconcilePolicy } from "./policy-reconciler.js";
 import type { Application, ProtectionPolicy } from "./resources.js";
 
@@ -47,15 +53,17 @@ export interface ReconcileContext {
   writeStatus(plural: string, object: KubernetesObject & { status?: unknown }, status: unknown): Promise<void>;
 }
 
-/** How a reconcile ended: `retry` after a delay (a transient failure), or settled until the next event. */
-export type Outcome = "settled" | "retry";
+/**
+ * How a reconcile ended: `retry` after a backoff (a transient failure), settled until the next
+ * event or resync, or look again `after` this many ms (an operation in progress).
+ */
+export type Outcome = "settled" | "retry" | { after: number };
 
-type Kind = "protectionpolicies" | "applications";
+const KINDS = ["protectionpolicies", "applications", ...OPERATION_PLURALS] as const;
+type Kind = (typeof KINDS)[number];
 
-interface Informers {
-  protectionpolicies: Informer<ProtectionPolicy> & ObjectCache<ProtectionPolicy>;
-  applications: Informer<Application> & ObjectCache<Application>;
-}
+type Watched = Informer<KubernetesObject> & ObjectCache<KubernetesObject>;
+type Informers = Record<Kind, Watched>;
 
 const MAX_BACKOFF_MS = 30_000;
 /** A queue of keys, so its size is bounded by the number of objects watched. */
@@ -83,10 +91,7 @@ export class Operator {
     this.informers = new Map(
       namespaces.map((namespace) => [
         namespace,
-        {
-          protectionpolicies: this.informer<ProtectionPolicy>("protectionpolicies", namespace),
-          applications: this.informer<Application>("applications", namespace),
-        },
+        Object.fromEntries(KINDS.map((kind) => [kind, this.informer(kind, namespace)])) as Informers,
       ]),
     );
   }
@@ -94,8 +99,7 @@ export class Operator {
   async start(): Promise<void> {
     this.running = true;
     for (const informers of this.informers.values()) {
-      await this.watch("protectionpolicies", informers.protectionpolicies);
-      await this.watch("applications", informers.applications);
+      for (const kind of KINDS) await this.watch(kind, informers[kind]);
     }
     this.resync = setInterval(() => this.enqueueAll(), this.options.resyncMs ?? 30_000);
     this.worker = this.work();
@@ -107,12 +111,7 @@ export class Operator {
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     this.wake?.();
-    await Promise.all(
-      [...this.informers.values()].flatMap((informers) => [
-        informers.protectionpolicies.stop(),
-        informers.applications.stop(),
-      ]),
-    );
+    await Promise.all([...this.informers.values()].flatMap((informers) => KINDS.map((kind) => informers[kind].stop())));
     await this.worker;
   }
 
@@ -133,7 +132,7 @@ export class Operator {
     await informer.start();
   }
 
-  private informer<T extends KubernetesObject>(plural: Kind, namespace: string) {
+  private informer(plural: Kind, namespace: string): Watched {
     const path =
       namespace === ""
         ? `/apis/${GROUP}/${VERSION}/${plural}`
@@ -142,7 +141,7 @@ export class Operator {
       namespace === ""
         ? this.api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })
         : this.api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural });
-    return makeInformer<T>(this.options.kubeConfig, path, list);
+    return makeInformer<KubernetesObject>(this.options.kubeConfig, path, list);
   }
 
   private enqueue(kind: Kind, object: KubernetesObject): void {
@@ -154,8 +153,7 @@ export class Operator {
 
   private enqueueAll(): void {
     for (const informers of this.informers.values()) {
-      for (const object of informers.protectionpolicies.list()) this.enqueue("protectionpolicies", object);
-      for (const object of informers.applications.list()) this.enqueue("applications", object);
+      for (const kind of KINDS) for (const object of informers[kind].list()) this.enqueue(kind, object);
     }
   }
 
@@ -193,6 +191,12 @@ export class Operator {
       }
       if (outcome === "settled") {
         this.attempts.delete(key);
+      } else if (typeof outcome === "object") {
+        this.attempts.delete(key);
+        this.later(outcome.after, () => {
+          this.queue.add(key);
+          this.wake?.();
+        });
       } else {
         const attempt = (this.attempts.get(key) ?? 0) + 1;
         this.attempts.set(key, attempt);
@@ -208,12 +212,11 @@ export class Operator {
     const [kind, namespace, name] = key.split("/") as [Kind, string, string];
     const informers = this.informers.get(namespace) ?? this.informers.get("");
     if (informers === undefined) return Promise.resolve("settled");
-    if (kind === "protectionpolicies") {
-      const policy = informers.protectionpolicies.get(name, namespace);
-      return policy === undefined ? Promise.resolve("settled") : reconcilePolicy(policy, context);
-    }
-    const application = informers.applications.get(name, namespace);
-    return application === undefined ? Promise.resolve("settled") : reconcileApplication(application, context);
+    const object = informers[kind].get(name, namespace);
+    if (object === undefined) return Promise.resolve("settled");
+    if (kind === "protectionpolicies") return reconcilePolicy(object as ProtectionPolicy, context);
+    if (kind === "applications") return reconcileApplication(object as Application, context);
+    return reconcileOperation(kind as OperationPlural, object as OperationResource, context);
   }
 
   private async writeStatus(plural: string, object: KubernetesObject & { status?: unknown }, status: unknown) {

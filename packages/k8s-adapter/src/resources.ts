@@ -333,6 +333,10 @@ export interface FailoverStatus {
    */
   operationId?: string;
   /**
+   * The site whose ferryd runs the operation.
+   */
+  operationSite?: string;
+  /**
    * @maxItems 64
    */
   steps?: {
