@@ -119,6 +119,29 @@ async function condition<T extends Application | ProtectionPolicy | Drill | Fail
   );
 }
 
+interface KubeEvent {
+  type: string;
+  reason: string;
+  message: string;
+  reportingInstance: string;
+  involvedObject: { kind: string; name: string };
+}
+
+/** Wait for an Event about `name` that `match` picks; returns it. */
+function eventsOf(name: string, match: (event: KubeEvent) => boolean): Promise<KubeEvent> {
+  return waitFor(`an event about ${name}`, async () => {
+    const got = await clusters.kubectl(clusters.a, [
+      "get",
+      "events",
+      "--field-selector",
+      `involvedObject.name=${name}`,
+      "-o",
+      "json",
+    ]);
+    return (JSON.parse(got.stdout) as { items: KubeEvent[] }).items.find(match);
+  });
+}
+
 const policy = (name: string, spec: ProtectionPolicy["spec"]): ProtectionPolicy => ({
   apiVersion: API_VERSION,
   kind: "ProtectionPolicy",
@@ -193,6 +216,9 @@ describe("operator", () => {
     expect(protectedCondition?.message).toContain(sites.b.region);
     expect(refused.status?.conditions?.find((c) => c.type === "Degraded")?.status).toBe("True");
     expect(await ferry.json<ProtectionStatus[]>(at("a", ["status", "ledger"]))).toEqual([]);
+    // And as a Warning Event, which `kubectl describe` shows.
+    const warning = await eventsOf("ledger", (e) => e.message.startsWith("Protected=False: "));
+    expect(warning).toMatchObject({ type: "Warning", reason: "ResidencyViolation", reportingInstance: sites.a.name });
   });
 
   it("runs a Drill as ferryd's operation and reports its steps until Succeeded", async () => {
@@ -214,6 +240,8 @@ describe("operator", () => {
     expect(operations.filter((o) => o.kind === "drill")).toEqual([
       expect.objectContaining({ id: drill.status?.operationId, state: "succeeded" }),
     ]);
+    const succeeded = await eventsOf("shop-drill-1", (e) => e.reason === "Succeeded");
+    expect(succeeded).toMatchObject({ type: "Normal", involvedObject: { kind: "Drill", name: "shop-drill-1" } });
     const table = await clusters.kubectl(clusters.a, ["get", "fdr", "shop-drill-1"]);
     expect(table.stdout).toMatch(new RegExp(`^shop-drill-1\\s+shop\\s+${sites.b.name}\\s+Succeeded\\s+`, "m"));
   });

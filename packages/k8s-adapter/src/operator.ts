@@ -9,6 +9,7 @@
  */
 import {
   ADD,
+  CoreV1Api,
   CustomObjectsApi,
   ERROR,
   type Informer,
@@ -20,6 +21,7 @@ import {
 } from "@kubernetes/client-node";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { reconcileApplication } from "./application-reconciler.js";
+import { conditionEvent, transitions } from "./condition-events.js";
 import { GROUP, VERSION } from "./crds.js";
 import {
   OPERATION_PLURALS,
@@ -28,7 +30,7 @@ import {
   reconcileOperation,
 } from "./operation-reconciler.js";
 import { reconcilePolicy } from "./policy-reconciler.js";
-import type { Application, ProtectionPolicy } from "./resources.js";
+import type { Application, Condition, ProtectionPolicy } from "./resources.js";
 
 export interface OperatorOptions {
   kubeConfig: KubeConfig;
@@ -50,8 +52,11 @@ export interface ReconcileContext {
   site: string;
   now: () => Date;
   /** Replace the object's status (optimistic concurrency on its resourceVersion). */
-  writeStatus(plural: string, object: KubernetesObject & { status?: unknown }, status: unknown): Promise<void>;
+  writeStatus(plural: string, object: WithConditions, status: WithConditions["status"]): Promise<void>;
 }
+
+/** Every Ferry resource: its status has conditions. */
+export type WithConditions = KubernetesObject & { status?: { conditions?: Condition[]; observedGeneration?: number } };
 
 /**
  * How a reconcile ended: `retry` after a backoff (a transient failure), settled until the next
@@ -71,6 +76,7 @@ type Key = `${Kind}/${string}/${string}`;
 
 export class Operator {
   private readonly api: CustomObjectsApi;
+  private readonly events: CoreV1Api;
   private readonly now: () => Date;
   private readonly log: (line: string) => void;
   private readonly queue = new Set<Key>();
@@ -85,6 +91,7 @@ export class Operator {
 
   constructor(private readonly options: OperatorOptions) {
     this.api = options.kubeConfig.makeApiClient(CustomObjectsApi);
+    this.events = options.kubeConfig.makeApiClient(CoreV1Api);
     this.now = options.now ?? (() => new Date());
     this.log = options.log ?? ((line) => process.stderr.write(`ferry-operator: ${line}\n`));
     const namespaces = options.namespaces?.length ? options.namespaces : [""];
@@ -219,7 +226,7 @@ export class Operator {
     return reconcileOperation(kind as OperationPlural, object as OperationResource, context);
   }
 
-  private async writeStatus(plural: string, object: KubernetesObject & { status?: unknown }, status: unknown) {
+  private async writeStatus(plural: string, object: WithConditions, status: WithConditions["status"]) {
     if (JSON.stringify(object.status ?? null) === JSON.stringify(status)) return;
     const { name, namespace } = object.metadata ?? {};
     if (name === undefined || namespace === undefined) return;
@@ -231,6 +238,12 @@ export class Operator {
       name,
       body: { ...object, status },
     });
+    // Events only once the status they report is stored; a lost Event is logged, never retried.
+    for (const condition of transitions(object.status?.conditions, status?.conditions)) {
+      await this.events
+        .createNamespacedEvent({ namespace, body: conditionEvent(object, condition, this.options.site, this.now()) })
+        .catch((error: unknown) => this.log(`event for ${plural}/${namespace}/${name}: ${String(error)}`));
+    }
   }
 }
 
