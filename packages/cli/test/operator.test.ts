@@ -263,4 +263,14 @@ describe("operator", () => {
       expect(operations.filter((o) => o.kind === "failover")).toEqual([]);
     }
   });
+
+  it("unprotects an Application at ferryd before Kubernetes deletes it (finalizer)", async () => {
+    const got = await clusters.kubectl(clusters.a, ["get", "fapp", "shop", "-o", "jsonpath={.metadata.finalizers}"]);
+    expect(got.stdout).toBe('["ferry.io/protection"]');
+    expect(await ferry.json<ProtectionStatus[]>(at("a", ["status", "shop"]))).toHaveLength(1);
+    const deleted = await clusters.kubectl(clusters.a, ["delete", "fapp", "shop", "--timeout=30s"]);
+    expect(deleted.stderr).toBe("");
+    expect(deleted.stdout).toContain('application.ferry.io "shop" deleted');
+    expect(await ferry.json<ProtectionStatus[]>(at("a", ["status", "shop"]))).toEqual([]);
+  });
 });

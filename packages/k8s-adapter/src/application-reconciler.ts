@@ -5,8 +5,10 @@
  * A refusal (a residency violation, a missing policy or volume) shows as Protected=False with
  * ferryd's message, and nothing is replicated.
  *
- * Not yet: the Kubernetes members (objects and PVC volumes the selector names), unprotect on
- * deletion (a finalizer), pause.
+ * A protected Application carries the finalizer `ferry.io/protection`: deleting it unprotects the
+ * application at ferryd first (replication stops; replicas stay at the target), then lets it go.
+ *
+ * Not yet: the Kubernetes members (objects and PVC volumes the selector names), pause.
  */
 import { call, type Application as FerryApplication, type ProtectionStatus } from "@ferry/orchestrator";
 import { setConditions, timestamp, type Verdict } from "./conditions.js";
@@ -14,8 +16,32 @@ import { refusal } from "./ferryd-refusal.js";
 import type { Outcome, ReconcileContext } from "./operator.js";
 import type { Application, ApplicationStatus } from "./resources.js";
 
-export async function reconcileApplication(application: Application, context: ReconcileContext): Promise<Outcome> {
-  const name = application.metadata?.name ?? "";
+export const PROTECTION_FINALIZER = "ferry.io/protection";
+
+export async function reconcileApplication(current: Application, context: ReconcileContext): Promise<Outcome> {
+  const name = current.metadata?.name ?? "";
+  const finalizers = current.metadata?.finalizers ?? [];
+  if (current.metadata?.deletionTimestamp !== undefined) {
+    if (!finalizers.includes(PROTECTION_FINALIZER)) return "settled";
+    try {
+      await call(context.nc, context.site, "unprotect", { app: name });
+    } catch (error) {
+      // Not protected (any more), or it runs at another site now, which holds the protection: nothing
+      // to stop from here. Anything else (ferryd unreachable) keeps the finalizer and retries.
+      const refused = refusal(error);
+      if (refused.reason !== "NotFound" && refused.reason !== "Conflict") return "retry";
+    }
+    await context.setFinalizers(
+      "applications",
+      current,
+      finalizers.filter((f) => f !== PROTECTION_FINALIZER),
+    );
+    return "settled";
+  }
+  const application =
+    current.spec.protection !== undefined && !finalizers.includes(PROTECTION_FINALIZER)
+      ? await context.setFinalizers("applications", current, [...finalizers, PROTECTION_FINALIZER])
+      : current;
   const { spec } = application;
   const status: ApplicationStatus = { ...application.status };
   let verdicts: Verdict[];

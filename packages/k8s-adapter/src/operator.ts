@@ -53,6 +53,8 @@ export interface ReconcileContext {
   now: () => Date;
   /** Replace the object's status (optimistic concurrency on its resourceVersion). */
   writeStatus(plural: string, object: WithConditions, status: WithConditions["status"]): Promise<void>;
+  /** Replace the object's finalizers; answers the object as stored. */
+  setFinalizers<T extends KubernetesObject>(plural: string, object: T, finalizers: string[]): Promise<T>;
 }
 
 /** Every Ferry resource: its status has conditions. */
@@ -178,6 +180,7 @@ export class Operator {
       site: this.options.site,
       now: this.now,
       writeStatus: (plural, object, status) => this.writeStatus(plural, object, status),
+      setFinalizers: (plural, object, finalizers) => this.setFinalizers(plural, object, finalizers),
     };
     while (this.running) {
       const key = this.queue.values().next().value;
@@ -224,6 +227,21 @@ export class Operator {
     if (kind === "protectionpolicies") return reconcilePolicy(object as ProtectionPolicy, context);
     if (kind === "applications") return reconcileApplication(object as Application, context);
     return reconcileOperation(kind as OperationPlural, object as OperationResource, context);
+  }
+
+  private async setFinalizers<T extends KubernetesObject>(plural: string, object: T, finalizers: string[]) {
+    const { name, namespace } = object.metadata ?? {};
+    if (name === undefined || namespace === undefined) throw new Error(`${plural}: an object without a name`);
+    // The main resource ignores status and, for a custom resource, a finalizer change does not
+    // bump the generation: this never counts as a spec change.
+    return (await this.api.replaceNamespacedCustomObject({
+      group: GROUP,
+      version: VERSION,
+      namespace,
+      plural,
+      name,
+      body: { ...object, metadata: { ...object.metadata, finalizers } },
+    })) as T;
   }
 
   private async writeStatus(plural: string, object: WithConditions, status: WithConditions["status"]) {
