@@ -13,6 +13,20 @@ export {
   type ResourceDefinition,
   VERSION,
 } from "./crds.js";
+export { applyJsonPatch, type JsonPatchOperation } from "./json-patch.js";
 export { kubeConfigFrom } from "./kube-config.js";
+export {
+  CAPTURED_KINDS,
+  captureObjects,
+  type LabelSelector,
+  portable,
+  RESTORE_FIELD_MANAGER,
+  type RestoreOptions,
+  restoredManifest,
+  restoreObjects,
+  type Selection,
+  selectorQuery,
+  type Transform,
+} from "./manifests.js";
 export { Operator, type OperatorOptions } from "./operator.js";
 export type * from "./resources.js";
