@@ -13,6 +13,14 @@ export {
   type ResourceDefinition,
   VERSION,
 } from "./crds.js";
+export {
+  captureVolumes,
+  FERRY_CSI_DRIVER,
+  persistentVolumeName,
+  restoreVolumes,
+  type VolumeBinding,
+  type VolumeRestoreOptions,
+} from "./ferry-volumes.js";
 export { applyJsonPatch, type JsonPatchOperation } from "./json-patch.js";
 export { kubeConfigFrom } from "./kube-config.js";
 export {

@@ -7,11 +7,14 @@
 import { Sandbox, startTwoClusters, type TwoClusters } from "@ferry/testkit";
 import { KubeConfig } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { captureVolumes, restoreVolumes } from "./ferry-volumes.js";
 import { captureObjects, portable, type RestoreOptions, restoreObjects, selectorQuery } from "./manifests.js";
 
 const sandbox = new Sandbox();
 let clusters: TwoClusters;
 const config = { a: new KubeConfig(), b: new KubeConfig() };
+/** The PVs the first restore made at B: every later restore binds the claims to them again. */
+let volumeNames: Record<string, string> = {};
 
 const SHOP = `
 apiVersion: v1
@@ -42,6 +45,39 @@ apiVersion: v1
 kind: PersistentVolumeClaim
 metadata: { name: shop-logs, namespace: shop, labels: { app: shop } }
 spec: { accessModes: [ReadWriteOnce], storageClassName: fast, resources: { requests: { storage: 1Gi } } }
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: { name: pv-shop-data }
+spec:
+  capacity: { storage: 2Gi }
+  accessModes: [ReadWriteOnce]
+  storageClassName: fast
+  claimRef: { namespace: shop, name: shop-data }
+  csi: { driver: csi.ferry.io, volumeHandle: shop-data-vol }
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: { name: shop-data, namespace: shop, labels: { app: shop } }
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: fast
+  volumeName: pv-shop-data
+  resources: { requests: { storage: 2Gi } }
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: { name: pv-elsewhere }
+spec:
+  capacity: { storage: 1Gi }
+  accessModes: [ReadWriteOnce]
+  claimRef: { namespace: shop, name: shop-cache }
+  hostPath: { path: /tmp/cache }
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: { name: shop-cache, namespace: shop, labels: { app: shop } }
+spec: { accessModes: [ReadWriteOnce], volumeName: pv-elsewhere, resources: { requests: { storage: 1Gi } } }
 ---
 apiVersion: apps/v1
 kind: StatefulSet
@@ -110,6 +146,8 @@ describe("capture and restore of an application's Kubernetes objects", () => {
     expect(captured.map((o) => `${o.kind}/${o.metadata?.name}`)).toEqual([
       "ConfigMap/shop-config",
       "Secret/shop-db",
+      "PersistentVolumeClaim/shop-cache",
+      "PersistentVolumeClaim/shop-data",
       "PersistentVolumeClaim/shop-logs",
       "Service/shop",
       "StatefulSet/shop-db",
@@ -128,8 +166,40 @@ describe("capture and restore of an application's Kubernetes objects", () => {
       namespaces: ["shop"],
       labelSelector: { matchLabels: { app: "shop" } },
     });
-    const first = await restoreObjects(config.b, captured, RESTORE);
-    expect(first.applied).toHaveLength(5);
+    // The PVC on a Ferry volume gets a PV pointing at B's copy of that volume; the other PVCs none.
+    const bindings = await captureVolumes(config.a, {
+      namespaces: ["shop"],
+      labelSelector: { matchLabels: { app: "shop" } },
+    });
+    expect(bindings).toEqual([
+      {
+        namespace: "shop",
+        claim: "shop-data",
+        volume: "shop-data-vol",
+        capacity: "2Gi",
+        accessModes: ["ReadWriteOnce"],
+        volumeMode: "Filesystem",
+        storageClassName: "fast",
+      },
+    ]);
+    volumeNames = await restoreVolumes(config.b, bindings, {
+      ...RESTORE,
+      volumes: { "shop-data-vol": "shop-data-vol-b" },
+    });
+    expect(volumeNames).toEqual({ "shop/shop-data": "ferry-shop-data-vol-b" });
+    const first = await restoreObjects(config.b, captured, { ...RESTORE, volumeNames });
+    expect(first.applied).toHaveLength(7);
+    const pv = JSON.parse(
+      (await clusters.kubectl(clusters.b, ["get", "pv", "ferry-shop-data-vol-b", "-o", "json"])).stdout,
+    ) as { spec: Record<string, unknown> };
+    expect(pv.spec).toMatchObject({
+      csi: { driver: "csi.ferry.io", volumeHandle: "shop-data-vol-b" },
+      claimRef: { namespace: "shop-dr", name: "shop-data" },
+      storageClassName: "standard",
+      persistentVolumeReclaimPolicy: "Retain",
+    });
+    expect((await getB("pvc", "shop-data")).spec.volumeName).toBe("ferry-shop-data-vol-b");
+    expect((await getB("pvc", "shop-cache")).spec.volumeName).toBeUndefined();
     const secret = await getB("secret", "shop-db");
     expect(Buffer.from(secret.data?.password ?? "", "base64").toString()).toBe("s3cret");
     const pvc = await getB("pvc", "shop-logs");
@@ -152,6 +222,7 @@ describe("capture and restore of an application's Kubernetes objects", () => {
           ["configmap", "shop-config"],
           ["secret", "shop-db"],
           ["pvc", "shop-logs"],
+          ["pvc", "shop-data"],
           ["service", "shop"],
           ["statefulset", "shop-db"],
         ].map(async ([kind, name]) => {
@@ -160,7 +231,8 @@ describe("capture and restore of an application's Kubernetes objects", () => {
         }),
       );
     const before = await stored();
-    await restoreObjects(config.b, captured, RESTORE);
+    await restoreVolumes(config.b, bindings, { ...RESTORE, volumes: { "shop-data-vol": "shop-data-vol-b" } });
+    await restoreObjects(config.b, captured, { ...RESTORE, volumeNames });
     expect(await stored()).toEqual(before);
   });
 
@@ -180,10 +252,10 @@ describe("capture and restore of an application's Kubernetes objects", () => {
       namespaces: ["shop"],
       labelSelector: { matchLabels: { app: "shop" } },
     });
-    const skipped = await restoreObjects(config.b, captured, { ...RESTORE, onConflict: "skip" });
+    const skipped = await restoreObjects(config.b, captured, { ...RESTORE, volumeNames, onConflict: "skip" });
     expect(skipped.skipped).toContain("ConfigMap/shop-dr/shop-config");
     expect((await getB("configmap", "shop-config")).data?.greeting).toBe("changed at B");
-    await restoreObjects(config.b, captured, { ...RESTORE, onConflict: "overwrite" });
+    await restoreObjects(config.b, captured, { ...RESTORE, volumeNames, onConflict: "overwrite" });
     expect((await getB("configmap", "shop-config")).data?.greeting).toBe("hello from A");
   });
 

@@ -6,7 +6,8 @@
  * a conflict with an existing object is handled by a stated policy: `overwrite` (Ferry's fields
  * win, fields other managers own are kept) or `skip` (an existing object is left alone).
  *
- * Not here: mapping PVCs to Ferry volumes and re-creating PVs (the volume side of a restore).
+ * PVCs on Ferry volumes: ferry-volumes.ts maps them to their volumes and makes the PVs at the
+ * target; `volumeNames` binds the restored claims to those PVs.
  */
 import { type KubeConfig, type KubernetesObject, KubernetesObjectApi, PatchStrategy } from "@kubernetes/client-node";
 import { applyJsonPatch, type JsonPatchOperation } from "./json-patch.js";
@@ -137,6 +138,8 @@ export interface RestoreOptions {
   /** Source storage class → target storage class (PVCs and StatefulSet claim templates). */
   storageClassMapping?: Record<string, string>;
   transforms?: readonly Transform[];
+  /** Source `namespace/claim` → the PV to bind it to (restoreVolumes answers these). */
+  volumeNames?: Record<string, string>;
   /** `overwrite` (default): Ferry's fields win. `skip`: an object that exists is left alone. */
   onConflict?: "overwrite" | "skip";
 }
@@ -157,7 +160,11 @@ export function restoredManifest(manifest: Manifest, options: RestoreOptions): M
       spec.storageClassName = classes[from];
     }
   };
-  if (object.kind === "PersistentVolumeClaim") mapClass(object.spec);
+  if (object.kind === "PersistentVolumeClaim") {
+    mapClass(object.spec);
+    const volumeName = options.volumeNames?.[`${namespace}/${object.metadata?.name}`];
+    if (volumeName !== undefined && object.spec !== undefined) object.spec.volumeName = volumeName;
+  }
   if (object.kind === "StatefulSet") {
     for (const claim of (object.spec?.volumeClaimTemplates as { spec?: Record<string, unknown> }[] | undefined) ?? []) {
       mapClass(claim.spec);
