@@ -6,7 +6,7 @@
  * replica), and the claim is restored with that PV as its volumeName.
  */
 import { type KubeConfig, KubernetesObjectApi, PatchStrategy, type V1PersistentVolume } from "@kubernetes/client-node";
-import { RESTORE_FIELD_MANAGER, type Selection, selectorQuery } from "./manifests.js";
+import { listSelected, RESTORE_FIELD_MANAGER, type Selection, selectorQuery } from "./manifests.js";
 
 /** The CSI driver name Ferry's node plugin registers. */
 export const FERRY_CSI_DRIVER = "csi.ferry.io";
@@ -28,17 +28,7 @@ export async function captureVolumes(kubeConfig: KubeConfig, selection: Selectio
   const labelSelector = selectorQuery(selection.labelSelector);
   const bindings: VolumeBinding[] = [];
   for (const namespace of selection.namespaces) {
-    const claims = await api.list<KubeClaim>(
-      "v1",
-      "PersistentVolumeClaim",
-      namespace,
-      undefined,
-      undefined,
-      undefined,
-      undefined,
-      labelSelector,
-    );
-    for (const claim of claims.items) {
+    for (const claim of await listSelected<KubeClaim>(api, "v1", "PersistentVolumeClaim", namespace, labelSelector)) {
       const pvName = claim.spec?.volumeName;
       if (pvName === undefined || pvName === "") continue;
       const pv = await api

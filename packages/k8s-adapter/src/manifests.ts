@@ -97,6 +97,27 @@ function clusterMade(object: KubernetesObject & { type?: string }): boolean {
   );
 }
 
+/** One kind's objects in one namespace that carry the labels (`selectorQuery` syntax). */
+export async function listSelected<T extends KubernetesObject>(
+  api: KubernetesObjectApi,
+  apiVersion: string,
+  kind: string,
+  namespace: string,
+  labelSelector: string | undefined,
+): Promise<T[]> {
+  const list = await api.list<T>(
+    apiVersion,
+    kind,
+    namespace,
+    undefined,
+    undefined,
+    undefined,
+    undefined,
+    labelSelector,
+  );
+  return list.items;
+}
+
 /** The selected objects of every captured kind, portable, in restore order. */
 export async function captureObjects(kubeConfig: KubeConfig, selection: Selection): Promise<Manifest[]> {
   const api = KubernetesObjectApi.makeApiClient(kubeConfig);
@@ -104,17 +125,7 @@ export async function captureObjects(kubeConfig: KubeConfig, selection: Selectio
   const captured: Manifest[] = [];
   for (const { apiVersion, kind } of CAPTURED_KINDS) {
     for (const namespace of selection.namespaces) {
-      const list = await api.list(
-        apiVersion,
-        kind,
-        namespace,
-        undefined,
-        undefined,
-        undefined,
-        undefined,
-        labelSelector,
-      );
-      const items = list.items
+      const items = (await listSelected(api, apiVersion, kind, namespace, labelSelector))
         .map((item) => ({ ...item, apiVersion, kind }))
         .filter((item) => !clusterMade(item))
         .sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""));
