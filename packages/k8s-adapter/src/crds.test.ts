@@ -152,6 +152,21 @@ describe("Ferry CRDs on a real API server", () => {
       "spec.interval: Forbidden: give either interval or continuous: true, not both",
     ],
     [
+      "a restore transform with an unknown op",
+      policy("p11", { mode: "async", restore: { transforms: [{ patch: [{ op: "move", path: "/a" }] }] } }),
+      'spec.restore.transforms[0].patch[0].op: Unsupported value: "move"',
+    ],
+    [
+      "a restore transform whose path is not a JSON pointer",
+      policy("p12", { mode: "async", restore: { transforms: [{ patch: [{ op: "remove", path: "spec" }] }] } }),
+      "spec.restore.transforms[0].patch[0].path: Invalid value",
+    ],
+    [
+      "a namespace mapping from a name that is not a namespace",
+      policy("p13", { mode: "async", restore: { namespaceMapping: { Shop_1: "shop" } } }),
+      "keys must be names such as shop or fast-ssd",
+    ],
+    [
       "an application without members",
       application("a1", {}),
       "an application needs members: kubernetes, vms or volumes",

@@ -179,6 +179,61 @@ const labelSelector: Schema = {
   },
 };
 
+/** Name → name maps (namespaces, storage classes): both sides DNS labels. */
+const nameMap = (description: string): Schema => ({
+  type: "object",
+  description,
+  additionalProperties: { type: "string", pattern: NAME_PATTERN, maxLength: 63 },
+  "x-kubernetes-validations": [
+    { rule: `self.all(k, k.matches('${NAME_PATTERN}'))`, message: "keys must be names such as shop or fast-ssd" },
+  ],
+});
+
+/** How an application's Kubernetes objects are restored at another cluster (manifests.ts). */
+const restore: Schema = {
+  type: "object",
+  description: "How the application's Kubernetes objects are restored at the target cluster.",
+  properties: {
+    namespaceMapping: nameMap("Source namespace → namespace at the target; unmapped ones keep their name."),
+    storageClassMapping: nameMap("Source storage class → storage class at the target."),
+    onConflict: {
+      type: "string",
+      enum: ["overwrite", "skip"],
+      default: "overwrite",
+      description: "An object that exists at the target: overwrite Ferry's fields (others' stay), or skip it.",
+    },
+    transforms: {
+      type: "array",
+      description: "JSON patches (RFC 6902) applied to restored objects, e.g. scale a StatefulSet down.",
+      maxItems: 64,
+      "x-kubernetes-list-type": "atomic",
+      items: {
+        type: "object",
+        required: ["patch"],
+        properties: {
+          kind: { type: "string", description: "Only objects of this kind.", pattern: "^[A-Z][A-Za-z0-9]*$" },
+          name: { type: "string", description: "Only the object of this name.", maxLength: 253 },
+          patch: {
+            type: "array",
+            minItems: 1,
+            maxItems: 64,
+            "x-kubernetes-list-type": "atomic",
+            items: {
+              type: "object",
+              required: ["op", "path"],
+              properties: {
+                op: { type: "string", enum: ["add", "remove", "replace", "test"] },
+                path: { type: "string", description: "A JSON pointer.", pattern: "^(/([^/~]|~[01])*)+$" },
+                value: { "x-kubernetes-preserve-unknown-fields": true },
+              },
+            },
+          },
+        },
+      },
+    },
+  },
+};
+
 // --- Resources ----------------------------------------------------------------------------------
 
 const site: ResourceDefinition = {
@@ -287,6 +342,7 @@ const protectionPolicy: ResourceDefinition = {
         default: "crash",
         description: "application: run the hooks and freeze the members around each cut.",
       },
+      restore,
       hooks: {
         type: "object",
         description: "Commands run at the active site around a cut (application consistency).",

@@ -28,6 +28,7 @@ export async function resourceTypes(): Promise<string> {
     bannerComment: "",
     additionalProperties: false,
     ignoreMinAndMaxItems: true,
+    unknownAny: true,
     // Formatted as biome formats the repository, so that `biome check` passes on the output.
     style: { printWidth: 120, singleQuote: false, trailingComma: "all", semi: true, tabWidth: 2 } as const,
   };
@@ -68,9 +69,18 @@ export async function resourceTypes(): Promise<string> {
   return `${parts.join("\n").trimEnd()}\n`;
 }
 
-/** The schemas are ours and plain JSON; compile() wants its own (wider) JSONSchema4 type. */
+/**
+ * The schemas are ours and plain JSON; compile() wants its own (wider) type. A node that keeps any
+ * JSON (`x-kubernetes-preserve-unknown-fields` without a type) is `unknown` in TypeScript.
+ */
 function asInput(schema: Schema): JSONSchema {
-  return structuredClone(schema) as JSONSchema;
+  return JSON.parse(JSON.stringify(schema), (_key, value: unknown) => {
+    const node = value as Schema | null;
+    if (typeof node === "object" && node !== null && node["x-kubernetes-preserve-unknown-fields"] && !node.type) {
+      return { ...node, tsType: "unknown" };
+    }
+    return value;
+  }) as JSONSchema;
 }
 
 /** A status schema whose conditions are typed as the shared `Condition[]`. */

@@ -32,6 +32,7 @@ export {
   type RestoreOptions,
   restoredManifest,
   restoreObjects,
+  restoreOptionsOf,
   type Selection,
   selectorQuery,
   type Transform,

@@ -8,7 +8,14 @@ import { Sandbox, startTwoClusters, type TwoClusters } from "@ferry/testkit";
 import { KubeConfig } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { captureVolumes, restoreVolumes } from "./ferry-volumes.js";
-import { captureObjects, portable, type RestoreOptions, restoreObjects, selectorQuery } from "./manifests.js";
+import {
+  captureObjects,
+  portable,
+  type RestoreOptions,
+  restoreObjects,
+  restoreOptionsOf,
+  selectorQuery,
+} from "./manifests.js";
 
 const sandbox = new Sandbox();
 let clusters: TwoClusters;
@@ -270,6 +277,18 @@ describe("capture and restore of an application's Kubernetes objects", () => {
     });
     await expect(restore).rejects.toThrow(
       "transform of Service shop: JSON patch replace /spec/externalName: no such value",
+    );
+  });
+
+  it("takes a policy's restore settings, refusing a patch without its value", () => {
+    expect(restoreOptionsOf({ namespaceMapping: { shop: "shop-dr" } })).toEqual({
+      namespaceMapping: { shop: "shop-dr" },
+      storageClassMapping: {},
+      onConflict: "overwrite",
+      transforms: [],
+    });
+    expect(() => restoreOptionsOf({ transforms: [{ patch: [{ op: "replace", path: "/spec/replicas" }] }] })).toThrow(
+      "restore.transforms[0].patch[0]: replace needs a value",
     );
   });
 

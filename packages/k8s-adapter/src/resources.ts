@@ -122,6 +122,54 @@ export interface ProtectionPolicySpec {
    */
   consistency?: "crash" | "application";
   /**
+   * How the application's Kubernetes objects are restored at the target cluster.
+   */
+  restore?: {
+    /**
+     * Source namespace → namespace at the target; unmapped ones keep their name.
+     */
+    namespaceMapping?: {
+      [k: string]: string;
+    };
+    /**
+     * Source storage class → storage class at the target.
+     */
+    storageClassMapping?: {
+      [k: string]: string;
+    };
+    /**
+     * An object that exists at the target: overwrite Ferry's fields (others' stay), or skip it.
+     */
+    onConflict?: "overwrite" | "skip";
+    /**
+     * JSON patches (RFC 6902) applied to restored objects, e.g. scale a StatefulSet down.
+     *
+     * @maxItems 64
+     */
+    transforms?: {
+      /**
+       * Only objects of this kind.
+       */
+      kind?: string;
+      /**
+       * Only the object of this name.
+       */
+      name?: string;
+      /**
+       * @minItems 1
+       * @maxItems 64
+       */
+      patch: {
+        op: "add" | "remove" | "replace" | "test";
+        /**
+         * A JSON pointer.
+         */
+        path: string;
+        value?: unknown;
+      }[];
+    }[];
+  };
+  /**
    * Commands run at the active site around a cut (application consistency).
    */
   hooks?: {
