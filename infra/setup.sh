@@ -49,5 +49,6 @@ ensure_debian_packages
 bash infra/setup-libvirt.sh
 ensure_rust
 ensure_node_modules
+bash infra/setup-k8s.sh >/dev/null # etcd, and kube-apiserver/kubectl/helm built once into ~/.cache/ferry/k8s
 say "building (turbo, cached)"
 npx --no-install turbo run build --output-logs=errors-only

@@ -8,6 +8,7 @@ import { Command, Option } from "commander";
 import { registerControlCommands } from "./commands/control.js";
 import { registerDaemonCommand } from "./commands/daemon-command.js";
 import { registerDemoCommand } from "./commands/demo.js";
+import { registerOperatorCommand } from "./commands/operator-command.js";
 import { registerReplicateCommands } from "./commands/replicate.js";
 import { registerVmCommands } from "./commands/vm.js";
 import { registerVolumeCommands } from "./commands/volume.js";
@@ -54,6 +55,7 @@ export function createProgram(io: ProgramIo = processIo): Command {
   registerVolumeCommands(program, io);
   registerDaemonCommand(program, io);
   registerControlCommands(program, io);
+  registerOperatorCommand(program, io);
   registerReplicateCommands(program, io);
   registerDemoCommand(program, io);
   registerVmCommands(program, io);

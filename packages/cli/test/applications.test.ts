@@ -19,6 +19,7 @@ import type {
 } from "@ferry/orchestrator";
 import { FerryCli, type FerryServe, qemuIo, Sandbox, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { daemonSite } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 
@@ -28,25 +29,10 @@ let ferry: FerryCli;
 const ferryd: Record<"a" | "b", { data: string; serve: FerryServe; metrics: string }> = {} as never;
 
 async function startFerryd(site: "a" | "b", data?: string): Promise<void> {
-  const dir = data ?? (await sandbox.dir(`ferryd-${site}-`));
-  const s = sites[site];
-  const serve = await ferry.daemon([
-    "--data",
-    dir,
-    "--socket",
-    join(dir, "nbd.sock"),
-    "--site",
-    s.name,
-    "--region",
-    s.region,
-    "--nats",
-    s.url,
-    "--metrics",
-    "127.0.0.1:0",
-  ]);
-  const metrics = /metrics on (http:\/\/\S+)\/metrics/.exec(serve.servingLine)?.[1];
-  if (metrics === undefined) throw new Error(`ferryd did not say where its metrics are: ${serve.servingLine}`);
-  ferryd[site] = { data: dir, serve, metrics };
+  const started = await daemonSite(ferry, sandbox, sites[site], { data, extra: ["--metrics", "127.0.0.1:0"] });
+  const metrics = /metrics on (http:\/\/\S+)\/metrics/.exec(started.serve.servingLine)?.[1];
+  if (metrics === undefined) throw new Error(`ferryd did not say where its metrics are: ${started.serve.servingLine}`);
+  ferryd[site] = { ...started, metrics };
 }
 
 /** The CLI against one site's ferryd, as that site's `cli` user (global options after the command). */

@@ -1,6 +1,7 @@
 /**
- * One site's `ferry volume serve`, joined to that site's nats-server, as the replication tests
- * start it: its data directory (a sandbox temp dir unless given) and its NBD socket inside it.
+ * One site's `ferry volume serve` or `ferry daemon` (ferryd), joined to that site's nats-server, as
+ * the tests start them: its data directory (a sandbox temp dir unless given) and its NBD socket
+ * inside it.
  */
 import { join } from "node:path";
 import type { FerryCli, FerryServe, Sandbox, Site } from "@ferry/testkit";
@@ -24,8 +25,28 @@ export async function serveSite(
   site: Site,
   options: ServeSiteOptions = {},
 ): Promise<SiteService> {
+  return startSiteService(ferry, sandbox, site, "serve", options);
+}
+
+/** ferryd (`ferry daemon`) of one site; `extra` e.g. `--metrics 127.0.0.1:0`. */
+export async function daemonSite(
+  ferry: FerryCli,
+  sandbox: Sandbox,
+  site: Site,
+  options: ServeSiteOptions = {},
+): Promise<SiteService> {
+  return startSiteService(ferry, sandbox, site, "daemon", options);
+}
+
+async function startSiteService(
+  ferry: FerryCli,
+  sandbox: Sandbox,
+  site: Site,
+  command: "serve" | "daemon",
+  options: ServeSiteOptions,
+): Promise<SiteService> {
   const data = options.data ?? (await sandbox.dir(`ferry-${site.name}-`));
-  const serve = await ferry.serve([
+  const args = [
     "--data",
     data,
     "--socket",
@@ -37,6 +58,7 @@ export async function serveSite(
     "--nats",
     site.url,
     ...(options.extra ?? []),
-  ]);
+  ];
+  const serve = await (command === "serve" ? ferry.serve(args) : ferry.daemon(args));
   return { data, serve };
 }

@@ -19,4 +19,12 @@ export {
   waitForGuest,
 } from "./test-guest.js";
 export { type PartitionMode, TestLinkProxy } from "./test-link-proxy.js";
+export {
+  type Cluster,
+  type K8sTools,
+  k8sTools,
+  startTwoClusters,
+  type TwoClusters,
+  type TwoClustersOptions,
+} from "./two-clusters.js";
 export { type SiteOptions, startTwoSites, type TwoSites, type TwoSitesOptions } from "./two-sites.js";

@@ -35,6 +35,12 @@ export class Sandbox {
     return dir;
   }
 
+  /** Remove `dir` in `cleanup()` too (a directory made elsewhere than the temp dir, e.g. on tmpfs). */
+  adopt(dir: string): string {
+    this.dirs.push(dir);
+    return dir;
+  }
+
   /** Start a process that `cleanup()` will end if it is still running. */
   spawn(command: string, args: readonly string[], options: SpawnOptions = {}): ChildProcess {
     const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"], ...options });

@@ -1,0 +1,41 @@
+{{/* The name every object of the release is prefixed with. */}}
+{{- define "ferry.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ferry.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ferry
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "ferry.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ferry.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The NATS settings both workloads share: ferryd and the operator read $FERRY_NATS and $FERRY_SITE. */}}
+{{- define "ferry.natsEnv" -}}
+- name: FERRY_NATS
+{{- if .Values.nats.urlSecret.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.nats.urlSecret.name }}
+      key: {{ .Values.nats.urlSecret.key }}
+{{- else }}
+  value: {{ .Values.nats.url | quote }}
+{{- end }}
+- name: FERRY_SITE
+  value: {{ .Values.site.name | quote }}
+{{- end -}}

@@ -1,0 +1,130 @@
+/**
+ * PVCs on Ferry volumes. A PersistentVolume whose CSI driver is Ferry's names a Ferry volume in its
+ * volume handle: such a PVC's data replicates with the application. At capture the claims are
+ * mapped to their volumes; at restore a PV is created per claim pointing at the target site's
+ * volume (pre-bound through claimRef, reclaim policy Retain — deleting the claim never deletes a
+ * replica), and the claim is restored with that PV as its volumeName.
+ */
+import { type KubeConfig, KubernetesObjectApi, PatchStrategy, type V1PersistentVolume } from "@kubernetes/client-node";
+import { listSelected, RESTORE_FIELD_MANAGER, type Selection, selectorQuery } from "./manifests.js";
+
+/** The CSI driver name Ferry's node plugin registers. */
+export const FERRY_CSI_DRIVER = "csi.ferry.io";
+
+export interface VolumeBinding {
+  namespace: string;
+  claim: string;
+  /** The Ferry volume at the source site. */
+  volume: string;
+  capacity: string;
+  accessModes: string[];
+  volumeMode: string;
+  storageClassName: string | null;
+}
+
+/** The selected PVCs that are bound to Ferry volumes, with those volumes. */
+export async function captureVolumes(kubeConfig: KubeConfig, selection: Selection): Promise<VolumeBinding[]> {
+  const api = KubernetesObjectApi.makeApiClient(kubeConfig);
+  const labelSelector = selectorQuery(selection.labelSelector);
+  const bindings: VolumeBinding[] = [];
+  for (const namespace of selection.namespaces) {
+    for (const claim of await listSelected<KubeClaim>(api, "v1", "PersistentVolumeClaim", namespace, labelSelector)) {
+      const pvName = claim.spec?.volumeName;
+      if (pvName === undefined || pvName === "") continue;
+      const pv = await api
+        .read<V1PersistentVolume>({ apiVersion: "v1", kind: "PersistentVolume", metadata: { name: pvName } })
+        .catch((error: { code?: number }) => {
+          if (error.code === 404) return undefined;
+          throw error;
+        });
+      if (pv?.spec?.csi?.driver !== FERRY_CSI_DRIVER) continue;
+      bindings.push({
+        namespace,
+        claim: claim.metadata?.name ?? "",
+        volume: pv.spec.csi.volumeHandle,
+        capacity: pv.spec.capacity?.storage ?? claim.spec?.resources?.requests?.storage ?? "",
+        accessModes: pv.spec.accessModes ?? claim.spec?.accessModes ?? ["ReadWriteOnce"],
+        volumeMode: pv.spec.volumeMode ?? "Filesystem",
+        storageClassName: pv.spec.storageClassName ?? null,
+      });
+    }
+  }
+  return bindings.sort((a, b) => `${a.namespace}/${a.claim}`.localeCompare(`${b.namespace}/${b.claim}`));
+}
+
+interface KubeClaim {
+  apiVersion?: string;
+  kind?: string;
+  metadata?: { name?: string; namespace?: string };
+  spec?: {
+    volumeName?: string;
+    accessModes?: string[];
+    resources?: { requests?: Record<string, string> };
+  };
+}
+
+export interface VolumeRestoreOptions {
+  namespaceMapping?: Record<string, string>;
+  storageClassMapping?: Record<string, string>;
+  /** Source Ferry volume → the volume to use at this site (a promoted replica or a drill clone). */
+  volumes: Record<string, string>;
+}
+
+/** The PV name for a Ferry volume at this cluster: one PV per volume, so a second restore finds it. */
+export function persistentVolumeName(volume: string): string {
+  return `ferry-${volume}`
+    .toLowerCase()
+    .replace(/[^a-z0-9.-]/g, "-")
+    .slice(0, 253);
+}
+
+/**
+ * Create (or re-apply) the PVs for the bindings; answers `namespace/claim` → PV name, which
+ * restoreObjects takes as `volumeNames`. A binding without a volume in `volumes` is refused: its
+ * data was not recovered here.
+ */
+export async function restoreVolumes(
+  kubeConfig: KubeConfig,
+  bindings: readonly VolumeBinding[],
+  options: VolumeRestoreOptions,
+): Promise<Record<string, string>> {
+  const api = KubernetesObjectApi.makeApiClient(kubeConfig);
+  const volumeNames: Record<string, string> = {};
+  for (const binding of bindings) {
+    const volume = options.volumes[binding.volume];
+    if (volume === undefined) {
+      throw new Error(
+        `PVC ${binding.namespace}/${binding.claim} is on Ferry volume ${binding.volume}, which has no recovered volume here`,
+      );
+    }
+    const namespace = options.namespaceMapping?.[binding.namespace] ?? binding.namespace;
+    const storageClassName =
+      binding.storageClassName === null
+        ? undefined
+        : (options.storageClassMapping?.[binding.storageClassName] ?? binding.storageClassName);
+    const name = persistentVolumeName(volume);
+    await api.patch(
+      {
+        apiVersion: "v1",
+        kind: "PersistentVolume",
+        metadata: { name, labels: { "app.kubernetes.io/managed-by": "ferry" } },
+        spec: {
+          capacity: { storage: binding.capacity },
+          accessModes: binding.accessModes,
+          volumeMode: binding.volumeMode,
+          persistentVolumeReclaimPolicy: "Retain",
+          ...(storageClassName === undefined ? {} : { storageClassName }),
+          claimRef: { apiVersion: "v1", kind: "PersistentVolumeClaim", namespace, name: binding.claim },
+          csi: { driver: FERRY_CSI_DRIVER, volumeHandle: volume },
+        },
+      } as V1PersistentVolume,
+      undefined,
+      undefined,
+      RESTORE_FIELD_MANAGER,
+      true,
+      PatchStrategy.ServerSideApply,
+    );
+    volumeNames[`${binding.namespace}/${binding.claim}`] = name;
+  }
+  return volumeNames;
+}

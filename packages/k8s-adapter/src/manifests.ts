@@ -1,0 +1,261 @@
+/**
+ * An application's Kubernetes objects: captured at one cluster as portable manifests (what a
+ * cluster assigned — uid, resourceVersion, clusterIP, a PVC's bound volume, status… — stripped),
+ * and restored at another with namespace and storage-class mapping and JSON-patch transforms.
+ * Restore is server-side apply under one field manager, so running it twice changes nothing, and
+ * a conflict with an existing object is handled by a stated policy: `overwrite` (Ferry's fields
+ * win, fields other managers own are kept) or `skip` (an existing object is left alone).
+ *
+ * PVCs on Ferry volumes: ferry-volumes.ts maps them to their volumes and makes the PVs at the
+ * target; `volumeNames` binds the restored claims to those PVs.
+ */
+import { type KubeConfig, type KubernetesObject, KubernetesObjectApi, PatchStrategy } from "@kubernetes/client-node";
+import { applyJsonPatch, type JsonPatchOperation } from "./json-patch.js";
+import type { ProtectionPolicySpec } from "./resources.js";
+
+/** The kinds an Application captures, in the order a restore creates them (dependencies first). */
+export const CAPTURED_KINDS = [
+  { apiVersion: "v1", kind: "ServiceAccount" },
+  { apiVersion: "v1", kind: "ConfigMap" },
+  { apiVersion: "v1", kind: "Secret" },
+  { apiVersion: "v1", kind: "PersistentVolumeClaim" },
+  { apiVersion: "v1", kind: "Service" },
+  { apiVersion: "apps/v1", kind: "StatefulSet" },
+  { apiVersion: "apps/v1", kind: "Deployment" },
+  { apiVersion: "apps/v1", kind: "DaemonSet" },
+] as const;
+
+export interface LabelSelector {
+  matchLabels?: Record<string, string>;
+  matchExpressions?: { key: string; operator: "In" | "NotIn" | "Exists" | "DoesNotExist"; values?: string[] }[];
+}
+
+export interface Selection {
+  namespaces: readonly string[];
+  labelSelector?: LabelSelector;
+}
+
+/** metav1.LabelSelector → the `?labelSelector=` query syntax. */
+export function selectorQuery(selector: LabelSelector | undefined): string | undefined {
+  if (selector === undefined) return undefined;
+  const terms = Object.entries(selector.matchLabels ?? {}).map(([k, v]) => `${k}=${v}`);
+  for (const e of selector.matchExpressions ?? []) {
+    const values = (e.values ?? []).join(",");
+    if (e.operator === "In") terms.push(`${e.key} in (${values})`);
+    else if (e.operator === "NotIn") terms.push(`${e.key} notin (${values})`);
+    else if (e.operator === "Exists") terms.push(e.key);
+    else terms.push(`!${e.key}`);
+  }
+  return terms.length === 0 ? undefined : terms.join(",");
+}
+
+const CLUSTER_ANNOTATIONS = [
+  /^kubectl\.kubernetes\.io\/last-applied-configuration$/,
+  /^deployment\.kubernetes\.io\//,
+  /^pv\.kubernetes\.io\//,
+  /^volume\.(beta\.)?kubernetes\.io\//,
+];
+
+type Manifest = KubernetesObject & Record<string, unknown>;
+
+/** What another cluster must not receive: identity, versions, status, assigned addresses and volumes. */
+export function portable(object: KubernetesObject): Manifest {
+  const copy = structuredClone(object) as Manifest & { spec?: Record<string, unknown> };
+  const { name, namespace, labels, annotations } = copy.metadata ?? {};
+  const kept = Object.fromEntries(
+    Object.entries(annotations ?? {}).filter(([k]) => !CLUSTER_ANNOTATIONS.some((re) => re.test(k))),
+  );
+  copy.metadata = {
+    name,
+    namespace,
+    ...(labels === undefined ? {} : { labels }),
+    ...(Object.keys(kept).length === 0 ? {} : { annotations: kept }),
+  };
+  delete copy.status;
+  const spec = copy.spec;
+  if (spec !== undefined) {
+    if (copy.kind === "Service") {
+      // A headless Service stays headless; any other gets its address from the target cluster.
+      if (spec.clusterIP !== "None") {
+        delete spec.clusterIP;
+        delete spec.clusterIPs;
+      }
+      delete spec.healthCheckNodePort;
+      for (const port of (spec.ports as Record<string, unknown>[] | undefined) ?? []) delete port.nodePort;
+    }
+    if (copy.kind === "PersistentVolumeClaim") delete spec.volumeName;
+  }
+  return copy;
+}
+
+/** Objects a cluster makes by itself for every namespace: never captured. */
+function clusterMade(object: KubernetesObject & { type?: string }): boolean {
+  const name = object.metadata?.name;
+  return (
+    (object.kind === "ServiceAccount" && name === "default") ||
+    (object.kind === "ConfigMap" && name === "kube-root-ca.crt") ||
+    (object.kind === "Secret" && object.type === "kubernetes.io/service-account-token")
+  );
+}
+
+/** One kind's objects in one namespace that carry the labels (`selectorQuery` syntax). */
+export async function listSelected<T extends KubernetesObject>(
+  api: KubernetesObjectApi,
+  apiVersion: string,
+  kind: string,
+  namespace: string,
+  labelSelector: string | undefined,
+): Promise<T[]> {
+  const list = await api.list<T>(
+    apiVersion,
+    kind,
+    namespace,
+    undefined,
+    undefined,
+    undefined,
+    undefined,
+    labelSelector,
+  );
+  return list.items;
+}
+
+/** The selected objects of every captured kind, portable, in restore order. */
+export async function captureObjects(kubeConfig: KubeConfig, selection: Selection): Promise<Manifest[]> {
+  const api = KubernetesObjectApi.makeApiClient(kubeConfig);
+  const labelSelector = selectorQuery(selection.labelSelector);
+  const captured: Manifest[] = [];
+  for (const { apiVersion, kind } of CAPTURED_KINDS) {
+    for (const namespace of selection.namespaces) {
+      const items = (await listSelected(api, apiVersion, kind, namespace, labelSelector))
+        .map((item) => ({ ...item, apiVersion, kind }))
+        .filter((item) => !clusterMade(item))
+        .sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""));
+      captured.push(...items.map(portable));
+    }
+  }
+  return captured;
+}
+
+export interface Transform {
+  /** Only objects of this kind (all when left out). */
+  kind?: string;
+  /** Only the object of this name (all when left out). */
+  name?: string;
+  patch: JsonPatchOperation[];
+}
+
+export interface RestoreOptions {
+  /** Source namespace → target namespace; unmapped namespaces keep their name. */
+  namespaceMapping?: Record<string, string>;
+  /** Source storage class → target storage class (PVCs and StatefulSet claim templates). */
+  storageClassMapping?: Record<string, string>;
+  transforms?: readonly Transform[];
+  /** Source `namespace/claim` → the PV to bind it to (restoreVolumes answers these). */
+  volumeNames?: Record<string, string>;
+  /** `overwrite` (default): Ferry's fields win. `skip`: an object that exists is left alone. */
+  onConflict?: "overwrite" | "skip";
+}
+
+export const RESTORE_FIELD_MANAGER = "ferry-restore";
+
+/** A ProtectionPolicy's `spec.restore` (validated by the CRD schema) as restore options. */
+export function restoreOptionsOf(restore: ProtectionPolicySpec["restore"]): RestoreOptions {
+  return {
+    namespaceMapping: restore?.namespaceMapping ?? {},
+    storageClassMapping: restore?.storageClassMapping ?? {},
+    onConflict: restore?.onConflict ?? "overwrite",
+    transforms: (restore?.transforms ?? []).map((t, i) => ({
+      ...t,
+      patch: t.patch.map((operation, j) => {
+        // CEL cannot see into a schemaless `value`, so this one rule is checked here.
+        if (operation.op !== "remove" && !("value" in operation)) {
+          throw new Error(`restore.transforms[${i}].patch[${j}]: ${operation.op} needs a value`);
+        }
+        return operation as JsonPatchOperation;
+      }),
+    })),
+  };
+}
+
+/** The manifest as it will be applied at the target: mapped and transformed. */
+export function restoredManifest(manifest: Manifest, options: RestoreOptions): Manifest {
+  let object = structuredClone(manifest) as Manifest & { spec?: Record<string, unknown> };
+  const namespace = object.metadata?.namespace;
+  if (namespace !== undefined && object.metadata !== undefined) {
+    object.metadata.namespace = options.namespaceMapping?.[namespace] ?? namespace;
+  }
+  const classes = options.storageClassMapping ?? {};
+  const mapClass = (spec: Record<string, unknown> | undefined) => {
+    const from = spec?.storageClassName;
+    if (spec !== undefined && typeof from === "string" && classes[from] !== undefined) {
+      spec.storageClassName = classes[from];
+    }
+  };
+  if (object.kind === "PersistentVolumeClaim") {
+    mapClass(object.spec);
+    const volumeName = options.volumeNames?.[`${namespace}/${object.metadata?.name}`];
+    if (volumeName !== undefined && object.spec !== undefined) object.spec.volumeName = volumeName;
+  }
+  if (object.kind === "StatefulSet") {
+    for (const claim of (object.spec?.volumeClaimTemplates as { spec?: Record<string, unknown> }[] | undefined) ?? []) {
+      mapClass(claim.spec);
+    }
+  }
+  for (const transform of options.transforms ?? []) {
+    if (transform.kind !== undefined && transform.kind !== object.kind) continue;
+    if (transform.name !== undefined && transform.name !== object.metadata?.name) continue;
+    try {
+      object = applyJsonPatch(object, transform.patch);
+    } catch (error) {
+      throw new Error(`transform of ${object.kind} ${object.metadata?.name}: ${(error as Error).message}`);
+    }
+  }
+  return object;
+}
+
+/** Apply the manifests at the target cluster; answers what was applied and what was skipped. */
+export async function restoreObjects(
+  kubeConfig: KubeConfig,
+  manifests: readonly Manifest[],
+  options: RestoreOptions = {},
+): Promise<{ applied: string[]; skipped: string[] }> {
+  const api = KubernetesObjectApi.makeApiClient(kubeConfig);
+  const objects = manifests.map((m) => restoredManifest(m, options));
+  const applied: string[] = [];
+  const skipped: string[] = [];
+  const namespaces = new Set(objects.map((o) => o.metadata?.namespace).filter((n) => n !== undefined));
+  for (const namespace of namespaces) {
+    await api.patch(
+      { apiVersion: "v1", kind: "Namespace", metadata: { name: namespace } },
+      undefined,
+      undefined,
+      RESTORE_FIELD_MANAGER,
+      true,
+      PatchStrategy.ServerSideApply,
+    );
+  }
+  for (const object of objects) {
+    const id = `${object.kind}/${object.metadata?.namespace}/${object.metadata?.name}`;
+    if (options.onConflict === "skip" && (await exists(api, object))) {
+      skipped.push(id);
+      continue;
+    }
+    await api.patch(object, undefined, undefined, RESTORE_FIELD_MANAGER, true, PatchStrategy.ServerSideApply);
+    applied.push(id);
+  }
+  return { applied, skipped };
+}
+
+async function exists(api: KubernetesObjectApi, object: Manifest): Promise<boolean> {
+  try {
+    await api.read({
+      apiVersion: object.apiVersion ?? "v1",
+      kind: object.kind ?? "",
+      metadata: { name: object.metadata?.name ?? "", namespace: object.metadata?.namespace ?? "" },
+    });
+    return true;
+  } catch (error) {
+    if ((error as { code?: number }).code === 404) return false;
+    throw error;
+  }
+}
