@@ -17,6 +17,8 @@ GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 
 say() { printf 'setup-k8s: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
+# shellcheck source=infra/debian.sh
+. ../debian.sh
 
 pin_hash=$(cat go.mod go.sum | sha256sum | cut -c1-12)
 BIN_DIR="${FERRY_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry/k8s}/${KUBE_VERSION}-helm-${HELM_VERSION}-${pin_hash}/bin"
@@ -29,14 +31,7 @@ fi
 ensure_etcd() {
   # Debian 12's etcd 3.4 serves kube-apiserver v1.37 (checked: CRDs, watches, status updates).
   command -v etcd >/dev/null 2>&1 && return 0
-  local sudo=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 || die "need root or sudo to install etcd-server"
-    sudo=(sudo -n)
-  fi
-  say "installing Debian package etcd-server"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  ensure_debian_packages etcd-server
 }
 
 build_missing() {

@@ -9,22 +9,7 @@ DEBIAN_PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x
 
 say() { printf 'setup-libvirt: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
+# shellcheck source=infra/debian.sh
+. "$(dirname "${BASH_SOURCE[0]}")/debian.sh"
 
-ensure_debian_packages() {
-  local missing=() pkg
-  for pkg in "${DEBIAN_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$pkg")
-  done
-  ((${#missing[@]} == 0)) && return 0
-
-  local sudo=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 || die "need root or sudo to install: ${missing[*]}"
-    sudo=(sudo -n)
-  fi
-  say "installing Debian packages: ${missing[*]}"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-ensure_debian_packages
+ensure_debian_packages "${DEBIAN_PACKAGES[@]}"

@@ -11,23 +11,8 @@ NPM_STAMP=node_modules/.ferry-npm-ci.stamp
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
-
-ensure_debian_packages() {
-  local missing=() pkg
-  for pkg in "${DEBIAN_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$pkg")
-  done
-  ((${#missing[@]} == 0)) && return 0
-
-  local sudo=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 || die "need root or sudo to install: ${missing[*]}"
-    sudo=(sudo -n)
-  fi
-  say "installing Debian packages: ${missing[*]}"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
+# shellcheck source=infra/debian.sh
+. infra/debian.sh
 
 ensure_rust() {
   # shellcheck source=infra/env.sh
@@ -45,7 +30,7 @@ ensure_node_modules() {
   fi
 }
 
-ensure_debian_packages
+ensure_debian_packages "${DEBIAN_PACKAGES[@]}"
 bash infra/setup-libvirt.sh
 ensure_rust
 ensure_node_modules
