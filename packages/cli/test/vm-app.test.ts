@@ -128,7 +128,8 @@ describe("a VM in a protected application", () => {
     );
     expect(app).toMatchObject({ volumes: ["web-vda", "web-vdb"], vms: ["web"] });
 
-    await ferry.ok(at("a", ["policy", "create", "vm-gold", "--mode", "async", "--interval", "1s"]));
+    // Cuts every second: keep enough points that the one picked below is still there at failover.
+    await ferry.ok(at("a", ["policy", "create", "vm-gold", "--mode", "async", "--interval", "1s", "--retain", "60"]));
     await ferry.ok(at("a", ["protect", "web", "--policy", "vm-gold", "--to", "site-b", "--wait"]));
     const point = await waitFor(
       "a recovery point of web with the VM captured",
