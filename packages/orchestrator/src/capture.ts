@@ -90,7 +90,7 @@ export async function captureCut(
   let cut: Awaited<ReturnType<DataPlane["cut"]>>;
   try {
     if (want === "application") {
-      for (const [adapter, members, what] of memberSets(app, adapters)) {
+      for (const { adapter, members, what } of memberSets(app, adapters)) {
         if (adapter === undefined) {
           reasons.push(`no ${what} adapter at site ${p.source} to quiesce ${members.join(", ")}`);
           continue;
@@ -115,7 +115,7 @@ export async function captureCut(
   }
   const heldMs = Date.now() - held;
   const captures: MemberCapture[] = [];
-  for (const [adapter, members, what] of memberSets(app, adapters)) {
+  for (const { adapter, members, what } of memberSets(app, adapters)) {
     if (adapter === undefined) {
       reasons.push(`no ${what} adapter at site ${p.source}: ${members.join(", ")} not captured`);
       continue;
@@ -145,13 +145,21 @@ export async function captureCut(
   return { meta, storedBytes: await points.put(meta) };
 }
 
-function memberSets(
-  app: Application,
-  adapters: Adapters,
-): [VmAdapter | K8sAdapter | undefined, string[], "VM" | "Kubernetes"][] {
-  const sets: [VmAdapter | K8sAdapter | undefined, string[], "VM" | "Kubernetes"][] = [];
-  if (app.vms.length > 0) sets.push([adapters.vm, app.vms, "VM"]);
-  if (app.kubernetes !== null) sets.push([adapters.k8s, kubernetesMembers(app), "Kubernetes"]);
+/** The application's member sets: each with its adapter (if this site has one) and capture kind. */
+export interface MemberSet {
+  adapter: VmAdapter | K8sAdapter | undefined;
+  members: string[];
+  /** For messages. */
+  what: "VM" | "Kubernetes";
+  kind: MemberCapture["kind"];
+}
+
+export function memberSets(app: Application, adapters: Adapters): MemberSet[] {
+  const sets: MemberSet[] = [];
+  if (app.vms.length > 0) sets.push({ adapter: adapters.vm, members: app.vms, what: "VM", kind: "vm" });
+  if (app.kubernetes !== null) {
+    sets.push({ adapter: adapters.k8s, members: kubernetesMembers(app), what: "Kubernetes", kind: "kubernetes" });
+  }
   return sets;
 }
 

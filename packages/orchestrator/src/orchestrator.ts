@@ -10,7 +10,7 @@
 import { randomUUID } from "node:crypto";
 import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node";
 import type { K8sAdapter, VmAdapter } from "./adapters.js";
-import { type Adapters, captureCut, kubernetesMembers, orchestratedCuts } from "./capture.js";
+import { type Adapters, captureCut, type MemberSet, memberSets, orchestratedCuts } from "./capture.js";
 import { Catalog, protectionKey } from "./catalog.js";
 import { call } from "./client.js";
 import type { DataPlane, PairStatus, ReplicaPoints } from "./dataplane.js";
@@ -479,6 +479,7 @@ export class Orchestrator {
       await this.pairStop(appName, p.target);
       await this.catalog.protections.delete(protectionKey(appName, p.target));
       this.rpoMet.delete(protectionKey(appName, p.target));
+      this.forgetCuts(protectionKey(appName, p.target));
       this.metrics.dropProtection(appName, p.target);
       await call(this.nc, p.target, "replicaForget", { app: appName }, PEER_TIMEOUT_MS).catch((error) =>
         this.log(`site ${p.target} not told that ${appName} is unprotected: ${errorBody(error).message}`),
@@ -839,6 +840,12 @@ export class Orchestrator {
       .finally(() => this.cutting.delete(key));
   }
 
+  /** A protection that ended leaves no cut bookkeeping behind. */
+  private forgetCuts(key: string): void {
+    this.lastCut.delete(key);
+    this.cutReason.delete(key);
+  }
+
   /** At a target: drop the metadata of points its replicas no longer keep. */
   private async prunePoints(): Promise<void> {
     for (const p of this.catalog.protections.list()) {
@@ -855,29 +862,18 @@ export class Orchestrator {
   }
 
   /** The member adapters an application needs, with their members; fails naming what is missing. */
-  private memberAdapters(app: Application): { adapter: VmAdapter | K8sAdapter; members: string[] }[] {
-    const out: { adapter: VmAdapter | K8sAdapter; members: string[] }[] = [];
-    if (app.vms.length > 0) {
-      if (this.adapters.vm === undefined) {
+  private memberAdapters(app: Application): (MemberSet & { adapter: VmAdapter | K8sAdapter })[] {
+    return memberSets(app, this.adapters).map((set) => {
+      const { adapter } = set;
+      if (adapter === undefined) {
         throw new FerryError(
           ErrorCode.failed,
-          `application ${app.name} has VMs (${app.vms.join(", ")}) but ferryd at site ${this.site} has no VM adapter: ` +
-            "start it with libvirt access",
+          `application ${app.name} has ${set.what} members (${set.members.join(", ")}) but ferryd at site ` +
+            `${this.site} has no ${set.what} adapter: start it with ${set.kind === "vm" ? "--libvirt URI" : "a kubeconfig"}`,
         );
       }
-      out.push({ adapter: this.adapters.vm, members: app.vms });
-    }
-    if (app.kubernetes !== null) {
-      if (this.adapters.k8s === undefined) {
-        throw new FerryError(
-          ErrorCode.failed,
-          `application ${app.name} has Kubernetes members but ferryd at site ${this.site} has no Kubernetes adapter: ` +
-            "start it with a kubeconfig",
-        );
-      }
-      out.push({ adapter: this.adapters.k8s, members: kubernetesMembers(app) });
-    }
-    return out;
+      return { ...set, adapter };
+    });
   }
 
   /** Another site's operation on `app` involves this site: hold the application for it. */
@@ -1184,8 +1180,7 @@ export class Orchestrator {
         }
         const volumes = Object.fromEntries(a.volumes.map((v) => [v, drill ? drillVolume(v) : v]));
         const started: string[] = [];
-        for (const { adapter } of adapters) {
-          const kind = adapter === this.adapters.vm ? "vm" : "kubernetes";
+        for (const { adapter, kind } of adapters) {
           const captures = meta.captures.filter((c) => c.kind === kind);
           started.push(...(await adapter.recover(captures, { app: a.name, site: this.site, drill, volumes })));
         }
