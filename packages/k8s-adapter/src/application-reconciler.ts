@@ -8,11 +8,15 @@
  * A protected Application carries the finalizer `ferry.io/protection`: deleting it unprotects the
  * application at ferryd first (replication stops; replicas stay at the target), then lets it go.
  *
- * Not yet: the Kubernetes members (objects and PVC volumes the selector names), pause.
+ * `spec.kubernetes` becomes the application's Kubernetes members at ferryd (namespaces — the
+ * Application's own when the list is empty — and the label selector); ferryd's Kubernetes adapter
+ * (`ferry daemon --kubeconfig`) captures those objects with every cut and finds the Ferry volumes
+ * under their PVCs. Not yet: pause.
  */
 import { call, type Application as FerryApplication, type ProtectionStatus } from "@ferry/orchestrator";
 import { setConditions, timestamp, type Verdict } from "./conditions.js";
 import { refusal } from "./ferryd-refusal.js";
+import { selectorQuery } from "./manifests.js";
 import type { Outcome, ReconcileContext } from "./operator.js";
 import type { Application, ApplicationStatus } from "./resources.js";
 
@@ -51,6 +55,7 @@ export async function reconcileApplication(current: Application, context: Reconc
       name,
       volumes: spec.volumes ?? [],
       vms: spec.vms ?? [],
+      kubernetes: kubernetesMembers(application),
     });
     status.activeSite = app.active;
     if (spec.protection === undefined) {
@@ -89,6 +94,15 @@ export async function reconcileApplication(current: Application, context: Reconc
   status.conditions = setConditions(status.conditions, verdicts, generation, context.now());
   await context.writeStatus("applications", application, withoutUndefined(status));
   return outcome;
+}
+
+/** `spec.kubernetes` as ferryd's application spec takes it. */
+function kubernetesMembers(application: Application): { namespaces: string[]; labelSelector: string | null } | null {
+  const k = application.spec.kubernetes;
+  if (k === undefined) return null;
+  const own = application.metadata?.namespace ?? "default";
+  const namespaces = k.namespaces === undefined || k.namespaces.length === 0 ? [own] : k.namespaces;
+  return { namespaces, labelSelector: selectorQuery(k.labelSelector) ?? null };
 }
 
 function unknownStatus(target: string): Verdict[] {

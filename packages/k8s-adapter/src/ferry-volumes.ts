@@ -6,7 +6,14 @@
  * replica), and the claim is restored with that PV as its volumeName.
  */
 import { type KubeConfig, KubernetesObjectApi, PatchStrategy, type V1PersistentVolume } from "@kubernetes/client-node";
-import { listSelected, RESTORE_FIELD_MANAGER, type Selection, selectorQuery } from "./manifests.js";
+import {
+  apiMessage,
+  listSelected,
+  RESTORE_FIELD_MANAGER,
+  readIfPresent,
+  type Selection,
+  selectorQuery,
+} from "./manifests.js";
 
 /** The CSI driver name Ferry's node plugin registers. */
 export const FERRY_CSI_DRIVER = "csi.ferry.io";
@@ -31,12 +38,11 @@ export async function captureVolumes(kubeConfig: KubeConfig, selection: Selectio
     for (const claim of await listSelected<KubeClaim>(api, "v1", "PersistentVolumeClaim", namespace, labelSelector)) {
       const pvName = claim.spec?.volumeName;
       if (pvName === undefined || pvName === "") continue;
-      const pv = await api
-        .read<V1PersistentVolume>({ apiVersion: "v1", kind: "PersistentVolume", metadata: { name: pvName } })
-        .catch((error: { code?: number }) => {
-          if (error.code === 404) return undefined;
-          throw error;
-        });
+      const pv = await readIfPresent<V1PersistentVolume>(api, {
+        apiVersion: "v1",
+        kind: "PersistentVolume",
+        metadata: { name: pvName },
+      });
       if (pv?.spec?.csi?.driver !== FERRY_CSI_DRIVER) continue;
       bindings.push({
         namespace,
@@ -68,6 +74,8 @@ export interface VolumeRestoreOptions {
   storageClassMapping?: Record<string, string>;
   /** Source Ferry volume → the volume to use at this site (a promoted replica or a drill clone). */
   volumes: Record<string, string>;
+  /** More labels for the PVs (a drill marks its own). */
+  labels?: Record<string, string>;
 }
 
 /** The PV name for a Ferry volume at this cluster: one PV per volume, so a second restore finds it. */
@@ -102,29 +110,66 @@ export async function restoreVolumes(
       binding.storageClassName === null
         ? undefined
         : (options.storageClassMapping?.[binding.storageClassName] ?? binding.storageClassName);
+    const bound = await boundVolume(api, namespace, binding.claim);
+    if (bound !== null) {
+      // The claim is here already (a failback home): it keeps its PV if that PV is on this volume.
+      if (bound.driver === FERRY_CSI_DRIVER && bound.handle === volume) {
+        volumeNames[`${binding.namespace}/${binding.claim}`] = bound.name;
+        continue;
+      }
+      throw new Error(
+        `PVC ${namespace}/${binding.claim} exists here bound to PV ${bound.name} (${bound.driver ?? "no CSI driver"} ` +
+          `${bound.handle ?? ""}), not to the recovered Ferry volume ${volume}: delete that claim and recover again`,
+      );
+    }
     const name = persistentVolumeName(volume);
-    await api.patch(
-      {
-        apiVersion: "v1",
-        kind: "PersistentVolume",
-        metadata: { name, labels: { "app.kubernetes.io/managed-by": "ferry" } },
-        spec: {
-          capacity: { storage: binding.capacity },
-          accessModes: binding.accessModes,
-          volumeMode: binding.volumeMode,
-          persistentVolumeReclaimPolicy: "Retain",
-          ...(storageClassName === undefined ? {} : { storageClassName }),
-          claimRef: { apiVersion: "v1", kind: "PersistentVolumeClaim", namespace, name: binding.claim },
-          csi: { driver: FERRY_CSI_DRIVER, volumeHandle: volume },
-        },
-      } as V1PersistentVolume,
-      undefined,
-      undefined,
-      RESTORE_FIELD_MANAGER,
-      true,
-      PatchStrategy.ServerSideApply,
-    );
+    try {
+      await api.patch(
+        {
+          apiVersion: "v1",
+          kind: "PersistentVolume",
+          metadata: { name, labels: { ...options.labels, "app.kubernetes.io/managed-by": "ferry" } },
+          spec: {
+            capacity: { storage: binding.capacity },
+            accessModes: binding.accessModes,
+            volumeMode: binding.volumeMode,
+            persistentVolumeReclaimPolicy: "Retain",
+            ...(storageClassName === undefined ? {} : { storageClassName }),
+            claimRef: { apiVersion: "v1", kind: "PersistentVolumeClaim", namespace, name: binding.claim },
+            csi: { driver: FERRY_CSI_DRIVER, volumeHandle: volume },
+          },
+        } as V1PersistentVolume,
+        undefined,
+        undefined,
+        RESTORE_FIELD_MANAGER,
+        true,
+        PatchStrategy.ServerSideApply,
+      );
+    } catch (error) {
+      throw new Error(`cannot make PV ${name} for PVC ${namespace}/${binding.claim}: ${apiMessage(error)}`);
+    }
     volumeNames[`${binding.namespace}/${binding.claim}`] = name;
   }
   return volumeNames;
+}
+
+/** The PV an existing claim is bound to, with its CSI driver and handle; null when there is no such claim. */
+async function boundVolume(
+  api: KubernetesObjectApi,
+  namespace: string,
+  claim: string,
+): Promise<{ name: string; driver: string | undefined; handle: string | undefined } | null> {
+  const found = await readIfPresent<KubeClaim>(api, {
+    apiVersion: "v1",
+    kind: "PersistentVolumeClaim",
+    metadata: { name: claim, namespace },
+  });
+  const name = found?.spec?.volumeName;
+  if (name === undefined || name === "") return null;
+  const pv = await readIfPresent<V1PersistentVolume>(api, {
+    apiVersion: "v1",
+    kind: "PersistentVolume",
+    metadata: { name },
+  });
+  return { name, driver: pv?.spec?.csi?.driver, handle: pv?.spec?.csi?.volumeHandle };
 }

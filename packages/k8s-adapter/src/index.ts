@@ -24,6 +24,14 @@ export {
 export { applyJsonPatch, type JsonPatchOperation } from "./json-patch.js";
 export { kubeConfigFrom } from "./kube-config.js";
 export {
+  DRILL_LABEL,
+  drillNamespace,
+  KubernetesAdapter,
+  type KubernetesAdapterOptions,
+  type KubernetesCapture,
+  memberSelection,
+} from "./kubernetes-adapter.js";
+export {
   CAPTURED_KINDS,
   captureObjects,
   type LabelSelector,
@@ -34,6 +42,7 @@ export {
   restoreObjects,
   restoreOptionsOf,
   type Selection,
+  STOPPED_REPLICAS_ANNOTATION,
   selectorQuery,
   type Transform,
 } from "./manifests.js";

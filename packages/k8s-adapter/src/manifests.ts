@@ -32,12 +32,14 @@ export interface LabelSelector {
 
 export interface Selection {
   namespaces: readonly string[];
-  labelSelector?: LabelSelector;
+  /** A metav1.LabelSelector, or one already in the query syntax (`app=shop,tier in (db)`). */
+  labelSelector?: LabelSelector | string;
 }
 
-/** metav1.LabelSelector → the `?labelSelector=` query syntax. */
-export function selectorQuery(selector: LabelSelector | undefined): string | undefined {
+/** metav1.LabelSelector → the `?labelSelector=` query syntax (a string is that syntax already). */
+export function selectorQuery(selector: LabelSelector | string | undefined): string | undefined {
   if (selector === undefined) return undefined;
+  if (typeof selector === "string") return selector === "" ? undefined : selector;
   const terms = Object.entries(selector.matchLabels ?? {}).map(([k, v]) => `${k}=${v}`);
   for (const e of selector.matchExpressions ?? []) {
     const values = (e.values ?? []).join(",");
@@ -56,7 +58,13 @@ const CLUSTER_ANNOTATIONS = [
   /^volume\.(beta\.)?kubernetes\.io\//,
 ];
 
-type Manifest = KubernetesObject & Record<string, unknown>;
+export type Manifest = KubernetesObject & Record<string, unknown>;
+
+/**
+ * Set by a planned migration's stop at the cluster the application leaves: the replica count a
+ * Deployment or StatefulSet ran with before it was scaled to 0. A restore brings that count back.
+ */
+export const STOPPED_REPLICAS_ANNOTATION = "ferry.io/stopped-replicas";
 
 /** What another cluster must not receive: identity, versions, status, assigned addresses and volumes. */
 export function portable(object: KubernetesObject): Manifest {
@@ -98,12 +106,12 @@ function clusterMade(object: KubernetesObject & { type?: string }): boolean {
   );
 }
 
-/** One kind's objects in one namespace that carry the labels (`selectorQuery` syntax). */
+/** One kind's objects in one namespace (or cluster-wide) that carry the labels (`selectorQuery` syntax). */
 export async function listSelected<T extends KubernetesObject>(
   api: KubernetesObjectApi,
   apiVersion: string,
   kind: string,
-  namespace: string,
+  namespace: string | undefined,
   labelSelector: string | undefined,
 ): Promise<T[]> {
   const list = await api.list<T>(
@@ -154,6 +162,8 @@ export interface RestoreOptions {
   volumeNames?: Record<string, string>;
   /** `overwrite` (default): Ferry's fields win. `skip`: an object that exists is left alone. */
   onConflict?: "overwrite" | "skip";
+  /** Labels for the namespaces the restore creates (a drill marks its own). */
+  namespaceLabels?: Record<string, string>;
 }
 
 export const RESTORE_FIELD_MANAGER = "ferry-restore";
@@ -196,6 +206,13 @@ export function restoredManifest(manifest: Manifest, options: RestoreOptions): M
     const volumeName = options.volumeNames?.[`${namespace}/${object.metadata?.name}`];
     if (volumeName !== undefined && object.spec !== undefined) object.spec.volumeName = volumeName;
   }
+  const stopped = object.metadata?.annotations?.[STOPPED_REPLICAS_ANNOTATION];
+  if (stopped !== undefined && object.metadata?.annotations !== undefined) {
+    delete object.metadata.annotations[STOPPED_REPLICAS_ANNOTATION];
+    if (Object.keys(object.metadata.annotations).length === 0) delete object.metadata.annotations;
+    // Only while still stopped: a workload scaled up again since then keeps its own count.
+    if (object.spec?.replicas === 0 && /^\d+$/.test(stopped)) object.spec.replicas = Number(stopped);
+  }
   if (object.kind === "StatefulSet") {
     for (const claim of (object.spec?.volumeClaimTemplates as { spec?: Record<string, unknown> }[] | undefined) ?? []) {
       mapClass(claim.spec);
@@ -226,7 +243,14 @@ export async function restoreObjects(
   const namespaces = new Set(objects.map((o) => o.metadata?.namespace).filter((n) => n !== undefined));
   for (const namespace of namespaces) {
     await api.patch(
-      { apiVersion: "v1", kind: "Namespace", metadata: { name: namespace } },
+      {
+        apiVersion: "v1",
+        kind: "Namespace",
+        metadata: {
+          name: namespace,
+          ...(options.namespaceLabels === undefined ? {} : { labels: options.namespaceLabels }),
+        },
+      },
       undefined,
       undefined,
       RESTORE_FIELD_MANAGER,
@@ -240,22 +264,48 @@ export async function restoreObjects(
       skipped.push(id);
       continue;
     }
-    await api.patch(object, undefined, undefined, RESTORE_FIELD_MANAGER, true, PatchStrategy.ServerSideApply);
+    try {
+      await api.patch(object, undefined, undefined, RESTORE_FIELD_MANAGER, true, PatchStrategy.ServerSideApply);
+    } catch (error) {
+      throw new Error(`cannot apply ${id}: ${apiMessage(error)}`);
+    }
     applied.push(id);
   }
   return { applied, skipped };
 }
 
 async function exists(api: KubernetesObjectApi, object: Manifest): Promise<boolean> {
+  const ref = {
+    apiVersion: object.apiVersion ?? "v1",
+    kind: object.kind ?? "",
+    metadata: { name: object.metadata?.name ?? "", namespace: object.metadata?.namespace ?? "" },
+  };
+  return (await readIfPresent(api, ref)) !== null;
+}
+
+/** The object as the cluster has it, or null when there is none. */
+export async function readIfPresent<T extends KubernetesObject>(
+  api: KubernetesObjectApi,
+  ref: { apiVersion: string; kind: string; metadata: { name: string; namespace?: string } },
+): Promise<T | null> {
   try {
-    await api.read({
-      apiVersion: object.apiVersion ?? "v1",
-      kind: object.kind ?? "",
-      metadata: { name: object.metadata?.name ?? "", namespace: object.metadata?.namespace ?? "" },
-    });
-    return true;
+    return await api.read<T>(ref);
   } catch (error) {
-    if ((error as { code?: number }).code === 404) return false;
+    if ((error as { code?: number }).code === 404) return null;
     throw error;
   }
+}
+
+/** What the API server said, in one line: its Status message rather than the whole HTTP exchange. */
+export function apiMessage(error: unknown): string {
+  const body = (error as { body?: unknown }).body;
+  if (typeof body === "string") {
+    try {
+      const status = JSON.parse(body) as { message?: string };
+      if (typeof status.message === "string") return status.message.split("\n")[0] ?? status.message;
+    } catch {
+      // not a Status: fall through
+    }
+  }
+  return error instanceof Error ? (error.message.split("\n")[0] ?? error.message) : String(error);
 }

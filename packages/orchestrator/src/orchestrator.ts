@@ -103,7 +103,8 @@ export class Orchestrator {
   private points!: PointStore;
   /** Orchestrated cuts: per protection key, when the last one started and whether one runs. */
   private readonly lastCut = new Map<string, number>();
-  private readonly cutting = new Set<string>();
+  /** The orchestrated cut running now, per protection. */
+  private readonly cutting = new Map<string, Promise<void>>();
   private readonly cutReason = new Map<string, string | null>();
   private lastPrune = 0;
 
@@ -327,23 +328,32 @@ export class Orchestrator {
 
   private async createApp(spec: ApplicationSpec): Promise<Application> {
     const valid = validateApplication(spec);
-    const { name, vms, sizeBytes } = valid;
-    // A VM's disks are Ferry volumes (adopted): they join the application's consistency group.
+    const { name, vms, kubernetes, sizeBytes } = valid;
+    // A VM's disks are Ferry volumes (adopted), and so are the PVs under the selected PVCs: they
+    // join the application's consistency group.
     let volumes = valid.volumes;
-    if (vms.length > 0) {
-      if (this.adapters.vm === undefined) {
+    const draft = { vms, kubernetes } as Application;
+    for (const { adapter, members, what, kind } of memberSets(draft, this.adapters)) {
+      if (adapter === undefined) {
         throw new FerryError(
           ErrorCode.failed,
-          `application ${name} has VMs (${vms.join(", ")}) but ferryd at site ${this.site} has no VM adapter: start it ` +
-            "with --libvirt URI",
+          `application ${name} has ${what} members (${members.join(", ")}) but ferryd at site ${this.site} has no ` +
+            `${what} adapter: start it with ${kind === "vm" ? "--libvirt URI" : "--kubeconfig FILE"}`,
         );
       }
-      const vmVolumes = await this.adapters.vm.volumesOf(vms);
-      volumes = [...new Set([...volumes, ...vmVolumes])];
+      volumes = [...new Set([...volumes, ...(await adapter.volumesOf(members))])];
+    }
+    if (volumes.length === 0) {
+      throw invalid(
+        `application ${name} has no Ferry volumes: its PVCs are not bound to PVs of Ferry's CSI driver (csi.ferry.io), ` +
+          "add --volume NAME or bind the claims to Ferry volumes",
+      );
     }
     const existing = this.catalog.apps.get(name);
     if (existing !== undefined) {
-      if (JSON.stringify([existing.volumes, existing.vms]) === JSON.stringify([volumes, vms])) {
+      const same = (a: Pick<Application, "volumes" | "vms" | "kubernetes">) =>
+        JSON.stringify([a.volumes, a.vms, a.kubernetes]);
+      if (same(existing) === same({ volumes, vms, kubernetes })) {
         return existing;
       }
       throw conflict(
@@ -375,7 +385,7 @@ export class Orchestrator {
       name,
       volumes,
       vms,
-      kubernetes: null,
+      kubernetes,
       origin: this.site,
       active: this.site,
       createdAtMs: Date.now(),
@@ -549,6 +559,17 @@ export class Orchestrator {
 
   private async pairSync(appName: string): Promise<PairStatus> {
     const app = this.requireApp(appName);
+    // Members' metadata travels with orchestrated cuts only: the generation a migration ends on must
+    // carry one taken now (after its members were stopped here), so one is cut before the sync.
+    const p = this.catalog
+      .protectionsOf(appName)
+      .find((x) => x.source === this.site && x.state === "protecting" && orchestratedCuts(app, x));
+    if (p !== undefined) {
+      const key = protectionKey(p.app, p.target);
+      while (this.cutting.has(key)) await this.cutting.get(key);
+      this.lastCut.set(key, Date.now());
+      await this.startCut(app, p);
+    }
     return this.dataPlane.replicateSync(app.volumes);
   }
 
@@ -812,10 +833,15 @@ export class Orchestrator {
     const key = protectionKey(p.app, p.target);
     const now = Date.now();
     if (this.cutting.has(key) || now - (this.lastCut.get(key) ?? 0) < p.settings.intervalMs) return;
-    this.cutting.add(key);
     this.lastCut.set(key, now);
+    this.startCut(app, p);
+  }
+
+  /** One orchestrated cut of `p`, noted in `cutting` until it is over; never rejects. */
+  private startCut(app: Application, p: Protection): Promise<void> {
+    const key = protectionKey(p.app, p.target);
     const end = this.metrics.captureSeconds.startTimer();
-    void captureCut(app, p, this.dataPlane, this.points, this.adapters)
+    const running = captureCut(app, p, this.dataPlane, this.points, this.adapters)
       .then(async ({ meta }) => {
         end();
         const before = this.cutReason.get(key);
@@ -838,6 +864,8 @@ export class Orchestrator {
         this.log(`cut of ${p.app} for ${p.target}: ${errorBody(error).message}`);
       })
       .finally(() => this.cutting.delete(key));
+    this.cutting.set(key, running);
+    return running;
   }
 
   /** A protection that ended leaves no cut bookkeeping behind. */

@@ -58,9 +58,22 @@ describe("application validation", () => {
       name: "shop",
       volumes: ["a"],
       vms: [],
+      kubernetes: null,
       sizeBytes: null,
     });
     expect(() => validateApplication({ name: "shop", volumes: [] })).toThrow("application shop has no members");
+    expect(
+      validateApplication({ name: "shop", volumes: [], kubernetes: { namespaces: ["shop"], labelSelector: "" } }),
+    ).toMatchObject({ kubernetes: { namespaces: ["shop"], labelSelector: null } });
+    expect(() => validateApplication({ name: "shop", volumes: [], kubernetes: { namespaces: [] } })).toThrow(
+      "need at least one namespace",
+    );
+    expect(() => validateApplication({ name: "shop", volumes: [], kubernetes: { namespaces: ["Shop_1"] } })).toThrow(
+      "namespace 'Shop_1' is not a Kubernetes namespace name",
+    );
+    expect(() =>
+      validateApplication({ name: "shop", volumes: [], kubernetes: { namespaces: ["a"], labelSelector: "x?y" } }),
+    ).toThrow("the label selector must be a string");
     expect(() => validateApplication({ name: "shop", volumes: ["a", "a"] })).toThrow("volume a is listed twice");
     expect(() => validateApplication({ name: "shop", volumes: ["a"], sizeBytes: -1 })).toThrow(
       "--size must be above 0",

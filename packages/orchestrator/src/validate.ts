@@ -4,7 +4,14 @@
  * message names the field, the value given and a value that would work.
  */
 import { invalid } from "./errors.js";
-import { CONSISTENCIES, type Consistency, MODES, type Mode, type ProtectionPolicy } from "./model.js";
+import {
+  CONSISTENCIES,
+  type Consistency,
+  type KubernetesSelector,
+  MODES,
+  type Mode,
+  type ProtectionPolicy,
+} from "./model.js";
 
 const NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 
@@ -143,6 +150,8 @@ export interface ApplicationSpec {
   name: string;
   volumes: string[];
   vms?: string[] | null;
+  /** Kubernetes objects (and the Ferry volumes under their PVCs): namespaces and a label selector. */
+  kubernetes?: { namespaces: string[]; labelSelector?: string | null } | null;
   /** Bytes for volumes that do not exist yet; null: every volume must exist. */
   sizeBytes?: number | null;
 }
@@ -151,6 +160,7 @@ export function validateApplication(spec: ApplicationSpec): {
   name: string;
   volumes: string[];
   vms: string[];
+  kubernetes: KubernetesSelector | null;
   sizeBytes: number | null;
 } {
   if (typeof spec !== "object" || spec === null) throw invalid("an application must be a JSON object");
@@ -160,8 +170,9 @@ export function validateApplication(spec: ApplicationSpec): {
   if (!Array.isArray(volumes) || !volumes.every((v) => typeof v === "string" && v !== "")) {
     throw invalid(`application ${name}: volumes must be a list of volume names`);
   }
-  if (volumes.length + vms.length === 0) {
-    throw invalid(`application ${name} has no members: give at least one --volume`);
+  const kubernetes = validateKubernetes(name, spec.kubernetes ?? null);
+  if (volumes.length + vms.length === 0 && kubernetes === null) {
+    throw invalid(`application ${name} has no members: give at least one --volume, --vm or --namespace`);
   }
   const duplicate = volumes.find((v, i) => volumes.indexOf(v) !== i);
   if (duplicate !== undefined) throw invalid(`application ${name}: volume ${duplicate} is listed twice`);
@@ -169,5 +180,27 @@ export function validateApplication(spec: ApplicationSpec): {
   if (sizeBytes !== null && (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0)) {
     throw invalid(`application ${name}: --size must be above 0, e.g. 1G`);
   }
-  return { name, volumes, vms, sizeBytes };
+  return { name, volumes, vms, kubernetes, sizeBytes };
+}
+
+function validateKubernetes(app: string, spec: ApplicationSpec["kubernetes"]): KubernetesSelector | null {
+  if (spec === null || spec === undefined) return null;
+  const { namespaces, labelSelector = null } = spec;
+  if (!Array.isArray(namespaces) || namespaces.length === 0) {
+    throw invalid(`application ${app}: Kubernetes members need at least one namespace (--namespace NAME)`);
+  }
+  for (const ns of namespaces) {
+    if (typeof ns !== "string" || !NAME.test(ns)) {
+      throw invalid(
+        `application ${app}: namespace '${String(ns)}' is not a Kubernetes namespace name (lower-case letters, ` +
+          "digits and '-', at most 63)",
+      );
+    }
+  }
+  const twice = namespaces.find((n, i) => namespaces.indexOf(n) !== i);
+  if (twice !== undefined) throw invalid(`application ${app}: namespace ${twice} is listed twice`);
+  if (labelSelector !== null && (typeof labelSelector !== "string" || labelSelector.includes("?"))) {
+    throw invalid(`application ${app}: the label selector must be a string like app=shop,tier in (db)`);
+  }
+  return { namespaces, labelSelector: labelSelector === "" ? null : labelSelector };
 }

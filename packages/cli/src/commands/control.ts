@@ -111,8 +111,9 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
   app
     .command("create")
     .description(
-      "create an application at this site from its volumes and libvirt VMs (their disks, once adopted with " +
-        "`ferry vm adopt`, join as volumes); --size creates the volumes that are missing",
+      "create an application at this site from its volumes, libvirt VMs (their disks, once adopted with " +
+        "`ferry vm adopt`, join as volumes) and Kubernetes objects (--namespace, --selector: the PVCs on Ferry " +
+        "volumes join as volumes); --size creates the volumes that are missing",
     )
     .argument("<name>", "application name (lower-case letters, digits, '-')")
     .option("--volume <name>", "a member volume (repeat for several)", repeatable, [])
@@ -122,25 +123,50 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
       repeatable,
       [],
     )
+    .option(
+      "--namespace <name>",
+      "a Kubernetes namespace whose objects belong to the application (repeat for several; ferryd needs --kubeconfig)",
+      repeatable,
+      [],
+    )
+    .option("--selector <labels>", "only the Kubernetes objects with these labels, e.g. app=shop,tier in (db)")
     .option("--size <size>", "size of volumes to create when missing, e.g. 1G")
     .addOption(jsonOption())
     .action(
       async (
         name: string,
-        options: JsonOption & { volume: string[]; vm: string[]; size?: string },
+        options: JsonOption & { volume: string[]; vm: string[]; namespace: string[]; selector?: string; size?: string },
         command: Command,
       ) => {
-        if (options.volume.length + options.vm.length === 0) {
-          command.error("give the application's members: --volume NAME and/or --vm DOMAIN", { code: "ferry.usage" });
+        if (options.volume.length + options.vm.length + options.namespace.length === 0) {
+          command.error("give the application's members: --volume NAME, --vm DOMAIN and/or --namespace NAME", {
+            code: "ferry.usage",
+          });
+        }
+        if (options.selector !== undefined && options.namespace.length === 0) {
+          command.error("--selector picks Kubernetes objects: give the --namespace they live in too", {
+            code: "ferry.usage",
+          });
         }
         const sizeBytes = options.size === undefined ? null : await parseSize(command, "--size", options.size);
+        const kubernetes =
+          options.namespace.length === 0
+            ? null
+            : { namespaces: options.namespace, labelSelector: options.selector ?? null };
         const created = await withFerryd(command, (nc, s) =>
-          call<Application>(nc, s, "appCreate", { name, volumes: options.volume, vms: options.vm, sizeBytes }),
+          call<Application>(nc, s, "appCreate", {
+            name,
+            volumes: options.volume,
+            vms: options.vm,
+            kubernetes,
+            sizeBytes,
+          }),
         );
         if (options.json) return printJson(io, created);
-        const vms = created.vms.length === 0 ? "" : `; VMs ${created.vms.join(", ")}`;
+        const others = otherMembers(created);
         io.writeOut(
-          `application ${created.name} at site ${created.active}: volumes ${created.volumes.join(", ")}${vms}\n`,
+          `application ${created.name} at site ${created.active}: volumes ${created.volumes.join(", ")}` +
+            `${others === "" ? "" : `; ${others}`}\n`,
         );
       },
     );
@@ -154,8 +180,8 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
       if (apps.length === 0) return io.writeOut("no applications\n");
       io.writeOut(
         `${formatTable(
-          ["APP", "ACTIVE AT", "ORIGIN", "VOLUMES"],
-          apps.map((a) => [a.name, a.active, a.origin, a.volumes.join(",")]),
+          ["APP", "ACTIVE AT", "ORIGIN", "VOLUMES", "VMS / KUBERNETES"],
+          apps.map((a) => [a.name, a.active, a.origin, a.volumes.join(","), otherMembers(a) || "-"]),
         )}\n`,
       );
     });
@@ -173,6 +199,8 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
       io.writeOut(
         `application ${a.name}: active at ${a.active} (origin ${a.origin})\nvolumes: ${a.volumes.join(", ")}\n`,
       );
+      const others = otherMembers(a);
+      if (others !== "") io.writeOut(`${others}\n`);
       if (shown.protections.length > 0) {
         io.writeOut(
           `${formatTable(
@@ -681,4 +709,16 @@ class Progress {
     if (this.drawn) this.io.writeErr("\n");
     this.drawn = false;
   }
+}
+
+/** An application's members besides its volumes: `VMs web; Kubernetes namespace shop (app=shop)`. */
+function otherMembers(a: Application): string {
+  const parts: string[] = [];
+  if (a.vms.length > 0) parts.push(`VMs ${a.vms.join(", ")}`);
+  const k = a.kubernetes;
+  if (k !== null) {
+    const selector = k.labelSelector === null ? "" : ` (${k.labelSelector})`;
+    parts.push(`Kubernetes namespace${k.namespaces.length > 1 ? "s" : ""} ${k.namespaces.join(", ")}${selector}`);
+  }
+  return parts.join("; ");
 }

@@ -14,7 +14,10 @@ interface DaemonOptions extends DataOption {
   allowRegions?: string;
   metrics?: string;
   libvirt?: string;
+  kubeconfig?: string;
 }
+
+export const KUBECONFIG_ENV = "FERRY_KUBECONFIG";
 
 export function registerDaemonCommand(program: Command, io: ProgramIo): void {
   program
@@ -40,6 +43,13 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
           "needs --socket (QEMU reaches the volumes there)",
       ).env(LIBVIRT_URI_ENV),
     )
+    .addOption(
+      new Option(
+        "--kubeconfig <file>",
+        "manage this site's Kubernetes cluster: objects and PVCs on Ferry volumes become application members " +
+          "(capture at each cut, restore at recovery)",
+      ).env(KUBECONFIG_ENV),
+    )
     .action(async (options: DaemonOptions, command: Command) => {
       let join: ReturnType<typeof joinedSite>;
       try {
@@ -64,6 +74,7 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
           join,
           metrics: options.metrics,
           libvirt: options.libvirt,
+          kubeconfig: options.kubeconfig,
         },
         io,
       );

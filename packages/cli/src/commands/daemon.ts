@@ -21,6 +21,8 @@ export interface DaemonRequest extends ServeRequest {
   metrics?: string | undefined;
   /** libvirt URI: the VMs of this host become possible application members. */
   libvirt?: string | undefined;
+  /** A kubeconfig file: the cluster's objects and PVCs become possible application members. */
+  kubeconfig?: string | undefined;
 }
 
 export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<void> {
@@ -37,6 +39,10 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
     if (request.libvirt !== undefined) {
       const { LibvirtVmAdapter } = await vmAdapter();
       adapters.vm = await LibvirtVmAdapter.connect({ uri: request.libvirt, exportSocket: request.socket ?? "" });
+    }
+    if (request.kubeconfig !== undefined) {
+      const { KubernetesAdapter, kubeConfigFrom } = await import("@ferry/k8s-adapter");
+      adapters.k8s = new KubernetesAdapter({ kubeConfig: kubeConfigFrom(request.kubeconfig) });
     }
     orchestrator = await Orchestrator.start({
       adapters,
