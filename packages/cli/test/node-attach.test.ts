@@ -22,6 +22,8 @@ import { serveSite } from "./site-service.js";
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 const MiB = 2 ** 20;
 const VOLUME_SIZE = "64M";
+// mkfs, nbdcopy and two sites on a shared 2-core machine: more than the suite's default minute.
+const ATTACH_TIMEOUT_MS = 180_000;
 
 interface Extent {
   offset: number;
@@ -224,29 +226,33 @@ async function fileFromExport(uri: string): Promise<Buffer> {
 }
 
 describe.skipIf(blocker !== undefined)("node attach through nbdfuse and a loop device", () => {
-  it("formats, mounts and writes a volume; the filesystem is in the Ferry volume", async () => {
-    const data = await sandbox.dir();
-    await ferry.ok(["volume", "create", "pvc-shop-0", "--size", VOLUME_SIZE, "--data", data]);
-    await ferry.ok(["volume", "cut", "pvc-shop-0", "--data", data]);
-    expect(await ferry.json<Extent[]>(["volume", "dirty", "pvc-shop-0", "--data", data])).toEqual([]);
-    const serve: FerryServe = await ferry.serve(["--data", data, "--socket", join(data, "nbd.sock")]);
-    const uri = serve.uri("pvc-shop-0");
+  it(
+    "formats, mounts and writes a volume; the filesystem is in the Ferry volume",
+    async () => {
+      const data = await sandbox.dir();
+      await ferry.ok(["volume", "create", "pvc-shop-0", "--size", VOLUME_SIZE, "--data", data]);
+      await ferry.ok(["volume", "cut", "pvc-shop-0", "--data", data]);
+      expect(await ferry.json<Extent[]>(["volume", "dirty", "pvc-shop-0", "--data", data])).toEqual([]);
+      const serve: FerryServe = await ferry.serve(["--data", data, "--socket", join(data, "nbd.sock")]);
+      const uri = serve.uri("pvc-shop-0");
 
-    const payload = randomBytes(3 * MiB + 12_345);
-    const written = await firstUse(uri, payload);
+      const payload = randomBytes(3 * MiB + 12_345);
+      const written = await firstUse(uri, payload);
 
-    expect(sha256(await fileFromExport(uri))).toBe(written);
-    // The writes went through the volume service's write path: changed-block tracking saw them.
-    const dirty = await ferry.json<Extent[]>(["volume", "dirty", "pvc-shop-0", "--data", data]);
-    expect(dirty.reduce((sum, extent) => sum + extent.length, 0)).toBeGreaterThanOrEqual(payload.length);
+      expect(sha256(await fileFromExport(uri))).toBe(written);
+      // The writes went through the volume service's write path: changed-block tracking saw them.
+      const dirty = await ferry.json<Extent[]>(["volume", "dirty", "pvc-shop-0", "--data", data]);
+      expect(dirty.reduce((sum, extent) => sum + extent.length, 0)).toBeGreaterThanOrEqual(payload.length);
 
-    // The pod moves to another node: attach again, mount, and the file is there.
-    const device = await attach(uri, { readOnly: false });
-    const { mountpoint } = await mount(device, "rw");
-    expect(sha256(await readFile(join(mountpoint, "app", "payload.bin")))).toBe(written);
-    await detachAll();
-    expect(await serve.stop()).toEqual({ code: 0, signal: null });
-  });
+      // The pod moves to another node: attach again, mount, and the file is there.
+      const device = await attach(uri, { readOnly: false });
+      const { mountpoint } = await mount(device, "rw");
+      expect(sha256(await readFile(join(mountpoint, "app", "payload.bin")))).toBe(written);
+      await detachAll();
+      expect(await serve.stop()).toEqual({ code: 0, signal: null });
+    },
+    ATTACH_TIMEOUT_MS,
+  );
 
   describe("at the target site", () => {
     let sites: TwoSites;
@@ -259,32 +265,36 @@ describe.skipIf(blocker !== undefined)("node attach through nbdfuse and a loop d
       await sites?.stop();
     });
 
-    it("attaches the replica read-only and reads the file written at the source", async () => {
-      const a = await serveSite(ferry, sandbox, sites.a);
-      const b = await serveSite(ferry, sandbox, sites.b);
-      await ferry.ok(["volume", "create", "pvc-ledger-0", "--size", VOLUME_SIZE, "--data", a.data]);
-      const payload = Buffer.alloc(MiB, "ledger entry\n");
-      const written = await firstUse(a.serve.uri("pvc-ledger-0"), payload);
+    it(
+      "attaches the replica read-only and reads the file written at the source",
+      async () => {
+        const a = await serveSite(ferry, sandbox, sites.a);
+        const b = await serveSite(ferry, sandbox, sites.b);
+        await ferry.ok(["volume", "create", "pvc-ledger-0", "--size", VOLUME_SIZE, "--data", a.data]);
+        const payload = Buffer.alloc(MiB, "ledger entry\n");
+        const written = await firstUse(a.serve.uri("pvc-ledger-0"), payload);
 
-      await ferry.ok(["replicate", "start", "pvc-ledger-0", "--to", "site-b", "--mode", "async", "--data", a.data]);
-      await ferry.ok(["replicate", "sync", "pvc-ledger-0", "--data", a.data]);
-      const replicaUri = b.serve.uri("pvc-ledger-0");
-      expect(sha256(await fileFromExport(replicaUri))).toBe(written);
+        await ferry.ok(["replicate", "start", "pvc-ledger-0", "--to", "site-b", "--mode", "async", "--data", a.data]);
+        await ferry.ok(["replicate", "sync", "pvc-ledger-0", "--data", a.data]);
+        const replicaUri = b.serve.uri("pvc-ledger-0");
+        expect(sha256(await fileFromExport(replicaUri))).toBe(written);
 
-      // A replica takes no writes: the export says so, and the node attaches it read-only.
-      const info = await sh("nbdinfo", ["--json", replicaUri]);
-      const [replicaExport] = (JSON.parse(info) as { exports: { is_read_only: boolean }[] }).exports;
-      expect(replicaExport?.is_read_only).toBe(true);
-      const device = await attach(replicaUri, { readOnly: true });
-      // noload: a read-only device cannot replay a journal, and a replica is what a crash leaves.
-      const { mountpoint } = await mount(device, "ro,noload");
-      expect(sha256(await readFile(join(mountpoint, "app", "payload.bin")))).toBe(written);
-      await expect(writeFile(join(mountpoint, "app", "new.txt"), "x")).rejects.toMatchObject({ code: "EROFS" });
-      await detachAll();
+        // A replica takes no writes: the export says so, and the node attaches it read-only.
+        const info = await sh("nbdinfo", ["--json", replicaUri]);
+        const [replicaExport] = (JSON.parse(info) as { exports: { is_read_only: boolean }[] }).exports;
+        expect(replicaExport?.is_read_only).toBe(true);
+        const device = await attach(replicaUri, { readOnly: true });
+        // noload: a read-only device cannot replay a journal, and a replica is what a crash leaves.
+        const { mountpoint } = await mount(device, "ro,noload");
+        expect(sha256(await readFile(join(mountpoint, "app", "payload.bin")))).toBe(written);
+        await expect(writeFile(join(mountpoint, "app", "new.txt"), "x")).rejects.toMatchObject({ code: "EROFS" });
+        await detachAll();
 
-      await ferry.ok(["replicate", "stop", "pvc-ledger-0", "--data", a.data]);
-      expect(await a.serve.stop()).toEqual({ code: 0, signal: null });
-      expect(await b.serve.stop()).toEqual({ code: 0, signal: null });
-    });
+        await ferry.ok(["replicate", "stop", "pvc-ledger-0", "--data", a.data]);
+        expect(await a.serve.stop()).toEqual({ code: 0, signal: null });
+        expect(await b.serve.stop()).toEqual({ code: 0, signal: null });
+      },
+      ATTACH_TIMEOUT_MS,
+    );
   });
 });
