@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-DEBIAN_PACKAGES=(qemu-utils nbdkit libnbd-bin nbd-server fio nats-server rsync)
+# libnbd-bin holds nbdinfo, nbdcopy and, on Debian 12, nbdfuse; e2fsprogs and mount (mkfs.ext4,
+# e2fsck, debugfs, losetup) are for the node-attach test (packages/cli/test/node-attach.test.ts).
+DEBIAN_PACKAGES=(qemu-utils nbdkit libnbd-bin nbd-server fio nats-server rsync e2fsprogs mount)
 NPM_STAMP=node_modules/.ferry-npm-ci.stamp
 
 say() { printf 'setup: %s\n' "$*" >&2; }

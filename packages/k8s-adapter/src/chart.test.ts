@@ -1,9 +1,14 @@
-/** The Helm chart (infra/helm/ferry) through the real helm: lint, render, values schema, RBAC. */
+/** The Helm chart (infra/helm/ferry) through the real helm: lint, render, values schema, RBAC, image. */
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
 import { k8sTools, Sandbox } from "@ferry/testkit";
 import { afterAll, describe, expect, it } from "vitest";
-import { parseAllDocuments } from "yaml";
+import { parse, parseAllDocuments } from "yaml";
 import { RESOURCES } from "./crds.js";
-import { CHART_DIR } from "./generate.js";
+import { CHART_DIR, REPO_ROOT } from "./generate.js";
+
+/** Ferry publishes no image, so every render names one, as a user's install must. */
+const IMAGE_REPOSITORY = "registry.example:5000/dr/ferry";
 
 const sandbox = new Sandbox();
 afterAll(() => sandbox.cleanup());
@@ -29,7 +34,7 @@ async function render(...set: string[]): Promise<Manifest[]> {
     CHART_DIR,
     "--namespace",
     "ferry-system",
-    ...set.flatMap((s) => ["--set", s]),
+    ...[`image.repository=${IMAGE_REPOSITORY}`, ...set].flatMap((s) => ["--set", s]),
   ]);
   expect(result.stderr).toBe("");
   expect(result.code).toBe(0);
@@ -113,6 +118,71 @@ describe("Helm chart infra/helm/ferry", () => {
       expect(text).toContain('{"name":"FERRY_NATS","valueFrom":{"secretKeyRef":{"name":"ferry-nats","key":"url"}}}');
       expect(text).toContain('{"name":"FERRY_SITE","value":"site-b"}');
     }
+  });
+
+  it("runs the image named by image.repository, tagged with appVersion unless image.tag says otherwise", async () => {
+    const chart = parse(await readFile(join(CHART_DIR, "Chart.yaml"), "utf8")) as { appVersion: string };
+    type PodOwner = { template: { spec: { containers: { image: string }[] } } };
+    const images = (manifests: Manifest[]) =>
+      manifests
+        .filter((m) => m.kind === "Deployment" || m.kind === "StatefulSet")
+        .map((m) => (m.spec as PodOwner | undefined)?.template.spec.containers[0]?.image);
+    expect(images(await render())).toEqual([
+      `${IMAGE_REPOSITORY}:${chart.appVersion}`,
+      `${IMAGE_REPOSITORY}:${chart.appVersion}`,
+    ]);
+    expect(images(await render("image.tag=0.2.0-rc.1"))).toEqual([
+      `${IMAGE_REPOSITORY}:0.2.0-rc.1`,
+      `${IMAGE_REPOSITORY}:0.2.0-rc.1`,
+    ]);
+  });
+
+  it("refuses to render the workloads without an image, or with a malformed image name or tag", async () => {
+    const none = await helm(["template", "ferry", CHART_DIR]);
+    expect(none.code).not.toBe(0);
+    expect(none.stderr).toContain("image.repository is required: build the image with infra/helm/ferry/Dockerfile");
+    // CRDs alone need no image.
+    const crdsOnly = await helm([
+      "template",
+      "ferry",
+      CHART_DIR,
+      "--set",
+      "operator.enabled=false,ferryd.enabled=false",
+    ]);
+    expect(crdsOnly.stderr).toBe("");
+    expect(crdsOnly.code).toBe(0);
+    for (const [value, field] of [
+      ["image.repository=ferry:latest", "/image/repository"],
+      ["image.repository=Registry.example/Ferry", "/image/repository"],
+      ["image.repository=registry.example/ferry@sha256:00", "/image/repository"],
+      ["image.tag=not a tag", "/image/tag"],
+    ] as const) {
+      const bad = await helm([
+        "template",
+        "ferry",
+        CHART_DIR,
+        "--set",
+        `image.repository=${IMAGE_REPOSITORY}`,
+        "--set",
+        value,
+      ]);
+      expect(bad.code, value).not.toBe(0);
+      expect(bad.stderr, value).toContain(field);
+    }
+  });
+
+  it("agrees with its Dockerfile on the entry point and the user", async () => {
+    const dockerfile = await readFile(join(CHART_DIR, "Dockerfile"), "utf8");
+    const values = parse(await readFile(join(CHART_DIR, "values.yaml"), "utf8")) as {
+      podSecurityContext: { runAsUser: number; runAsGroup: number };
+    };
+    // The chart's args are `ferry` subcommands (daemon, operator): the entry point is the ferry bin.
+    const entrypoint = JSON.parse(/^ENTRYPOINT (.+)$/m.exec(dockerfile)?.[1] ?? "[]") as string[];
+    expect(entrypoint).toEqual(["node", "/opt/ferry/packages/cli/bin/ferry.js"]);
+    await readFile(join(REPO_ROOT, "packages", "cli", "bin", "ferry.js")); // the bin it names exists
+    expect(/^USER (.+)$/m.exec(dockerfile)?.[1]).toBe(
+      `${values.podSecurityContext.runAsUser}:${values.podSecurityContext.runAsGroup}`,
+    );
   });
 
   it("refuses values that break values.schema.json, naming the value", async () => {

@@ -20,7 +20,16 @@ beforeAll(async () => {
     clusters = await startTwoClusters(sandbox);
     console.info(`kube-apiservers ready in ${clusters.a.startMs} ms and ${clusters.b.startMs} ms`);
     // The CRDs as the chart renders them, applied server-side (as `helm install` would create them).
-    const rendered = await clusters.helm(["template", "ferry", CHART_DIR, "--show-only", "templates/crds/*.yaml"]);
+    // helm renders every template before it picks some, so the workloads' image needs a name here too.
+    const rendered = await clusters.helm([
+      "template",
+      "ferry",
+      CHART_DIR,
+      "--set",
+      "image.repository=registry.example/ferry",
+      "--show-only",
+      "templates/crds/*.yaml",
+    ]);
     expect(rendered.stderr).toBe("");
     for (const cluster of [clusters.a, clusters.b]) {
       const applied = await clusters.kubectl(cluster, ["apply", "--server-side", "-f", "-"], {

@@ -21,8 +21,10 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The workloads' image. Ferry publishes none, so there is no default repository to fall back on. */}}
 {{- define "ferry.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $repository := required "image.repository is required: build the image with infra/helm/ferry/Dockerfile (see the chart's README.md), push it, and set image.repository to its name" .Values.image.repository -}}
+{{ $repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
 {{/* The NATS settings both workloads share: ferryd and the operator read $FERRY_NATS and $FERRY_SITE. */}}
