@@ -27,7 +27,7 @@ import {
   waitFor,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { daemonSite } from "./site-service.js";
+import { daemonSite, type SiteService } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 
@@ -35,6 +35,7 @@ const sandbox = new Sandbox();
 let sites: TwoSites;
 let clusters: TwoClusters;
 let ferry: FerryCli;
+const ferryd = {} as Record<"a" | "b", SiteService>;
 
 /** The CLI against one site's ferryd, as that site's `cli` user. */
 const at = (site: "a" | "b", args: readonly string[]) => [
@@ -49,7 +50,10 @@ beforeAll(async () => {
   try {
     ferry = new FerryCli(sandbox, BIN);
     [sites, clusters] = await Promise.all([startTwoSites(), startTwoClusters(sandbox)]);
-    await Promise.all([daemonSite(ferry, sandbox, sites.a), daemonSite(ferry, sandbox, sites.b)]);
+    [ferryd.a, ferryd.b] = await Promise.all([
+      daemonSite(ferry, sandbox, sites.a),
+      daemonSite(ferry, sandbox, sites.b),
+    ]);
     const crds = await clusters.kubectl(clusters.a, ["apply", "-f", "-"], {
       input: RESOURCES.map((r) => crdYaml(r)).join("---\n"),
     });
@@ -244,6 +248,29 @@ describe("operator", () => {
     expect(succeeded).toMatchObject({ type: "Normal", involvedObject: { kind: "Drill", name: "shop-drill-1" } });
     const table = await clusters.kubectl(clusters.a, ["get", "fdr", "shop-drill-1"]);
     expect(table.stdout).toMatch(new RegExp(`^shop-drill-1\\s+shop\\s+${sites.b.name}\\s+Succeeded\\s+`, "m"));
+  });
+
+  it("cleans a Drill up at ferryd before Kubernetes deletes it (finalizer)", async () => {
+    const got = await clusters.kubectl(clusters.a, [
+      "get",
+      "fdr",
+      "shop-drill-1",
+      "-o",
+      "jsonpath={.metadata.finalizers}",
+    ]);
+    expect(got.stdout).toBe('["ferry.io/drill-cleanup"]');
+    const drillCopies = async () =>
+      (await ferry.json<{ name: string }[]>(["volume", "list", "--data", ferryd.b.data]))
+        .map((v) => v.name)
+        .filter((n) => n.endsWith("-drill"));
+    expect(await drillCopies()).not.toEqual([]);
+    const deleted = await clusters.kubectl(clusters.a, ["delete", "fdr", "shop-drill-1", "--timeout=60s"]);
+    expect(deleted.stderr).toBe("");
+    expect(await drillCopies()).toEqual([]);
+    const operations = await ferry.json<{ kind: string; state: string }[]>(at("b", ["operation", "--app", "shop"]));
+    expect(operations.filter((o) => o.kind === "drill-cleanup")).toEqual([
+      expect.objectContaining({ state: "succeeded" }),
+    ]);
   });
 
   it("fails a Failover that ferryd refuses, with ferryd's reason, starting nothing", async () => {

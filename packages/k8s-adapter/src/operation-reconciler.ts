@@ -5,6 +5,10 @@
  * kind it already started for this resource (a crash between the start and the status write must
  * not start a second one). The operation itself is ferryd's persisted state machine; this only
  * requests and reports it.
+ *
+ * A Drill carries the finalizer `ferry.io/drill-cleanup`: deleting it cleans the drill up at ferryd
+ * first (its copies of the volumes, VMs and Kubernetes objects are removed by ferryd's drill-cleanup
+ * operation), then lets it go.
  */
 import { call, type Operation, type OperationKind } from "@ferry/orchestrator";
 import { setConditions, timestamp, type Verdict } from "./conditions.js";
@@ -13,6 +17,8 @@ import type { Outcome, ReconcileContext } from "./operator.js";
 import type { Drill, Failback, Failover, FailoverStatus, Migration } from "./resources.js";
 
 export type OperationResource = Failover | Migration | Failback | Drill;
+
+export const DRILL_FINALIZER = "ferry.io/drill-cleanup";
 
 export const OPERATION_PLURALS = ["failovers", "migrations", "failbacks", "drills"] as const;
 export type OperationPlural = (typeof OPERATION_PLURALS)[number];
@@ -44,6 +50,13 @@ export async function reconcileOperation(
   resource: OperationResource,
   context: ReconcileContext,
 ): Promise<Outcome | { after: number }> {
+  const finalizers = resource.metadata?.finalizers ?? [];
+  if (resource.kind === "Drill") {
+    if (resource.metadata?.deletionTimestamp !== undefined) return cleanUpDrill(resource, context);
+    if (!finalizers.includes(DRILL_FINALIZER) && resource.status?.phase !== "Failed") {
+      resource = await context.setFinalizers(plural, resource, [...finalizers, DRILL_FINALIZER]);
+    }
+  }
   const status: FailoverStatus = { ...resource.status };
   if (status.phase === "Succeeded" || status.phase === "Failed") return "settled";
   const generation = resource.metadata?.generation ?? 0;
@@ -121,4 +134,44 @@ async function ensureStarted(resource: OperationResource, context: ReconcileCont
   const mine = earlier.find((o) => o.kind === kind && Number.isFinite(created) && o.startedAtMs >= created);
   if (mine !== undefined) return mine;
   return call<Operation>(context.nc, context.site, op, body);
+}
+
+/**
+ * A Drill being deleted: ferryd's drill-cleanup of the operation it started runs to its end (started
+ * here when none runs), then the finalizer goes. A drill that never succeeded left nothing to clean.
+ */
+async function cleanUpDrill(resource: Drill, context: ReconcileContext): Promise<Outcome> {
+  const finalizers = resource.metadata?.finalizers ?? [];
+  if (!finalizers.includes(DRILL_FINALIZER)) return "settled";
+  const { operationId, operationSite } = resource.status ?? {};
+  if (operationId !== undefined && operationSite !== undefined) {
+    try {
+      const drill = await call<Operation>(context.nc, operationSite, "operationGet", { id: operationId });
+      if (drill.state === "running") return { after: POLL_MS };
+      if (drill.state === "succeeded" && drill.result.cleaned !== "yes") {
+        const app = resource.spec.application;
+        const cleanups = (await call<Operation[]>(context.nc, operationSite, "operationList", { app })).filter(
+          (o) => o.kind === "drill-cleanup" && o.result.drill === operationId,
+        );
+        const last = cleanups.at(-1);
+        if (last?.state === "running") return { after: POLL_MS };
+        if (last?.state === "failed") {
+          // Start it again, after the backoff: a failed cleanup must not spin.
+          await call(context.nc, operationSite, "drillCleanup", { app });
+          return "retry";
+        }
+        await call(context.nc, operationSite, "drillCleanup", { app });
+        return { after: POLL_MS };
+      }
+    } catch (error) {
+      // ferryd forgot the operation (NotFound): nothing left to clean. Anything else: try again.
+      if (refusal(error).reason !== "NotFound") return "retry";
+    }
+  }
+  await context.setFinalizers(
+    "drills",
+    resource,
+    finalizers.filter((f) => f !== DRILL_FINALIZER),
+  );
+  return "settled";
 }

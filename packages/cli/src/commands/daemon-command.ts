@@ -15,6 +15,7 @@ interface DaemonOptions extends DataOption {
   metrics?: string;
   libvirt?: string;
   kubeconfig?: string;
+  kubernetes?: boolean;
 }
 
 export const KUBECONFIG_ENV = "FERRY_KUBECONFIG";
@@ -50,6 +51,11 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
           "(capture at each cut, restore at recovery)",
       ).env(KUBECONFIG_ENV),
     )
+    .option(
+      "--kubernetes",
+      "manage the Kubernetes cluster ferryd runs in (its pod's service account, else $KUBECONFIG or ~/.kube/config) " +
+        "as --kubeconfig does",
+    )
     .action(async (options: DaemonOptions, command: Command) => {
       let join: ReturnType<typeof joinedSite>;
       try {
@@ -74,7 +80,8 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
           join,
           metrics: options.metrics,
           libvirt: options.libvirt,
-          kubeconfig: options.kubeconfig,
+          kubernetes:
+            options.kubeconfig !== undefined || options.kubernetes === true ? { file: options.kubeconfig } : undefined,
         },
         io,
       );

@@ -21,8 +21,11 @@ export interface DaemonRequest extends ServeRequest {
   metrics?: string | undefined;
   /** libvirt URI: the VMs of this host become possible application members. */
   libvirt?: string | undefined;
-  /** A kubeconfig file: the cluster's objects and PVCs become possible application members. */
-  kubeconfig?: string | undefined;
+  /**
+   * Manage a Kubernetes cluster: its objects and PVCs become possible application members. The
+   * cluster of a kubeconfig file, else the default one (in-cluster, $KUBECONFIG, ~/.kube/config).
+   */
+  kubernetes?: { file: string | undefined } | undefined;
 }
 
 export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<void> {
@@ -40,9 +43,9 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
       const { LibvirtVmAdapter } = await vmAdapter();
       adapters.vm = await LibvirtVmAdapter.connect({ uri: request.libvirt, exportSocket: request.socket ?? "" });
     }
-    if (request.kubeconfig !== undefined) {
+    if (request.kubernetes !== undefined) {
       const { KubernetesAdapter, kubeConfigFrom } = await import("@ferry/k8s-adapter");
-      adapters.k8s = new KubernetesAdapter({ kubeConfig: kubeConfigFrom(request.kubeconfig) });
+      adapters.k8s = new KubernetesAdapter({ kubeConfig: kubeConfigFrom(request.kubernetes.file) });
     }
     orchestrator = await Orchestrator.start({
       adapters,
