@@ -17,7 +17,16 @@ import type {
   ProtectionStatus,
   RecoveryPoint,
 } from "@ferry/orchestrator";
-import { FerryCli, type FerryServe, qemuIo, Sandbox, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
+import {
+  FerryCli,
+  type FerryServe,
+  qemuIo,
+  Sandbox,
+  exportSha256 as sha256Of,
+  startTwoSites,
+  type TwoSites,
+  waitFor,
+} from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { daemonSite } from "./site-service.js";
 
@@ -40,10 +49,8 @@ function at(site: "a" | "b", args: readonly string[]) {
   return [...args, "--nats", sites[site].cliUrl, "--site", sites[site].name];
 }
 
-async function exportSha256(uri: string): Promise<string> {
-  const result = await sandbox.run("bash", ["-o", "pipefail", "-c", 'nbdcopy "$1" - | sha256sum', "bash", uri]);
-  if (result.code !== 0) throw new Error(`nbdcopy ${uri} - | sha256sum: ${result.stderr.trim()}`);
-  return result.stdout.split(" ")[0] ?? "";
+function exportSha256(uri: string): Promise<string> {
+  return sha256Of(sandbox, uri);
 }
 
 async function digests(site: "a" | "b", volumes: readonly string[]): Promise<string[]> {

@@ -10,6 +10,7 @@
 import { fileURLToPath } from "node:url";
 import type { Application, Operation, RecoveryPoint } from "@ferry/orchestrator";
 import {
+  exportSha256,
   FerryCli,
   qemuIo,
   Sandbox,
@@ -20,6 +21,7 @@ import {
   waitFor,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { shopObjects } from "./shop-objects.js";
 import { daemonSite, type SiteService } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
@@ -33,77 +35,7 @@ const ferryd: Record<"a" | "b", SiteService> = {} as never;
 
 const at = (s: "a" | "b", args: readonly string[]) => [...args, "--nats", sites[s].cliUrl, "--site", sites[s].name];
 
-/** The application at A: everything labelled app=shop in namespace shop, and one object that is not. */
-const SHOP = [
-  { apiVersion: "v1", kind: "Namespace", metadata: { name: "shop" } },
-  {
-    apiVersion: "v1",
-    kind: "ConfigMap",
-    metadata: { name: "shop-config", namespace: "shop", labels: { app: "shop" } },
-    data: { greeting: "hello from A" },
-  },
-  {
-    apiVersion: "v1",
-    kind: "ConfigMap",
-    metadata: { name: "unrelated", namespace: "shop", labels: { app: "other" } },
-    data: { x: "not captured" },
-  },
-  {
-    apiVersion: "v1",
-    kind: "Secret",
-    metadata: { name: "shop-db", namespace: "shop", labels: { app: "shop" } },
-    stringData: { password: "s3cret" },
-  },
-  {
-    apiVersion: "v1",
-    kind: "Service",
-    metadata: { name: "db", namespace: "shop", labels: { app: "shop" } },
-    spec: { selector: { app: "shop" }, ports: [{ port: 5432 }] },
-  },
-  {
-    apiVersion: "apps/v1",
-    kind: "StatefulSet",
-    metadata: { name: "db", namespace: "shop", labels: { app: "shop" } },
-    spec: {
-      replicas: 2,
-      serviceName: "db",
-      selector: { matchLabels: { app: "shop" } },
-      template: {
-        metadata: { labels: { app: "shop" } },
-        spec: { containers: [{ name: "db", image: "postgres:17", volumeMounts: [{ name: "data", mountPath: "/d" }] }] },
-      },
-      volumeClaimTemplates: [
-        {
-          metadata: { name: "data", labels: { app: "shop" } },
-          spec: { accessModes: ["ReadWriteOnce"], resources: { requests: { storage: "8Mi" } } },
-        },
-      ],
-    },
-  },
-  {
-    apiVersion: "v1",
-    kind: "PersistentVolume",
-    metadata: { name: "pv-shop-data" },
-    spec: {
-      capacity: { storage: "8Mi" },
-      accessModes: ["ReadWriteOnce"],
-      persistentVolumeReclaimPolicy: "Retain",
-      claimRef: { namespace: "shop", name: "data-db-0" },
-      csi: { driver: "csi.ferry.io", volumeHandle: VOLUME },
-    },
-  },
-  {
-    apiVersion: "v1",
-    kind: "PersistentVolumeClaim",
-    metadata: { name: "data-db-0", namespace: "shop", labels: { app: "shop" } },
-    spec: {
-      accessModes: ["ReadWriteOnce"],
-      resources: { requests: { storage: "8Mi" } },
-      volumeName: "pv-shop-data",
-      storageClassName: "",
-    },
-  },
-];
+const SHOP = shopObjects({ namespace: "shop", volume: VOLUME });
 
 async function kubectl(s: "a" | "b", args: readonly string[], input?: string): Promise<string> {
   const result = await clusters.kubectl(clusters[s], args, input === undefined ? {} : { input });
@@ -126,11 +58,8 @@ async function present(s: "a" | "b", kind: string, name: string, namespace?: str
   );
 }
 
-async function sha256(s: "a" | "b", volume: string): Promise<string> {
-  const uri = ferryd[s].serve.uri(volume);
-  const result = await sandbox.run("bash", ["-o", "pipefail", "-c", 'nbdcopy "$1" - | sha256sum', "bash", uri]);
-  if (result.code !== 0) throw new Error(`nbdcopy ${uri}: ${result.stderr}`);
-  return result.stdout.split(" ")[0] ?? "";
+function sha256(s: "a" | "b", volume: string): Promise<string> {
+  return exportSha256(sandbox, ferryd[s].serve.uri(volume));
 }
 
 interface Kube {

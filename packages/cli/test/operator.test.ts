@@ -12,13 +12,16 @@ import {
   crdName,
   crdYaml,
   type Drill,
+  type Failback,
   type Failover,
   type ProtectionPolicy,
   RESOURCES,
 } from "@ferry/k8s-adapter";
-import type { ProtectionStatus } from "@ferry/orchestrator";
+import type { Application as FerryApplication, ProtectionStatus, RecoveryPoint } from "@ferry/orchestrator";
 import {
+  exportSha256,
   FerryCli,
+  qemuIo,
   Sandbox,
   startTwoClusters,
   startTwoSites,
@@ -27,6 +30,7 @@ import {
   waitFor,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { shopObjects } from "./shop-objects.js";
 import { daemonSite, type SiteService } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
@@ -50,10 +54,10 @@ beforeAll(async () => {
   try {
     ferry = new FerryCli(sandbox, BIN);
     [sites, clusters] = await Promise.all([startTwoSites(), startTwoClusters(sandbox)]);
-    [ferryd.a, ferryd.b] = await Promise.all([
-      daemonSite(ferry, sandbox, sites.a),
-      daemonSite(ferry, sandbox, sites.b),
-    ]);
+    // Each ferryd manages its site's cluster: Kubernetes objects can be application members.
+    const managing = (s: "a" | "b") =>
+      daemonSite(ferry, sandbox, sites[s], { extra: ["--kubeconfig", clusters[s].kubeconfig] });
+    [ferryd.a, ferryd.b] = await Promise.all([managing("a"), managing("b")]);
     const crds = await clusters.kubectl(clusters.a, ["apply", "-f", "-"], {
       input: RESOURCES.map((r) => crdYaml(r)).join("---\n"),
     });
@@ -92,6 +96,10 @@ beforeAll(async () => {
   }
 });
 
+function sha256(s: "a" | "b", volume: string): Promise<string> {
+  return exportSha256(sandbox, ferryd[s].serve.uri(volume));
+}
+
 async function afterAllCleanup() {
   await sandbox.cleanup();
   await sites?.stop();
@@ -104,23 +112,27 @@ async function kubectlApply(manifest: object) {
 }
 
 /** Wait until the object's condition `type` has `status`; returns the object. */
-async function condition<T extends Application | ProtectionPolicy | Drill | Failover>(
+async function condition<T extends Application | ProtectionPolicy | Drill | Failover | Failback>(
   plural: string,
   name: string,
   type: string,
   status: string,
 ): Promise<T> {
+  let last: unknown;
   return waitFor(
     `${plural}/${name} ${type}=${status}`,
     async () => {
       const got = await clusters.kubectl(clusters.a, ["get", plural, name, "-o", "json"]);
       if (got.code !== 0) throw new Error(got.stderr);
       const object = JSON.parse(got.stdout) as T;
+      last = object.status?.conditions;
       const found = object.status?.conditions?.find((c) => c.type === type);
       return found?.status === status && found.observedGeneration === object.metadata?.generation && object;
     },
     { timeoutMs: 30_000, intervalMs: 200 },
-  );
+  ).catch((error: Error) => {
+    throw new Error(`${error.message}; its conditions: ${JSON.stringify(last)}`);
+  });
 }
 
 interface KubeEvent {
@@ -271,6 +283,71 @@ describe("operator", () => {
     expect(operations.filter((o) => o.kind === "drill-cleanup")).toEqual([
       expect.objectContaining({ state: "succeeded" }),
     ]);
+  });
+
+  it("protects an Application's Kubernetes objects with their PVC's volume, fails it over with a Failover resource and back with a Failback", async () => {
+    // The workload at cluster A: a StatefulSet whose claim is on the Ferry volume store-data.
+    await ferry.ok(["volume", "create", "store-data", "--size", "8M", "--data", ferryd.a.data]);
+    await qemuIo(sandbox, ferryd.a.serve.uri("store-data"), ["write -P 0x3c 0 1M"]);
+    const written = await sha256("a", "store-data");
+    const objects = shopObjects({ namespace: "store", volume: "store-data" });
+    const applied = await clusters.kubectl(clusters.a, ["apply", "-f", "-"], {
+      input: objects.map((o) => JSON.stringify(o)).join("\n"),
+    });
+    expect(applied.stderr).toBe("");
+    await kubectlApply(
+      application("store", {
+        kubernetes: { namespaces: ["store"], labelSelector: { matchLabels: { app: "shop" } } },
+        protection: { policy: "gold", targetSite: sites.b.name },
+      }),
+    );
+    await condition<Application>("applications", "store", "Protected", "True");
+    await condition<Application>("applications", "store", "RPOMet", "True");
+    const [app] = (await ferry.json<FerryApplication[]>(at("a", ["app", "list"]))).filter((a) => a.name === "store");
+    expect(app).toMatchObject({
+      volumes: ["store-data"],
+      kubernetes: { namespaces: ["store"], labelSelector: "app=shop" },
+    });
+    await waitFor(
+      "a recovery point of store with its objects",
+      async () =>
+        (await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "store"]))).some((p) => p.members === 1),
+      { timeoutMs: 30_000 },
+    );
+
+    await kubectlApply({
+      apiVersion: API_VERSION,
+      kind: "Failover",
+      metadata: { name: "store-failover-1", namespace: "default" },
+      spec: { application: "store", targetSite: sites.b.name },
+    } satisfies Failover);
+    const failedOver = await condition<Failover>("failovers", "store-failover-1", "Succeeded", "True");
+    expect(failedOver.status?.steps?.find((s) => s.name === "recover-members")?.detail).toContain("namespace store");
+    const atB = async (kind: string, name: string) =>
+      JSON.parse((await clusters.kubectl(clusters.b, ["get", kind, name, "-n", "store", "-o", "json"])).stdout) as {
+        data?: Record<string, string>;
+        spec: { volumeName?: string; replicas?: number; csi?: { volumeHandle: string } };
+      };
+    expect((await atB("configmap", "shop-config")).data).toEqual({ greeting: "hello from A" });
+    const claim = await atB("pvc", "data-db-0");
+    const pv = JSON.parse(
+      (await clusters.kubectl(clusters.b, ["get", "pv", claim.spec.volumeName ?? "none", "-o", "json"])).stdout,
+    ) as { spec: { csi: { volumeHandle: string } } };
+    expect(pv.spec.csi.volumeHandle).toBe("store-data");
+    expect(await sha256("b", "store-data")).toBe(written);
+
+    // Home again: the application left B stopped (replicas 0) and runs at A with B's data.
+    await qemuIo(sandbox, ferryd.b.serve.uri("store-data"), ["write -P 0xc3 1M 64K"]);
+    const changed = await sha256("b", "store-data");
+    await kubectlApply({
+      apiVersion: API_VERSION,
+      kind: "Failback",
+      metadata: { name: "store-failback-1", namespace: "default" },
+      spec: { application: "store" },
+    } satisfies Failback);
+    await condition<Failback>("failbacks", "store-failback-1", "Succeeded", "True");
+    expect(await sha256("a", "store-data")).toBe(changed);
+    expect((await atB("statefulset", "db")).spec.replicas).toBe(0);
   });
 
   it("fails a Failover that ferryd refuses, with ferryd's reason, starting nothing", async () => {

@@ -11,7 +11,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { FerryCli, Sandbox, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
+import { FerryCli, Sandbox, exportSha256 as sha256Of, startTwoSites, type TwoSites, waitFor } from "@ferry/testkit";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import type { PairStatus } from "../src/commands/replicate.js";
 import { type SiteService, serveSite as serveSiteWith } from "./site-service.js";
@@ -64,11 +64,8 @@ async function writeRandom(a: SiteService, volume: string): Promise<string> {
   return createHash("sha256").update(bytes).digest("hex");
 }
 
-/** sha256 of a whole export, read with nbdcopy. */
-async function exportSha256(uri: string): Promise<string> {
-  const result = await sandbox.run("bash", ["-o", "pipefail", "-c", 'nbdcopy "$1" - | sha256sum', "bash", uri]);
-  if (result.code !== 0) throw new Error(`nbdcopy ${uri} - | sha256sum: ${result.stderr.trim()}`);
-  return result.stdout.split(" ")[0] ?? "";
+function exportSha256(uri: string): Promise<string> {
+  return sha256Of(sandbox, uri);
 }
 
 async function pairStatus(a: SiteService): Promise<PairStatus> {

@@ -7,7 +7,7 @@
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { FerryCli, qemuIo, Sandbox, startTwoSites, type TwoSites } from "@ferry/testkit";
+import { FerryCli, qemuIo, Sandbox, exportSha256 as sha256Of, startTwoSites, type TwoSites } from "@ferry/testkit";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import type { PairStatus } from "../src/commands/replicate.js";
 import { type SiteService, serveSite as serveSiteWith } from "./site-service.js";
@@ -56,11 +56,8 @@ async function qemuIoReadOnly(uri: string, commands: readonly string[]): Promise
   }
 }
 
-/** sha256 of a whole export, read with nbdcopy. */
-async function exportSha256(uri: string): Promise<string> {
-  const result = await sandbox.run("bash", ["-o", "pipefail", "-c", 'nbdcopy "$1" - | sha256sum', "bash", uri]);
-  if (result.code !== 0) throw new Error(`nbdcopy ${uri} - | sha256sum: ${result.stderr.trim()}`);
-  return result.stdout.split(" ")[0] ?? "";
+function exportSha256(uri: string): Promise<string> {
+  return sha256Of(sandbox, uri);
 }
 
 describe("ferry replicate between two sites", () => {

@@ -4,7 +4,7 @@ export { freePort, isAlive, waitFor } from "@ferry/nats-sites";
 export { type ExitStatus, FerryCli, FerryServe } from "./ferry-cli.js";
 export { type LibvirtDaemon, libvirtInstalled, startLibvirtDaemon } from "./libvirt-daemon.js";
 export { PassFailSummary } from "./pass-fail-summary.js";
-export { qemuIo } from "./qemu-io.js";
+export { exportSha256, qemuIo } from "./qemu-io.js";
 export { killAndReap, type RunOptions, type RunResult, Sandbox } from "./sandbox.js";
 export {
   buildTestGuest,

@@ -16,3 +16,10 @@ export async function qemuIo(sandbox: Sandbox, uri: string, commands: readonly s
   }
   return result.stdout;
 }
+
+/** sha256 of a whole NBD export, read with nbdcopy (what a user would compare between two sites). */
+export async function exportSha256(sandbox: Sandbox, uri: string): Promise<string> {
+  const result = await sandbox.run("bash", ["-o", "pipefail", "-c", 'nbdcopy "$1" - | sha256sum', "bash", uri]);
+  if (result.code !== 0) throw new Error(`nbdcopy ${uri} - | sha256sum: ${result.stderr.trim()}`);
+  return result.stdout.split(" ")[0] ?? "";
+}
