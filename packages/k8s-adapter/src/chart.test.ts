@@ -6,6 +6,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { parse, parseAllDocuments } from "yaml";
 import { RESOURCES } from "./crds.js";
 import { CHART_DIR, REPO_ROOT } from "./generate.js";
+import { CAPTURED_KINDS } from "./manifests.js";
 
 /** Ferry publishes no image, so every render names one, as a user's install must. */
 const IMAGE_REPOSITORY = "registry.example:5000/dr/ferry";
@@ -13,13 +14,26 @@ const IMAGE_REPOSITORY = "registry.example:5000/dr/ferry";
 const sandbox = new Sandbox();
 afterAll(() => sandbox.cleanup());
 
+interface Rule {
+  apiGroups: string[];
+  resources: string[];
+  verbs: string[];
+  resourceNames?: string[];
+}
+
 interface Manifest {
   kind: string;
   metadata: { name: string; namespace?: string; annotations?: Record<string, string> };
-  rules?: { apiGroups: string[]; resources: string[]; verbs: string[] }[];
+  rules?: Rule[];
+  roleRef?: { kind: string; name: string };
+  subjects?: { kind: string; name: string; namespace?: string }[];
   spec?: Record<string, unknown>;
   automountServiceAccountToken?: boolean;
 }
+
+type PodOwner = {
+  template: { spec: { automountServiceAccountToken?: boolean; containers: { args: string[]; image: string }[] } };
+};
 
 async function helm(args: string[]) {
   const home = await sandbox.dir("ferry-helm-");
@@ -68,36 +82,112 @@ describe("Helm chart infra/helm/ferry", () => {
         "Role/ferry-operator-leader-election",
       ]),
     );
-    // ferryd never talks to the API server.
+    // ferryd captures and restores this cluster's objects itself, through its service account.
     const ferrydAccount = manifests.find((m) => m.kind === "ServiceAccount" && m.metadata.name === "ferry-ferryd");
-    expect(ferrydAccount?.automountServiceAccountToken).toBe(false);
-    // Least privilege: no wildcard anywhere, and no write to a user's workloads without restore.
-    const roles = manifests.filter((m) => m.kind === "ClusterRole" || m.kind === "Role");
-    for (const role of roles) {
-      for (const rule of role.rules ?? []) {
-        expect([...rule.apiGroups, ...rule.resources, ...rule.verbs]).not.toContain("*");
-      }
-    }
-    const readOnly = (await render("operator.restore=false")).find(
-      (m) => m.kind === "ClusterRole" && m.metadata.name === "ferry-operator",
-    );
-    const appsRule = readOnly?.rules?.find((r) => r.apiGroups.includes("apps") && r.resources.includes("statefulsets"));
-    expect(appsRule?.verbs).toEqual(["get", "list", "watch"]);
+    expect(ferrydAccount?.automountServiceAccountToken).toBe(true);
+    const ferryd = manifests.find((m) => m.kind === "StatefulSet")?.spec as PodOwner | undefined;
+    expect(ferryd?.template.spec.automountServiceAccountToken).toBe(true);
+    expect(ferryd?.template.spec.containers[0]?.args).toContain("--kubernetes");
   });
 
-  it("leaves the CRDs out with manageCRDs=false and scopes RBAC to watchNamespaces", async () => {
-    const manifests = await render("manageCRDs=false", "operator.watchNamespaces={shop,ledger}");
+  it("grants no wildcard, in any combination of the RBAC values", async () => {
+    for (const set of [
+      [],
+      ["ferryd.kubernetes.restore=false"],
+      ["kubernetes.namespaces={shop,shop-drill}"],
+      ["kubernetes.namespaces={shop}", "ferryd.kubernetes.restore=false"],
+    ]) {
+      const rules = (await render(...set)).flatMap((m) => m.rules ?? []);
+      expect(rules.length, set.join(" ")).toBeGreaterThan(0);
+      for (const rule of rules) {
+        expect([...rule.apiGroups, ...rule.resources, ...rule.verbs], set.join(" ")).not.toContain("*");
+        expect(rule.resourceNames, set.join(" ")).toBeUndefined();
+      }
+    }
+  });
+
+  it("gives the operator the ferry.io resources, Events and its Lease, and nothing of a user's workloads", async () => {
+    const granted = permissions(await render(), "ferry-operator");
+    const outsideFerry = [...granted].filter((p) => !p.startsWith("ferry.io/"));
+    expect(outsideFerry.sort()).toEqual(
+      [
+        ...["create", "patch"].flatMap((verb) => [`/events:${verb}`, `events.k8s.io/events:${verb}`]),
+        ...["get", "create", "update"].map((verb) => `coordination.k8s.io/leases:${verb}`),
+      ].sort(),
+    );
+    // Drills carry the finalizer ferry.io/drill-cleanup: setting it needs drills/finalizers.
+    expect(granted).toContain("ferry.io/drills/finalizers:update");
+    expect(granted).toContain("ferry.io/applications/finalizers:update");
+  });
+
+  it("gives ferryd exactly what its Kubernetes adapter does: capture, recover, stop, drill cleanup", async () => {
+    const all = ["get", "list", "create", "patch", "delete"];
+    expect(permissions(await render(), "ferry-ferryd")).toEqual(
+      new Set([
+        // capture lists the kinds and reads a PVC's PV; recover applies them server-side (create +
+        // patch) and reads existing PVCs and PVs; stop merge-patches Deployments and StatefulSets;
+        // cleanupDrill lists and deletes them, the drill's namespaces and its PVs.
+        ...CAPTURED_KINDS.flatMap(({ apiVersion, kind }) => all.map((verb) => grant(apiVersion, kind, verb))),
+        ...all.map((verb) => grant("v1", "PersistentVolume", verb)),
+        ...["list", "create", "patch", "delete"].map((verb) => grant("v1", "Namespace", verb)),
+      ]),
+    );
+  });
+
+  it("makes ferryd read-only with ferryd.kubernetes.restore=false: capture, and nothing else", async () => {
+    expect(permissions(await render("ferryd.kubernetes.restore=false"), "ferry-ferryd")).toEqual(
+      new Set([
+        ...CAPTURED_KINDS.flatMap(({ apiVersion, kind }) => ["get", "list"].map((v) => grant(apiVersion, kind, v))),
+        grant("v1", "PersistentVolume", "get"),
+      ]),
+    );
+  });
+
+  it("binds ferryd to nothing, mounts no token and passes no --kubernetes with ferryd.kubernetes.enabled=false", async () => {
+    const manifests = await render("ferryd.kubernetes.enabled=false");
+    expect(permissions(manifests, "ferry-ferryd")).toEqual(new Set());
+    const ferrydRbac = manifests.filter((m) => /Role/.test(m.kind) && m.metadata.name.startsWith("ferry-ferryd"));
+    expect(ferrydRbac).toEqual([]);
+    const account = manifests.find((m) => m.kind === "ServiceAccount" && m.metadata.name === "ferry-ferryd");
+    expect(account?.automountServiceAccountToken).toBe(false);
+    const ferryd = manifests.find((m) => m.kind === "StatefulSet")?.spec as PodOwner | undefined;
+    expect(ferryd?.template.spec.automountServiceAccountToken).toBe(false);
+    expect(ferryd?.template.spec.containers[0]?.args).not.toContain("--kubernetes");
+    // The operator keeps its own.
+    expect(permissions(manifests, "ferry-operator")).toContain("ferry.io/applications:watch");
+  });
+
+  it("leaves the CRDs out with manageCRDs=false and binds namespaced RBAC only in kubernetes.namespaces", async () => {
+    const manifests = await render("manageCRDs=false", "kubernetes.namespaces={shop,ledger}");
     expect(manifests.filter((m) => m.kind === "CustomResourceDefinition")).toEqual([]);
-    const bindings = manifests.filter((m) => m.kind === "RoleBinding" && m.metadata.name === "ferry-operator");
-    expect(bindings.map((b) => b.metadata.namespace)).toEqual(["shop", "ledger"]);
-    expect(
-      manifests.find((m) => m.kind === "ClusterRoleBinding" && m.metadata.name === "ferry-operator"),
-    ).toBeUndefined();
+    for (const name of ["ferry-operator", "ferry-ferryd"]) {
+      const bindings = manifests.filter((m) => m.kind === "RoleBinding" && m.metadata.name === name);
+      expect(bindings.map((b) => b.metadata.namespace)).toEqual(["shop", "ledger"]);
+      expect(bindings.map((b) => b.roleRef)).toEqual([
+        { apiGroup: "rbac.authorization.k8s.io", kind: "ClusterRole", name },
+        { apiGroup: "rbac.authorization.k8s.io", kind: "ClusterRole", name },
+      ]);
+      expect(manifests.find((m) => m.kind === "ClusterRoleBinding" && m.metadata.name === name)).toBeUndefined();
+    }
+    // What no namespace can hold stays cluster-wide, and holds no namespaced kind.
+    const clusterBound = manifests
+      .filter((m) => m.kind === "ClusterRoleBinding")
+      .map((m) => m.metadata.name)
+      .sort();
+    expect(clusterBound).toEqual(["ferry-ferryd-cluster", "ferry-operator-cluster"]);
+    const clusterRules = manifests
+      .filter((m) => m.kind === "ClusterRole" && clusterBound.includes(m.metadata.name))
+      .flatMap((m) => m.rules ?? []);
+    expect([...new Set(clusterRules.flatMap((r) => r.resources))].sort()).toEqual([
+      "namespaces",
+      "persistentvolumes",
+      "sites",
+      "sites/status",
+    ]);
   });
 
   it("runs `ferry operator` and `ferry daemon` with this site's settings", async () => {
-    const manifests = await render("operator.watchNamespaces={shop,ledger}", "site.region=eu-de");
-    type PodOwner = { template: { spec: { containers: { args: string[] }[] } } };
+    const manifests = await render("kubernetes.namespaces={shop,ledger}", "site.region=eu-de");
     const container = (kind: string) =>
       (manifests.find((m) => m.kind === kind)?.spec as PodOwner | undefined)?.template.spec.containers[0];
     expect(container("Deployment")?.args).toEqual(["operator", "--resync=30s", "--namespaces=shop,ledger"]);
@@ -107,6 +197,7 @@ describe("Helm chart infra/helm/ferry", () => {
       "--data=/var/lib/ferry",
       "--listen=0.0.0.0:10809",
       "--metrics=0.0.0.0:9464",
+      "--kubernetes",
     ]);
   });
 
@@ -122,7 +213,6 @@ describe("Helm chart infra/helm/ferry", () => {
 
   it("runs the image named by image.repository, tagged with appVersion unless image.tag says otherwise", async () => {
     const chart = parse(await readFile(join(CHART_DIR, "Chart.yaml"), "utf8")) as { appVersion: string };
-    type PodOwner = { template: { spec: { containers: { image: string }[] } } };
     const images = (manifests: Manifest[]) =>
       manifests
         .filter((m) => m.kind === "Deployment" || m.kind === "StatefulSet")
@@ -192,5 +282,58 @@ describe("Helm chart infra/helm/ferry", () => {
     const unknown = await helm(["template", "ferry", CHART_DIR, "--set", "operatr.enabled=false"]);
     expect(unknown.code).not.toBe(0);
     expect(unknown.stderr).toContain("operatr");
+    for (const [flag, value, field] of [
+      ["--set-string", "ferryd.kubernetes.enabled=yes", /ferryd\.kubernetes\.enabled|\/ferryd\/kubernetes\/enabled/],
+      ["--set", "ferryd.kubernetes.restore=1", /ferryd\.kubernetes\.restore|\/ferryd\/kubernetes\/restore/],
+      ["--set", "kubernetes.namespaces=shop", /kubernetes\.namespaces|\/kubernetes\/namespaces/],
+      ["--set", "kubernetes.namespaces={Shop}", /kubernetes\.namespaces|\/kubernetes\/namespaces/],
+      // Gone with the move of the workload permissions to ferryd: refused, not silently ignored.
+      ["--set", "operator.restore=false", /restore/],
+      ["--set", "operator.watchNamespaces={shop}", /watchNamespaces/],
+    ] as const) {
+      const wrong = await helm([
+        "template",
+        "ferry",
+        CHART_DIR,
+        "--set",
+        `image.repository=${IMAGE_REPOSITORY}`,
+        flag,
+        value,
+      ]);
+      expect(wrong.code, value).not.toBe(0);
+      expect(wrong.stderr, value).toMatch(field);
+    }
   });
 });
+
+/** `group/resource:verb` for one kind (`v1`, `PersistentVolume`, `get` → `/persistentvolumes:get`). */
+function grant(apiVersion: string, kind: string, verb: string): string {
+  const group = apiVersion.includes("/") ? apiVersion.split("/")[0] : "";
+  return `${group}/${kind.toLowerCase()}s:${verb}`;
+}
+
+/** Every `group/resource:verb` the roles bound to the service account `account` grant it. */
+function permissions(manifests: Manifest[], account: string): Set<string> {
+  const roles = new Map(
+    manifests
+      .filter((m) => m.kind === "ClusterRole" || m.kind === "Role")
+      .map((m) => [`${m.kind}/${m.metadata.namespace ?? ""}/${m.metadata.name}`, m]),
+  );
+  const granted = new Set<string>();
+  for (const binding of manifests.filter((m) => m.kind === "ClusterRoleBinding" || m.kind === "RoleBinding")) {
+    if (!binding.subjects?.some((s) => s.kind === "ServiceAccount" && s.name === account)) continue;
+    const ref = binding.roleRef;
+    if (ref === undefined) continue;
+    const key = ref.kind === "Role" ? `Role/${binding.metadata.namespace}/${ref.name}` : `ClusterRole//${ref.name}`;
+    const role = roles.get(key);
+    expect(role, `${binding.kind} ${binding.metadata.name} refers to ${key}`).toBeDefined();
+    for (const rule of role?.rules ?? []) {
+      for (const group of rule.apiGroups) {
+        for (const resource of rule.resources) {
+          for (const verb of rule.verbs) granted.add(`${group}/${resource}:${verb}`);
+        }
+      }
+    }
+  }
+  return granted;
+}
