@@ -335,6 +335,13 @@ describe("operator", () => {
     ) as { spec: { csi: { volumeHandle: string } } };
     expect(pv.spec.csi.volumeHandle).toBe("store-data");
     expect(await sha256("b", "store-data")).toBe(written);
+    // The Application at A says where it runs now, and that nothing protects it from there yet.
+    const moved = await condition<Application>("applications", "store", "Protected", "False");
+    expect(moved.status?.activeSite).toBe(sites.b.name);
+    expect(moved.status?.conditions?.find((c) => c.type === "Protected")).toMatchObject({
+      reason: "RunsElsewhere",
+      message: expect.stringContaining(`runs at site ${sites.b.name}`),
+    });
 
     // Home again: the application left B stopped (replicas 0) and runs at A with B's data.
     await qemuIo(sandbox, ferryd.b.serve.uri("store-data"), ["write -P 0xc3 1M 64K"]);
@@ -348,6 +355,8 @@ describe("operator", () => {
     await condition<Failback>("failbacks", "store-failback-1", "Succeeded", "True");
     expect(await sha256("a", "store-data")).toBe(changed);
     expect((await atB("statefulset", "db")).spec.replicas).toBe(0);
+    const home = await condition<Application>("applications", "store", "Protected", "True");
+    expect(home.status?.activeSite).toBe(sites.a.name);
   });
 
   it("fails a Failover that ferryd refuses, with ferryd's reason, starting nothing", async () => {

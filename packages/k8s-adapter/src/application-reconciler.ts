@@ -11,7 +11,8 @@
  * `spec.kubernetes` becomes the application's Kubernetes members at ferryd (namespaces — the
  * Application's own when the list is empty — and the label selector); ferryd's Kubernetes adapter
  * (`ferry daemon --kubeconfig`) captures those objects with every cut and finds the Ferry volumes
- * under their PVCs. Not yet: pause.
+ * under their PVCs. An application that runs at another site now (failed over, migrated) reports
+ * that site's protection of it. Not yet: pause.
  */
 import { call, type Application as FerryApplication, type ProtectionStatus } from "@ferry/orchestrator";
 import { setConditions, timestamp, type Verdict } from "./conditions.js";
@@ -67,6 +68,9 @@ export async function reconcileApplication(current: Application, context: Reconc
           message: "the application has no protection: set spec.protection (policy and targetSite)",
         },
       ];
+    } else if (app.active !== context.site) {
+      // Failed over or migrated: it runs (and is protected, if at all) from another site now.
+      verdicts = await fromActiveSite(name, app.active, context);
     } else {
       const { policy, targetSite } = spec.protection;
       await call(context.nc, context.site, "protect", { app: name, policy, to: targetSite });
@@ -103,6 +107,22 @@ function kubernetesMembers(application: Application): { namespaces: string[]; la
   const own = application.metadata?.namespace ?? "default";
   const namespaces = k.namespaces === undefined || k.namespaces.length === 0 ? [own] : k.namespaces;
   return { namespaces, labelSelector: selectorQuery(k.labelSelector) ?? null };
+}
+
+/** The conditions of an application that runs at another site: that site's protections, if any. */
+async function fromActiveSite(name: string, active: string, context: ReconcileContext): Promise<Verdict[]> {
+  const rows = await call<ProtectionStatus[]>(context.nc, active, "status", { app: name });
+  const row = rows.find((r) => r.source === active && r.state !== "failed-over");
+  if (row === undefined) {
+    const message =
+      `application ${name} runs at site ${active} (failed over or migrated there) and is not protected from there: ` +
+      "a Failback resource brings it home, replicating back first";
+    return [
+      { type: "Protected", status: "False", reason: "RunsElsewhere", message },
+      { type: "Replicating", status: "False", reason: "RunsElsewhere", message },
+    ];
+  }
+  return fromStatus(row).map((v) => ({ ...v, message: `runs at site ${active}: ${v.message}` }));
 }
 
 function unknownStatus(target: string): Verdict[] {
