@@ -36,6 +36,13 @@ const ferryd: Record<"a" | "b", SiteService> = {} as never;
 const at = (s: "a" | "b", args: readonly string[]) => [...args, "--nats", sites[s].cliUrl, "--site", sites[s].name];
 
 const SHOP = shopObjects({ namespace: "shop", volume: VOLUME });
+/** The policy's restore settings: at B the objects live in shop-dr, and the Service is marked. */
+const RESTORE = [
+  "--namespace-map",
+  "shop=shop-dr",
+  "--transform",
+  JSON.stringify({ kind: "Service", patch: [{ op: "add", path: "/metadata/labels/site", value: "dr" }] }),
+];
 
 async function kubectl(s: "a" | "b", args: readonly string[], input?: string): Promise<string> {
   const result = await clusters.kubectl(clusters[s], args, input === undefined ? {} : { input });
@@ -112,6 +119,12 @@ describe("Kubernetes objects in a protected application", () => {
     const empty = await ferry.run(at("a", ["app", "create", "empty", "--namespace", "default"]));
     expect(empty.code).toBe(2);
     expect(empty.stderr).toContain("application empty has no Ferry volumes");
+    const map = await ferry.run(at("a", ["policy", "create", "p", "--mode", "async", "--namespace-map", "shop"]));
+    expect(map.code).toBe(2);
+    expect(map.stderr).toContain("--namespace-map 'shop' is not FROM=TO");
+    const patch = await ferry.run(at("a", ["policy", "create", "p", "--mode", "async", "--transform", '{"patch":[]}']));
+    expect(patch.code).toBe(2);
+    expect(patch.stderr).toContain('policy p: transform 1 needs a non-empty "patch" list');
     const usage = await ferry.run(at("a", ["app", "create", "x", "--volume", VOLUME, "--selector", "app=shop"]));
     expect(usage.code).not.toBe(0);
     expect(usage.stderr).toContain("--selector picks Kubernetes objects");
@@ -135,7 +148,9 @@ describe("Kubernetes objects in a protected application", () => {
   let point: RecoveryPoint;
 
   it("captures the selected objects with every cut, stored at the target", async () => {
-    await ferry.ok(at("a", ["policy", "create", "k8s-gold", "--mode", "async", "--interval", "1s", "--retain", "60"]));
+    await ferry.ok(
+      at("a", ["policy", "create", "k8s-gold", "--mode", "async", "--interval", "1s", "--retain", "60", ...RESTORE]),
+    );
     await ferry.ok(at("a", ["protect", "shop", "--policy", "k8s-gold", "--to", "site-b", "--wait"]));
     point = await waitFor(
       "a recovery point of shop with its Kubernetes objects",
@@ -160,43 +175,49 @@ describe("Kubernetes objects in a protected application", () => {
   it("drills at B in an isolated namespace beside running replication, and cleans it up", async () => {
     const drill = await ferry.json<Operation>(at("b", ["failover", "shop", "--to", "site-b", "--test"]));
     expect(drill.state, JSON.stringify(drill.error)).toBe("succeeded");
-    expect(drill.steps.find((s) => s.name === "recover-members")?.detail).toContain("namespace shop-drill");
-    const ns = await getJson<Kube>("b", "namespace", "shop-drill");
+    expect(drill.steps.find((s) => s.name === "recover-members")?.detail).toContain("namespace shop-dr-drill");
+    const ns = await getJson<Kube>("b", "namespace", "shop-dr-drill");
     expect(ns.metadata.labels?.["ferry.io/drill-of"]).toBe("shop");
-    expect((await getJson<Kube>("b", "configmap", "shop-config", "shop-drill")).data).toEqual({
+    expect((await getJson<Kube>("b", "configmap", "shop-config", "shop-dr-drill")).data).toEqual({
       greeting: "hello from A",
     });
-    const claim = await getJson<Kube>("b", "pvc", "data-db-0", "shop-drill");
+    const claim = await getJson<Kube>("b", "pvc", "data-db-0", "shop-dr-drill");
     const pv = await getJson<Kube>("b", "pv", claim.spec.volumeName ?? "none");
     expect(pv.spec.csi).toEqual({ driver: "csi.ferry.io", volumeHandle: `${VOLUME}-drill` });
-    expect(pv.spec.claimRef).toMatchObject({ namespace: "shop-drill", name: "data-db-0" });
+    expect(pv.spec.claimRef).toMatchObject({ namespace: "shop-dr-drill", name: "data-db-0" });
     expect(await sha256("b", `${VOLUME}-drill`)).toBe(written);
     expect(await present("b", "namespace", "shop")).toBe(false);
 
     const cleanup = await ferry.json<Operation>(at("b", ["drill", "cleanup", "shop"]));
     expect(cleanup.state, JSON.stringify(cleanup.error)).toBe("succeeded");
-    expect(await present("b", "configmap", "shop-config", "shop-drill")).toBe(false);
+    expect(await present("b", "configmap", "shop-config", "shop-dr-drill")).toBe(false);
     expect(await present("b", "pv", claim.spec.volumeName ?? "none")).toBe(false);
-    expect(await present("b", "namespace", "shop-drill")).toBe(false);
+    expect(await present("b", "namespace", "shop-dr-drill")).toBe(false);
   });
 
   it("fails over to B: the objects are recreated with the claim bound to B's replica, whose bytes are A's", async () => {
     const op = await ferry.json<Operation>(at("b", ["failover", "shop", "--to", "site-b", "--point", point.id]));
     expect(op.state, JSON.stringify(op.error)).toBe("succeeded");
     expect(op.steps.find((s) => s.name === "recover-members")?.detail).toContain(
-      "namespace shop (5 objects, 1 volume)",
+      "namespace shop-dr (5 objects, 1 volume)",
     );
-    expect((await getJson<Kube>("b", "configmap", "shop-config", "shop")).data).toEqual({ greeting: "hello from A" });
-    const secret = await getJson<Kube>("b", "secret", "shop-db", "shop");
+    expect((await getJson<Kube>("b", "configmap", "shop-config", "shop-dr")).data).toEqual({
+      greeting: "hello from A",
+    });
+    const secret = await getJson<Kube>("b", "secret", "shop-db", "shop-dr");
     expect(Buffer.from(secret.data?.password ?? "", "base64").toString()).toBe("s3cret");
-    expect((await getJson<Kube>("b", "statefulset", "db", "shop")).spec.replicas).toBe(2);
-    expect(await present("b", "configmap", "unrelated", "shop")).toBe(false);
+    expect((await getJson<Kube>("b", "statefulset", "db", "shop-dr")).spec.replicas).toBe(2);
+    expect(await present("b", "configmap", "unrelated", "shop-dr")).toBe(false);
     const serviceA = await getJson<Kube>("a", "service", "db", "shop");
-    const serviceB = await getJson<Kube>("b", "service", "db", "shop");
+    const serviceB = await getJson<Kube>("b", "service", "db", "shop-dr");
+    expect(serviceB.metadata.labels).toEqual({ app: "shop", site: "dr" });
+    expect(await present("b", "namespace", "shop")).toBe(false);
+    const [moved] = await ferry.json<Application[]>(at("b", ["app", "list"]));
+    expect(moved?.kubernetes?.namespaces).toEqual(["shop-dr"]);
     expect(serviceB.spec.clusterIP).toBeDefined();
     expect(serviceB.spec.clusterIP).not.toBe("None");
     expect(serviceA.spec.clusterIP).toBeDefined();
-    const claim = await getJson<Kube>("b", "pvc", "data-db-0", "shop");
+    const claim = await getJson<Kube>("b", "pvc", "data-db-0", "shop-dr");
     const pv = await getJson<Kube>("b", "pv", claim.spec.volumeName ?? "none");
     expect(pv.spec.csi).toEqual({ driver: "csi.ferry.io", volumeHandle: VOLUME });
     expect(await sha256("b", VOLUME)).toBe(written);
@@ -210,7 +231,7 @@ describe("Kubernetes objects in a protected application", () => {
       "configmap",
       "shop-config",
       "-n",
-      "shop",
+      "shop-dr",
       "-p",
       '{"data":{"greeting":"hello from B"}}',
     ]);
@@ -220,11 +241,14 @@ describe("Kubernetes objects in a protected application", () => {
     expect(await sha256("a", VOLUME)).toBe(atB);
     expect((await getJson<Kube>("a", "configmap", "shop-config", "shop")).data).toEqual({ greeting: "hello from B" });
     // Stopped at B before the final sync (the count it ran with kept aside), running at A with that count.
-    const left = await getJson<Kube>("b", "statefulset", "db", "shop");
+    const left = await getJson<Kube>("b", "statefulset", "db", "shop-dr");
     expect(left.spec.replicas).toBe(0);
     expect(left.metadata.annotations?.["ferry.io/stopped-replicas"]).toBe("2");
     const home = await getJson<Kube>("a", "statefulset", "db", "shop");
     expect(home.spec.replicas).toBe(2);
     expect(home.metadata.annotations?.["ferry.io/stopped-replicas"]).toBeUndefined();
+    // Home: the namespace mapping read backwards.
+    const [app] = await ferry.json<Application[]>(at("a", ["app", "list"]));
+    expect(app?.kubernetes?.namespaces).toEqual(["shop"]);
   });
 });

@@ -6,7 +6,7 @@
  * refused; the operator's account can touch none of a user's workloads. chart.test.ts checks the
  * rendered rules are exactly these; this checks they are enough.
  */
-import type { MemberCapture } from "@ferry/orchestrator";
+import { DEFAULT_RESTORE, type MemberCapture } from "@ferry/orchestrator";
 import { type Cluster, Sandbox, startTwoClusters, type TwoClusters } from "@ferry/testkit";
 import { AppsV1Api, KubeConfig } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -157,7 +157,13 @@ describe("ferryd's RBAC from the chart, against real API servers", () => {
     const readOnly = new KubernetesAdapter({ kubeConfig: await asServiceAccount(clusters.a, "readonly-ferry-ferryd") });
     const captures = await readOnly.capture(["shop?app=shop"]);
     expect(captured(captures).objects).toHaveLength(8);
-    const drill = { app: "shop", site: "site-a", drill: true, volumes: { "shop-data-vol": "shop-data-clone-2" } };
+    const drill = {
+      app: "shop",
+      site: "site-a",
+      drill: true,
+      volumes: { "shop-data-vol": "shop-data-clone-2" },
+      restore: DEFAULT_RESTORE,
+    };
     await expect(readOnly.recover(captures, drill)).rejects.toThrow(/forbidden/);
     await expect(readOnly.stop(["shop?app=shop"])).rejects.toEqual(forbidden);
     await expect(readOnly.cleanupDrill("shop")).rejects.toEqual(forbidden);
@@ -182,7 +188,13 @@ describe("ferryd's RBAC from the chart, against real API servers", () => {
     expect(captured(captures).volumes.map((v) => v.volume)).toEqual(["shop-data-vol"]);
 
     // A drill at A: a namespace of its own and a PV for the clone, then cleanup deletes both.
-    const drill = { app: "shop", site: "site-a", drill: true, volumes: { "shop-data-vol": "shop-data-clone" } };
+    const drill = {
+      app: "shop",
+      site: "site-a",
+      drill: true,
+      volumes: { "shop-data-vol": "shop-data-clone" },
+      restore: DEFAULT_RESTORE,
+    };
     expect(await atA.recover(captures, drill)).toEqual(["namespace shop-drill (8 objects, 1 volume)"]);
     expect(await kubectl(clusters.a, ["get", "pv", "-l", `${DRILL_LABEL}=shop`, "-o", "name"])).toBe(
       "persistentvolume/ferry-shop-data-clone\n",
@@ -197,7 +209,13 @@ describe("ferryd's RBAC from the chart, against real API servers", () => {
     expect(await live(clusters.a, ["all,configmaps,secrets,serviceaccounts,pvc", "-n", "shop-drill"])).toEqual([]);
 
     // Failover to B: the namespace, the PV and the objects made there; a second recover changes nothing.
-    const failover = { app: "shop", site: "site-b", drill: false, volumes: { "shop-data-vol": "shop-data-vol" } };
+    const failover = {
+      app: "shop",
+      site: "site-b",
+      drill: false,
+      volumes: { "shop-data-vol": "shop-data-vol" },
+      restore: DEFAULT_RESTORE,
+    };
     expect(await atB.recover(captures, failover)).toEqual(["namespace shop (8 objects, 1 volume)"]);
     expect(await atB.recover(captures, failover)).toEqual(["namespace shop (8 objects, 1 volume)"]);
     expect(

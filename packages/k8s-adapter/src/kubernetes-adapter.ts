@@ -17,7 +17,7 @@
  *   through a kubelet); every member is reported not frozen, so a point asked to be
  *   application-consistent is honestly marked crash-consistent with that reason.
  */
-import type { K8sAdapter, MemberCapture, RecoverContext } from "@ferry/orchestrator";
+import { DEFAULT_RESTORE, type K8sAdapter, type MemberCapture, type RecoverContext } from "@ferry/orchestrator";
 import { type KubeConfig, type KubernetesObject, KubernetesObjectApi, PatchStrategy } from "@kubernetes/client-node";
 import { captureVolumes, restoreVolumes, type VolumeBinding } from "./ferry-volumes.js";
 import {
@@ -29,6 +29,7 @@ import {
   restoreObjects,
   type Selection,
   STOPPED_REPLICAS_ANNOTATION,
+  type Transform,
 } from "./manifests.js";
 
 /** Who scales workloads down at a planned migration (apart from the restore's own manager). */
@@ -109,25 +110,38 @@ export class KubernetesAdapter implements K8sAdapter {
   }
 
   async recover(captures: readonly MemberCapture[], context: RecoverContext): Promise<string[]> {
+    // The protection's settings over this cluster's own (these set by whoever started ferryd).
+    const policy = context.restore ?? DEFAULT_RESTORE;
+    const restore: RestoreOptions = {
+      ...this.restore,
+      namespaceMapping: { ...this.restore.namespaceMapping, ...policy.namespaceMapping },
+      storageClassMapping: { ...this.restore.storageClassMapping, ...policy.storageClassMapping },
+      onConflict: policy.onConflict,
+      transforms: [...(this.restore.transforms ?? []), ...(policy.transforms as Transform[])],
+    };
     const recovered: string[] = [];
     for (const capture of captures) {
       const c = capture.metadata as KubernetesCapture;
-      const target = context.drill ? drillNamespace(c.namespace) : c.namespace;
-      const namespaceMapping = { ...this.restore.namespaceMapping, [c.namespace]: target };
+      const mapped = restore.namespaceMapping?.[c.namespace] ?? c.namespace;
+      const target = context.drill ? drillNamespace(mapped) : mapped;
+      const namespaceMapping = { ...restore.namespaceMapping, [c.namespace]: target };
       const labels = context.drill ? { [DRILL_LABEL]: context.app } : undefined;
       const volumeNames = await restoreVolumes(this.kubeConfig, c.volumes, {
         namespaceMapping,
-        storageClassMapping: this.restore.storageClassMapping ?? {},
+        storageClassMapping: restore.storageClassMapping ?? {},
         volumes: context.volumes,
         ...(labels === undefined ? {} : { labels }),
       });
-      const { applied } = await restoreObjects(this.kubeConfig, c.objects, {
-        ...this.restore,
+      const { applied, skipped } = await restoreObjects(this.kubeConfig, c.objects, {
+        ...restore,
         namespaceMapping,
         volumeNames,
         ...(labels === undefined ? {} : { namespaceLabels: labels }),
       });
-      recovered.push(`namespace ${target} (${count(applied.length, "object")}, ${count(c.volumes.length, "volume")})`);
+      const kept = skipped.length === 0 ? "" : `, ${count(skipped.length, "existing object")} left as they were`;
+      recovered.push(
+        `namespace ${target} (${count(applied.length, "object")}${kept}, ${count(c.volumes.length, "volume")})`,
+      );
     }
     return recovered;
   }

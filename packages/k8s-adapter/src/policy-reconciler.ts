@@ -36,6 +36,7 @@ export function policySpec(name: string, spec: ProtectionPolicySpec): PolicySpec
     rateBytes: spec.rate === undefined ? null : rateBytes(spec.rate),
     consistency: spec.consistency ?? null,
     hooks: spec.hooks ?? null,
+    restore: spec.restore ?? null,
   };
 }
 

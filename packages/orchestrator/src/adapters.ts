@@ -4,6 +4,8 @@
  * adapter maps its members to volumes, captures their metadata at each cut, and recovers them.
  */
 
+import type { RestoreSettings } from "./model.js";
+
 /** A member's metadata captured with a cut (domain XML, Kubernetes objects, hook output). */
 export interface MemberCapture {
   kind: "vm" | "kubernetes";
@@ -19,6 +21,8 @@ export interface RecoverContext {
   drill: boolean;
   /** Source volume name → the volume to use at this site (a promoted replica or a drill clone). */
   volumes: Record<string, string>;
+  /** The protection's restore settings for Kubernetes objects (mappings, transforms, conflicts); defaults when left out. */
+  restore?: RestoreSettings;
 }
 
 interface MemberAdapter {

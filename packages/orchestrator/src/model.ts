@@ -44,6 +44,25 @@ export interface Hooks {
   post: string | null;
 }
 
+/** One RFC 6902 operation of a restore transform. */
+export interface PatchOperation {
+  op: "add" | "remove" | "replace" | "test";
+  path: string;
+  value?: unknown;
+}
+
+/** How an application's Kubernetes objects are restored at a target (the Kubernetes adapter applies it). */
+export interface RestoreSettings {
+  /** Source namespace → namespace at the target; unmapped ones keep their name. */
+  namespaceMapping: Record<string, string>;
+  /** Source storage class → storage class at the target. */
+  storageClassMapping: Record<string, string>;
+  /** An object that exists at the target: `overwrite` Ferry's fields (others' stay), or `skip` it. */
+  onConflict: "overwrite" | "skip";
+  /** JSON patches applied to restored objects, to one kind and/or name or to all. */
+  transforms: { kind?: string; name?: string; patch: PatchOperation[] }[];
+}
+
 export interface ProtectionPolicy {
   name: string;
   mode: Mode;
@@ -62,6 +81,8 @@ export interface ProtectionPolicy {
   rateBytes: number | null;
   consistency: Consistency;
   hooks: Hooks;
+  /** Absent in policies made before restore settings existed: the defaults then. */
+  restore?: RestoreSettings;
   createdAtMs: number;
 }
 

@@ -26,6 +26,7 @@ import type {
   ProtectionPolicy,
   ProtectionStatus,
   RecoveryPoint,
+  RestoreSettings,
   Site,
 } from "./model.js";
 import { newOperation, runSteps, type StepFn } from "./operations.js";
@@ -33,6 +34,7 @@ import { type PointMetadata, PointStore } from "./points.js";
 import {
   type ApplicationSpec,
   checkName,
+  DEFAULT_RESTORE,
   type PolicySpec,
   samePolicy,
   validateApplication,
@@ -329,6 +331,9 @@ export class Orchestrator {
   private async createApp(spec: ApplicationSpec): Promise<Application> {
     const valid = validateApplication(spec);
     const { name, vms, kubernetes, sizeBytes } = valid;
+    // Running at another site now (failed over, migrated): it is defined there, not redefined from here.
+    const elsewhere = this.catalog.apps.get(name);
+    if (elsewhere !== undefined && elsewhere.active !== this.site) return elsewhere;
     // A VM's disks are Ferry volumes (adopted), and so are the PVs under the selected PVCs: they
     // join the application's consistency group.
     let volumes = valid.volumes;
@@ -1174,6 +1179,26 @@ export class Orchestrator {
     return op;
   }
 
+  /**
+   * How `a`'s Kubernetes objects are restored at this site, recovered from `peer`: the protection's
+   * settings, written from the origin's names to the other site's. Coming home to the origin they
+   * are read backwards (a namespace mapped shop → shop-dr maps back), and the transforms — meant for
+   * the other site — are left out.
+   */
+  private restoreSettings(a: Application, peer: string): RestoreSettings {
+    const between = (p: Protection) =>
+      (p.source === peer && p.target === this.site) || (p.source === this.site && p.target === peer);
+    const restore = this.catalog.protectionsOf(a.name).find(between)?.settings.restore ?? DEFAULT_RESTORE;
+    if (this.site !== a.origin) return restore;
+    const invert = (m: Record<string, string>) => Object.fromEntries(Object.entries(m).map(([k, v]) => [v, k]));
+    return {
+      namespaceMapping: invert(restore.namespaceMapping),
+      storageClassMapping: invert(restore.storageClassMapping),
+      onConflict: restore.onConflict,
+      transforms: [],
+    };
+  }
+
   private stepsFor(op: Operation): Record<string, StepFn> {
     const app = () => this.requireApp(op.app);
     const peer = op.from;
@@ -1207,10 +1232,12 @@ export class Orchestrator {
           );
         }
         const volumes = Object.fromEntries(a.volumes.map((v) => [v, drill ? drillVolume(v) : v]));
+        const restore = this.restoreSettings(a, peer);
         const started: string[] = [];
         for (const { adapter, kind } of adapters) {
           const captures = meta.captures.filter((c) => c.kind === kind);
-          started.push(...(await adapter.recover(captures, { app: a.name, site: this.site, drill, volumes })));
+          const context = { app: a.name, site: this.site, drill, volumes, restore };
+          started.push(...(await adapter.recover(captures, context)));
         }
         o.result.members = started.join(",");
         o.result.membersFrom = meta.generation;
@@ -1220,7 +1247,11 @@ export class Orchestrator {
       };
     const activate: StepFn = async (o) => {
       const a = app();
-      const moved: Application = { ...a, active: this.site };
+      // Its Kubernetes objects live in the namespaces the restore mapped them to now.
+      const k = a.kubernetes;
+      const mapping = this.restoreSettings(a, peer).namespaceMapping;
+      const kubernetes = k === null ? null : { ...k, namespaces: k.namespaces.map((n) => mapping[n] ?? n) };
+      const moved: Application = { ...a, active: this.site, kubernetes };
       await this.catalog.apps.put(a.name, moved);
       const reversed = this.catalog.protections.get(protectionKey(a.name, peer));
       const current = reversed?.source === this.site && reversed.state === "protecting" ? reversed : null;

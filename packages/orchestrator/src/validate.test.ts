@@ -15,6 +15,7 @@ describe("policy validation", () => {
       rateBytes: null,
       consistency: "crash",
       hooks: { pre: null, post: null },
+      restore: { namespaceMapping: {}, storageClassMapping: {}, onConflict: "overwrite", transforms: [] },
       createdAtMs: 7,
     });
     expect(validatePolicy({ name: "zero", mode: "sync" }, 0).rpoMs).toBe(0);
@@ -77,6 +78,27 @@ describe("application validation", () => {
     expect(() => validateApplication({ name: "shop", volumes: ["a", "a"] })).toThrow("volume a is listed twice");
     expect(() => validateApplication({ name: "shop", volumes: ["a"], sizeBytes: -1 })).toThrow(
       "--size must be above 0",
+    );
+  });
+});
+
+describe("restore settings", () => {
+  const policy = (restore: object) => validatePolicy({ name: "dr", mode: "async", restore }, 0).restore;
+
+  it("maps and skips as asked", () => {
+    expect(policy({ namespaceMapping: { shop: "shop-dr" }, onConflict: "skip" })).toMatchObject({
+      namespaceMapping: { shop: "shop-dr" },
+      onConflict: "skip",
+    });
+  });
+
+  it("refuses mappings, conflicts and patches it cannot apply, naming them", () => {
+    expect(() => policy({ namespaceMapping: { shop: "Shop_DR" } })).toThrow("namespace mapping");
+    expect(() => policy({ onConflict: "merge" })).toThrow('--on-conflict "merge" is not overwrite or skip');
+    expect(() => policy({ transforms: [{ patch: [{ op: "move", path: "/a" }] }] })).toThrow("is not an operation");
+    expect(() => policy({ transforms: [{ patch: [{ op: "add", path: "/a" }] }] })).toThrow("add /a needs a value");
+    expect(() => policy({ transforms: [{ kind: "pod", patch: [{ op: "remove", path: "/a" }] }] })).toThrow(
+      'kind "pod" is not a Kubernetes kind',
     );
   });
 });

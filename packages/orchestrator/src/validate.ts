@@ -11,6 +11,7 @@ import {
   MODES,
   type Mode,
   type ProtectionPolicy,
+  type RestoreSettings,
 } from "./model.js";
 
 const NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
@@ -70,6 +71,7 @@ export interface PolicySpec {
   rateBytes?: number | null;
   consistency?: string | null;
   hooks?: { pre?: string | null; post?: string | null } | null;
+  restore?: Partial<RestoreSettings> | null;
 }
 
 export function validatePolicy(spec: PolicySpec, nowMs: number): ProtectionPolicy {
@@ -137,7 +139,69 @@ export function validatePolicy(spec: PolicySpec, nowMs: number): ProtectionPolic
     rateBytes,
     consistency,
     hooks,
+    restore: validateRestore(name, spec.restore ?? null),
     createdAtMs: nowMs,
+  };
+}
+
+export const DEFAULT_RESTORE: RestoreSettings = {
+  namespaceMapping: {},
+  storageClassMapping: {},
+  onConflict: "overwrite",
+  transforms: [],
+};
+
+const PATCH_OPS = ["add", "remove", "replace", "test"];
+
+function validateRestore(policy: string, spec: Partial<RestoreSettings> | null): RestoreSettings {
+  if (spec === null) return DEFAULT_RESTORE;
+  const mapping = (what: string, flag: string, value: unknown): Record<string, string> => {
+    if (value === undefined || value === null) return {};
+    const entries = typeof value === "object" && !Array.isArray(value) ? Object.entries(value) : null;
+    const bad = entries?.find(([from, to]) => !NAME.test(from) || typeof to !== "string" || !NAME.test(to));
+    if (entries === null || bad !== undefined) {
+      throw invalid(
+        `policy ${policy}: ${what} ${JSON.stringify(bad ?? value)} is not valid: give ${flag} FROM=TO with two names ` +
+          "such as shop=shop-dr",
+      );
+    }
+    return Object.fromEntries(entries as [string, string][]);
+  };
+  const onConflict = spec.onConflict ?? "overwrite";
+  if (onConflict !== "overwrite" && onConflict !== "skip") {
+    throw invalid(`policy ${policy}: --on-conflict ${JSON.stringify(onConflict)} is not overwrite or skip`);
+  }
+  const transforms = (spec.transforms ?? []).map((t, i) => {
+    const where = `policy ${policy}: transform ${i + 1}`;
+    if (typeof t !== "object" || t === null || !Array.isArray(t.patch) || t.patch.length === 0) {
+      throw invalid(
+        `${where} needs a non-empty "patch" list of JSON patch operations, e.g. {"patch":[{"op":"remove","path":"/spec/replicas"}]}`,
+      );
+    }
+    for (const o of t.patch) {
+      if (
+        typeof o !== "object" ||
+        o === null ||
+        !PATCH_OPS.includes(o.op) ||
+        typeof o.path !== "string" ||
+        !o.path.startsWith("/")
+      ) {
+        throw invalid(
+          `${where}: ${JSON.stringify(o)} is not an operation: op is one of ${PATCH_OPS.join(", ")}, path a JSON pointer such as /spec/replicas`,
+        );
+      }
+      if (o.op !== "remove" && !("value" in o)) throw invalid(`${where}: ${o.op} ${o.path} needs a value`);
+    }
+    if (t.kind !== undefined && (typeof t.kind !== "string" || !/^[A-Z][A-Za-z0-9]*$/.test(t.kind))) {
+      throw invalid(`${where}: kind ${JSON.stringify(t.kind)} is not a Kubernetes kind such as StatefulSet`);
+    }
+    return t;
+  });
+  return {
+    namespaceMapping: mapping("namespace mapping", "--namespace-map", spec.namespaceMapping),
+    storageClassMapping: mapping("storage class mapping", "--storage-class-map", spec.storageClassMapping),
+    onConflict,
+    transforms,
   };
 }
 

@@ -17,6 +17,7 @@ import {
   type ProtectionPolicy,
   type ProtectionStatus,
   type RecoveryPoint,
+  type RestoreSettings,
   type Site,
 } from "@ferry/orchestrator";
 import { type Command, InvalidArgumentError, Option } from "commander";
@@ -244,8 +245,45 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
         "non-zero exit makes the point crash-consistent",
     )
     .option("--post-hook <command>", "shell command run right after each cut (also when the cut failed)")
+    .option(
+      "--namespace-map <from=to>",
+      "restore the Kubernetes objects of namespace FROM into TO at the target (repeat for several; coming " +
+        "home maps back)",
+      repeatable,
+      [],
+    )
+    .option("--storage-class-map <from=to>", "restored PVCs of storage class FROM get TO (repeat)", repeatable, [])
+    .addOption(
+      new Option("--on-conflict <policy>", "an object that exists at the target: overwrite Ferry's fields, or skip it")
+        .choices(["overwrite", "skip"])
+        .default("overwrite"),
+    )
+    .option(
+      "--transform <json>",
+      'a JSON patch for restored objects at the target, e.g. \'{"kind":"StatefulSet","patch":[{"op":"replace",' +
+        '"path":"/spec/replicas","value":1}]}\' (repeat for several)',
+      repeatable,
+      [],
+    )
     .addOption(jsonOption())
     .action(async (name: string, options: PolicyOptions, command: Command) => {
+      const pairs = (flag: string, values: string[]) =>
+        Object.fromEntries(
+          values.map((v) => {
+            const [from, to, ...rest] = v.split("=");
+            if (from === undefined || to === undefined || rest.length > 0 || from === "" || to === "") {
+              command.error(`${flag} '${v}' is not FROM=TO, e.g. ${flag} shop=shop-dr`, { code: "ferry.usage" });
+            }
+            return [from, to];
+          }),
+        );
+      const transforms = options.transform.map((t) => {
+        try {
+          return JSON.parse(t) as RestoreSettings["transforms"][number];
+        } catch (error) {
+          return command.error(`--transform '${t}' is not JSON: ${(error as Error).message}`, { code: "ferry.usage" });
+        }
+      });
       const spec: PolicySpec = {
         name,
         mode: options.mode,
@@ -262,6 +300,12 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
         rateBytes: options.rate === undefined ? null : await parseSize(command, "--rate", options.rate),
         consistency: options.consistency ?? null,
         hooks: { pre: options.preHook ?? null, post: options.postHook ?? null },
+        restore: {
+          namespaceMapping: pairs("--namespace-map", options.namespaceMap),
+          storageClassMapping: pairs("--storage-class-map", options.storageClassMap),
+          onConflict: options.onConflict as RestoreSettings["onConflict"],
+          transforms,
+        },
       };
       const created = await withFerryd(command, (nc, s) => call<ProtectionPolicy>(nc, s, "policyCreate", spec));
       if (options.json) return printJson(io, created);
@@ -528,6 +572,10 @@ interface PolicyOptions extends JsonOption {
   consistency?: string;
   preHook?: string;
   postHook?: string;
+  namespaceMap: string[];
+  storageClassMap: string[];
+  onConflict: string;
+  transform: string[];
 }
 
 interface OperationOptions extends JsonOption {
@@ -561,8 +609,24 @@ function policyLine(p: ProtectionPolicy): string {
     `${p.consistency}-consistent`,
     ...(p.hooks.pre === null ? [] : ["pre-hook"]),
     ...(p.hooks.post === null ? [] : ["post-hook"]),
+    ...restoreParts(p.restore),
   ];
   return parts.join(", ");
+}
+
+/** What a policy changes in a Kubernetes restore, for policyLine. */
+function restoreParts(r: RestoreSettings | undefined): string[] {
+  if (r === undefined) return [];
+  const map = (m: Record<string, string>) =>
+    Object.entries(m)
+      .map(([from, to]) => `${from}→${to}`)
+      .join(",");
+  return [
+    ...(Object.keys(r.namespaceMapping).length === 0 ? [] : [`namespaces ${map(r.namespaceMapping)}`]),
+    ...(Object.keys(r.storageClassMapping).length === 0 ? [] : [`storage classes ${map(r.storageClassMapping)}`]),
+    ...(r.onConflict === "skip" ? ["existing objects skipped"] : []),
+    ...(r.transforms.length === 0 ? [] : [`${r.transforms.length} transform${r.transforms.length > 1 ? "s" : ""}`]),
+  ];
 }
 
 function pointReport(m: PointMetadata): string {
