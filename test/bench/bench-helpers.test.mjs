@@ -5,6 +5,7 @@ import { test } from "node:test";
 import { BLOCK, dirtyBytes, pickBlocks, qemuIoBatches } from "./change-set.mjs";
 import { SEGMENT, segmentKinds } from "./disk-image.mjs";
 import { clatUs, fioJobSide } from "./fio-result.mjs";
+import { adoptionPhases, roundRates } from "./guest-rounds.mjs";
 import { lagSummary } from "./lag-summary.mjs";
 import { percentile } from "./report.mjs";
 import { parseRsyncStats } from "./rsync-stats.mjs";
@@ -158,4 +159,28 @@ test("lagSummary takes lag percentiles and counts each completed generation once
   assert.ok(Number.isNaN(lagSummary([{ lag: 1, lastCycle: cycle(1, 5, 0) }]).shipBytesPerSecond));
   assert.equal(lagSummary([{ lag: 1, lastCycle: null }]).cycles, 0);
   assert.throws(() => lagSummary([]), /no lag samples/);
+});
+
+test("roundRates: MiB over the time since the previous round's line; round 1 has none", () => {
+  assert.deepEqual(roundRates([2.0, 3.0, 5.0], 4), [
+    { round: 2, mibPerSecond: 4 },
+    { round: 3, mibPerSecond: 2 },
+  ]);
+  assert.deepEqual(roundRates([2.0], 4), []);
+  assert.throws(() => roundRates([3.0, 3.0], 4), /round 2 ended 0 s after round 1/);
+});
+
+test("adoptionPhases: before, the rounds that ran during the window, after", () => {
+  const rates = [2, 3, 4, 5, 6, 7, 8].map((round) => ({ round, mibPerSecond: round }));
+  // Round r ended at r seconds (host clock, ms); round r ran from r - 1 to r.
+  const endsAtMs = [1, 2, 3, 4, 5, 6, 7, 8].map((s) => s * 1000);
+  const p = adoptionPhases(rates, endsAtMs, 3500, 4200);
+  assert.deepEqual(p.before, { rounds: [2, 3], mibPerSecond: 2.5 });
+  assert.deepEqual(p.during, { rounds: [4, 5], mibPerSecond: 4.5 });
+  assert.deepEqual(p.after, { rounds: [6, 7, 8], mibPerSecond: 7 });
+  // Within one round: that round is "during"; a round ending at the window's start is "before".
+  assert.deepEqual(adoptionPhases(rates, endsAtMs, 5000, 5800).during.rounds, [6]);
+  assert.ok(Number.isNaN(adoptionPhases(rates, endsAtMs, 8000, 9000).after.mibPerSecond));
+  assert.throws(() => adoptionPhases(rates, endsAtMs, 4000, 3000), /ends \(3000\) before it begins/);
+  assert.throws(() => adoptionPhases(rates, endsAtMs.slice(0, 3), 0, 1), /no console time for round 4/);
 });

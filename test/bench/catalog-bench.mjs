@@ -24,8 +24,8 @@ import { call, connectNats } from "@ferry/orchestrator";
 import { replicate } from "../../packages/dataplane-native/binding.js";
 import { benchArgs, positiveEnv } from "./bench-options.mjs";
 import { environment } from "./environment.mjs";
-import { ferryArgs } from "./ferry-site.mjs";
-import { runDir, runLogged, spawnLogged, stop, waitForLine } from "./processes.mjs";
+import { ferryArgs, startFerryd } from "./ferry-site.mjs";
+import { runDir, runLogged, stop, waitUntil } from "./processes.mjs";
 import { align, median, percentile, timed } from "./report.mjs";
 
 const GOALS = { tickMs: 50, statusMs: 500, rssMB: 300 };
@@ -55,7 +55,7 @@ async function main() {
 
   const sites = await startSitePair({ parentDir: root });
   const ferryd = {};
-  for (const site of [sites.a, sites.b]) ferryd[site.name] = await startFerryd(root, site);
+  for (const site of [sites.a, sites.b]) ferryd[site.name] = await startFerrydWithMetrics(root, site);
   const nc = await connectNats(sites.a.cliUrl, "catalog bench");
   const at = sites.a.name;
   try {
@@ -202,29 +202,12 @@ function yes(ok) {
   return ok ? "yes" : "NO";
 }
 
-async function startFerryd(root, site) {
-  const data = join(root, `ferryd-${site.name}`);
-  mkdirSync(data, { recursive: true });
-  const child = spawnLogged(
-    `ferryd (${site.name})`,
-    process.execPath,
-    ferryArgs(
-      "daemon",
-      "--data",
-      data,
-      "--socket",
-      join(data, "nbd.sock"),
-      "--site",
-      site.name,
-      "--region",
-      site.region,
-      "--metrics",
-      "127.0.0.1:0",
-    ),
-    join(root, `ferryd-${site.name}.log`),
-    { env: { ...process.env, FERRY_NATS: site.url } },
-  );
-  const line = await waitForLine(child, /metrics on http:\/\/\S+\/metrics/, 60_000);
+/** ferryd with its Prometheus endpoint on a free port: `{ child, data, metrics }`. */
+async function startFerrydWithMetrics(root, site) {
+  const { child, data, line } = await startFerryd(root, site, {
+    args: ["--metrics", "127.0.0.1:0"],
+    ready: /metrics on http:\/\/\S+\/metrics/,
+  });
   const metrics = /metrics on (http:\/\/\S+)\/metrics/.exec(line)?.[1];
   return { child, metrics, data };
 }
@@ -239,14 +222,6 @@ async function inParallel(items, fn) {
     }
   };
   await Promise.all(Array.from({ length: CONCURRENCY }, worker));
-}
-
-async function waitUntil(what, check, timeoutMs = 60_000) {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`gave up waiting for ${what} after ${timeoutMs / 1000} s`);
-    await sleep(500);
-  }
 }
 
 /** The tick histogram from Prometheus text: count, sum (seconds) and the cumulative buckets. */

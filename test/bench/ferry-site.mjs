@@ -1,11 +1,12 @@
 /**
  * Ferry as a bench run uses it between two sites: the `ferry` CLI run to completion against a data
- * dir, and `ferry volume serve` joined to one NATS site of `startSitePair` (@ferry/nats-sites).
- * Every process goes through processes.mjs, so it is stopped by PID; the caller owns stopping the
- * service it gets back. `pairStatus` asks the running service directly, through its control socket
- * (the napi binding's `replicate`, what the CLI does inside), so that polling costs no CLI start-up.
+ * dir, and `ferry volume serve` or ferryd joined to one NATS site of `startSitePair`
+ * (@ferry/nats-sites). Every process goes through processes.mjs, so it is stopped by PID; the caller
+ * owns stopping the service it gets back. `pairStatus` asks the running service directly, through
+ * its control socket (the napi binding's `replicate`, what the CLI does inside), so that polling
+ * costs no CLI start-up.
  */
-import { readFileSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { replicate } from "../../packages/dataplane-native/binding.js";
@@ -57,4 +58,24 @@ export async function pairStatus(dataDir, volume) {
   const pair = pairs.find((p) => p.volumes.includes(volume));
   if (!pair) throw new Error(`no replication pair holds ${volume} at ${dataDir}`);
   return pair;
+}
+
+/**
+ * ferryd (`ferry daemon`) of `site` (a `startSitePair` site) on `root`/ferryd-<site>, its socket in
+ * there, with `args` added; resolves once its log has a line matching `ready`:
+ * `{ child, data, socket, line }`.
+ */
+export async function startFerryd(root, site, { args = [], ready = /^ferryd: serving/ } = {}) {
+  const data = join(root, `ferryd-${site.name}`);
+  const socket = join(data, "nbd.sock");
+  mkdirSync(data, { recursive: true });
+  const child = spawnLogged(
+    `ferryd (${site.name})`,
+    process.execPath,
+    ferryArgs("daemon", "--data", data, "--socket", socket, "--site", site.name, "--region", site.region, ...args),
+    join(root, `ferryd-${site.name}.log`),
+    { env: { ...process.env, FERRY_NATS: site.url } },
+  );
+  const line = await waitForLine(child, ready, 60_000);
+  return { child, data, socket, line };
 }

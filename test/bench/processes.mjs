@@ -153,6 +153,15 @@ export function firstLine(command, args) {
   });
 }
 
+/** Poll `check` every half second until it holds, or fail naming `what` once `timeoutMs` passed. */
+export async function waitUntil(what, check, timeoutMs = 60_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`gave up waiting for ${what} after ${timeoutMs / 1000} s`);
+    await sleep(500);
+  }
+}
+
 /** Wait until a child's log has a line matching `pattern` (returned), or fail: it exited, or the deadline passed. */
 export async function waitForLine(child, pattern, deadlineMs = 20_000) {
   const deadline = Date.now() + deadlineMs;

@@ -1,15 +1,16 @@
 /**
- * `ferry demo` end to end: the two-site demo with real nats-servers, `ferry volume serve`
- * processes, qemu-io and nbdcopy — its verification, and that it leaves nothing running or on disk,
- * after success, on Ctrl-C and on failure. And the single-site tour behind `--single-site`.
+ * `ferry demo` end to end: the application demo with real nats-servers, ferryd, libvirtd and a
+ * real guest VM, the two-site demo with `ferry volume serve` processes, qemu-io and nbdcopy — their
+ * verification, and that they leave nothing running or on disk, after success, on Ctrl-C and on
+ * failure. And the single-site tour behind `--single-site`.
  */
 import type { ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { readdir } from "node:fs/promises";
+import { mkdir, readdir, symlink } from "node:fs/promises";
 import { delimiter, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { FerryCli, isAlive, Sandbox, waitFor } from "@ferry/testkit";
+import { expectedGuestSha256, FerryCli, isAlive, Sandbox, waitFor } from "@ferry/testkit";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
@@ -52,7 +53,29 @@ afterEach(async () => {
   await sandbox.cleanup();
 });
 
-/** Every `pid N` the demo printed: its nats-servers and volume services. */
+/**
+ * A PATH on which `tool` is missing and everything else is found: each directory holding it is
+ * replaced by one of links to all its other programs (nats-server and libvirtd share /usr/sbin).
+ */
+async function pathWithout(tool: string): Promise<string> {
+  const dirs: string[] = [];
+  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
+    if (!existsSync(join(dir, tool))) {
+      dirs.push(dir);
+      continue;
+    }
+    const copy = join(await sandbox.dir("ferry-demo-path-"), "bin");
+    await mkdir(copy);
+    for (const name of await readdir(dir)) if (name !== tool) await symlink(join(dir, name), join(copy, name));
+    dirs.push(copy);
+  }
+  return dirs.join(delimiter);
+}
+
+/** The guest's workload in the demo: seed 42, 4 MiB on each disk, one round. */
+const GUEST_WROTE = { vda: expectedGuestSha256(42, "vda", 1, 4), vdb: expectedGuestSha256(42, "vdb", 1, 4) };
+
+/** Every `pid N` the demo printed: its nats-servers, ferryd, libvirtd and virtlogd. */
 function printedPids(stdout: string): number[] {
   return [...new Set([...stdout.matchAll(/\bpid (\d+)/g)].map((m) => Number(m[1])))];
 }
@@ -74,8 +97,8 @@ function startDemo(args: readonly string[], env: NodeJS.ProcessEnv = {}) {
 }
 
 describe("ferry demo (applications across three sites)", () => {
-  it("protects two applications, drills, fails over, fails back and migrates, verified, then stops everything", async () => {
-    const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp }, timeoutMs: 300_000 });
+  it("protects two applications, drills, fails over, fails back and migrates, fails over a VM, verified, then stops everything", async () => {
+    const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp }, timeoutMs: 480_000 });
     expect(result.stderr).toBe("");
     expect(result.code).toBe(0);
     const out = result.stdout;
@@ -107,12 +130,47 @@ describe("ferry demo (applications across three sites)", () => {
       expect(out).toMatch(new RegExp(`^\\s+${op}\\s+[\\d.]+s\\s`, "m"));
     }
     expect(out).toMatch(/RPO achieved: shop \(async, continuous\) lagged at most [\d.]+ s under writes/);
+
+    // The hybrid application: a real guest at A on a private libvirtd, adopted, protected, failed
+    // over; at B it boots from the replicas and finds on its disks what it wrote at A.
+    expect(out).toMatch(/^\s+site-a: libvirtd pid \d+ \(virtlogd pid \d+\), qemu:\/\/\/system\?socket=\S+$/m);
+    expect(out).toMatch(/ferry daemon --socket \S+ --site site-b --region eu-de --libvirt 'qemu:\/\/\/system\?socket=/);
+    expect(out).toContain("site-a$ ferry vm adopt web\n");
+    expect(out).toMatch(/^\s+web vda: \S+\/web-vda\.raw -> Ferry volume web-vda$/m);
+    expect(out).toMatch(/^\s+web\s+shutoff\s+vda:nbd:web-vda vdb:nbd:web-vdb\s+2\/2$/m);
+    expect(out).toContain("application web at site site-a: volumes web-vda, web-vdb; VMs web");
+    expect(out).toMatch(/protecting web to site-b: first recovery point \d+/);
+    const hybrid = out.slice(out.indexOf("site-a$ virsh start web"), out.indexOf("== What happened"));
+    const console = (site: string) => {
+      const from = hybrid.indexOf(`${site}$ grep FERRY-GUEST`);
+      return hybrid.slice(from, hybrid.indexOf("$", from + site.length + 2));
+    };
+    for (const disk of ["vda", "vdb"] as const) {
+      const wrote = GUEST_WROTE[disk];
+      expect(console("site-a")).toMatch(new RegExp(`FERRY-GUEST WROTE disk=${disk} round=1 mb=4 sha256=${wrote} `));
+      expect(console("site-b")).toContain(`FERRY-GUEST FOUND disk=${disk} mb=4 sha256=${wrote}\n`);
+      expect(hybrid).toMatch(
+        new RegExp(
+          `^\\s+site-a:web ${disk} \\(guest wrote\\)\\s+${wrote.slice(0, 16)}…\\s+site-b:web ${disk} \\(guest found\\)\\s+${wrote.slice(0, 16)}…\\s+equal$`,
+          "m",
+        ),
+      );
+    }
+    expect(console("site-b")).toContain("FERRY-GUEST DONE status=ok");
+    expect(hybrid).toContain("site-b$ ferry failover web --to site-b");
+    expect(hybrid).toMatch(/✓ recover-members: started web from the capture of generation \d+/);
+    expect(hybrid).toMatch(/^\s+\d+\s+web\s+running$/m);
+    expect(out).toMatch(
+      /^\s+failover of web \(hybrid\)\s+[\d.]+s\s+B = what A wrote\s+operation [\d.]+s; VM web's first console line at B [\d.]+s after `ferry failover`$/m,
+    );
+
     expect(out).toContain("\n== Done: every operation verified byte for byte");
+    expect(out).toMatch(/stopped the libvirtd of site-a \(pid \d+\), its virtlogd and its guests/);
     const pids = printedPids(out);
-    expect(pids).toHaveLength(6);
+    expect(pids).toHaveLength(10); // 3 nats-servers, 3 ferryd, 2 libvirtd, 2 virtlogd
     for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
     expect(await readdir(tmp)).toEqual([]);
-  }, 300_000);
+  }, 480_000);
 
   it("stops everything it started on SIGINT while it protects the applications, and exits 130", async () => {
     const demo = startDemo([]);
@@ -127,11 +185,26 @@ describe("ferry demo (applications across three sites)", () => {
     expect(await demo.exited).toBe(130);
     expect(demo.output.stderr).toBe("ferry: demo interrupted by SIGINT; cleaned up\n");
     expect(demo.output.stdout).not.toContain("== Done");
+    expect(demo.output.stdout).toMatch(/stopped the libvirtd of site-b \(pid \d+\), its virtlogd and its guests/);
     const pids = printedPids(demo.output.stdout);
-    expect(pids).toHaveLength(6);
+    expect(pids).toHaveLength(10);
     for (const pid of pids) expect(isAlive(pid), `pid ${pid}`).toBe(false);
     expect(await readdir(tmp)).toEqual([]);
   }, 180_000);
+
+  it("fails with exit 1 and says so when libvirtd is not installed, before starting anything", async () => {
+    const result = await ferry.run(["demo"], {
+      env: { ...process.env, TMPDIR: tmp, PATH: await pathWithout("libvirtd") },
+    });
+    expect(result.code).toBe(1);
+    expect(result.stderr).toBe(
+      "ferry: libvirtd, virtlogd or QEMU is not installed, and the demo's hybrid application runs a VM: " +
+        "run `bash infra/setup.sh` (it installs them)\n",
+    );
+    expect(result.stdout).not.toContain("nats-server");
+    expect(result.stdout).not.toContain("== Done");
+    expect(await readdir(tmp)).toEqual([]);
+  });
 });
 
 describe("ferry demo --replication (two sites, volume level)", () => {
@@ -293,10 +366,7 @@ describe("ferry demo --replication (two sites, volume level)", () => {
   );
 
   it("fails with exit 1 and one line saying what is missing when nats-server is not installed", async () => {
-    const path = (process.env.PATH ?? "")
-      .split(delimiter)
-      .filter((dir) => !existsSync(join(dir, "nats-server")))
-      .join(delimiter);
+    const path = await pathWithout("nats-server");
     const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp, PATH: path } });
     expect(result.code).toBe(1);
     expect(result.stderr).toMatch(

@@ -1,23 +1,25 @@
 /** Public face of @ferry/testkit. */
 export type { NatsCredentials, Site, WaitOptions } from "@ferry/nats-sites";
 export { freePort, isAlive, waitFor } from "@ferry/nats-sites";
-export { type ExitStatus, FerryCli, FerryServe } from "./ferry-cli.js";
-export { type LibvirtDaemon, libvirtInstalled, startLibvirtDaemon } from "./libvirt-daemon.js";
-export { PassFailSummary } from "./pass-fail-summary.js";
-export { exportSha256, qemuIo } from "./qemu-io.js";
-export { killAndReap, type RunOptions, type RunResult, Sandbox } from "./sandbox.js";
 export {
   buildTestGuest,
   expectedGuestSha256,
   fileDiskXml,
   type GuestReport,
+  type LibvirtDaemon,
+  libvirtInstalled,
   parseGuestConsole,
   readGuestConsole,
   type TestGuestKernel,
   type TestGuestOptions,
   testGuestXml,
   waitForGuest,
-} from "./test-guest.js";
+} from "@ferry/test-guest";
+export { type ExitStatus, FerryCli, FerryServe } from "./ferry-cli.js";
+export { startLibvirtDaemon } from "./libvirt-daemon.js";
+export { PassFailSummary } from "./pass-fail-summary.js";
+export { exportSha256, qemuIo } from "./qemu-io.js";
+export { killAndReap, type RunOptions, type RunResult, Sandbox } from "./sandbox.js";
 export { type PartitionMode, TestLinkProxy } from "./test-link-proxy.js";
 export {
   type Cluster,

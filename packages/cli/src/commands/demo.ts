@@ -8,14 +8,17 @@ import type { ProgramIo } from "../program.js";
 export function registerDemoCommand(program: Command, io: ProgramIo): void {
   program
     .command("demo")
-    .summary("protect applications across sites on this machine: drill, failover, failback, migration, verified")
+    .summary(
+      "protect applications (volumes and a VM) across sites on this machine: drill, failover, failback, migration, verified",
+    )
     .description(
       "show Ferry's main job on this machine: three sites on loopback (eu-es, eu-de, us-east), each with its own " +
         "nats-server and ferryd; two applications at site A, one replicated async and continuous, one synchronous; " +
         "a copy in us-east refused by the policy; a write workload with the lag sampled; a DR drill beside running " +
         "replication, an unplanned failover, a failback and a planned migration, each checked by sha256 of the " +
-        "volumes at both sites; a summary of RPO, RTO and bytes resynced. Needs nats-server, qemu-io and nbdcopy " +
-        "(`bash infra/setup.sh` installs them). Everything runs in a temporary directory and is stopped and removed " +
+        "volumes at both sites; then a hybrid application with a VM (a test guest on a private libvirtd per site) " +
+        "that fails over and boots at site B, its checksums compared; a summary of RPO, RTO and bytes resynced. " +
+        "Needs nats-server, qemu-io, nbdcopy, libvirtd and QEMU (`bash infra/setup.sh` installs them). Everything runs in a temporary directory and is stopped and removed " +
         "afterwards, also on failure and Ctrl-C.",
     )
     .option(

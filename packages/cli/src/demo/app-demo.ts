@@ -5,13 +5,15 @@
  * (two volumes, async continuous) and `ledger` (one volume, sync). A copy of shop in us-east is
  * refused by its policy; both are protected to B; a write workload runs while the lag is sampled;
  * then a DR drill beside running replication, an unplanned failover, a failback and a planned
- * migration, each verified by sha256 of the NBD exports at both sites; a summary table ends it:
- * RPO achieved, RTO per operation, bytes resynced vs changed.
+ * migration, each verified by sha256 of the NBD exports at both sites. Then the hybrid application
+ * `web` (hybrid-demo.ts), today a VM: a real guest at A, on a private libvirtd per site, adopted
+ * into Ferry volumes, protected to B, failed over and booted there, its checksums compared. A
+ * summary table ends it: RPO achieved, RTO per operation, bytes resynced vs changed.
  *
- * Every step is a real command (the `ferry` bin, qemu-io, nbdcopy) whose exit status is checked,
- * narrated as a user at that site would type it. The demo owns everything it starts — one temp
- * directory, three nats-servers, three ferryd — and stops and removes it all again, on success, on
- * failure and on Ctrl-C.
+ * Every step is a real command (the `ferry` bin, qemu-io, nbdcopy, virsh) whose exit status is
+ * checked, narrated as a user at that site would type it. The demo owns everything it starts — one
+ * temp directory, three nats-servers, three ferryd, two libvirtd with their guests — and stops and
+ * removes it all again, on success, on failure and on Ctrl-C.
  */
 
 import type { Site } from "@ferry/nats-sites";
@@ -21,8 +23,11 @@ import { DemoCheckFailed, SiteStartFailed, ToolFailed } from "../errors.js";
 import type { ProgramIo } from "../program.js";
 import { formatTable } from "../table.js";
 import { COMMAND_TIMEOUT_MS, DemoHost, type DemoSite, FERRY_BIN, runDemo } from "./demo-host.js";
-import { exportSha256 } from "./export-digest.js";
+import { exportSha256, shortDigest } from "./export-digest.js";
 import { runTool } from "./external-tool.js";
+import { HybridApplication, type HybridHost } from "./hybrid-demo.js";
+import { shellWord } from "./narrator.js";
+import { VmMember } from "./vm-member.js";
 
 const MiB = 2 ** 20;
 const SHOP = { name: "shop", volumes: ["shop-db", "shop-files"], size: 64 * MiB } as const;
@@ -30,7 +35,9 @@ const LEDGER = { name: "ledger", volumes: ["ledger"], size: 16 * MiB } as const;
 const RPO_SECONDS = 5;
 const WORKLOAD_ROUNDS = 6;
 const FIRST_POINT_TIMEOUT_MS = 120_000;
-const DIGEST_SHOWN = 16;
+/** The sites' names, known before they start: the hybrid application's members prepare them. */
+const SITE_A = "site-a";
+const SITE_B = "site-b";
 
 interface SummaryRow {
   operation: string;
@@ -46,16 +53,22 @@ export function runAppDemo(io: ProgramIo): Promise<void> {
 class AppDemo extends DemoHost {
   private readonly summary: SummaryRow[] = [];
   private readonly lagSamples: number[] = [];
+  private readonly hybrid = this.hybridApplication();
 
   async run(): Promise<void> {
     const { narrator } = this;
+    this.hybrid.checkInstalled();
     const root = await this.makeRoot();
 
     narrator.step(`Three sites on this machine, each with its own nats-server (everything lives in ${root})`);
-    const sites = await this.startSites({ parentDir: root, c: {} });
+    const [sites] = await Promise.all([
+      this.startSites({ parentDir: root, a: { name: SITE_A }, b: { name: SITE_B }, c: {} }),
+      this.hybrid.prepare({ a: SITE_A, b: SITE_B }),
+    ]);
     const c = sites.c;
     if (c === undefined) throw new SiteStartFailed("the third site did not start");
     narrator.show(describeSites(sites.a, sites.b, c));
+    await this.hybrid.describe();
 
     narrator.step("Each site runs ferryd: its volume service and its orchestrator in one process");
     const a = await this.startFerryd(sites.a);
@@ -229,6 +242,10 @@ class AppDemo extends DemoHost {
     );
     await this.ferry(b, ["status"]);
 
+    await this.hybrid.protect(a, b, "continuous-eu");
+    await this.hybrid.write(a);
+    this.summary.push(await this.hybrid.failover(a, b));
+
     narrator.step("What happened, as events at site B (any NATS subscriber can follow them live)");
     await this.ferry(b, ["events", "--app", SHOP.name, "--limit", "8"]);
 
@@ -251,7 +268,48 @@ class AppDemo extends DemoHost {
   }
 
   private startFerryd(nats: Site): Promise<DemoSite> {
-    return this.startService(nats, { command: "daemon", allowRegions: [] });
+    return this.startService(nats, { command: "daemon", allowRegions: [], ...this.hybrid.ferrydOptions(nats.name) });
+  }
+
+  /** `web`: today the VM; Kubernetes objects and their PVCs join it as further members. */
+  private hybridApplication(): HybridApplication {
+    const host = this.hybridHost();
+    return new HybridApplication(host, "web", [new VmMember(host)]);
+  }
+
+  /** What the hybrid application's members may use of this demo. */
+  private hybridHost(): HybridHost {
+    const demo = this;
+    return {
+      narrator: this.narrator,
+      get root() {
+        if (demo.root === undefined) throw new Error("the demo's directory is not made yet");
+        return demo.root;
+      },
+      signal: this.interruption.signal,
+      step: (work) => this.step(work),
+      ferry: (site, args) => this.ferry(site, args),
+      ferryQuiet: (site, args) => this.ferryQuiet(site, args),
+      tool: (site, command, args, options) => this.tool(site, command, args, options),
+      operation: (site, args) => this.operation(site, args),
+      waitFor: (what, done, timeoutMs) => this.waitFor(what, done, timeoutMs),
+      own: (what, stop) => this.own(what, stop),
+    };
+  }
+
+  /** Another program at a site, with the site's environment; shown unless `quiet`. */
+  private async tool(
+    site: DemoSite,
+    command: string,
+    args: readonly string[],
+    { quiet = false } = {},
+  ): Promise<string> {
+    if (!quiet) this.narrator.command(site.nats.name, [command, ...args].map(shellWord).join(" "));
+    const { stdout } = await this.step(
+      runTool(command, args, { signal: this.interruption.signal, timeoutMs: COMMAND_TIMEOUT_MS, env: this.env(site) }),
+    );
+    if (!quiet) this.narrator.show(stdout.replace(/\r/g, ""));
+    return stdout;
   }
 
   protected override env(site: DemoSite): NodeJS.ProcessEnv {
@@ -343,9 +401,9 @@ class AppDemo extends DemoHost {
       if (digest !== want) mismatches.push(`${copy}: ${digest} ≠ ${want}`);
       rows.push([
         `${from.nats.name}:${source}`,
-        short(want),
+        shortDigest(want),
         `${to.nats.name}:${copy}`,
-        short(digest),
+        shortDigest(digest),
         digest === want ? "equal" : "DIFFERENT",
       ]);
     }
@@ -379,8 +437,4 @@ function describeSites(a: Site, b: Site, c: Site): string {
     ),
     "each site is its own JetStream domain (catalog, events) with users ferryd and cli (random passwords)",
   ].join("\n");
-}
-
-function short(digest: string): string {
-  return `${digest.slice(0, DIGEST_SHOWN)}…`;
 }

@@ -21,7 +21,7 @@ import { SiteStartFailed } from "../errors.js";
 import type { ProgramIo } from "../program.js";
 import { runTool } from "./external-tool.js";
 import { Interruption } from "./interruption.js";
-import { Narrator } from "./narrator.js";
+import { Narrator, shellWord } from "./narrator.js";
 import { SiteService, type SiteServiceSpec } from "./site-service.js";
 
 export const FERRY_BIN = fileURLToPath(new URL("../../bin/ferry.js", import.meta.url));
@@ -57,6 +57,8 @@ export abstract class DemoHost {
   /** Held as a promise: an interrupted start is still awaited, then stopped, by the cleanup. */
   private sitesStart: Promise<SitePair> | undefined;
   private readonly services: SiteService[] = [];
+  /** Other things a demo started (a site's libvirtd and its guests), stopped before the services. */
+  private readonly owned: { what: string; stop: () => Promise<string> }[] = [];
 
   constructor(io: ProgramIo) {
     this.narrator = new Narrator(io);
@@ -95,7 +97,7 @@ export abstract class DemoHost {
   /** Start a site's service process in `<root>/<site>`, shown as the command a user would type. */
   protected async startService(
     nats: Site,
-    extra: Pick<SiteServiceSpec, "command" | "allowRegions">,
+    extra: Pick<SiteServiceSpec, "command" | "allowRegions" | "libvirt">,
   ): Promise<DemoSite> {
     const dataDir = join(this.root ?? tmpdir(), nats.name);
     await mkdir(dataDir, { recursive: true });
@@ -116,15 +118,34 @@ export abstract class DemoHost {
     return { nats, dataDir, service };
   }
 
+  /**
+   * Have the cleanup stop something else the demo started — before the site services, which a guest
+   * may still use. `stop` answers the line to show once stopped. Register it before awaiting the
+   * start, so that an interrupted start is still stopped.
+   */
+  protected own(what: string, stop: () => Promise<string>): void {
+    this.owned.push({ what, stop });
+  }
+
   /** Stop one service before the cleanup would (it leaves the cleanup's list once stopped). */
   protected async stopService(service: SiteService): Promise<void> {
     await this.step(service.stop());
     this.services.splice(this.services.indexOf(service), 1);
   }
 
-  /** The environment a command at this site runs with. */
+  /**
+   * The environment a command at this site runs with. At a site with a libvirtd, `ferry vm` and
+   * `virsh` reach it, and QEMU reaches the site's volumes on the service's socket.
+   */
   protected env(site: DemoSite): NodeJS.ProcessEnv {
-    return { ...process.env, FERRY_DATA: site.dataDir };
+    const { libvirt, socket } = site.service.spec;
+    return {
+      ...process.env,
+      FERRY_DATA: site.dataDir,
+      ...(libvirt === undefined
+        ? {}
+        : { FERRY_LIBVIRT_URI: libvirt, LIBVIRT_DEFAULT_URI: libvirt, FERRY_NBD_SOCKET: socket }),
+    };
   }
 
   /** Run `ferry ARGS` at a site, as shown; returns its stdout. */
@@ -206,29 +227,43 @@ export abstract class DemoHost {
     const { narrator } = this;
     narrator.step("Stopping everything the demo started");
     const errors: unknown[] = [];
-    const attempt = async (what: string, work: () => Promise<void>, done: string) => {
+    /** `work` answers the line to show once done. */
+    const attempt = async (what: string, work: () => Promise<string>) => {
       try {
-        await work();
-        narrator.show(done);
+        narrator.show(await work());
       } catch (error) {
         errors.push(error);
         narrator.show(`could not ${what}: ${error instanceof Error ? error.message : String(error)}`);
       }
     };
+    const then = (work: () => Promise<void>, done: string) => async () => {
+      await work();
+      return done;
+    };
+    for (const { what, stop } of [...this.owned].reverse()) await attempt(`stop ${what}`, stop);
     for (const service of [...this.services].reverse()) {
       const name = `${service.what} of ${service.spec.site}`;
-      await attempt(`stop ${name}`, () => service.stop(), `stopped ${name} (pid ${service.pid})`);
+      await attempt(
+        `stop ${name}`,
+        then(() => service.stop(), `stopped ${name} (pid ${service.pid})`),
+      );
     }
     const sites = await this.sitesStart?.catch(() => undefined);
     if (sites) {
       // Read before stopping: a Ctrl-C at the terminal reaches the servers too, and they may be gone.
       const all = [sites.c, sites.b, sites.a].filter((s): s is Site => s !== undefined);
       const pids = all.map((site) => `${site.name} (${site.running ? `pid ${site.pid}` : "already gone"})`);
-      await attempt("stop the nats-servers", () => sites.stop(), `stopped the nats-servers of ${pids.join(" and ")}`);
+      await attempt(
+        "stop the nats-servers",
+        then(() => sites.stop(), `stopped the nats-servers of ${pids.join(" and ")}`),
+      );
     }
     const root = this.root;
     if (root !== undefined) {
-      await attempt(`remove ${root}`, () => rm(root, { recursive: true, force: true }), `removed ${root}`);
+      await attempt(
+        `remove ${root}`,
+        then(() => rm(root, { recursive: true, force: true }), `removed ${root}`),
+      );
       this.releaseRoot();
     }
     this.interruption.dispose();
@@ -236,8 +271,4 @@ export abstract class DemoHost {
     if (errors.length > 0) throw errors[0];
     narrator.step(this.doneMessage());
   }
-}
-
-export function shellWord(word: string): string {
-  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word}'`;
 }

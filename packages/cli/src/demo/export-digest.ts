@@ -8,3 +8,10 @@ export async function exportSha256(uri: string, signal?: AbortSignal, timeoutMs?
   await runTool("nbdcopy", [uri, "-"], { signal, timeoutMs, onStdout: (chunk) => hash.update(chunk) });
   return hash.digest("hex");
 }
+
+const DIGEST_SHOWN = 16;
+
+/** A digest as the demos' tables show it: its first 16 hex digits. */
+export function shortDigest(digest: string): string {
+  return `${digest.slice(0, DIGEST_SHOWN)}…`;
+}

@@ -22,6 +22,11 @@ export class Narrator {
   }
 }
 
+/** A word of a shown command line, quoted when a shell would need it. */
+export function shellWord(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word}'`;
+}
+
 function indent(text: string): string {
   return text
     .split("\n")

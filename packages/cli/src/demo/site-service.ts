@@ -8,6 +8,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { endProcess, hasExited, onExit } from "@ferry/nats-sites";
 import { SiteStartFailed } from "../errors.js";
+import { shellWord } from "./narrator.js";
 
 export interface SiteServiceSpec {
   /** packages/cli/bin/ferry.js */
@@ -22,6 +23,8 @@ export interface SiteServiceSpec {
   socket: string;
   /** Regions allowed to hold copies of this site's volumes; empty: any. */
   allowRegions: readonly string[];
+  /** ferryd only: the site's libvirtd, whose VMs can then be application members. */
+  libvirt?: string | undefined;
 }
 
 const READY_TIMEOUT_MS = 30_000;
@@ -60,7 +63,7 @@ export class SiteService {
   /** The command as a user at the site would type it, with the NATS password left out. */
   static commandLine(spec: SiteServiceSpec): string {
     const nats = spec.nats.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:…@");
-    return `FERRY_NATS=${nats} ferry ${subcommand(spec).join(" ")} ${serveArgs(spec).join(" ")} &`;
+    return `FERRY_NATS=${nats} ferry ${subcommand(spec).join(" ")} ${serveArgs(spec).map(shellWord).join(" ")} &`;
   }
 
   /** `ferry volume serve` or `ferryd`, for messages. */
@@ -137,5 +140,6 @@ function subcommand(spec: SiteServiceSpec): string[] {
 function serveArgs(spec: SiteServiceSpec): string[] {
   const args = ["--socket", spec.socket, "--site", spec.site, "--region", spec.region];
   if (spec.allowRegions.length > 0) args.push("--allow-regions", spec.allowRegions.join(","));
+  if (spec.libvirt !== undefined) args.push("--libvirt", spec.libvirt);
   return args;
 }

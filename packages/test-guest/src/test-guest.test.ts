@@ -1,0 +1,61 @@
+import { createHash } from "node:crypto";
+import { describe, expect, it } from "vitest";
+import { expectedGuestSha256, parseGuestConsole, testGuestXml } from "./test-guest.js";
+
+describe("the test guest's console", () => {
+  it("reads READY, FOUND, WROTE per round and DONE, ignoring the kernel's own lines", () => {
+    const report = parseGuestConsole(
+      [
+        "[    0.912345] virtio_blk virtio1: [vda] 16384 512-byte logical blocks",
+        "FERRY-GUEST READY uptime=1.52 kernel=6.1.0 seed=3 mb=2 rounds=2 disks=vda",
+        "FERRY-GUEST FOUND disk=vda mb=2 sha256=aa",
+        "FERRY-GUEST WROTE disk=vda round=1 mb=2 sha256=bb uptime=2.10",
+        "FERRY-GUEST WROTE disk=vda round=2 mb=2 sha256=cc uptime=2.75",
+        "FERRY-GUEST DONE status=ok uptime=2.80",
+      ].join("\r\n"),
+    );
+    expect(report).toMatchObject({
+      ready: true,
+      readyUptime: 1.52,
+      found: { vda: "aa" },
+      wrote: { vda: ["bb", "cc"] },
+      wroteAt: { vda: [2.1, 2.75] },
+      done: true,
+      status: "ok",
+      doneUptime: 2.8,
+      errors: [],
+    });
+    expect(report.lines).toHaveLength(5);
+  });
+
+  it("says nothing is done before DONE", () => {
+    expect(parseGuestConsole("FERRY-GUEST READY uptime=1.0\n")).toMatchObject({ ready: true, done: false });
+  });
+});
+
+describe("expectedGuestSha256", () => {
+  it("hashes each MiB as the line naming seed, disk, round and block, repeated", () => {
+    const line = "ferry seed=7 disk=vdb round=1 block=0\n";
+    const block = Buffer.alloc(1 << 20, line);
+    expect(expectedGuestSha256(7, "vdb", 1, 1)).toBe(createHash("sha256").update(block).digest("hex"));
+    expect(expectedGuestSha256(7, "vdb", 2, 1)).not.toBe(expectedGuestSha256(7, "vdb", 1, 1));
+  });
+});
+
+describe("testGuestXml", () => {
+  it("boots under TCG with the workload on the kernel command line", () => {
+    const xml = testGuestXml({
+      name: "web",
+      kernel: { vmlinuz: "/k/vmlinuz", initrd: "/k/initrd.img" },
+      disks: ["<disk/>"],
+      console: "/c/web.console",
+      seed: 5,
+      mb: 2,
+      rounds: 3,
+      stayUp: true,
+    });
+    expect(xml).toContain("<domain type='qemu'>");
+    expect(xml).toContain("ferry.seed=5 ferry.mb=2 ferry.rounds=3 ferry.halt=0");
+    expect(xml).toContain("<source path='/c/web.console' append='on'/>");
+  });
+});
