@@ -97,7 +97,7 @@ function startDemo(args: readonly string[], env: NodeJS.ProcessEnv = {}) {
 }
 
 describe("ferry demo (applications across three sites)", () => {
-  it("protects two applications, drills, fails over, fails back and migrates, fails over a VM, verified, then stops everything", async () => {
+  it("protects two applications, drills, fails over, fails back and migrates, fails over a VM with Kubernetes objects, verified, then stops everything", async () => {
     const result = await ferry.run(["demo"], { env: { ...process.env, TMPDIR: tmp }, timeoutMs: 480_000 });
     expect(result.stderr).toBe("");
     expect(result.code).toBe(0);
@@ -138,7 +138,17 @@ describe("ferry demo (applications across three sites)", () => {
     expect(out).toContain("site-a$ ferry vm adopt web\n");
     expect(out).toMatch(/^\s+web vda: \S+\/web-vda\.raw -> Ferry volume web-vda$/m);
     expect(out).toMatch(/^\s+web\s+shutoff\s+vda:nbd:web-vda vdb:nbd:web-vdb\s+2\/2$/m);
-    expect(out).toContain("application web at site site-a: volumes web-vda, web-vdb; VMs web");
+    expect(out).toContain(
+      "application web at site site-a: volumes web-vda, web-vdb, web-data; VMs web; Kubernetes namespace web (app=web)",
+    );
+    // Its Kubernetes objects: recreated in site B's cluster, the claim on B's replica, same bytes.
+    expect(out).toMatch(/✓ recover-members: started web, namespace web \(5 objects, 1 volume\) from the capture/);
+    expect(out).toMatch(
+      /^\s+site-a:web-data \(under PVC data-web-db-0\)\s+(\S+)…\s+site-b:web-data \(PV ferry-web-data\)\s+\1…\s+equal$/m,
+    );
+    expect(out).toMatch(
+      /^\s+site-a:namespace web \(ConfigMap, Secret data\)\s+(\S+)…\s+site-b:namespace web \(restored\)\s+\1…\s+equal$/m,
+    );
     expect(out).toMatch(/protecting web to site-b: first recovery point \d+/);
     const hybrid = out.slice(out.indexOf("site-a$ virsh start web"), out.indexOf("== What happened"));
     const console = (site: string) => {
@@ -158,10 +168,12 @@ describe("ferry demo (applications across three sites)", () => {
     }
     expect(console("site-b")).toContain("FERRY-GUEST DONE status=ok");
     expect(hybrid).toContain("site-b$ ferry failover web --to site-b");
-    expect(hybrid).toMatch(/✓ recover-members: started web from the capture of generation \d+/);
+    expect(hybrid).toMatch(
+      /✓ recover-members: started web, namespace web \(5 objects, 1 volume\) from the capture of generation \d+/,
+    );
     expect(hybrid).toMatch(/^\s+\d+\s+web\s+running$/m);
     expect(out).toMatch(
-      /^\s+failover of web \(hybrid\)\s+[\d.]+s\s+B = what A wrote\s+operation [\d.]+s; VM web's first console line at B [\d.]+s after `ferry failover`$/m,
+      /^\s+failover of web \(hybrid\)\s+[\d.]+s\s+B = what A wrote\s+operation [\d.]+s; VM web's first console line at B [\d.]+s after `ferry failover`; namespace web recreated in B's cluster [\d.]+s after `ferry failover`$/m,
     );
 
     expect(out).toContain("\n== Done: every operation verified byte for byte");

@@ -3,8 +3,8 @@
  * and `ferry volume serve` as a long-running process that tests stop with a signal or kill -9.
  */
 import type { ChildProcess } from "node:child_process";
+import type { RunOptions, RunResult, Sandbox } from "@ferry/local-clusters";
 import { waitFor } from "@ferry/nats-sites";
-import type { RunOptions, RunResult, Sandbox } from "./sandbox.js";
 
 export class FerryCli {
   constructor(

@@ -1,6 +1,7 @@
 /** A private libvirtd (@ferry/test-guest) whose directory belongs to a test's sandbox. */
+
+import type { Sandbox } from "@ferry/local-clusters";
 import { type LibvirtDaemon, startPrivateLibvirtd } from "@ferry/test-guest";
-import type { Sandbox } from "./sandbox.js";
 
 /** Start it in a fresh directory of `sandbox`; the test stops it, the sandbox removes the directory. */
 export async function startLibvirtDaemon(sandbox: Sandbox): Promise<LibvirtDaemon> {

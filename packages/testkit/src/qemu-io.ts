@@ -1,5 +1,5 @@
 /** QEMU's `qemu-io` on a raw NBD export: the reference client for writing and verifying patterns. */
-import type { Sandbox } from "./sandbox.js";
+import type { Sandbox } from "@ferry/local-clusters";
 
 /**
  * Run qemu-io commands (`write -P 0xab 0 1M`, `read -P 0xab 0 1M`, …) against an NBD URI and return

@@ -6,13 +6,17 @@
  * refused by its policy; both are protected to B; a write workload runs while the lag is sampled;
  * then a DR drill beside running replication, an unplanned failover, a failback and a planned
  * migration, each verified by sha256 of the NBD exports at both sites. Then the hybrid application
- * `web` (hybrid-demo.ts), today a VM: a real guest at A, on a private libvirtd per site, adopted
- * into Ferry volumes, protected to B, failed over and booted there, its checksums compared. A
- * summary table ends it: RPO achieved, RTO per operation, bytes resynced vs changed.
+ * `web` (hybrid-demo.ts): a VM — a real guest at A, on a private libvirtd per site, adopted into
+ * Ferry volumes — and Kubernetes objects — a StatefulSet, its PVC on a Ferry volume, a ConfigMap, a
+ * Secret and a Service in site A's cluster (a kube-apiserver per site) — protected to B as one
+ * application, failed over: the guest boots at B and the objects are recreated in B's cluster, the
+ * checksums compared. A summary table ends it: RPO achieved, RTO per operation, bytes resynced vs
+ * changed.
  *
  * Every step is a real command (the `ferry` bin, qemu-io, nbdcopy, virsh) whose exit status is
  * checked, narrated as a user at that site would type it. The demo owns everything it starts — one
- * temp directory, three nats-servers, three ferryd, two libvirtd with their guests — and stops and
+ * temp directory, three nats-servers, three ferryd, two libvirtd with their guests, etcd and two
+ * kube-apiservers — and stops and
  * removes it all again, on success, on failure and on Ctrl-C.
  */
 
@@ -26,6 +30,7 @@ import { COMMAND_TIMEOUT_MS, DemoHost, type DemoSite, FERRY_BIN, runDemo } from 
 import { exportSha256, shortDigest } from "./export-digest.js";
 import { runTool } from "./external-tool.js";
 import { HybridApplication, type HybridHost } from "./hybrid-demo.js";
+import { K8sMember } from "./k8s-member.js";
 import { shellWord } from "./narrator.js";
 import { VmMember } from "./vm-member.js";
 
@@ -274,7 +279,7 @@ class AppDemo extends DemoHost {
   /** `web`: today the VM; Kubernetes objects and their PVCs join it as further members. */
   private hybridApplication(): HybridApplication {
     const host = this.hybridHost();
-    return new HybridApplication(host, "web", [new VmMember(host)]);
+    return new HybridApplication(host, "web", [new VmMember(host), new K8sMember(host)]);
   }
 
   /** What the hybrid application's members may use of this demo. */

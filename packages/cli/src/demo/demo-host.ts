@@ -97,7 +97,7 @@ export abstract class DemoHost {
   /** Start a site's service process in `<root>/<site>`, shown as the command a user would type. */
   protected async startService(
     nats: Site,
-    extra: Pick<SiteServiceSpec, "command" | "allowRegions" | "libvirt">,
+    extra: Pick<SiteServiceSpec, "command" | "allowRegions" | "libvirt" | "kubernetes">,
   ): Promise<DemoSite> {
     const dataDir = join(this.root ?? tmpdir(), nats.name);
     await mkdir(dataDir, { recursive: true });
@@ -138,13 +138,16 @@ export abstract class DemoHost {
    * `virsh` reach it, and QEMU reaches the site's volumes on the service's socket.
    */
   protected env(site: DemoSite): NodeJS.ProcessEnv {
-    const { libvirt, socket } = site.service.spec;
+    const { libvirt, socket, kubernetes } = site.service.spec;
     return {
       ...process.env,
       FERRY_DATA: site.dataDir,
       ...(libvirt === undefined
         ? {}
         : { FERRY_LIBVIRT_URI: libvirt, LIBVIRT_DEFAULT_URI: libvirt, FERRY_NBD_SOCKET: socket }),
+      ...(kubernetes === undefined
+        ? {}
+        : { KUBECONFIG: kubernetes.kubeconfig, PATH: `${kubernetes.kubectlDir}:${process.env.PATH ?? ""}` }),
     };
   }
 

@@ -1,7 +1,7 @@
 /**
  * The hybrid application of `ferry demo`: one application, `web`, whose members are of different
  * kinds, protected from site A to site B as one entity and failed over as one. Each kind of member
- * is a `HybridMember` (today the VM, `vm-member.ts`): it prepares what its sites need before
+ * is a `HybridMember` (the VM, `vm-member.ts`; the Kubernetes objects, `k8s-member.ts`): it prepares what its sites need before
  * ferryd starts, brings its member up at site A, runs its workload once protected, and after the
  * failover checks at site B that what it finds there is what it wrote at A. The application's own
  * steps — create, protect, a recovery point after the workloads, failover, the checks and the
@@ -38,6 +38,9 @@ export interface HybridHost {
   own(what: string, stop: () => Promise<string>): void;
 }
 
+/** What members add to a site's ferryd (and to the environment of the commands run at that site). */
+export type FerrydOptions = Pick<SiteServiceSpec, "libvirt" | "kubernetes">;
+
 /** A row of the table that compares what a member wrote at A with what it found at B. */
 export interface MemberCheck {
   source: string;
@@ -57,7 +60,7 @@ export interface HybridMember {
   /** Show what `prepare` started. */
   describe(): Promise<void>;
   /** The ferryd options it needs at a site (e.g. `libvirt`). */
-  ferrydOptions(site: string): Pick<SiteServiceSpec, "libvirt">;
+  ferrydOptions(site: string): FerrydOptions;
   /** Bring the member up at site A; answers the arguments it adds to `ferry app create`. */
   create(a: DemoSite): Promise<string[]>;
   /** Its workload at site A while protected; resolves once all of it is written and known. */
@@ -101,7 +104,7 @@ export class HybridApplication {
     for (const m of this.members) await m.describe();
   }
 
-  ferrydOptions(site: string): Pick<SiteServiceSpec, "libvirt"> {
+  ferrydOptions(site: string): FerrydOptions {
     return Object.assign({}, ...this.members.map((m) => m.ferrydOptions(site)));
   }
 

@@ -25,6 +25,8 @@ export interface SiteServiceSpec {
   allowRegions: readonly string[];
   /** ferryd only: the site's libvirtd, whose VMs can then be application members. */
   libvirt?: string | undefined;
+  /** ferryd only: the site's Kubernetes cluster, whose objects can then be application members. */
+  kubernetes?: { kubeconfig: string; kubectlDir: string } | undefined;
 }
 
 const READY_TIMEOUT_MS = 30_000;
@@ -141,5 +143,6 @@ function serveArgs(spec: SiteServiceSpec): string[] {
   const args = ["--socket", spec.socket, "--site", spec.site, "--region", spec.region];
   if (spec.allowRegions.length > 0) args.push("--allow-regions", spec.allowRegions.join(","));
   if (spec.libvirt !== undefined) args.push("--libvirt", spec.libvirt);
+  if (spec.kubernetes !== undefined) args.push("--kubeconfig", spec.kubernetes.kubeconfig);
   return args;
 }
