@@ -143,6 +143,24 @@ describe("forRecovery", () => {
     expect(out).toMatch(/<mac address="52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2}"\/>/);
   });
 
+  it("maps the NICs' networks to this site's, and leaves the ones not named", () => {
+    const twoNics = adopted.replace(
+      "</devices>",
+      "<interface type='bridge'><source bridge='br-prod'/></interface><interface type='network'><source network='other'/></interface></devices>",
+    );
+    const out = forRecovery(twoNics, {
+      networks: { default: "dr-net", "br-prod": "br-dr" },
+      volumes: { "web-vda": "a", "web-vdb": "b" },
+      socket: SOCKET,
+      reconnectDelay: 5,
+    });
+    expect(out).toContain('<source network="dr-net"/>');
+    expect(out).toContain('<source bridge="br-dr"/>');
+    expect(out).toContain('<source network="other"/>');
+    expect(out).not.toContain("default");
+    expect(out).toContain("52:54:00:aa:bb:cc");
+  });
+
   it("refuses a disk that is not on Ferry, or a volume with no counterpart here", () => {
     expect(() => forRecovery(DOMAIN, { volumes: {}, socket: SOCKET, reconnectDelay: 5 })).toThrow(
       /disk vda of domain web is not on a Ferry volume/,

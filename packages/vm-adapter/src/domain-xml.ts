@@ -222,6 +222,11 @@ export interface RecoveryTransform {
   newMacs?: boolean;
   /** Remove every NIC (a drill copy must not meet the production network). */
   dropNics?: boolean;
+  /**
+   * The source site's networks → this site's: a NIC on libvirt network (or host bridge) FROM is put
+   * on TO. NICs on networks not named keep theirs.
+   */
+  networks?: Readonly<Record<string, string>>;
   /** Ferry disks: source export name → the export to use here (a promoted replica or a clone). */
   volumes: Readonly<Record<string, string>>;
   /** The volume service's socket at this site, and QEMU's reconnect delay. */
@@ -267,10 +272,18 @@ export function forRecovery(xml: string, t: RecoveryTransform): string {
   for (const nic of children(devs, "interface")) {
     if (t.dropNics) {
       devs.removeChild(nic);
-    } else if (t.newMacs) {
+      continue;
+    }
+    if (t.newMacs) {
       const mac = child(nic, "mac");
       if (mac) mac.setAttribute("address", randomMac());
     }
+    const source = child(nic, "source");
+    const kind = nic.getAttribute("type");
+    const attribute = kind === "network" ? "network" : kind === "bridge" ? "bridge" : null;
+    const from = attribute === null ? null : source?.getAttribute(attribute);
+    const to = from === null || from === undefined ? undefined : t.networks?.[from];
+    if (source && attribute !== null && to !== undefined) source.setAttribute(attribute, to);
   }
   if (t.drillOf !== undefined) {
     let metadata = child(root, "metadata");

@@ -32,6 +32,8 @@ export interface LibvirtVmAdapterOptions {
   shutdownTimeoutMs?: number;
   /** How long a live copy may take to converge, per disk (default 30 min). */
   blockCopyTimeoutMs?: number;
+  /** At recovery here: the source site's libvirt networks (or bridges) → this site's. */
+  networkMapping?: Readonly<Record<string, string>>;
 }
 
 export interface VmSummary {
@@ -289,6 +291,7 @@ export class LibvirtVmAdapter implements VmAdapter {
         volumes: context.volumes,
         socket: this.options.exportSocket,
         reconnectDelay: this.reconnectDelay,
+        networks: this.options.networkMapping ?? {},
         ...(context.drill ? { name, newUuid: true, newMacs: true, dropNics: true, drillOf: context.app } : {}),
       });
       const existing = await this.stateOrNull(name);

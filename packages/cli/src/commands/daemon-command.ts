@@ -16,6 +16,7 @@ interface DaemonOptions extends DataOption {
   libvirt?: string;
   kubeconfig?: string;
   kubernetes?: boolean;
+  vmNetworkMap: string[];
 }
 
 export const KUBECONFIG_ENV = "FERRY_KUBECONFIG";
@@ -52,6 +53,12 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
       ).env(KUBECONFIG_ENV),
     )
     .option(
+      "--vm-network-map <from=to>",
+      "VMs recovered here: a NIC on the source site's libvirt network (or bridge) FROM is put on TO (repeat)",
+      (value: string, all: string[]) => [...all, value],
+      [],
+    )
+    .option(
       "--kubernetes",
       "manage the Kubernetes cluster ferryd runs in (its pod's service account, else $KUBECONFIG or ~/.kube/config) " +
         "as --kubeconfig does",
@@ -72,6 +79,16 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
           code: "ferry.usage",
         });
       }
+      const networkMapping: Record<string, string> = {};
+      for (const pair of options.vmNetworkMap) {
+        const [from, to, ...rest] = pair.split("=");
+        if (!from || !to || rest.length > 0) {
+          command.error(`--vm-network-map '${pair}' is not FROM=TO, e.g. --vm-network-map prod=dr-prod`, {
+            code: "ferry.usage",
+          });
+        }
+        networkMapping[from] = to;
+      }
       await runDaemon(
         {
           dataDir: resolveDataDir(options.data),
@@ -80,6 +97,7 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
           join,
           metrics: options.metrics,
           libvirt: options.libvirt,
+          networkMapping,
           kubernetes:
             options.kubeconfig !== undefined || options.kubernetes === true ? { file: options.kubeconfig } : undefined,
         },

@@ -21,6 +21,8 @@ export interface DaemonRequest extends ServeRequest {
   metrics?: string | undefined;
   /** libvirt URI: the VMs of this host become possible application members. */
   libvirt?: string | undefined;
+  /** VMs recovered here: the source site's networks → this site's. */
+  networkMapping?: Record<string, string> | undefined;
   /**
    * Manage a Kubernetes cluster: its objects and PVCs become possible application members. The
    * cluster of a kubeconfig file, else the default one (in-cluster, $KUBECONFIG, ~/.kube/config).
@@ -41,7 +43,11 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
     const adapters: Adapters = {};
     if (request.libvirt !== undefined) {
       const { LibvirtVmAdapter } = await vmAdapter();
-      adapters.vm = await LibvirtVmAdapter.connect({ uri: request.libvirt, exportSocket: request.socket ?? "" });
+      adapters.vm = await LibvirtVmAdapter.connect({
+        uri: request.libvirt,
+        exportSocket: request.socket ?? "",
+        networkMapping: request.networkMapping ?? {},
+      });
     }
     if (request.kubernetes !== undefined) {
       const { KubernetesAdapter, kubeConfigFrom } = await import("@ferry/k8s-adapter");
