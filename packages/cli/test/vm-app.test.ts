@@ -8,7 +8,7 @@
 import { rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Operation, RecoveryPoint } from "@ferry/orchestrator";
+import type { Operation, ProtectionStatus, RecoveryPoint } from "@ferry/orchestrator";
 import {
   buildTestGuest,
   expectedGuestSha256,
@@ -87,7 +87,7 @@ afterAll(async () => {
 });
 
 describe("a VM in a protected application", () => {
-  it("fails over to B: the VM is defined there from its capture and boots on the replicas with what it wrote at A", async () => {
+  it("drills at B beside running replication, then fails over to B: the VM is defined there from its capture and boots on the replicas with what it wrote at A", async () => {
     const { libvirtd, socket } = site.a;
     // The VM's disks are Ferry volumes at A (as `ferry vm adopt` leaves them).
     for (const v of ["web-vda", "web-vdb"])
@@ -141,6 +141,26 @@ describe("a VM in a protected application", () => {
       at("b", ["recovery-points", "web", "--point", point.id]),
     );
     expect(meta.captures).toMatchObject([{ kind: "vm", name: "web" }]);
+
+    // A drill at B beside running replication: an isolated copy (renamed, new UUID, no NIC) boots on
+    // the drill clones of the latest point and finds what the guest wrote at A; its console is its own.
+    const before = await ferry.json<ProtectionStatus[]>(at("a", ["status", "web"]));
+    const drill = await ferry.json<Operation>(at("b", ["failover", "web", "--to", "site-b", "--test"]));
+    expect(drill.state, JSON.stringify(drill.error)).toBe("succeeded");
+    expect(drill.steps.find((s) => s.name === "recover-members")?.detail).toContain("started web-drill");
+    const inDrill = await waitForGuest(`${consoleLog}.web-drill`);
+    expect(inDrill.found.vda).toBe(wrote);
+    const drillXml = await sandbox.run("virsh", ["-c", site.b.libvirtd.uri, "dumpxml", "web-drill"]);
+    expect(drillXml.stdout).toContain("web-vda-drill");
+    expect(drillXml.stdout).not.toContain("<interface");
+    await waitFor("a new recovery point of web while the drill runs", async () => {
+      const [now] = await ferry.json<ProtectionStatus[]>(at("a", ["status", "web"]));
+      return (now?.lastRecoveryPoint?.generation ?? 0) > (before[0]?.lastRecoveryPoint?.generation ?? 0);
+    });
+    const cleanup = await ferry.json<Operation>(at("b", ["drill", "cleanup", "web"]));
+    expect(cleanup.state, JSON.stringify(cleanup.error)).toBe("succeeded");
+    const left = await sandbox.run("virsh", ["-c", site.b.libvirtd.uri, "list", "--all", "--name"]);
+    expect(left.stdout.trim()).toBe("");
 
     // Site A is lost with its VM; B recovers the application at that point.
     await rename(consoleLog, `${consoleLog}.at-a`);

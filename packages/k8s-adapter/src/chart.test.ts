@@ -130,8 +130,36 @@ describe("Helm chart infra/helm/ferry", () => {
         ...CAPTURED_KINDS.flatMap(({ apiVersion, kind }) => all.map((verb) => grant(apiVersion, kind, verb))),
         ...all.map((verb) => grant("v1", "PersistentVolume", verb)),
         ...["list", "create", "patch", "delete"].map((verb) => grant("v1", "Namespace", verb)),
+        // capture finds the custom resource kinds: their objects are listed where RBAC allows.
+        "apiextensions.k8s.io/customresourcedefinitions:list",
       ]),
     );
+  });
+
+  it("grants the custom resources named in ferryd.kubernetes.customResources", async () => {
+    const granted = permissions(
+      await render(
+        "ferryd.kubernetes.customResources[0].apiGroup=example.com",
+        "ferryd.kubernetes.customResources[0].resources={widgets,gadgets}",
+      ),
+      "ferry-ferryd",
+    );
+    for (const verb of ["get", "list", "create", "patch", "delete"]) {
+      expect(granted).toContain(`example.com/widgets:${verb}`);
+      expect(granted).toContain(`example.com/gadgets:${verb}`);
+    }
+    const readOnly = permissions(
+      await render(
+        "ferryd.kubernetes.restore=false",
+        "ferryd.kubernetes.customResources[0].apiGroup=example.com",
+        "ferryd.kubernetes.customResources[0].resources={widgets}",
+      ),
+      "ferry-ferryd",
+    );
+    expect([...readOnly].filter((g) => g.startsWith("example.com/"))).toEqual([
+      "example.com/widgets:get",
+      "example.com/widgets:list",
+    ]);
   });
 
   it("makes ferryd read-only with ferryd.kubernetes.restore=false: capture, and nothing else", async () => {
@@ -139,6 +167,7 @@ describe("Helm chart infra/helm/ferry", () => {
       new Set([
         ...CAPTURED_KINDS.flatMap(({ apiVersion, kind }) => ["get", "list"].map((v) => grant(apiVersion, kind, v))),
         grant("v1", "PersistentVolume", "get"),
+        "apiextensions.k8s.io/customresourcedefinitions:list",
       ]),
     );
   });
@@ -179,6 +208,7 @@ describe("Helm chart infra/helm/ferry", () => {
       .filter((m) => m.kind === "ClusterRole" && clusterBound.includes(m.metadata.name))
       .flatMap((m) => m.rules ?? []);
     expect([...new Set(clusterRules.flatMap((r) => r.resources))].sort()).toEqual([
+      "customresourcedefinitions",
       "namespaces",
       "persistentvolumes",
       "sites",
@@ -287,6 +317,7 @@ describe("Helm chart infra/helm/ferry", () => {
       ["--set", "ferryd.kubernetes.restore=1", /ferryd\.kubernetes\.restore|\/ferryd\/kubernetes\/restore/],
       ["--set", "kubernetes.namespaces=shop", /kubernetes\.namespaces|\/kubernetes\/namespaces/],
       ["--set", "kubernetes.namespaces={Shop}", /kubernetes\.namespaces|\/kubernetes\/namespaces/],
+      ["--set", "ferryd.kubernetes.customResources[0].apiGroup=Example_Com", /customResources/],
       // Gone with the move of the workload permissions to ferryd: refused, not silently ignored.
       ["--set", "operator.restore=false", /restore/],
       ["--set", "operator.watchNamespaces={shop}", /watchNamespaces/],

@@ -34,6 +34,8 @@ export {
 export {
   CAPTURED_KINDS,
   captureObjects,
+  captureSelection,
+  customKinds,
   type LabelSelector,
   portable,
   RESTORE_FIELD_MANAGER,

@@ -4,8 +4,9 @@
  * `namespace?selector` (the orchestrator's `kubernetesMembers`).
  *
  * - volumesOf: the Ferry volumes under the selected PVCs (ferry-volumes.ts) join the application.
- * - capture (right after each cut): the selected objects as portable manifests plus the PVC →
- *   volume bindings, stored with the recovery point.
+ * - capture (right after each cut): the selected objects — the built-in kinds, then the cluster's
+ *   custom resources — as portable manifests plus the PVC → volume bindings, stored with the
+ *   recovery point (custom kinds this identity may not list are named in `unreadable`).
  * - recover: PVs re-created for the recovered volumes at this cluster, then the objects applied
  *   (server-side apply: a second recover changes nothing). A drill restores into its own namespace
  *   `<namespace>-drill`, labelled with the application, beside whatever runs there.
@@ -22,7 +23,7 @@ import { type KubeConfig, type KubernetesObject, KubernetesObjectApi, PatchStrat
 import { captureVolumes, restoreVolumes, type VolumeBinding } from "./ferry-volumes.js";
 import {
   CAPTURED_KINDS,
-  captureObjects,
+  captureSelection,
   listSelected,
   type Manifest,
   type RestoreOptions,
@@ -44,6 +45,8 @@ export interface KubernetesCapture {
   labelSelector: string | null;
   objects: Manifest[];
   volumes: VolumeBinding[];
+  /** Custom resource kinds this identity could not list (left out of the capture), with why. */
+  unreadable?: string[];
 }
 
 /** `namespace` or `namespace?selector` → the selection it names. */
@@ -98,11 +101,13 @@ export class KubernetesAdapter implements K8sAdapter {
     const captures: MemberCapture[] = [];
     for (const member of members) {
       const selection = memberSelection(member);
+      const { objects, unreadable } = await captureSelection(this.kubeConfig, selection);
       const metadata: KubernetesCapture = {
         namespace: selection.namespaces[0],
         labelSelector: typeof selection.labelSelector === "string" ? selection.labelSelector : null,
-        objects: await captureObjects(this.kubeConfig, selection),
+        objects,
         volumes: await captureVolumes(this.kubeConfig, selection),
+        ...(unreadable.length === 0 ? {} : { unreadable }),
       };
       captures.push({ kind: "kubernetes", name: member, metadata });
     }

@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { captureVolumes, restoreVolumes } from "./ferry-volumes.js";
 import {
   captureObjects,
+  captureSelection,
   portable,
   type RestoreOptions,
   restoreObjects,
@@ -300,5 +301,83 @@ describe("capture and restore of an application's Kubernetes objects", () => {
       spec: { clusterIP: "None", clusterIPs: ["None"], ports: [{ port: 5432 }] },
     } as never) as { spec: Record<string, unknown> };
     expect(headless.spec.clusterIP).toBe("None");
+  });
+});
+
+/** A custom resource definition, namespaced, in group example.com. */
+const crd = (plural: string, kind: string) => `
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: { name: ${plural}.example.com }
+spec:
+  group: example.com
+  scope: Namespaced
+  names: { plural: ${plural}, singular: ${kind.toLowerCase()}, kind: ${kind} }
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: { openAPIV3Schema: { type: object, x-kubernetes-preserve-unknown-fields: true } }
+`;
+
+describe("custom resources", () => {
+  it("captures the selected custom resources after the built-in kinds, and restores them where their CRD exists", async () => {
+    for (const [cluster, input] of [
+      [clusters.a, `${crd("widgets", "Widget")}---${crd("gadgets", "Gadget")}`],
+      [clusters.b, crd("widgets", "Widget")],
+    ] as const) {
+      const applied = await clusters.kubectl(cluster, ["apply", "-f", "-"], { input });
+      expect(applied.stderr).toBe("");
+      const ready = await clusters.kubectl(cluster, [
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/widgets.example.com",
+      ]);
+      expect(ready.stderr).toBe("");
+    }
+    await clusters.kubectl(clusters.a, [
+      "wait",
+      "--for=condition=Established",
+      "--timeout=30s",
+      "crd/gadgets.example.com",
+    ]);
+    const objects = `
+apiVersion: example.com/v1
+kind: Widget
+metadata: { name: w1, namespace: shop, labels: { app: shop } }
+spec: { size: 3 }
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata: { name: w2, namespace: shop, labels: { app: other } }
+spec: { size: 9 }
+`;
+    expect((await clusters.kubectl(clusters.a, ["apply", "-f", "-"], { input: objects })).stderr).toBe("");
+    const selection = { namespaces: ["shop"], labelSelector: { matchLabels: { app: "shop" } } };
+    const { objects: captured, unreadable } = await captureSelection(config.a, selection);
+    expect(unreadable).toEqual([]);
+    expect(captured.slice(-1)).toEqual([
+      {
+        apiVersion: "example.com/v1",
+        kind: "Widget",
+        metadata: { name: "w1", namespace: "shop", labels: { app: "shop" } },
+        spec: { size: 3 },
+      },
+    ]);
+    await restoreObjects(config.b, captured, { ...RESTORE, volumeNames });
+    expect((await getB("widget", "w1")).spec).toEqual({ size: 3 });
+
+    // A custom resource whose definition the target lacks: the restore says which.
+    const gadget = `
+apiVersion: example.com/v1
+kind: Gadget
+metadata: { name: g1, namespace: shop, labels: { app: shop } }
+`;
+    expect((await clusters.kubectl(clusters.a, ["apply", "-f", "-"], { input: gadget })).stderr).toBe("");
+    const withGadget = await captureObjects(config.a, selection);
+    await expect(restoreObjects(config.b, withGadget, { ...RESTORE, volumeNames })).rejects.toThrow(
+      /cannot apply Gadget\/shop-dr\/g1: .*\(is the CustomResourceDefinition of Gadget installed at this cluster\?\)/,
+    );
   });
 });

@@ -9,7 +9,14 @@
  * PVCs on Ferry volumes: ferry-volumes.ts maps them to their volumes and makes the PVs at the
  * target; `volumeNames` binds the restored claims to those PVs.
  */
-import { type KubeConfig, type KubernetesObject, KubernetesObjectApi, PatchStrategy } from "@kubernetes/client-node";
+import {
+  ApiextensionsV1Api,
+  type KubeConfig,
+  type KubernetesObject,
+  KubernetesObjectApi,
+  PatchStrategy,
+} from "@kubernetes/client-node";
+import { GROUP } from "./crds.js";
 import { applyJsonPatch, type JsonPatchOperation } from "./json-patch.js";
 import type { ProtectionPolicySpec } from "./resources.js";
 
@@ -127,21 +134,75 @@ export async function listSelected<T extends KubernetesObject>(
   return list.items;
 }
 
+/**
+ * The namespaced custom resource kinds this cluster serves (their storage version), Ferry's own
+ * excepted: an application's custom resources are captured after the built-in kinds, so a restore
+ * applies them last. Answers the kinds, and why the cluster's definitions could not be read.
+ */
+export async function customKinds(
+  kubeConfig: KubeConfig,
+): Promise<{ kinds: { apiVersion: string; kind: string }[]; unreadable: string | null }> {
+  try {
+    const list = await kubeConfig.makeApiClient(ApiextensionsV1Api).listCustomResourceDefinition();
+    const kinds = list.items
+      .filter((crd) => crd.spec.scope === "Namespaced" && crd.spec.group !== GROUP)
+      .map((crd) => {
+        const version = crd.spec.versions.find((v) => v.storage) ?? crd.spec.versions[0];
+        return { apiVersion: `${crd.spec.group}/${version?.name ?? "v1"}`, kind: crd.spec.names.kind };
+      })
+      .sort((a, b) => `${a.apiVersion}/${a.kind}`.localeCompare(`${b.apiVersion}/${b.kind}`));
+    return { kinds, unreadable: null };
+  } catch (error) {
+    return { kinds: [], unreadable: `custom resource definitions: ${apiMessage(error)}` };
+  }
+}
+
 /** The selected objects of every captured kind, portable, in restore order. */
 export async function captureObjects(kubeConfig: KubeConfig, selection: Selection): Promise<Manifest[]> {
+  return (await captureSelection(kubeConfig, selection)).objects;
+}
+
+/**
+ * The selected objects of the built-in kinds and of the cluster's custom resources, portable, in
+ * restore order; `unreadable` names the custom kinds this identity may not list (a capture goes on
+ * without them and says so, rather than failing the whole application's point).
+ */
+export async function captureSelection(
+  kubeConfig: KubeConfig,
+  selection: Selection,
+): Promise<{ objects: Manifest[]; unreadable: string[] }> {
   const api = KubernetesObjectApi.makeApiClient(kubeConfig);
   const labelSelector = selectorQuery(selection.labelSelector);
   const captured: Manifest[] = [];
-  for (const { apiVersion, kind } of CAPTURED_KINDS) {
+  const custom = await customKinds(kubeConfig);
+  const unreadable = custom.unreadable === null ? [] : [custom.unreadable];
+  for (const { apiVersion, kind } of custom.kinds) {
     for (const namespace of selection.namespaces) {
-      const items = (await listSelected(api, apiVersion, kind, namespace, labelSelector))
-        .map((item) => ({ ...item, apiVersion, kind }))
-        .filter((item) => !clusterMade(item))
-        .sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""));
-      captured.push(...items.map(portable));
+      try {
+        const items = await listSelected(api, apiVersion, kind, namespace, labelSelector);
+        captured.push(...sortedPortable(items, apiVersion, kind));
+      } catch (error) {
+        unreadable.push(`${kind} (${apiVersion}) in ${namespace}: ${apiMessage(error)}`);
+      }
     }
   }
-  return captured;
+  const builtIn: Manifest[] = [];
+  for (const { apiVersion, kind } of CAPTURED_KINDS) {
+    for (const namespace of selection.namespaces) {
+      const items = (await listSelected(api, apiVersion, kind, namespace, labelSelector)).filter(
+        (item) => !clusterMade(item),
+      );
+      builtIn.push(...sortedPortable(items, apiVersion, kind));
+    }
+  }
+  return { objects: [...builtIn, ...captured], unreadable };
+}
+
+function sortedPortable(items: KubernetesObject[], apiVersion: string, kind: string): Manifest[] {
+  return items
+    .map((item) => ({ ...item, apiVersion, kind }))
+    .sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""))
+    .map(portable);
 }
 
 export interface Transform {
@@ -267,7 +328,12 @@ export async function restoreObjects(
     try {
       await api.patch(object, undefined, undefined, RESTORE_FIELD_MANAGER, true, PatchStrategy.ServerSideApply);
     } catch (error) {
-      throw new Error(`cannot apply ${id}: ${apiMessage(error)}`);
+      // The API server answers 404 for an unknown kind; the client refuses one it cannot discover.
+      const unknownKind =
+        (error as { code?: number }).code === 404 || /Unrecognized API version and kind/.test(String(error));
+      const missing = unknownKind && !CAPTURED_KINDS.some((k) => k.kind === object.kind);
+      const hint = missing ? ` (is the CustomResourceDefinition of ${object.kind} installed at this cluster?)` : "";
+      throw new Error(`cannot apply ${id}: ${apiMessage(error)}${hint}`);
     }
     applied.push(id);
   }

@@ -30,6 +30,7 @@ const DOMAIN = `<domain type='kvm'>
       <mac address='52:54:00:aa:bb:cc'/>
       <source network='default'/>
     </interface>
+    <serial type='file'><source path='/var/log/web.console'/><target port='0'/></serial>
   </devices>
 </domain>`;
 
@@ -130,6 +131,7 @@ describe("forRecovery", () => {
     expect(info.uuid).not.toBe("8f3c2b0e-1111-4222-8333-944455556666");
     expect(info.interfaces).toBe(0);
     expect(info.drillOf).toBe("shop");
+    expect(out).toContain('<source path="/var/log/web.console.web-drill"/>');
   });
 
   it("gives fresh MACs when asked", () => {

@@ -214,7 +214,7 @@ export function ferryDiskXml(to: FerryExport): string {
 }
 
 export interface RecoveryTransform {
-  /** Rename the domain (a drill copy beside the original must not clash). */
+  /** Rename the domain (a drill copy beside the original must not clash); file consoles get `.<name>`. */
   name?: string;
   /** A fresh UUID (required when the original's definition may exist at this site). */
   newUuid?: boolean;
@@ -284,6 +284,16 @@ export function forRecovery(xml: string, t: RecoveryTransform): string {
     const from = attribute === null ? null : source?.getAttribute(attribute);
     const to = from === null || from === undefined ? undefined : t.networks?.[from];
     if (source && attribute !== null && to !== undefined) source.setAttribute(attribute, to);
+  }
+  if (t.name !== undefined) {
+    // A renamed copy (a drill) beside the original must not write into the original's console log.
+    for (const kind of ["serial", "console"]) {
+      for (const dev of children(devs, kind)) {
+        const source = dev.getAttribute("type") === "file" ? child(dev, "source") : null;
+        const path = source?.getAttribute("path");
+        if (source && path) source.setAttribute("path", `${path}.${t.name}`);
+      }
+    }
   }
   if (t.drillOf !== undefined) {
     let metadata = child(root, "metadata");

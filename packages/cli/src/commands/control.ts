@@ -637,7 +637,12 @@ function pointReport(m: PointMetadata): string {
       .map(([v, g]) => `${v}@${g}`)
       .join(", ")}`,
   ];
-  for (const c of m.captures) lines.push(`  ${c.kind} ${c.name}: captured`);
+  for (const c of m.captures) {
+    const unreadable = (c.metadata as { unreadable?: string[] } | null)?.unreadable ?? [];
+    lines.push(
+      `  ${c.kind} ${c.name}: captured${unreadable.length === 0 ? "" : ` (not readable: ${unreadable.join("; ")})`}`,
+    );
+  }
   for (const [which, run] of [
     ["pre-hook", m.hooks.pre],
     ["post-hook", m.hooks.post],

@@ -3,7 +3,6 @@
  * process — what the Helm chart's Deployment runs. It drives the site's ferryd over NATS from the
  * ferry.io resources of one cluster. SIGTERM or SIGINT stops it cleanly.
  */
-import { kubeConfigFrom, Operator } from "@ferry/k8s-adapter";
 import { connectNats, natsHost, parseDuration } from "@ferry/orchestrator";
 import type { Command } from "commander";
 import type { ProgramIo } from "../program.js";
@@ -34,6 +33,9 @@ export function registerOperatorCommand(program: Command, io: ProgramIo): void {
       if (!site) command.error(`say which site this is with --site NAME or $${SITE_ENV}`, { code: "ferry.noSite" });
       const resyncMs = parseDuration("--resync", options.resync, 1_000);
       const namespaces = options.namespaces?.split(",").filter((n) => n !== "") ?? [];
+      // Loaded here, not at the top: the Kubernetes client takes most of a second to import, and every
+      // other `ferry` command would pay for it.
+      const { kubeConfigFrom, Operator } = await import("@ferry/k8s-adapter");
       const kubeConfig = kubeConfigFrom(options.kubeconfig);
       const nc = await connectNats(nats, `ferry operator ${site}`, {
         maxReconnectAttempts: -1,
