@@ -286,6 +286,11 @@ describe("operator", () => {
   });
 
   it("protects an Application's Kubernetes objects with their PVC's volume, fails it over with a Failover resource and back with a Failback", async () => {
+    const regions = [sites.a.region, sites.b.region];
+    await kubectlApply(
+      policy("store-gold", { mode: "async", interval: "1s", rpo: "10s", retain: 60, allowedRegions: regions }),
+    );
+    await condition<ProtectionPolicy>("protectionpolicies", "store-gold", "Ready", "True");
     // The workload at cluster A: a StatefulSet whose claim is on the Ferry volume store-data.
     await ferry.ok(["volume", "create", "store-data", "--size", "8M", "--data", ferryd.a.data]);
     await qemuIo(sandbox, ferryd.a.serve.uri("store-data"), ["write -P 0x3c 0 1M"]);
@@ -298,7 +303,7 @@ describe("operator", () => {
     await kubectlApply(
       application("store", {
         kubernetes: { namespaces: ["store"], labelSelector: { matchLabels: { app: "shop" } } },
-        protection: { policy: "gold", targetSite: sites.b.name },
+        protection: { policy: "store-gold", targetSite: sites.b.name },
       }),
     );
     await condition<Application>("applications", "store", "Protected", "True");
@@ -308,10 +313,12 @@ describe("operator", () => {
       volumes: ["store-data"],
       kubernetes: { namespaces: ["store"], labelSelector: "app=shop" },
     });
-    await waitFor(
+    // The point to recover: one whose capture is stored (a newer generation may complete before its
+    // capture is written), kept long enough by the store-gold policy.
+    const point = await waitFor(
       "a recovery point of store with its objects",
       async () =>
-        (await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "store"]))).some((p) => p.members === 1),
+        (await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "store"]))).find((p) => p.members === 1),
       { timeoutMs: 30_000 },
     );
 
@@ -319,7 +326,7 @@ describe("operator", () => {
       apiVersion: API_VERSION,
       kind: "Failover",
       metadata: { name: "store-failover-1", namespace: "default" },
-      spec: { application: "store", targetSite: sites.b.name },
+      spec: { application: "store", targetSite: sites.b.name, recoveryPoint: point.generation },
     } satisfies Failover);
     const failedOver = await condition<Failover>("failovers", "store-failover-1", "Succeeded", "True");
     expect(failedOver.status?.steps?.find((s) => s.name === "recover-members")?.detail).toContain("namespace store");

@@ -236,7 +236,9 @@ describe("ferry vm", () => {
       volumes: { "web-vda": "web-vda-drill", "web-vdb": "web-vdb-drill" },
     });
     expect(started).toEqual(["web-drill"]);
-    const report = await waitForGuest(console);
+    // The drill copy writes its console beside the original's, never into it.
+    const report = await waitForGuest(`${console}.web-drill`);
+    expect(await readFile(console, "utf8")).toBe("");
     for (const target of ["vda", "vdb"]) {
       expect(report.found[target]).toBe(expectedGuestSha256(11, target, 1, 2));
       expect(await volumeSha256(`web-${target}-drill`, 2 * MiB)).toBe(report.wrote[target]?.[0]);

@@ -41,6 +41,10 @@ import {
   validatePolicy,
 } from "./validate.js";
 
+/** How long recover-members waits for a capture still being written (tries × ms). */
+const CAPTURE_WAIT_TRIES = 10;
+const CAPTURE_WAIT_MS = 500;
+
 export interface OrchestratorOptions {
   site: string;
   region: string;
@@ -1223,7 +1227,13 @@ export class Orchestrator {
         const adapters = this.memberAdapters(a);
         // The recovered generation (set by promote or clone); unknown only if that step ran before a crash.
         const generation = typeof o.result.point === "number" ? o.result.point : Number.MAX_SAFE_INTEGER;
-        const meta = await this.points.forRecovery(a.name, peer, generation);
+        // The source writes a point's capture right after its cut, while the generation ships: a
+        // generation that completed a moment ago may still be waiting for it.
+        let meta = await this.points.forRecovery(a.name, peer, generation);
+        for (let i = 0; meta === null && i < CAPTURE_WAIT_TRIES; i++) {
+          await new Promise((resolve) => setTimeout(resolve, CAPTURE_WAIT_MS));
+          meta = await this.points.forRecovery(a.name, peer, generation);
+        }
         if (meta === null) {
           throw new FerryError(
             ErrorCode.notFound,
