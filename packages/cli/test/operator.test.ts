@@ -362,8 +362,19 @@ describe("operator", () => {
     await condition<Failback>("failbacks", "store-failback-1", "Succeeded", "True");
     expect(await sha256("a", "store-data")).toBe(changed);
     expect((await atB("statefulset", "db")).spec.replicas).toBe(0);
-    const home = await condition<Application>("applications", "store", "Protected", "True");
-    expect(home.status?.activeSite).toBe(sites.a.name);
+    // Home: while the failback runs the Application still reports site B (protected back to A by
+    // then); it says site A once the operator's next reconcile sees it there.
+    await waitFor(
+      "the Application to report it runs at site A again, protected",
+      async () => {
+        const got = JSON.parse(
+          (await clusters.kubectl(clusters.a, ["get", "fapp", "store", "-o", "json"])).stdout,
+        ) as Application;
+        const protectedNow = got.status?.conditions?.find((c) => c.type === "Protected")?.status === "True";
+        return got.status?.activeSite === sites.a.name && protectedNow;
+      },
+      { timeoutMs: 30_000 },
+    );
   });
 
   it("fails a Failover that ferryd refuses, with ferryd's reason, starting nothing", async () => {
