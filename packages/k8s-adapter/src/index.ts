@@ -42,7 +42,6 @@ export {
   type RestoreOptions,
   restoredManifest,
   restoreObjects,
-  restoreOptionsOf,
   type Selection,
   STOPPED_REPLICAS_ANNOTATION,
   selectorQuery,

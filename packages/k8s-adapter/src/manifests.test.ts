@@ -14,7 +14,6 @@ import {
   portable,
   type RestoreOptions,
   restoreObjects,
-  restoreOptionsOf,
   selectorQuery,
 } from "./manifests.js";
 
@@ -278,18 +277,6 @@ describe("capture and restore of an application's Kubernetes objects", () => {
     });
     await expect(restore).rejects.toThrow(
       "transform of Service shop: JSON patch replace /spec/externalName: no such value",
-    );
-  });
-
-  it("takes a policy's restore settings, refusing a patch without its value", () => {
-    expect(restoreOptionsOf({ namespaceMapping: { shop: "shop-dr" } })).toEqual({
-      namespaceMapping: { shop: "shop-dr" },
-      storageClassMapping: {},
-      onConflict: "overwrite",
-      transforms: [],
-    });
-    expect(() => restoreOptionsOf({ transforms: [{ patch: [{ op: "replace", path: "/spec/replicas" }] }] })).toThrow(
-      "restore.transforms[0].patch[0]: replace needs a value",
     );
   });
 

@@ -18,7 +18,6 @@ import {
 } from "@kubernetes/client-node";
 import { GROUP } from "./crds.js";
 import { applyJsonPatch, type JsonPatchOperation } from "./json-patch.js";
-import type { ProtectionPolicySpec } from "./resources.js";
 
 /** The kinds an Application captures, in the order a restore creates them (dependencies first). */
 export const CAPTURED_KINDS = [
@@ -228,25 +227,6 @@ export interface RestoreOptions {
 }
 
 export const RESTORE_FIELD_MANAGER = "ferry-restore";
-
-/** A ProtectionPolicy's `spec.restore` (validated by the CRD schema) as restore options. */
-export function restoreOptionsOf(restore: ProtectionPolicySpec["restore"]): RestoreOptions {
-  return {
-    namespaceMapping: restore?.namespaceMapping ?? {},
-    storageClassMapping: restore?.storageClassMapping ?? {},
-    onConflict: restore?.onConflict ?? "overwrite",
-    transforms: (restore?.transforms ?? []).map((t, i) => ({
-      ...t,
-      patch: t.patch.map((operation, j) => {
-        // CEL cannot see into a schemaless `value`, so this one rule is checked here.
-        if (operation.op !== "remove" && !("value" in operation)) {
-          throw new Error(`restore.transforms[${i}].patch[${j}]: ${operation.op} needs a value`);
-        }
-        return operation as JsonPatchOperation;
-      }),
-    })),
-  };
-}
 
 /** The manifest as it will be applied at the target: mapped and transformed. */
 export function restoredManifest(manifest: Manifest, options: RestoreOptions): Manifest {

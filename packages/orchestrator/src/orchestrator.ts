@@ -335,9 +335,9 @@ export class Orchestrator {
   private async createApp(spec: ApplicationSpec): Promise<Application> {
     const valid = validateApplication(spec);
     const { name, vms, kubernetes, sizeBytes } = valid;
+    const existing = this.catalog.apps.get(name);
     // Running at another site now (failed over, migrated): it is defined there, not redefined from here.
-    const elsewhere = this.catalog.apps.get(name);
-    if (elsewhere !== undefined && elsewhere.active !== this.site) return elsewhere;
+    if (existing !== undefined && existing.active !== this.site) return existing;
     // A VM's disks are Ferry volumes (adopted), and so are the PVs under the selected PVCs: they
     // join the application's consistency group.
     let volumes = valid.volumes;
@@ -358,7 +358,6 @@ export class Orchestrator {
           "add --volume NAME or bind the claims to Ferry volumes",
       );
     }
-    const existing = this.catalog.apps.get(name);
     if (existing !== undefined) {
       const same = (a: Pick<Application, "volumes" | "vms" | "kubernetes">) =>
         JSON.stringify([a.volumes, a.vms, a.kubernetes]);
