@@ -31,3 +31,15 @@ export function benchSize(fallback = "1G") {
   if (size % (1 << 20) !== 0) throw new Error(`BENCH_SIZE must be a whole number of MiB, got ${size} bytes`);
   return size;
 }
+
+/**
+ * `$BENCH_ROUTE`: how each site's Ferry reaches the other — `direct` (also connected to the other
+ * site's nats-server as user peer, `--peer-nats`: one server relays each message) or `leafnode`
+ * (through its own server and the link: two servers relay each message). Default `direct`.
+ */
+export function benchRoute() {
+  const route = process.env.BENCH_ROUTE ?? "direct";
+  if (route !== "direct" && route !== "leafnode")
+    throw new Error(`BENCH_ROUTE must be direct or leafnode, got '${route}'`);
+  return route;
+}

@@ -31,15 +31,29 @@ export async function ferry(dir, name, args) {
 
 /**
  * `ferry volume serve` on `data` (a unix socket inside it) joined to `site` (a `startSitePair`
- * site: its name, region and NATS URL, passed as $FERRY_NATS). Resolves once it serves:
+ * site: its name, region and NATS URL, passed as $FERRY_NATS), connected straight to the servers
+ * of the `peers` sites (`--peer-nats`, the direct route). Resolves once it serves:
  * `{ child, uri(volume) }`.
  */
-export async function serveSite(dir, site, data) {
+export async function serveSite(dir, site, data, peers = []) {
   const socket = join(data, "nbd.sock");
+  const peerArgs = peers.flatMap((p) => ["--peer-nats", `${p.name}=${p.peerUrl}`]);
   const child = spawnLogged(
     `ferry volume serve (${site.name})`,
     process.execPath,
-    ferryArgs("volume", "serve", "--data", data, "--socket", socket, "--site", site.name, "--region", site.region),
+    ferryArgs(
+      "volume",
+      "serve",
+      "--data",
+      data,
+      "--socket",
+      socket,
+      "--site",
+      site.name,
+      "--region",
+      site.region,
+      ...peerArgs,
+    ),
     join(dir, `serve-${site.name}.log`),
     { env: { ...process.env, FERRY_NATS: site.url } },
   );

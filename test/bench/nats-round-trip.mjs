@@ -1,7 +1,7 @@
 /**
  * The floor under a synchronous write: one NATS request from site A answered at site B, the path a
  * sync pair's every change takes (client → A's nats-server → leafnode → B's nats-server → responder,
- * and back), timed at QD 1 with a payload of one write. The responder is a nats.js subscription in
+ * and back; on the direct route client → B's nats-server → responder), timed at QD 1 with a payload of one write. The responder is a nats.js subscription in
  * this process, not Ferry's data plane, so what Ferry adds on top of this path — the NBD request,
  * the local write, framing, the apply at B — is the rest of the added latency.
  */
@@ -16,9 +16,13 @@ async function client(site) {
   return connect({ servers: site.server, user, pass: password, name: `bench-${site.name}` });
 }
 
-/** Request round trips A → B → A of `bytes` each, one at a time, for `seconds`; their times in µs. */
-export async function natsRoundTrips(sites, seconds, bytes = 4096) {
-  const [a, b] = await Promise.all([client(sites.a), client(sites.b)]);
+/**
+ * Request round trips A → B → A of `bytes` each, one at a time, for `seconds`; their times in µs.
+ * `route` `direct`: the requester is connected to B's server, as Ferry's direct route is
+ * (`--peer-nats`), so one server relays; `leafnode`: to A's, so both servers and the link do.
+ */
+export async function natsRoundTrips(sites, seconds, bytes = 4096, route = "leafnode") {
+  const [a, b] = await Promise.all([client(route === "direct" ? sites.b : sites.a), client(sites.b)]);
   try {
     b.subscribe(SUBJECT, {
       callback: (error, msg) => {

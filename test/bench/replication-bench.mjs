@@ -28,7 +28,7 @@ import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { startSitePair, waitFor } from "@ferry/nats-sites";
 import { parseSize } from "../../packages/dataplane-native/binding.js";
-import { benchArgs, benchSize } from "./bench-options.mjs";
+import { benchArgs, benchRoute, benchSize } from "./bench-options.mjs";
 import { dirtyBytes, pickBlocks, qemuIoBatches, writeChanges } from "./change-set.mjs";
 import { expectSame, sha256Export, sha256File } from "./checksum.mjs";
 import { writeDiskImage } from "./disk-image.mjs";
@@ -50,6 +50,9 @@ environment (defaults in brackets):
   BENCH_GRANULARITY  comma list of Ferry CBT granularities, one Ferry
                      volume and pair each; the first is the headline      [64K,4K]
   BENCH_SEED         seed of the image and of the changed blocks          [1]
+  BENCH_ROUTE        direct: each service also connects to the other
+                     site's server (--peer-nats); leafnode: only through
+                     its own server and the link                          [direct]
   BENCH_DIR          where the temp dir goes (one filesystem for all)     [${tmpdir()}]
 `;
 
@@ -79,6 +82,7 @@ function config() {
     changeBlock,
     changeBlockText,
     seed: env.BENCH_SEED ?? "1",
+    route: benchRoute(),
     dir: env.BENCH_DIR ?? tmpdir(),
     json,
     // One Ferry volume (and pair) per granularity; the first is what the ratios compare.
@@ -201,13 +205,13 @@ async function repetition(cfg, root, rep, image) {
         aData,
       ]);
     }
-    const serve = async (site, data) => {
-      const service = await serveSite(dir, site, data);
+    const serve = async (site, data, peer) => {
+      const service = await serveSite(dir, site, data, cfg.route === "direct" ? [peer] : []);
       started.push(() => stop(service.child));
       return service;
     };
-    const a = await serve(sites.a, aData);
-    const b = await serve(sites.b, bData);
+    const a = await serve(sites.a, aData, sites.b);
+    const b = await serve(sites.b, bData, sites.a);
 
     // The source every tool starts from: the same image, the same bytes, copied fresh.
     const source = join(dir, "source.raw");
@@ -509,7 +513,8 @@ async function main() {
   const fmtLoad = (l) => l.map((x) => x.toFixed(2)).join(" ");
   process.stdout.write(
     `\nFerry replication bench — ${sizeLabel} volume (½ random, ¼ text, ¼ holes), then ${(cfg.change * 100).toFixed(2)}% of its ${cfg.changeBlockText} blocks changed; ` +
-      `median of ${cfg.reps}, ±: half the min–max range; every copy verified (sha256) and durable (fsync) at its destination\n` +
+      `median of ${cfg.reps}, ±: half the min–max range; every copy verified (sha256) and durable (fsync) at its destination; ` +
+      `Ferry's route to site B: ${cfg.route === "direct" ? "direct (--peer-nats, one nats-server)" : "leafnode (two nats-servers)"}\n` +
       `${env.rsync}, ${env.nbdcopy}, ${env.nbdkit}, ${env.natsServer}; ${env.cpus} CPUs, load ${fmtLoad(loadBefore)} → ${fmtLoad(loadAfter)}; ferry ${env.commit}\n\n` +
       `${formatTable(cfg, summary)}\n\n${formatRatios(cfg, summary, r)}\n`,
   );

@@ -23,7 +23,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { startSitePair, waitFor } from "@ferry/nats-sites";
 import { createVolume } from "../../packages/dataplane-native/binding.js";
-import { benchArgs, benchSize, positiveEnv } from "./bench-options.mjs";
+import { benchArgs, benchRoute, benchSize, positiveEnv } from "./bench-options.mjs";
 import { expectSame, sha256Export } from "./checksum.mjs";
 import { environment } from "./environment.mjs";
 import { ferry, pairStatus, serveSite } from "./ferry-site.mjs";
@@ -50,6 +50,9 @@ environment (defaults in brackets):
   BENCH_LAG_BS         fio --bs of the lag part's random writes            [64k]
   BENCH_LAG_INTERVAL   the async pair's --interval                         [5s]
   BENCH_LAG_SAMPLE_MS  how often lagSeconds is sampled                     [250]
+  BENCH_ROUTE          direct: each service also connects to the other
+                       site's server (--peer-nats); leafnode: only through
+                       its own server and the link                         [direct]
   BENCH_DIR            where the temp dir goes (one filesystem for all)    [${tmpdir()}]
 `;
 
@@ -86,17 +89,18 @@ function config() {
       intervalSeconds,
       sampleMs: positiveEnv("BENCH_LAG_SAMPLE_MS", 250),
     },
+    route: benchRoute(),
     dir: env.BENCH_DIR ?? tmpdir(),
     json,
   };
 }
 
 /**
- * Two NATS sites, a `ferry volume serve` at each, and `volumes` created at A; `fn({ sites, a, b,
- * aData, dir })` runs with them, and everything is stopped (by PID) and left for `runDir` to remove
+ * Two NATS sites, a `ferry volume serve` at each (connected straight to the other site's server
+ * when `route` is `direct`), and `volumes` created at A; `fn({ sites, a, b, aData, dir })` runs with them, and everything is stopped (by PID) and left for `runDir` to remove
  * afterwards, also when `fn` fails.
  */
-async function withTwoSites(root, name, size, volumes, fn) {
+async function withTwoSites(root, name, size, volumes, route, fn) {
   const dir = join(root, name);
   mkdirSync(dir);
   const undo = [];
@@ -107,9 +111,10 @@ async function withTwoSites(root, name, size, volumes, fn) {
     const bData = join(dir, "ferry-b");
     mkdirSync(bData);
     for (const v of volumes) await createVolume(aData, v, size);
-    const a = await serveSite(dir, sites.a, aData);
+    const direct = route === "direct";
+    const a = await serveSite(dir, sites.a, aData, direct ? [sites.b] : []);
     undo.push(() => stop(a.child));
-    const b = await serveSite(dir, sites.b, bData);
+    const b = await serveSite(dir, sites.b, bData, direct ? [sites.a] : []);
     undo.push(() => stop(b.child));
     return await fn({ sites, a, b, aData, dir });
   } finally {
@@ -178,76 +183,88 @@ function fio(dir, name, uri, extra, boundSeconds) {
 
 // ---- Part 1: synchronous write latency ------------------------------------------------------
 
+/** `ferry replicate start VOLUME --to TARGET` with `options`, on site A's data directory. */
+function startPair(dir, aData, volume, target, options) {
+  return ferry(dir, "start", ["replicate", "start", volume, "--to", target.name, ...options, "--data", aData]);
+}
+
 const SYNC_VOLUMES = { replicated: "sync-pair", plain: "unreplicated" };
 
 async function syncPart(cfg, root) {
   const { seconds, warmup, reps } = cfg.sync;
-  return withTwoSites(root, "sync", cfg.size, Object.values(SYNC_VOLUMES), async ({ sites, a, b, aData, dir }) => {
-    const volume = SYNC_VOLUMES.replicated;
-    await ferry(dir, "start", ["replicate", "start", volume, "--to", sites.b.name, "--mode", "sync", "--data", aData]);
-    const { seconds: toActive } = await timed(() =>
-      waitFor(
-        `the sync pair of ${volume} to reach syncState active`,
-        async () => {
-          const p = await pairStatus(aData, volume);
-          if (p.lastError) process.stderr.write(`bench: sync pair: ${p.lastError}\n`);
-          return p.syncState === "active" && p;
-        },
-        { timeoutMs: 300_000, intervalMs: 200 },
-      ),
-    );
-    process.stderr.write(
-      `bench: sync: pair active after ${toActive.toFixed(1)} s; NATS round trips, then ${reps} × 2 fio runs\n`,
-    );
-    const natsUs = await natsRoundTrips(sites, Math.min(5, seconds));
-    const pids = serverPids(sites, a, b);
-    const runs = { replicated: [], plain: [] };
-    for (let rep = 0; rep < reps; rep++) {
-      // Alternate which volume goes first, so slow drift on the machine lands on both.
-      const order = rep % 2 === 0 ? ["plain", "replicated"] : ["replicated", "plain"];
-      for (const kind of order) {
-        const before = await pairStatus(aData, volume);
-        const cpu0 = cpuSnapshot(pids);
-        const job = await fio(
-          dir,
-          `${kind}-${rep + 1}`,
-          a.uri(SYNC_VOLUMES[kind]),
-          ["--bs=4k", "--iodepth=1", "--norandommap", `--runtime=${seconds}`, `--ramp_time=${warmup}`],
-          seconds + warmup + 120,
-        ).done;
-        const after = await pairStatus(aData, volume);
-        // CPU over the whole run, ramp included; summariseSync divides it by the writes of the whole
-        // run as IOPS × length estimates them: rough, but enough to see which process works hardest.
-        const cpu = cpuSince(pids, cpu0);
-        if (kind === "replicated") {
-          // Every write of the run must have waited for B: still active, never suspended, and B
-          // acknowledged at least as many writes as fio counted after its ramp.
-          if (after.syncState !== "active" || after.suspensions !== before.suspensions) {
-            throw new Error(
-              `the sync pair left the active state during fio (now ${after.syncState}, suspensions ` +
-                `${before.suspensions} → ${after.suspensions}, last error ${after.lastError}): the latency is not that of a sync pair`,
-            );
+  return withTwoSites(
+    root,
+    "sync",
+    cfg.size,
+    Object.values(SYNC_VOLUMES),
+    cfg.route,
+    async ({ sites, a, b, aData, dir }) => {
+      const volume = SYNC_VOLUMES.replicated;
+      await startPair(dir, aData, volume, sites.b, ["--mode", "sync"]);
+      const { seconds: toActive } = await timed(() =>
+        waitFor(
+          `the sync pair of ${volume} to reach syncState active`,
+          async () => {
+            const p = await pairStatus(aData, volume);
+            if (p.lastError) process.stderr.write(`bench: sync pair: ${p.lastError}\n`);
+            return p.syncState === "active" && p;
+          },
+          { timeoutMs: 300_000, intervalMs: 200 },
+        ),
+      );
+      process.stderr.write(
+        `bench: sync: pair active after ${toActive.toFixed(1)} s; NATS round trips, then ${reps} × 2 fio runs\n`,
+      );
+      const natsUs = await natsRoundTrips(sites, Math.min(5, seconds), 4096, cfg.route);
+      const pids = serverPids(sites, a, b);
+      const runs = { replicated: [], plain: [] };
+      for (let rep = 0; rep < reps; rep++) {
+        // Alternate which volume goes first, so slow drift on the machine lands on both.
+        const order = rep % 2 === 0 ? ["plain", "replicated"] : ["replicated", "plain"];
+        for (const kind of order) {
+          const before = await pairStatus(aData, volume);
+          const cpu0 = cpuSnapshot(pids);
+          const job = await fio(
+            dir,
+            `${kind}-${rep + 1}`,
+            a.uri(SYNC_VOLUMES[kind]),
+            ["--bs=4k", "--iodepth=1", "--norandommap", `--runtime=${seconds}`, `--ramp_time=${warmup}`],
+            seconds + warmup + 120,
+          ).done;
+          const after = await pairStatus(aData, volume);
+          // CPU over the whole run, ramp included; summariseSync divides it by the writes of the whole
+          // run as IOPS × length estimates them: rough, but enough to see which process works hardest.
+          const cpu = cpuSince(pids, cpu0);
+          if (kind === "replicated") {
+            // Every write of the run must have waited for B: still active, never suspended, and B
+            // acknowledged at least as many writes as fio counted after its ramp.
+            if (after.syncState !== "active" || after.suspensions !== before.suspensions) {
+              throw new Error(
+                `the sync pair left the active state during fio (now ${after.syncState}, suspensions ` +
+                  `${before.suspensions} → ${after.suspensions}, last error ${after.lastError}): the latency is not that of a sync pair`,
+              );
+            }
+            if (after.syncWrites - before.syncWrites < job.total_ios) {
+              throw new Error(
+                `site B acknowledged ${after.syncWrites - before.syncWrites} writes, fio counted ${job.total_ios}: writes bypassed the sync link`,
+              );
+            }
+          } else if (after.syncWrites !== before.syncWrites) {
+            throw new Error("writes to the unreplicated volume went through the sync link");
           }
-          if (after.syncWrites - before.syncWrites < job.total_ios) {
-            throw new Error(
-              `site B acknowledged ${after.syncWrites - before.syncWrites} writes, fio counted ${job.total_ios}: writes bypassed the sync link`,
-            );
-          }
-        } else if (after.syncWrites !== before.syncWrites) {
-          throw new Error("writes to the unreplicated volume went through the sync link");
+          const run = { iops: job.iops, p50Us: clatUs(job, 50), p99Us: clatUs(job, 99), ios: job.total_ios, cpu };
+          runs[kind].push(run);
+          process.stderr.write(
+            `bench: sync: rep ${rep + 1}/${reps} ${kind.padEnd(10)} ${run.iops.toFixed(0)} IOPS, clat p50 ${run.p50Us.toFixed(0)} µs, p99 ${run.p99Us.toFixed(0)} µs\n`,
+          );
         }
-        const run = { iops: job.iops, p50Us: clatUs(job, 50), p99Us: clatUs(job, 99), ios: job.total_ios, cpu };
-        runs[kind].push(run);
-        process.stderr.write(
-          `bench: sync: rep ${rep + 1}/${reps} ${kind.padEnd(10)} ${run.iops.toFixed(0)} IOPS, clat p50 ${run.p50Us.toFixed(0)} µs, p99 ${run.p99Us.toFixed(0)} µs\n`,
-        );
       }
-    }
-    const { seconds: verifySeconds } = await timed(() => verifyReplica(a, b, volume, dir));
-    process.stderr.write(`bench: sync: replica at B equals A (sha256, ${verifySeconds.toFixed(1)} s)\n`);
-    const final = await pairStatus(aData, volume);
-    return { toActiveSeconds: toActive, runs, natsUs, verified: true, syncWrites: final.syncWrites };
-  });
+      const { seconds: verifySeconds } = await timed(() => verifyReplica(a, b, volume, dir));
+      process.stderr.write(`bench: sync: replica at B equals A (sha256, ${verifySeconds.toFixed(1)} s)\n`);
+      const final = await pairStatus(aData, volume);
+      return { toActiveSeconds: toActive, runs, natsUs, verified: true, syncWrites: final.syncWrites };
+    },
+  );
 }
 
 /** `{ role: CPU µs per write }` over a run: CPU of the whole run (ramp included) ÷ (IOPS × its length). */
@@ -307,7 +324,7 @@ function formatSync(cfg, s) {
     `added by the sync pair: p50 ${signed(s.addedP50Us)} µs ${verdict(s.goalP50Met)} (<= ${GOALS.addedP50Us} µs), ` +
       `p99 ${signed(s.addedP99Us)} µs ${verdict(s.goalP99Met)} (<= ${GOALS.addedP99Us} µs)`,
     `sync pair ÷ unreplicated: p50 ${s.ratioP50.toFixed(2)}x, p99 ${s.ratioP99.toFixed(2)}x, IOPS ${s.ratioIops.toFixed(2)}x`,
-    `the NATS path alone (nats.js request A → B → A through both nats-servers and the leafnode, 4 KiB, QD 1, ` +
+    `the NATS path alone (nats.js request A → B → A ${cfg.route === "direct" ? "through B's nats-server, as the direct route" : "through both nats-servers and the leafnode"}, 4 KiB, QD 1, ` +
       `${s.nats.requests} requests): p50 ${s.nats.p50Us.toFixed(0)} µs, p99 ${s.nats.p99Us.toFixed(0)} µs; ` +
       `added beyond it: p50 ${signed(s.addedP50Us - s.nats.p50Us)} µs, p99 ${signed(s.addedP99Us - s.nats.p99Us)} µs`,
     `CPU per write, µs (median over runs; whole run ÷ writes): ${Object.entries(s.cpuUs.replicated)
@@ -342,20 +359,8 @@ async function sampleLag(aData, volume, everyMs, until) {
 async function lagPart(cfg, root) {
   const { seconds, idleSeconds, rate, bs, interval, sampleMs } = cfg.lag;
   const volume = "lag";
-  return withTwoSites(root, "lag", cfg.size, [volume], async ({ sites, a, b, aData, dir }) => {
-    await ferry(dir, "start", [
-      "replicate",
-      "start",
-      volume,
-      "--to",
-      sites.b.name,
-      "--mode",
-      "async",
-      "--interval",
-      interval,
-      "--data",
-      aData,
-    ]);
+  return withTwoSites(root, "lag", cfg.size, [volume], cfg.route, async ({ sites, a, b, aData, dir }) => {
+    await startPair(dir, aData, volume, sites.b, ["--mode", "async", "--interval", interval]);
     // The first (full) generation is not what the part measures: wait for it.
     await ferry(dir, "sync-initial", ["replicate", "sync", volume, "--json", "--data", aData]);
     let idle = [];
@@ -469,7 +474,8 @@ async function main() {
     sections.push(lag.text);
   }
   process.stdout.write(
-    `\nFerry sync/lag bench — ${sizeLabel} volumes, two sites on this machine (nats-server leafnode, NATS over loopback TCP, NBD over unix sockets)\n` +
+    `\nFerry sync/lag bench — ${sizeLabel} volumes, two sites on this machine (nats-server leafnode, NATS over loopback TCP, NBD over unix sockets); ` +
+      `Ferry's route to site B: ${cfg.route === "direct" ? "direct (--peer-nats, one nats-server)" : "leafnode (two nats-servers)"}\n` +
       `${env.fio}, ${env.nbdcopy}, ${env.natsServer}; ${env.cpus} CPUs, load ${fmtLoad(loadBefore)} → ${fmtLoad(loadAfter)}; ferry ${env.commit}\n\n` +
       `${sections.join("\n\n")}\n`,
   );

@@ -151,6 +151,8 @@ describe("ferry replicate between two sites", () => {
       syncWrites: 0,
       suspensions: 0,
       lastCycle: second.lastCycle,
+      // No --peer-nats: through site A's server and the leafnode link.
+      route: "leafnode",
     });
     // The second generation's own trip: the three blocks above, cut to commit.
     expect(second.lastCycle).toMatchObject({
@@ -299,8 +301,12 @@ describe("ferry replicate between two sites", () => {
   });
 
   it("runs a sync pair, fails over to site B, and replicates back with reverse", async () => {
-    const a = await serveSite("a");
-    const b = await serveSite("b");
+    // Each site's service also connects straight to the other's server (user peer): the pair's
+    // traffic goes there, one server hop instead of two.
+    const a = await serveSite("a", ["--peer-nats", `site-b=${sites.b.peerUrl}`]);
+    const b = await serveSite("b", ["--peer-nats", `site-a=${sites.a.peerUrl}`]);
+    expect(a.serve.servingLine).toContain(`, direct to site-b at ${sites.b.server}`);
+    expect(a.serve.servingLine).not.toContain(sites.b.users.peer.password);
     await ferry.ok(["volume", "create", "s", "--size", "4M", "--data", a.data]);
     await qemuIo(sandbox, a.serve.uri("s"), ["write -P 0x21 0 4M"]);
     const started = await ferry.ok([
@@ -323,7 +329,7 @@ describe("ferry replicate between two sites", () => {
       if (status[0]?.syncState === "active") break;
       await new Promise((r) => setTimeout(r, 100));
     }
-    expect(status[0]).toMatchObject({ mode: "sync", syncState: "active" });
+    expect(status[0]).toMatchObject({ mode: "sync", syncState: "active", route: "direct" });
     // Acknowledged means applied at B: read there right after each write, no sync in between.
     for (const [pattern, offset] of [
       ["0x31", "0"],
@@ -450,6 +456,16 @@ describe("ferry volume serve joining a site", () => {
         /--site is missing \(--nats came from \$FERRY_NATS\)/,
       ],
       [["--allow-regions", "eu-de"], env, /--allow-regions applies to a service that joins a site/],
+      [["--peer-nats", "site-b=nats://peer:pw@h:1"], env, /--peer-nats applies to a service that joins a site/],
+      ...[
+        ["site-b", /--peer-nats 'site-b' is not SITE=URL/],
+        ["site-b=http://peer:secret@h:1", /--peer-nats site-b: 'http:\/\/peer:\*\*\*@h:1' is not a NATS URL/],
+        ["site-a=nats://h:1", /--peer-nats names this site \(site-a\)/],
+      ].map(([peer, message]): [string[], NodeJS.ProcessEnv, RegExp] => [
+        ["--site", "site-a", "--region", "eu-es", "--nats", sites.a.url, "--peer-nats", peer as string],
+        env,
+        message as RegExp,
+      ]),
       [
         ["--site", "site-a", "--region", "eu-es", "--nats", sites.a.url, "--allow-regions", ","],
         env,

@@ -234,6 +234,9 @@ pub struct ServeOptions {
     pub nats: Option<String>,
     /// Regions allowed to hold copies of this site's volumes (default: any).
     pub allow_regions: Option<Vec<String>>,
+    /// Other sites' NATS servers, `SITE=nats://user:password@host:port`: replication to SITE
+    /// goes straight to its server while that connection is up, else through the leafnode.
+    pub peers: Option<Vec<String>>,
 }
 
 /// A running volume service: NBD exports plus the control socket, on the data plane's own threads.
@@ -256,6 +259,7 @@ pub async fn start_volume_service(options: ServeOptions) -> Result<VolumeService
         region: options.region,
         nats: options.nats,
         allow_regions: options.allow_regions.unwrap_or_default(),
+        peers: options.peers.unwrap_or_default(),
     };
     let svc = blocking(move || CoreService::start(opts)).await?;
     Ok(VolumeService {

@@ -74,7 +74,11 @@ describe("NatsSite", () => {
         clientPort: await freePort(),
         monitorPort: await freePort(),
         leafPort: await freePort(),
-        users: { ferryd: { user: "ferryd", password: "a" }, cli: { user: "cli", password: "b" } },
+        users: {
+          ferryd: { user: "ferryd", password: "a" },
+          cli: { user: "cli", password: "b" },
+          peer: { user: "peer", password: "c" },
+        },
         values: { LEAF_PASSWORD: "c", LEAF_ADVERTISE: "127.0.0.1:1", PING_INTERVAL: "10s" },
         natsServer: join(dir, "no-such-nats-server"),
         timeoutMs: 5_000,

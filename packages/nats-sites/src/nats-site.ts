@@ -18,6 +18,13 @@ export interface NatsCredentials {
   password: string;
 }
 
+/** A site's users (infra/nats/site.conf.tmpl): its ferryd, the CLI, another site's data plane. */
+export interface SiteUsers {
+  ferryd: NatsCredentials;
+  cli: NatsCredentials;
+  peer: NatsCredentials;
+}
+
 /** What a user of a started site sees (`SitePair.a`, `SitePair.b`). */
 export interface Site {
   /** Site name; also its JetStream domain and the suffix of its server name (`ferry-<name>`). */
@@ -29,7 +36,9 @@ export interface Site {
   readonly cliUrl: string;
   /** `127.0.0.1:<clientPort>`, for clients that take credentials separately (nats.js). */
   readonly server: string;
-  readonly users: { readonly ferryd: NatsCredentials; readonly cli: NatsCredentials };
+  readonly users: Readonly<SiteUsers>;
+  /** The same server as user `peer`: another site's `--peer-nats` to this one (replication only). */
+  readonly peerUrl: string;
   readonly clientPort: number;
   /** HTTP monitoring port (`/varz`, `/healthz`, `/leafz`, …). */
   readonly monitorPort: number;
@@ -66,7 +75,7 @@ export interface NatsSiteSpec {
   clientPort: number;
   monitorPort: number;
   leafPort?: number;
-  users: { ferryd: NatsCredentials; cli: NatsCredentials };
+  users: SiteUsers;
   /** Placeholder values beyond the ones derived from the fields above (e.g. `LEAF_PASSWORD`). */
   values: Record<string, string>;
   natsServer: string;
@@ -77,7 +86,7 @@ export interface NatsSiteSpec {
 export class NatsSite implements Site {
   readonly name: string;
   readonly region: string;
-  readonly users: { readonly ferryd: NatsCredentials; readonly cli: NatsCredentials };
+  readonly users: Readonly<SiteUsers>;
   readonly clientPort: number;
   readonly monitorPort: number;
   readonly leafPort?: number;
@@ -116,6 +125,10 @@ export class NatsSite implements Site {
     return natsUrl(this.users.cli, this.server);
   }
 
+  get peerUrl(): string {
+    return natsUrl(this.users.peer, this.server);
+  }
+
   get running(): boolean {
     return this.child !== undefined;
   }
@@ -138,6 +151,7 @@ export class NatsSite implements Site {
       STORE: this.storeDir,
       FERRYD_PASSWORD: this.users.ferryd.password,
       CLI_PASSWORD: this.users.cli.password,
+      PEER_PASSWORD: this.users.peer.password,
       ...(this.leafPort === undefined ? {} : { LEAF_PORT: String(this.leafPort) }),
       ...this.spec.values,
     });

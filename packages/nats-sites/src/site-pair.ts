@@ -1,7 +1,7 @@
 /**
  * The two-site NATS topology Ferry replicates over (ARCHITECTURE §2, infra/nats/README.md), started
  * on this machine's loopback: site A accepts the leafnode link, site B dials it, each site is its
- * own JetStream domain with users `ferryd` and `cli` (random passwords). Everything lives in one
+ * own JetStream domain with users `ferryd`, `cli` and `peer` (random passwords). Everything lives in one
  * temp directory that `stop()` removes; the servers are ended by their PIDs, and, should the
  * process exit without calling `stop()`, killed by an exit guard.
  *
@@ -17,7 +17,7 @@ import { fileURLToPath } from "node:url";
 import { NatsServerFailed } from "./errors.js";
 import { onExit } from "./exit-guard.js";
 import { freePort } from "./free-port.js";
-import { type NatsCredentials, NatsSite, type Site } from "./nats-site.js";
+import { NatsSite, type Site, type SiteUsers } from "./nats-site.js";
 import { waitFor } from "./wait-for.js";
 
 export interface SiteOptions {
@@ -224,6 +224,10 @@ function secret(): string {
   return randomBytes(12).toString("hex");
 }
 
-function siteUsers(): { ferryd: NatsCredentials; cli: NatsCredentials } {
-  return { ferryd: { user: "ferryd", password: secret() }, cli: { user: "cli", password: secret() } };
+function siteUsers(): SiteUsers {
+  return {
+    ferryd: { user: "ferryd", password: secret() },
+    cli: { user: "cli", password: secret() },
+    peer: { user: "peer", password: secret() },
+  };
 }

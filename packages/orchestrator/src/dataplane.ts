@@ -32,6 +32,11 @@ export interface PairStatus {
   lastCycle: { generation: number; ms: number; bytesRaw: number; bytesWire: number } | null;
   /** While a generation ships: its volume data sent so far and in all. */
   transfer?: { generation: number; doneBytes: number; totalBytes: number } | null;
+  /**
+   * How messages reach the target now: `direct` (a connection to the target site's server,
+   * `--peer-nats`) or `leafnode` (through this site's server and the link).
+   */
+  route: "direct" | "leafnode" | "";
 }
 
 /** A target site's replica and the generations it can be promoted at. */

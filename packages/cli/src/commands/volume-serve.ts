@@ -21,6 +21,8 @@ export interface SiteJoin {
   nats: string;
   /** Regions allowed to hold copies of this site's volumes; empty means any. */
   allowRegions: string[];
+  /** Other sites' servers as `SITE=URL` (user peer): replication to SITE goes straight there. */
+  peerNats: string[];
 }
 
 export interface ServeRequest {
@@ -38,6 +40,7 @@ export interface SiteOptions {
   region?: string | undefined;
   nats?: string | undefined;
   allowRegions?: string | undefined;
+  peerNats?: string[] | undefined;
   /** `env` when the value came from $FERRY_SITE / $FERRY_NATS rather than the command line. */
   sourceOf(option: "site" | "region" | "nats"): string | undefined;
 }
@@ -48,7 +51,7 @@ export interface SiteOptions {
  */
 export function siteOptions(
   command: Command,
-  own: { region?: string | undefined; allowRegions?: string | undefined },
+  own: { region?: string | undefined; allowRegions?: string | undefined; peerNats?: string[] | undefined },
 ): SiteOptions {
   let root = command;
   while (root.parent) root = root.parent;
@@ -58,8 +61,55 @@ export function siteOptions(
     nats: globals.nats,
     region: own.region,
     allowRegions: own.allowRegions,
+    peerNats: own.peerNats,
     sourceOf: (o) => (o === "region" ? command.getOptionValueSource(o) : root.getOptionValueSource(o)),
   };
+}
+
+/** The repeatable `--peer-nats SITE=URL` option of the serving commands. */
+export const PEER_NATS_OPTION = [
+  "--peer-nats <site=url>",
+  "also connect straight to another site's NATS server (its user peer, nats://peer:password@host:port) and send " +
+    "replication to that site there: one server relays each message instead of two, which shortens every " +
+    "synchronous write; the leafnode route is used whenever that connection is down (repeat per site)",
+  (value: string, all: string[]) => [...all, value],
+  [] as string[],
+] as const;
+
+const SITE_NAME = /^[A-Za-z0-9_-]{1,64}$/;
+
+/** A value that may hold a NATS URL, fit for a message: its password masked. */
+function masked(value: string): string {
+  return value.replace(/:\/\/([^:@/]*):[^@/]*@/, "://$1:***@");
+}
+
+/** `--peer-nats` values checked: SITE=URL, a NATS URL, never this site. */
+function peerNats(site: string, peers: readonly string[]): string[] {
+  const seen = new Set<string>();
+  for (const peer of peers) {
+    const eq = peer.indexOf("=");
+    const name = eq < 0 ? "" : peer.slice(0, eq);
+    const url = peer.slice(eq + 1);
+    if (eq < 0 || !SITE_NAME.test(name)) {
+      throw new SiteOptionsError(
+        `--peer-nats '${masked(peer)}' is not SITE=URL: give the other site's name and its server, e.g. --peer-nats site-b=nats://peer:PASSWORD@host:4222`,
+      );
+    }
+    let protocol = "";
+    try {
+      protocol = new URL(url).protocol;
+    } catch {}
+    if (protocol !== "nats:" && protocol !== "tls:") {
+      throw new SiteOptionsError(
+        `--peer-nats ${name}: '${masked(url)}' is not a NATS URL; use nats://peer:PASSWORD@host:port`,
+      );
+    }
+    if (name === site)
+      throw new SiteOptionsError(`--peer-nats names this site (${site}): give the other sites' servers`);
+    if (seen.has(name)) throw new SiteOptionsError(`--peer-nats gives site ${name} twice`);
+    seen.add(name);
+  }
+  return [...peers];
 }
 
 /** Thrown for a combination of site options that cannot work; the command reports it as bad usage. */
@@ -77,6 +127,9 @@ export function joinedSite(options: SiteOptions): SiteJoin | undefined {
       throw new SiteOptionsError(
         "--allow-regions applies to a service that joins a site: add --site, --region and --nats",
       );
+    }
+    if ((options.peerNats ?? []).length > 0) {
+      throw new SiteOptionsError("--peer-nats applies to a service that joins a site: add --site, --region and --nats");
     }
     return undefined;
   }
@@ -109,7 +162,7 @@ export function joinedSite(options: SiteOptions): SiteJoin | undefined {
       );
     }
   }
-  return { site, region, nats, allowRegions };
+  return { site, region, nats, allowRegions, peerNats: peerNats(site, options.peerNats ?? []) };
 }
 
 const STOP_SIGNALS = ["SIGTERM", "SIGINT"] as const;
@@ -128,6 +181,7 @@ export async function startService(request: ServeRequest) {
     region: request.join?.region,
     nats: request.join?.nats,
     allowRegions: request.join?.allowRegions,
+    peers: request.join?.peerNats,
   });
   const names = service.volumeNames;
   const where: string[] = [];
@@ -167,6 +221,11 @@ function siteNote({ join, untracked }: ServeRequest): string {
   if (join) {
     const allowed = join.allowRegions.length > 0 ? `, copies only to ${join.allowRegions.join(", ")}` : "";
     note += ` as site ${join.site} (region ${join.region}${allowed}) via NATS ${natsHost(join.nats)}`;
+    const direct = join.peerNats.map((p) => {
+      const [site, url] = [p.slice(0, p.indexOf("=")), p.slice(p.indexOf("=") + 1)];
+      return `${site} at ${natsHost(url)}`;
+    });
+    if (direct.length > 0) note += `, direct to ${direct.join(", ")}`;
   }
   if (untracked) note += " without changed-block tracking (benchmarks only)";
   return note;

@@ -29,6 +29,9 @@ pub struct ServeOptions {
     pub nats: Option<String>,
     /// Regions allowed to hold copies of this site's volumes (empty: any).
     pub allow_regions: Vec<String>,
+    /// Other sites' NATS servers as `SITE=URL`: replication to SITE goes straight to its server
+    /// while that connection is up (`replication::route`).
+    pub peers: Vec<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -100,11 +103,16 @@ impl VolumeService {
         let (shutdown, rx) = tokio::sync::watch::channel(false);
 
         let identity = match (&opts.site, &opts.region, &opts.nats) {
-            (None, None, None) => None,
+            (None, None, None) if opts.peers.is_empty() => None,
             (Some(site), Some(region), Some(nats)) => Some((
                 SiteIdentity { site: site.clone(), region: region.clone(), allowed_regions: opts.allow_regions.clone() },
                 nats.clone(),
             )),
+            _ if !opts.peers.is_empty() => {
+                return Err(Error::InvalidArgument(
+                    "--peer-nats needs --site, --region and --nats: a peer is another site this one replicates with".into(),
+                ))
+            }
             _ => {
                 return Err(Error::InvalidArgument(
                     "--site, --region and --nats go together: give all three to join a site for replication".into(),
@@ -115,7 +123,9 @@ impl VolumeService {
             let server = NbdServer::bind(registry.clone(), tcp, opts.socket.clone()).await?;
             let control = crate::control::bind(&control_path)?;
             let replication = match identity {
-                Some((me, url)) => Some(Replication::start(me, &url, registry.clone()).await?),
+                Some((me, url)) => {
+                    Some(Replication::start(me, &url, &opts.peers, registry.clone()).await?)
+                }
                 None => None,
             };
             Ok::<_, Error>((server, control, replication))

@@ -213,3 +213,74 @@ fn block_fails_writes_with_eio_after_its_timeout_and_loses_none() {
     assert_eq!(replica_range(&b, "db", 5 * BLOCK, 4096), vec![0x66; 4096]);
     random_writes(&a, "db", 20, Some(&b));
 }
+
+/// `--peer-nats`: site A's service connects to B's server as user `peer` and sends its
+/// replication traffic there. With the leafnode link cut, only that route is left, so a full sync
+/// and acknowledged sync writes prove it carries frames, control messages and sync changes.
+#[test]
+fn a_direct_route_to_the_target_sites_server_carries_the_pair_without_the_leafnode_link() {
+    let sites = TwoSites::start_partitionable();
+    let peers = [format!("site-b={}", sites.b.peer_url())];
+    let a = Site::start_with_peers("site-a", "eu-es", sites.a.url(), &[], &peers);
+    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
+    a.admin().create("db", SIZE, BLOCK).unwrap();
+    a.write("db", 0, 0x42, 2 << 20);
+    sites.partition();
+    start_sync_pair(&a, &["db"], 3_600_000, "block");
+    wait_until(
+        30,
+        "the pair to go synchronous over the direct route",
+        || sync_state(&a) == "active",
+    );
+    assert_eq!(a.pair_status()["route"], "direct");
+    assert_eq!(b.content("db"), a.content("db"));
+    random_writes(&a, "db", 100, Some(&b));
+    assert_eq!(b.content("db"), a.content("db"));
+    sites.heal();
+}
+
+/// A peer nothing answers for: the service starts all the same, and the pair takes the leafnode
+/// route (and says so) while the direct connection is down.
+#[test]
+fn a_peer_that_cannot_be_reached_leaves_the_pair_on_the_leafnode_route() {
+    let sites = TwoSites::start();
+    let port = support::nats_sites::free_port();
+    let peers = [format!("site-b=nats://peer:nothing@127.0.0.1:{port}")];
+    let a = Site::start_with_peers("site-a", "eu-es", sites.a.url(), &[], &peers);
+    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
+    a.admin().create("db", SIZE, BLOCK).unwrap();
+    start_sync_pair(&a, &["db"], 3_600_000, "block");
+    wait_until(30, "the pair to go synchronous", || {
+        sync_state(&a) == "active"
+    });
+    assert_eq!(a.pair_status()["route"], "leafnode");
+    random_writes(&a, "db", 20, Some(&b));
+}
+
+#[test]
+fn peers_that_are_not_site_equals_nats_url_are_refused_before_anything_starts() {
+    let sites = TwoSites::start();
+    let dir = tempfile::tempdir().unwrap();
+    for (peer, says) in [
+        ("site-b", "is not SITE=URL"),
+        ("site b=nats://127.0.0.1:1", "must be 1-64 characters"),
+        ("site-b=http://127.0.0.1:1", "is not a NATS URL"),
+        ("site-a=nats://127.0.0.1:1", "names this site (site-a)"),
+    ] {
+        let e = ferry_dataplane::service::VolumeService::start(
+            ferry_dataplane::service::ServeOptions {
+                data_dir: dir.path().to_path_buf(),
+                listen: Some("127.0.0.1:0".into()),
+                site: Some("site-a".into()),
+                region: Some("eu-es".into()),
+                nats: Some(sites.a.url()),
+                peers: vec![peer.into()],
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap_or_else(|| panic!("peer '{peer}' was accepted"));
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{peer}: {e}");
+        assert!(e.to_string().contains(says), "{peer}: {e}");
+    }
+}

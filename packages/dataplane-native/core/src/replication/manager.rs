@@ -6,6 +6,7 @@ use super::protocol::{
     control_subject, frames_subject, sync_subject, valid_site_name, ControlMessage, ControlReply,
 };
 use super::receiver::Receiver;
+use super::route::Route;
 use super::shipper::{Mode, PairConfig, PairStatus, Shipper, SiteIdentity};
 use crate::bitmap::write_atomic;
 use crate::error::{Error, IoContext, Result};
@@ -40,6 +41,8 @@ pub struct Replication {
     me: SiteIdentity,
     registry: Arc<Registry>,
     nats: async_nats::Client,
+    /// Direct connections to peer sites' servers (`--peer-nats`), by site.
+    peers: BTreeMap<String, async_nats::Client>,
     receiver: Arc<Receiver>,
     pairs: Mutex<BTreeMap<String, RunningPair>>,
     dir: PathBuf,
@@ -49,6 +52,17 @@ pub struct Replication {
 /// Connect to the site's NATS server. Credentials come from the URL
 /// (`nats://user:password@host:port`); the client does not take them from there by itself.
 pub async fn connect_nats(nats_url: &str, site: &str) -> Result<async_nats::Client> {
+    connect(nats_url, format!("ferry-dataplane {site}"), false).await
+}
+
+/// Connect to a peer site's NATS server for the direct route to it. Never fails for an
+/// unreachable server: the client keeps trying in the background, and until it is connected the
+/// pairs to that site take the leafnode route.
+pub async fn connect_peer(nats_url: &str, me: &str, peer: &str) -> Result<async_nats::Client> {
+    connect(nats_url, format!("ferry-dataplane {me} → {peer}"), true).await
+}
+
+async fn connect(nats_url: &str, name: String, retry: bool) -> Result<async_nats::Client> {
     let bad = |why: String| Error::Service {
         dir: redact(nats_url).into(),
         why,
@@ -59,8 +73,11 @@ pub async fn connect_nats(nats_url: &str, site: &str) -> Result<async_nats::Clie
         ))
     })?;
     let mut opts = async_nats::ConnectOptions::new()
-        .name(format!("ferry-dataplane {site}"))
+        .name(name)
         .connection_timeout(std::time::Duration::from_secs(5));
+    if retry {
+        opts = opts.retry_on_initial_connect();
+    }
     if !url.username().is_empty() {
         let user = percent_decode(url.username());
         let password = percent_decode(url.password().unwrap_or(""));
@@ -125,10 +142,12 @@ pub fn group_id(target: &str, volumes: &[String]) -> String {
 }
 
 impl Replication {
-    /// Join the site's NATS and resume the pairs configured in the data directory.
+    /// Join the site's NATS (and connect to the peer sites given as `SITE=URL`) and resume the
+    /// pairs configured in the data directory.
     pub async fn start(
         me: SiteIdentity,
         nats_url: &str,
+        peers: &[String],
         registry: Arc<Registry>,
     ) -> Result<Arc<Replication>> {
         if !valid_site_name(&me.site) {
@@ -137,7 +156,18 @@ impl Replication {
                 me.site
             )));
         }
+        let peer_urls = super::route::parse_peers(peers)?;
+        if peer_urls.contains_key(&me.site) {
+            return Err(Error::InvalidArgument(format!(
+                "--peer-nats names this site ({}): give the other sites' servers",
+                me.site
+            )));
+        }
         let nats = connect_nats(nats_url, &me.site).await?;
+        let mut peers = BTreeMap::new();
+        for (site, url) in peer_urls {
+            peers.insert(site.clone(), connect_peer(&url, &me.site, &site).await?);
+        }
         let dir = registry.data_dir().root().join("replication");
         std::fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
         let receiver = Arc::new(Receiver::new(&me.site, &me.region, registry.clone()));
@@ -145,6 +175,7 @@ impl Replication {
             me,
             registry,
             nats,
+            peers,
             receiver,
             pairs: Mutex::new(BTreeMap::new()),
             dir,
@@ -193,6 +224,7 @@ impl Replication {
             self.me.clone(),
             self.registry.clone(),
             self.nats.clone(),
+            Route::new(self.nats.clone(), self.peers.get(&cfg.target_site).cloned()),
         );
         let (stop, rx) = watch::channel(false);
         self.receiver.set_shipping(&cfg.volumes, &cfg.group, true);
@@ -449,5 +481,8 @@ impl Replication {
         }
         // Bounded: with the server gone, a flush would wait for it forever.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.nats.flush()).await;
+        for peer in self.peers.values() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), peer.flush()).await;
+        }
     }
 }

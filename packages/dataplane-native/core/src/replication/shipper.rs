@@ -9,6 +9,7 @@ use super::protocol::{
     block_hash, control_subject, frames_subject, region_allowed, unreachable, ControlMessage,
     ControlReply, GenerationRef, ReplicaReport, ReverseBase, VolumeSpec, MAX_HASHES,
 };
+use super::route::Route;
 use super::sync::{LinkState, OnLoss, SyncLink};
 use crate::bitmap::DirtyBitmap;
 use crate::cut_image::CutImage;
@@ -136,6 +137,10 @@ pub struct PairStatus {
     /// transfer: a first full copy, a failback's resync, a migration's final sync).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<Transfer>,
+    /// How messages reach the target now: `direct` (a connection to the target site's own
+    /// server, `--peer-nats`) or `leafnode` (through this site's server and the link).
+    #[serde(default)]
+    pub route: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
@@ -172,7 +177,10 @@ pub struct Shipper {
     cfg: PairConfig,
     me: SiteIdentity,
     registry: Arc<Registry>,
+    /// This site's connection: events.
     nats: async_nats::Client,
+    /// How messages reach the target site.
+    route: Route,
     status: Mutex<PairStatus>,
     /// When the generation the target last completed was cut (ms since the epoch), for lag.
     started_ms: u64,
@@ -206,6 +214,7 @@ impl Shipper {
         me: SiteIdentity,
         registry: Arc<Registry>,
         nats: async_nats::Client,
+        route: Route,
     ) -> Arc<Shipper> {
         let (sync_tx, sync_rx) = mpsc::channel(16);
         let status = PairStatus {
@@ -225,6 +234,7 @@ impl Shipper {
             me,
             registry,
             nats,
+            route,
             status: Mutex::new(status),
             started_ms: now_ms(),
             bytes_raw: Arc::new(AtomicU64::new(0)),
@@ -248,6 +258,7 @@ impl Shipper {
         s.lag_seconds = now_ms().saturating_sub(since) as f64 / 1000.0;
         s.bytes_raw = self.bytes_raw.load(Ordering::Relaxed);
         s.bytes_wire = self.bytes_wire.load(Ordering::Relaxed);
+        s.route = self.route.kind().into();
         s.compression_ratio = if s.bytes_wire == 0 {
             1.0
         } else {
@@ -569,7 +580,7 @@ impl Shipper {
     async fn request(&self, subject: String, body: Vec<u8>) -> Result<ControlReply> {
         let reply = tokio::time::timeout(
             REQUEST_TIMEOUT,
-            self.nats.request(subject.clone(), body.into()),
+            self.route.client().request(subject.clone(), body.into()),
         )
         .await
         .map_err(|_| Error::Service {
@@ -729,7 +740,7 @@ impl Shipper {
             for (name, base) in bases.iter_mut() {
                 let vol = self.registry.require(name)?;
                 let link = Arc::new(SyncLink::new(
-                    self.nats.clone(),
+                    self.route.clone(),
                     tokio::runtime::Handle::current(),
                     &self.cfg.group,
                     name,
@@ -914,7 +925,7 @@ impl Shipper {
         r: &GenerationRef,
     ) -> Result<()> {
         // Never above what the server accepts, whatever the pair asks for.
-        let server_max = self.nats.server_info().max_payload;
+        let server_max = self.route.client().server_info().max_payload;
         let max_message = match server_max {
             0 => self.cfg.max_message,
             m => self.cfg.max_message.min(m),
@@ -952,7 +963,7 @@ impl Shipper {
                     .map_err(join_err)??;
             }
             in_flight_bytes += length;
-            let nats = self.nats.clone();
+            let nats = self.route.client().clone();
             let subject = frames_subject(&self.cfg.target_site);
             let (vol, image) = (vol.clone(), image.clone());
             let target = self.cfg.target_site.clone();

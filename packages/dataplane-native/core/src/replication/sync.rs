@@ -17,6 +17,7 @@
 
 use super::frame;
 use super::protocol::{control_subject, sync_subject, unreachable, ControlMessage, ControlReply};
+use super::route::Route;
 use crate::error::{Error, Result};
 use crate::volume::Mirror;
 use parking_lot::{Condvar, Mutex};
@@ -58,7 +59,7 @@ pub enum LinkState {
 }
 
 pub struct SyncLink {
-    nats: async_nats::Client,
+    route: Route,
     runtime: tokio::runtime::Handle,
     group: String,
     volume: String,
@@ -82,7 +83,7 @@ pub struct SyncLink {
 impl SyncLink {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        nats: async_nats::Client,
+        route: Route,
         runtime: tokio::runtime::Handle,
         group: &str,
         volume: &str,
@@ -94,7 +95,7 @@ impl SyncLink {
         lost: Arc<tokio::sync::Notify>,
     ) -> SyncLink {
         SyncLink {
-            nats,
+            route,
             runtime,
             group: group.into(),
             volume: volume.into(),
@@ -193,16 +194,17 @@ impl SyncLink {
     }
 
     async fn request(&self, subject: String, body: bytes::Bytes) -> Result<()> {
-        let reply = tokio::time::timeout(ATTEMPT_TIMEOUT, self.nats.request(subject, body))
-            .await
-            .map_err(|_| Error::Service {
-                dir: self.target.clone().into(),
-                why: format!(
-                    "site {} did not acknowledge within {ATTEMPT_TIMEOUT:?}",
-                    self.target
-                ),
-            })?
-            .map_err(|e| unreachable(&self.target, &self.target, &e))?;
+        let reply =
+            tokio::time::timeout(ATTEMPT_TIMEOUT, self.route.client().request(subject, body))
+                .await
+                .map_err(|_| Error::Service {
+                    dir: self.target.clone().into(),
+                    why: format!(
+                        "site {} did not acknowledge within {ATTEMPT_TIMEOUT:?}",
+                        self.target
+                    ),
+                })?
+                .map_err(|e| unreachable(&self.target, &self.target, &e))?;
         let r: ControlReply =
             serde_json::from_slice(&reply.payload).map_err(|e| Error::Protocol {
                 peer: format!("site {}", self.target),

@@ -53,6 +53,8 @@ pub struct Site {
     pub ferryd: Credentials,
     /// The CLI user (requests and JetStream API only; see infra/nats/site.conf.tmpl).
     pub cli: Credentials,
+    /// Another site's data plane on its direct route here (replication requests only).
+    pub peer: Credentials,
     template: &'static str,
     values: HashMap<&'static str, String>,
     pid_file: PathBuf,
@@ -96,6 +98,16 @@ impl Site {
             c.flush().await.unwrap();
             (c, sub)
         })
+    }
+
+    /// `nats://peer:<password>@127.0.0.1:<client_port>`: another site's `--peer-nats` to this one.
+    pub fn peer_url(&self) -> String {
+        format!(
+            "nats://{}:{}@{}",
+            self.peer.user,
+            self.peer.password,
+            self.server()
+        )
     }
 
     pub fn cli_url(&self) -> String {
@@ -371,6 +383,10 @@ fn site(root: &Path, name: &str, region: &str, template: &'static str) -> Site {
         user: "cli".into(),
         password: secret(),
     };
+    let peer = Credentials {
+        user: "peer".into(),
+        password: secret(),
+    };
     let store_dir = dir.join("store");
     let values = HashMap::from([
         ("SITE", name.to_string()),
@@ -380,6 +396,7 @@ fn site(root: &Path, name: &str, region: &str, template: &'static str) -> Site {
         ("STORE", store_dir.display().to_string()),
         ("FERRYD_PASSWORD", ferryd.password.clone()),
         ("CLI_PASSWORD", cli.password.clone()),
+        ("PEER_PASSWORD", peer.password.clone()),
         ("PING_INTERVAL", "10s".to_string()),
     ]);
     Site {
@@ -395,6 +412,7 @@ fn site(root: &Path, name: &str, region: &str, template: &'static str) -> Site {
         dir,
         ferryd,
         cli,
+        peer,
         template,
         values,
         child: None,

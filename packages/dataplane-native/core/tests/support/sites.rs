@@ -13,10 +13,23 @@ pub struct Site {
     region: String,
     url: String,
     allow: Vec<String>,
+    /// `SITE=URL` of the peers this service connects to directly (`--peer-nats`).
+    peers: Vec<String>,
 }
 
 impl Site {
     pub fn start(name: &str, region: &str, url: String, allow: &[&str]) -> Site {
+        Site::start_with_peers(name, region, url, allow, &[])
+    }
+
+    /// A site whose service also connects straight to the peer sites given as `SITE=URL`.
+    pub fn start_with_peers(
+        name: &str,
+        region: &str,
+        url: String,
+        allow: &[&str],
+        peers: &[String],
+    ) -> Site {
         let mut site = Site {
             dir: tempfile::tempdir().unwrap(),
             svc: None,
@@ -24,6 +37,7 @@ impl Site {
             region: region.into(),
             url,
             allow: allow.iter().map(|s| s.to_string()).collect(),
+            peers: peers.to_vec(),
         };
         site.restart();
         site
@@ -42,6 +56,7 @@ impl Site {
                 region: Some(self.region.clone()),
                 nats: Some(self.url.clone()),
                 allow_regions: self.allow.clone(),
+                peers: self.peers.clone(),
             })
             .unwrap(),
         );
