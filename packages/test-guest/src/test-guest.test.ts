@@ -1,6 +1,6 @@
 import { createHash } from "node:crypto";
 import { describe, expect, it } from "vitest";
-import { expectedGuestSha256, parseGuestConsole, testGuestXml } from "./test-guest.js";
+import { expectedGuestSha256, parseGuestConsole, type TestGuestOptions, testGuestXml } from "./test-guest.js";
 
 describe("the test guest's console", () => {
   it("reads READY, FOUND, WROTE per round and DONE, ignoring the kernel's own lines", () => {
@@ -28,6 +28,20 @@ describe("the test guest's console", () => {
     expect(report.lines).toHaveLength(5);
   });
 
+  it("reads the guest agent's start and each freeze and thaw", () => {
+    const report = parseGuestConsole(
+      [
+        "FERRY-GUEST AGENT started pid=60 port=vport1p1",
+        "FERRY-GUEST READY uptime=1.52 kernel=6.1.0 seed=3 mb=2 rounds=2 disks=vda",
+        "FERRY-GUEST FROZEN uptime=3.01",
+        "FERRY-GUEST THAWED uptime=3.09",
+        "FERRY-GUEST FROZEN uptime=4.20",
+      ].join("\n"),
+    );
+    expect(report).toMatchObject({ agent: true, frozenAt: [3.01, 4.2], thawedAt: [3.09] });
+    expect(parseGuestConsole("FERRY-GUEST READY uptime=1.0\n")).toMatchObject({ agent: false, frozenAt: [] });
+  });
+
   it("says nothing is done before DONE", () => {
     expect(parseGuestConsole("FERRY-GUEST READY uptime=1.0\n")).toMatchObject({ ready: true, done: false });
   });
@@ -43,19 +57,29 @@ describe("expectedGuestSha256", () => {
 });
 
 describe("testGuestXml", () => {
+  const web: TestGuestOptions = {
+    name: "web",
+    kernel: { vmlinuz: "/k/vmlinuz", initrd: "/k/initrd.img" },
+    disks: ["<disk/>"],
+    console: "/c/web.console",
+    seed: 5,
+    mb: 2,
+  };
+
   it("boots under TCG with the workload on the kernel command line", () => {
-    const xml = testGuestXml({
-      name: "web",
-      kernel: { vmlinuz: "/k/vmlinuz", initrd: "/k/initrd.img" },
-      disks: ["<disk/>"],
-      console: "/c/web.console",
-      seed: 5,
-      mb: 2,
-      rounds: 3,
-      stayUp: true,
-    });
+    const xml = testGuestXml({ ...web, rounds: 3, stayUp: true });
     expect(xml).toContain("<domain type='qemu'>");
     expect(xml).toContain("ferry.seed=5 ferry.mb=2 ferry.rounds=3 ferry.halt=0");
     expect(xml).toContain("<source path='/c/web.console' append='on'/>");
+    expect(xml).not.toContain("guest_agent");
+    expect(xml).not.toContain("ferry.agent");
+  });
+
+  it("with the guest agent: its virtio channel, and the guest told to start it", () => {
+    const xml = testGuestXml({ ...web, agent: true });
+    expect(xml).toContain("ferry.halt=1 ferry.agent=1</cmdline>");
+    expect(xml).toContain(
+      "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n  </devices>",
+    );
   });
 });

@@ -2,7 +2,8 @@
  * Ferry's test guest (infra/guest): building it, a domain XML that boots it under TCG with its
  * serial console in a file, and reading what it printed there. The guest writes a deterministic
  * workload on its virtio disks and prints sha256 checksums, so a test checks from outside what
- * the guest wrote and saw.
+ * the guest wrote and saw. With `agent`, it runs qemu-ga on a virtio-serial channel, and prints
+ * FROZEN and THAWED when the agent freezes and thaws its filesystems.
  */
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -42,8 +43,13 @@ export interface TestGuestOptions {
   rounds?: number;
   /** Keep running after the workload instead of powering off. */
   stayUp?: boolean;
+  /** Run the guest agent (qemu-ga) on the channel `org.qemu.guest_agent.0`, which the domain gets. */
+  agent?: boolean;
   memoryMiB?: number;
 }
+
+/** The guest agent's channel; libvirt picks the host side's socket and adds the virtio-serial controller. */
+const AGENT_CHANNEL = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>";
 
 /** A TCG domain (KVM runs only firmware here) without graphics or NICs. */
 export function testGuestXml(o: TestGuestOptions): string {
@@ -55,6 +61,7 @@ export function testGuestXml(o: TestGuestOptions): string {
     `ferry.mb=${o.mb}`,
     `ferry.rounds=${o.rounds ?? 1}`,
     `ferry.halt=${o.stayUp ? 0 : 1}`,
+    ...(o.agent ? ["ferry.agent=1"] : []),
   ].join(" ");
   return `<domain type='qemu'>
   <name>${o.name}</name>
@@ -71,7 +78,7 @@ export function testGuestXml(o: TestGuestOptions): string {
   <devices>
     ${o.disks.join("\n    ")}
     <serial type='file'><source path='${o.console}' append='on'/><target port='0'/></serial>
-    <console type='file'><source path='${o.console}' append='on'/><target type='serial' port='0'/></console>
+    <console type='file'><source path='${o.console}' append='on'/><target type='serial' port='0'/></console>${o.agent ? `\n    ${AGENT_CHANNEL}` : ""}
   </devices>
 </domain>`;
 }
@@ -94,6 +101,11 @@ export interface GuestReport {
   wrote: Record<string, string[]>;
   /** Guest uptime (s) when each round's checksum was printed: disk → per round. */
   wroteAt: Record<string, number[]>;
+  /** Whether the guest agent started. */
+  agent: boolean;
+  /** Guest uptime (s) at each freeze and each thaw the agent ran, in order. */
+  frozenAt: number[];
+  thawedAt: number[];
   errors: string[];
   lines: string[];
 }
@@ -108,6 +120,9 @@ export function parseGuestConsole(text: string): GuestReport {
     found: {},
     wrote: {},
     wroteAt: {},
+    agent: false,
+    frozenAt: [],
+    thawedAt: [],
     errors: [],
     lines: [],
   };
@@ -135,6 +150,15 @@ export function parseGuestConsole(text: string): GuestReport {
         report.wroteAt[fields.disk as string] = at;
         break;
       }
+      case "AGENT":
+        report.agent = true;
+        break;
+      case "FROZEN":
+        report.frozenAt.push(Number(fields.uptime));
+        break;
+      case "THAWED":
+        report.thawedAt.push(Number(fields.uptime));
+        break;
       case "ERROR":
         report.errors.push((m[2] ?? "").trim());
         break;

@@ -1,7 +1,7 @@
 /**
  * The adapter against a real libvirtd (private, started by the harness) and a real TCG guest:
- * listing, errors for bad input that leave the VM as it was, quiesce without a guest agent, and a
- * graceful stop that the guest ignores. The guest boots from a Ferry volume in the CLI suite
+ * listing, errors for bad input that leave the VM as it was, quiesce without a guest agent and with
+ * one (qemu-ga in the guest), and a graceful stop that the guest ignores. The guest boots from a Ferry volume in the CLI suite
  * (packages/cli/test/vm.test.ts); here its disks are plain files.
  */
 import { spawnSync } from "node:child_process";
@@ -9,13 +9,17 @@ import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import {
   buildTestGuest,
+  expectedGuestSha256,
   fileDiskXml,
+  type GuestReport,
   type LibvirtDaemon,
   libvirtInstalled,
   Sandbox,
   startLibvirtDaemon,
   type TestGuestKernel,
   testGuestXml,
+  waitFor,
+  waitForGuest,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LibvirtVmAdapter, type VolumeStore } from "../src/index.js";
@@ -57,9 +61,11 @@ async function rawDisk(name: string, mb: number): Promise<string> {
   return path;
 }
 
-function guest(name: string, disks: string[], stayUp = false): string {
-  return testGuestXml({ name, kernel, disks, console: join(dir, `${name}.console`), seed: 1, mb: 1, stayUp });
+function guest(name: string, disks: string[], stayUp = false, more: { agent?: boolean; rounds?: number } = {}): string {
+  return testGuestXml({ name, kernel, disks, console: join(dir, `${name}.console`), seed: 1, mb: 1, stayUp, ...more });
 }
+
+const FSFREEZE_STATUS = JSON.stringify({ execute: "guest-fsfreeze-status" });
 
 describe("LibvirtVmAdapter with a real libvirtd", () => {
   it("lists a defined VM with its disks", async () => {
@@ -149,5 +155,52 @@ describe("LibvirtVmAdapter with a real libvirtd", () => {
       await adapter.connection.undefine("run-vm");
     }
     expect(await adapter.list()).toEqual([]);
+  });
+
+  it("with qemu-ga in the guest: quiesce freezes, thaw thaws, and the guest writes on", async () => {
+    const disk = await rawDisk("agent.raw", 4);
+    const consoleLog = join(dir, "agent-vm.console");
+    // Rounds enough to outlast the test: the guest is destroyed at the end.
+    await adapter.connection.define(
+      guest("agent-vm", [fileDiskXml("vda", disk)], true, { agent: true, rounds: 10_000 }),
+    );
+    await adapter.connection.start("agent-vm");
+    try {
+      await waitForGuest(consoleLog, (r) => r.ready);
+      // qemu-ga opens its port a moment after it starts; libvirt says "not connected" until then.
+      await waitFor("the guest agent to answer", async () =>
+        adapter.connection.agentCommand("agent-vm", JSON.stringify({ execute: "guest-ping" }), 2_000).then(
+          () => true,
+          () => undefined,
+        ),
+      );
+      const { failed } = await adapter.quiesce(["agent-vm"], 10_000);
+      expect(failed).toEqual([]);
+      // The guest's only filesystems are in memory (it writes its disks raw), so qemu-ga freezes
+      // none and its status stays "thawed"; its fsfreeze hook shows that the freeze ran and that
+      // nothing thawed it before the adapter did.
+      const frozen = await waitForGuest(consoleLog, (r) => r.frozenAt.length > 0);
+      expect(frozen.thawedAt).toEqual([]);
+      await adapter.thaw(["agent-vm"]);
+      expect(JSON.parse(await adapter.connection.agentCommand("agent-vm", FSFREEZE_STATUS, 5_000))).toEqual({
+        return: "thawed",
+      });
+      const thawedAt = (r: GuestReport) => r.thawedAt[0] ?? Number.POSITIVE_INFINITY;
+      const after = await waitForGuest(consoleLog, (r) => (r.wroteAt.vda ?? []).some((uptime) => uptime > thawedAt(r)));
+      expect(after.agent).toBe(true);
+      expect(after.frozenAt).toHaveLength(1);
+      expect(after.thawedAt).toHaveLength(1);
+      expect(after.frozenAt[0]).toBeLessThanOrEqual(thawedAt(after));
+      expect(after.errors).toEqual([]);
+      const rounds = after.wrote.vda ?? [];
+      expect(rounds.length).toBeGreaterThan(1);
+      // Each round rewrites the disk with bytes of its own.
+      rounds.forEach((sum, i) => {
+        expect(sum).toBe(expectedGuestSha256(1, "vda", i + 1, 1));
+      });
+    } finally {
+      await adapter.connection.destroy("agent-vm");
+      await adapter.connection.undefine("agent-vm");
+    }
   });
 });
