@@ -231,6 +231,24 @@ describe("Helm chart infra/helm/ferry", () => {
     ]);
   });
 
+  it("gives ferryd a direct route per ferryd.peers entry, its URL from the Secret", async () => {
+    const manifests = await render(
+      "ferryd.peers[0].site=site-b",
+      "ferryd.peers[0].urlSecret.name=peer-b",
+      "ferryd.peers[0].urlSecret.key=url",
+    );
+    const container = (manifests.find((m) => m.kind === "StatefulSet")?.spec as PodOwner | undefined)?.template.spec
+      .containers[0];
+    expect(container?.args).toContain("--peer-nats=site-b=$(FERRY_PEER_0)");
+    expect(JSON.stringify(container)).toContain(
+      '{"name":"FERRY_PEER_0","valueFrom":{"secretKeyRef":{"name":"peer-b","key":"url"}}}',
+    );
+    const defaults = await render();
+    const plain = (defaults.find((m) => m.kind === "StatefulSet")?.spec as PodOwner | undefined)?.template.spec
+      .containers[0];
+    expect(plain?.args.some((a) => a.startsWith("--peer-nats"))).toBe(false);
+  });
+
   it("passes the NATS settings to both workloads", async () => {
     const manifests = await render("nats.urlSecret.name=ferry-nats", "site.name=site-b");
     for (const kind of ["Deployment", "StatefulSet"]) {

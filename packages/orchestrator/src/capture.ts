@@ -109,7 +109,11 @@ export async function captureCut(
     cut = await dataPlane.cut(app.volumes);
   } finally {
     for (const f of frozen) {
-      await f.adapter.thaw(f.members).catch(() => {});
+      // A member left frozen is worse than a point downgraded: the failure is named in the point's
+      // reason (and so in the event that says why it is crash-consistent).
+      await f.adapter.thaw(f.members).catch((error) => {
+        reasons.push(`cannot thaw ${f.members.join(", ")}: ${errorBody(error).message}`);
+      });
     }
     if (p.settings.hooks.post !== null) post = await runHook(p.settings.hooks.post, env);
   }
