@@ -269,6 +269,66 @@ describe("ferry vm", () => {
     expect((await virsh("domblklist", "web")).stdout).toMatch(/vdb\s+web-vdb-drill/);
   });
 
+  it("keeps a guest through a restart of its volume service: paused on the I/O error, resumed, nothing lost", async () => {
+    const disk = join(dir, "cache.raw");
+    await writeFile(disk, Buffer.alloc(8 * MiB));
+    const console = join(dir, "cache.console");
+    const rounds = 12;
+    await virsh(
+      "define",
+      await xmlFile(
+        "cache",
+        testGuestXml({
+          name: "cache",
+          kernel,
+          disks: [fileDiskXml("vda", disk)],
+          console,
+          seed: 33,
+          mb: 4,
+          rounds,
+          stayUp: true,
+        }),
+      ),
+    );
+    await ferry.ok(["vm", "adopt", "cache"], { env });
+    // Adopted disks stop the guest on an I/O error instead of failing its writes.
+    expect((await virsh("dumpxml", "--inactive", "cache")).stdout).toMatch(
+      /<driver name='qemu' type='raw' error_policy='stop' rerror_policy='stop'\/>/,
+    );
+    const adapter = await LibvirtVmAdapter.connect({ uri: libvirtd.uri, exportSocket: socket, networkMapping: {} });
+    await virsh("start", "cache");
+    try {
+      await waitForGuest(console, (r) => (r.wrote.vda?.length ?? 0) >= 2);
+      // The volume service goes away while the guest writes (what a ferryd restart does) ...
+      await serve.stop();
+      await waitFor(async () => (await virsh("domstate", "--reason", "cache")).stdout.includes("paused (I/O error)"));
+      // ... and once it is back on the same socket, the guest goes on where it stopped.
+      const before = (await readGuestConsole(console)).wrote.vda?.length ?? 0;
+      serve = await ferry.serve(["--data", data, "--socket", socket], { env });
+      // As ferryd does every 2 s: QEMU's NBD client reconnects on its own schedule (backing off
+      // up to seconds), and a resume before that pauses the guest again at its next write.
+      const resumed = new Set<string>();
+      await waitFor(async () => {
+        for (const name of await adapter.resumePausedOnError()) resumed.add(name);
+        return ((await readGuestConsole(console)).wrote.vda?.length ?? 0) > before;
+      }, 60_000);
+      expect([...resumed]).toEqual(["cache"]);
+      const report = await waitForGuest(console);
+      expect(report.status).toBe("ok");
+      expect(report.errors).toEqual([]);
+      expect(report.wrote.vda).toHaveLength(rounds);
+      const last = expectedGuestSha256(33, "vda", rounds, 4);
+      expect(report.wrote.vda?.[rounds - 1]).toBe(last);
+      expect(await volumeSha256("cache-vda", 4 * MiB)).toBe(last);
+      // A VM paused by a user is none of ferryd's business.
+      await virsh("suspend", "cache");
+      expect(await adapter.resumePausedOnError()).toEqual([]);
+      expect((await virsh("domstate", "--reason", "cache")).stdout).toContain("paused (user)");
+    } finally {
+      await virsh("destroy", "cache").catch(() => undefined);
+    }
+  });
+
   it("imports a qcow2 disk through its backing chain when adopting offline", async () => {
     const base = join(dir, "base.raw");
     const overlay = join(dir, "app.qcow2");

@@ -186,6 +186,11 @@ function setFerrySource(disk: Element, to: FerryExport): void {
     disk.insertBefore(drv, source);
   }
   drv.setAttribute("type", "raw");
+  // The volume service going away (a ferryd restart) fails the guest's I/O in flight where libvirt
+  // drops <reconnect> (9.0): pause the guest on that error instead of passing it on; QEMU's NBD
+  // client reconnects by itself, and `resumePausedOnError` lets the guest go on.
+  drv.setAttribute("error_policy", "stop");
+  drv.setAttribute("rerror_policy", "stop");
 }
 
 /**

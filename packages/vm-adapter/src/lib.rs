@@ -102,6 +102,13 @@ impl Libvirt {
         Ok(blocking(move || h.state(&name)).await?.as_str().to_string())
     }
 
+    /// Resume the domain if libvirt paused it on a disk's I/O error; whether it did.
+    #[napi]
+    pub async fn resume_if_paused_on_io_error(&self, name: String) -> Result<bool> {
+        let h = self.inner.clone();
+        blocking(move || h.resume_if_paused_on_io_error(&name)).await
+    }
+
     /// The domain XML; `inactive` answers the persistent definition.
     #[napi]
     pub async fn xml(&self, name: String, inactive: bool) -> Result<String> {

@@ -121,6 +121,22 @@ export class LibvirtVmAdapter implements VmAdapter {
   }
 
   /**
+   * Resume every VM on this site's Ferry exports that libvirt paused on a disk's I/O error: their
+   * volume service went away (a ferryd restart) and the disks' error policy (`stop`, set when a
+   * disk is put on Ferry) paused them instead of failing the guest's I/O; QEMU's NBD client
+   * reconnects by itself, so they go on where they stopped. A VM paused for another reason (by a
+   * user) is left alone. Answers the names resumed; ferryd calls it every few seconds.
+   */
+  async resumePausedOnError(): Promise<string[]> {
+    const paused = (await this.list()).filter((vm) => vm.state === "paused" && vm.ferryDisks > 0);
+    const resumed: string[] = [];
+    for (const vm of paused) {
+      if (await this.libvirt.resumeIfPausedOnIoError(vm.name)) resumed.push(vm.name);
+    }
+    return resumed;
+  }
+
+  /**
    * Bring a VM's disks onto Ferry volumes. Offline (the VM is shut off): each raw or qcow2 file
    * disk is imported into a new volume, then the definition is rewritten to use them. Live (running):
    * each disk is copied by libvirt into a new volume while the guest runs, with synchronous

@@ -87,6 +87,11 @@ export class Libvirt {
     return coded(this.conn.blockCopy(name, options));
   }
 
+  /** Resume the domain if libvirt paused it on a disk's I/O error; whether it did. */
+  resumeIfPausedOnIoError(name: string): Promise<boolean> {
+    return coded(this.conn.resumeIfPausedOnIoError(name));
+  }
+
   agentCommand(name: string, command: string, timeoutMs: number): Promise<string> {
     return coded(this.conn.agentCommand(name, command, timeoutMs));
   }

@@ -35,19 +35,22 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
   let orchestrator: Orchestrator | undefined;
   let http: Server | undefined;
   let nc: Awaited<ReturnType<typeof connectNats>> | undefined;
+  const adapters: Adapters = {};
+  let libvirt: PausedVms | undefined;
   try {
     nc = await connectNats(request.join.nats, `ferryd ${request.join.site}`, {
       maxReconnectAttempts: -1,
       reconnectTimeWait: 500,
     });
-    const adapters: Adapters = {};
     if (request.libvirt !== undefined) {
       const { LibvirtVmAdapter } = await vmAdapter();
-      adapters.vm = await LibvirtVmAdapter.connect({
+      const vm = await LibvirtVmAdapter.connect({
         uri: request.libvirt,
         exportSocket: request.socket ?? "",
         networkMapping: request.networkMapping ?? {},
       });
+      adapters.vm = vm;
+      libvirt = vm;
     }
     if (request.kubernetes !== undefined) {
       const { KubernetesAdapter, kubeConfigFrom } = await import("@ferry/k8s-adapter");
@@ -69,6 +72,7 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
     await service.stop();
     throw error;
   }
+  const stopWatching = libvirt === undefined ? () => {} : watchPausedVms(libvirt, io);
   const metrics = http === undefined ? "" : `; metrics on http://${address(http)}/metrics`;
   io.writeOut(
     `ferryd: ${serving}; orchestrator ${orchestrator.isLeader ? "leading" : "following"} site ${request.join.site}${metrics}\n`,
@@ -80,11 +84,48 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
   const conn = nc;
   const server = http;
   await stopOnce(io, async () => {
+    stopWatching();
     await o.stop();
     await conn.drain().catch(() => {});
     await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
     await service.stop();
   });
+}
+
+/** The VM adapter's part that resumes VMs paused on an I/O error (`LibvirtVmAdapter`). */
+interface PausedVms {
+  resumePausedOnError(): Promise<string[]>;
+}
+
+/** How often ferryd looks for VMs paused on an I/O error (their disks' server was away). */
+const PAUSED_VM_CHECK_MS = 2_000;
+
+/**
+ * Resume this host's VMs that libvirt paused on an I/O error of a Ferry disk — what a restart of
+ * ferryd (their NBD server) does to a running guest — at once and every few seconds; each resume
+ * is logged. Answers how to stop it.
+ */
+function watchPausedVms(adapter: PausedVms, io: ProgramIo): () => void {
+  let running = false;
+  const check = () => {
+    if (running) return;
+    running = true;
+    adapter
+      .resumePausedOnError()
+      .then((names) => {
+        for (const name of names) {
+          io.writeErr(`ferryd: resumed VM ${name}, paused on an I/O error while its Ferry disks' server was away\n`);
+        }
+      })
+      .catch((error: Error) => io.writeErr(`ferryd: cannot check for VMs paused on an I/O error: ${error.message}\n`))
+      .finally(() => {
+        running = false;
+      });
+  };
+  check();
+  const timer = setInterval(check, PAUSED_VM_CHECK_MS);
+  timer.unref();
+  return () => clearInterval(timer);
 }
 
 function address(server: Server): string {

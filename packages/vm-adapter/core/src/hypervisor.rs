@@ -8,7 +8,7 @@ use std::sync::Once;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 use virt::connect::Connect;
-use virt::domain::{Domain, DomainState as VirtState};
+use virt::domain::{Domain, DomainPausedReason, DomainState as VirtState, DomainStateReason};
 use virt::enumutil::Enum;
 use virt::sys;
 
@@ -204,6 +204,25 @@ impl Hypervisor {
         self.lookup(name)?
             .create()
             .map_err(|e| Error::from_virt(e, name, "start"))
+    }
+
+    /// Resume a domain that libvirt paused because a disk's I/O failed (a disk whose
+    /// `error_policy` is `stop`, e.g. its NBD server restarting). True when it was paused so and
+    /// runs again; false, doing nothing, in any other state (a domain a user paused stays paused).
+    pub fn resume_if_paused_on_io_error(&self, name: &str) -> Result<bool> {
+        let d = self.lookup(name)?;
+        let (_, reason) = d.state().map_err(|e| Error::from_virt(e, name, "state"))?;
+        if !matches!(
+            reason,
+            Enum::Known(DomainStateReason::Paused(Enum::Known(
+                DomainPausedReason::IOError
+            )))
+        ) {
+            return Ok(false);
+        }
+        d.resume()
+            .map_err(|e| Error::from_virt(e, name, "resume"))?;
+        Ok(true)
     }
 
     /// Hard stop. Succeeds on a domain already shut off.
