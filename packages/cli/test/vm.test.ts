@@ -159,26 +159,8 @@ describe("ferry vm", () => {
   });
 
   it("adopts a running VM live while the guest writes, losing nothing", async () => {
-    const disk = join(dir, "db.raw");
-    await writeFile(disk, Buffer.alloc(8 * MiB));
-    const console = join(dir, "db.console");
     const rounds = 16;
-    await virsh(
-      "define",
-      await xmlFile(
-        "db",
-        testGuestXml({
-          name: "db",
-          kernel,
-          disks: [fileDiskXml("vda", disk)],
-          console,
-          seed: 22,
-          mb: 4,
-          rounds,
-          stayUp: true,
-        }),
-      ),
-    );
+    const { disk, console } = await defineWritingGuest("db", 22, rounds);
     await virsh("start", "db");
     try {
       // Adopt mid-workload: the guest has finished round 2 and goes on writing.
@@ -270,26 +252,8 @@ describe("ferry vm", () => {
   });
 
   it("keeps a guest through a restart of its volume service: paused on the I/O error, resumed, nothing lost", async () => {
-    const disk = join(dir, "cache.raw");
-    await writeFile(disk, Buffer.alloc(8 * MiB));
-    const console = join(dir, "cache.console");
     const rounds = 12;
-    await virsh(
-      "define",
-      await xmlFile(
-        "cache",
-        testGuestXml({
-          name: "cache",
-          kernel,
-          disks: [fileDiskXml("vda", disk)],
-          console,
-          seed: 33,
-          mb: 4,
-          rounds,
-          stayUp: true,
-        }),
-      ),
-    );
+    const { console } = await defineWritingGuest("cache", 33, rounds);
     await ferry.ok(["vm", "adopt", "cache"], { env });
     // Adopted disks stop the guest on an I/O error instead of failing its writes.
     expect((await virsh("dumpxml", "--inactive", "cache")).stdout).toMatch(
@@ -395,6 +359,29 @@ describe("ferry vm", () => {
     expect(noSocket.stderr).toContain("needs --socket");
   });
 });
+
+/** A test guest with one 8 MiB zeroed file disk that writes 4 MiB `rounds` times, then stays up; defined, not started. */
+async function defineWritingGuest(
+  name: string,
+  seed: number,
+  rounds: number,
+): Promise<{ disk: string; console: string }> {
+  const disk = join(dir, `${name}.raw`);
+  await writeFile(disk, Buffer.alloc(8 * MiB));
+  const console = join(dir, `${name}.console`);
+  const xml = testGuestXml({
+    name,
+    kernel,
+    disks: [fileDiskXml("vda", disk)],
+    console,
+    seed,
+    mb: 4,
+    rounds,
+    stayUp: true,
+  });
+  await virsh("define", await xmlFile(name, xml));
+  return { disk, console };
+}
 
 async function xmlFile(name: string, xml: string): Promise<string> {
   const path = join(dir, `${name}.xml`);
