@@ -30,7 +30,7 @@ import type {
   Site,
 } from "./model.js";
 import { newOperation, runSteps, type StepFn } from "./operations.js";
-import { type PointMetadata, PointStore } from "./points.js";
+import { type PointMetadata, PointStore, type PointSummary, pointsKey } from "./points.js";
 import {
   type ApplicationSpec,
   checkName,
@@ -884,13 +884,18 @@ export class Orchestrator {
 
   /** At a target: drop the metadata of points its replicas no longer keep. */
   private async prunePoints(): Promise<void> {
+    let listed: Map<string, Map<number, PointSummary>> | undefined;
     for (const p of this.catalog.protections.list()) {
       const app = this.catalog.apps.get(p.app);
       if (p.target !== this.site || app === undefined || app.active === this.site) continue;
       try {
         const kept = completePoints(await this.dataPlane.points(app.volumes));
         const oldest = kept.at(-1);
-        if (oldest !== undefined) await this.points.prune(p.app, p.source, oldest.generation);
+        if (oldest === undefined) continue;
+        // One listing of the bucket for the whole pass.
+        listed ??= await this.points.listAll();
+        const points = listed.get(pointsKey(p.app, p.source)) ?? new Map<number, PointSummary>();
+        await this.points.prune(p.app, p.source, oldest.generation, points);
       } catch (error) {
         this.log(`pruning recovery-point metadata of ${p.app}: ${errorBody(error).message}`);
       }

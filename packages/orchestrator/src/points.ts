@@ -55,6 +55,9 @@ export interface PointSummary {
 
 export const pointName = (app: string, source: string, generation: number) => `${app}/${source}/${generation}`;
 
+/** How `listAll` groups the points of `app` from `source`. */
+export const pointsKey = (app: string, source: string) => `${app}/${source}`;
+
 /** Zstd level: metadata is small and written once per cut; level 3 is zstd's own default. */
 const LEVEL = 3;
 
@@ -114,14 +117,26 @@ export class PointStore {
 
   /** Summaries of this site's points of `app` from `source`, by generation. */
   async list(app: string, source: string): Promise<Map<number, PointSummary>> {
+    return (await this.listAll()).get(pointsKey(app, source)) ?? new Map();
+  }
+
+  /**
+   * Summaries of every point this site holds, by `pointsKey(app, source)` and generation: one
+   * listing of the bucket, for passes over all applications (a listing reads every object's info,
+   * so one per application would cost the square of their number).
+   */
+  async listAll(): Promise<Map<string, Map<number, PointSummary>>> {
     const os = await this.store(this.site);
-    const prefix = `${app}/${source}/`;
-    const out = new Map<number, PointSummary>();
+    const out = new Map<string, Map<number, PointSummary>>();
     for (const info of await os.list()) {
-      if (!info.name.startsWith(prefix) || info.deleted) continue;
-      const generation = Number(info.name.slice(prefix.length));
-      if (!Number.isSafeInteger(generation)) continue;
-      out.set(generation, {
+      if (info.deleted) continue;
+      const slash = info.name.lastIndexOf("/");
+      const generation = Number(info.name.slice(slash + 1));
+      if (slash <= 0 || !Number.isSafeInteger(generation)) continue;
+      const key = info.name.slice(0, slash);
+      const points = out.get(key) ?? new Map<number, PointSummary>();
+      out.set(key, points);
+      points.set(generation, {
         generation,
         consistency: info.metadata?.consistency === "application" ? "application" : "crash",
         reason: info.metadata?.reason || null,
@@ -146,10 +161,17 @@ export class PointStore {
   /**
    * Drop this site's metadata of points no longer kept: everything older than the oldest kept
    * generation, except the newest such (the fallback of points captured without metadata).
+   * `listed`: the points of `app` from `source` as a `listAll` just gave them (else listed here).
    */
-  async prune(app: string, source: string, oldestKept: number): Promise<number> {
+  async prune(
+    app: string,
+    source: string,
+    oldestKept: number,
+    listed?: ReadonlyMap<number, PointSummary>,
+  ): Promise<number> {
     const os = await this.store(this.site);
-    const older = [...(await this.list(app, source)).keys()].filter((g) => g < oldestKept).sort((a, b) => b - a);
+    const points = listed ?? (await this.list(app, source));
+    const older = [...points.keys()].filter((g) => g < oldestKept).sort((a, b) => b - a);
     for (const g of older.slice(1)) await os.delete(pointName(app, source, g));
     return Math.max(0, older.length - 1);
   }
