@@ -46,6 +46,7 @@ describe("renderConfig", () => {
       STORE: "/nonexistent",
       FERRYD_PASSWORD: "p1",
       CLI_PASSWORD: "p2",
+      PEER_PASSWORD: "p4",
       PING_INTERVAL: "10s",
       LEAF_PASSWORD: "p3",
     };
