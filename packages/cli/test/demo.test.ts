@@ -239,8 +239,10 @@ describe("ferry demo --replication (two sites, volume level)", () => {
 
     // Continuous replication with its status, then a sync.
     expect(out).toContain("site-a$ ferry replicate start web-root web-db --to site-b --mode async --interval 1s");
-    expect(out).toMatch(/^\s+VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO$/m);
-    expect(out).toMatch(/^\s+web-root,web-db\s+site-b\s+async\s+\w+\s+\d+\s+[\d.]+s\s+96M\s+\S+\s+[\d.]+x$/m);
+    expect(out).toMatch(/^\s+VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\s+ROUTE$/m);
+    expect(out).toMatch(
+      /^\s+web-root,web-db\s+site-b\s+async\s+\w+\s+\d+\s+[\d.]+s\s+96M\s+\S+\s+[\d.]+x\s+leafnode$/m,
+    );
     expect(out).toMatch(/shipped 96M of volume data as \S+ on the wire \(\d+× smaller\)/);
     expect(out).toContain("site-a$ ferry replicate sync web-root web-db");
     expect(out).toMatch(/stopped replicating web-root, web-db to site-b; it keeps generation \d+/);

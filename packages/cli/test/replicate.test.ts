@@ -162,7 +162,7 @@ describe("ferry replicate between two sites", () => {
       ms: expect.any(Number),
     });
     const table = await ferry.ok(["replicate", "status", "--data", a.data]);
-    expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\n/);
+    expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\s+ROUTE\n/);
     expect(table).toMatch(new RegExp(`a,b\\s+site-b\\s+async\\s+idle\\s+${second.lastCompleteGeneration}\\s`));
 
     // --on-peer-loss (or its older spelling --on-loss) belongs to sync pairs.
@@ -339,7 +339,9 @@ describe("ferry replicate between two sites", () => {
       await qemuIo(sandbox, a.serve.uri("s"), [`write -P ${pattern} ${offset} 64K`, "flush"]);
       await qemuIoReadOnly(b.serve.uri("s"), [`read -P ${pattern} ${offset} 64K`]);
     }
-    expect(await ferry.ok(["replicate", "status", "--data", a.data])).toMatch(/s\s+site-b\s+sync \(active\)\s/);
+    expect(await ferry.ok(["replicate", "status", "--data", a.data])).toMatch(
+      /s\s+site-b\s+sync \(active\)\s.*\sdirect$/m,
+    );
 
     // Failover: A goes away; B takes over and writes; A comes back and gets only what changed.
     await ferry.ok(["replicate", "stop", "s", "--data", a.data]);

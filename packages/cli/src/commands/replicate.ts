@@ -372,8 +372,13 @@ function pairTable(pairs: readonly PairStatus[]): string {
     formatBytes(p.bytesRaw),
     formatBytes(p.bytesWire),
     p.bytesWire === 0 ? "-" : `${p.compressionRatio.toFixed(1)}x`,
+    // direct: to the target's own server (--peer-nats); leafnode: through this site's and the link.
+    p.route || "-",
   ]);
-  const table = formatTable(["VOLUMES", "TARGET", "MODE", "STATE", "LAST GEN", "LAG", "RAW", "WIRE", "RATIO"], rows);
+  const table = formatTable(
+    ["VOLUMES", "TARGET", "MODE", "STATE", "LAST GEN", "LAG", "RAW", "WIRE", "RATIO", "ROUTE"],
+    rows,
+  );
   const errors = pairs.filter((p) => p.lastError !== null).map((p) => `${p.group}: ${p.lastError}`);
   return [table, ...errors].join("\n");
 }
