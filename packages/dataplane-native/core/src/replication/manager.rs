@@ -156,13 +156,7 @@ impl Replication {
                 me.site
             )));
         }
-        let peer_urls = super::route::parse_peers(peers)?;
-        if peer_urls.contains_key(&me.site) {
-            return Err(Error::InvalidArgument(format!(
-                "--peer-nats names this site ({}): give the other sites' servers",
-                me.site
-            )));
-        }
+        let peer_urls = super::route::parse_peers(&me.site, peers)?;
         let nats = connect_nats(nats_url, &me.site).await?;
         let mut peers = BTreeMap::new();
         for (site, url) in peer_urls {

@@ -25,23 +25,26 @@ impl Route {
 
     /// The direct connection while it is up, else this site's own.
     pub fn client(&self) -> &async_nats::Client {
-        match &self.direct {
-            Some(d) if d.connection_state() == State::Connected => d,
-            _ => &self.via_site,
-        }
+        self.direct_up().unwrap_or(&self.via_site)
     }
 
     /// `direct` or `leafnode`: which way the next message goes (pair status shows it).
     pub fn kind(&self) -> &'static str {
-        match &self.direct {
-            Some(d) if d.connection_state() == State::Connected => "direct",
-            _ => "leafnode",
+        match self.direct_up() {
+            Some(_) => "direct",
+            None => "leafnode",
         }
+    }
+
+    fn direct_up(&self) -> Option<&async_nats::Client> {
+        self.direct
+            .as_ref()
+            .filter(|d| d.connection_state() == State::Connected)
     }
 }
 
-/// Peer sites given as `SITE=URL`, checked before anything connects.
-pub fn parse_peers(peers: &[String]) -> Result<BTreeMap<String, String>> {
+/// Peer sites given as `SITE=URL` to the service of site `me`, checked before anything connects.
+pub fn parse_peers(me: &str, peers: &[String]) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for p in peers {
         let Some((site, url)) = p.split_once('=') else {
@@ -62,6 +65,11 @@ pub fn parse_peers(peers: &[String]) -> Result<BTreeMap<String, String>> {
             return Err(Error::InvalidArgument(format!(
                 "peer {site}: '{}' is not a NATS URL; use nats://user:password@host:port",
                 super::manager::redact(url)
+            )));
+        }
+        if site == me {
+            return Err(Error::InvalidArgument(format!(
+                "--peer-nats names this site ({me}): give the other sites' servers"
             )));
         }
         if out.insert(site.to_string(), url.to_string()).is_some() {
