@@ -66,10 +66,15 @@ class AppDemo extends DemoHost {
     const root = await this.makeRoot();
 
     narrator.step(`Three sites on this machine, each with its own nats-server (everything lives in ${root})`);
-    const [sites] = await Promise.all([
+    // Both settle before a failure is passed on: a cleanup that ran while the other start was still
+    // under way would miss what that start makes afterwards (seen: a cluster's temp dir left behind).
+    const [started, prepared] = await Promise.allSettled([
       this.startSites({ parentDir: root, a: { name: SITE_A }, b: { name: SITE_B }, c: {} }),
       this.hybrid.prepare({ a: SITE_A, b: SITE_B }),
     ]);
+    if (started.status === "rejected") throw started.reason;
+    if (prepared.status === "rejected") throw prepared.reason;
+    const sites = started.value;
     const c = sites.c;
     if (c === undefined) throw new SiteStartFailed("the third site did not start");
     narrator.show(describeSites(sites.a, sites.b, c));
