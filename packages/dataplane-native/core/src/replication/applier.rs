@@ -267,6 +267,34 @@ mod tests {
     }
 
     #[test]
+    fn later_changes_to_the_same_bytes_win_across_batches() {
+        let (_t, v) = replica(1 << 20);
+        apply_generation(
+            &v,
+            1,
+            vec![Change::Data {
+                offset: 0,
+                data: vec![1u8; 131072].into(),
+            }],
+        );
+        // Many small pushes over the same two blocks (one straddling them): they are journaled
+        // and written in several batches, and the last one pushed must be what the replica holds.
+        let changes = (0..200u32)
+            .map(|i| Change::Data {
+                offset: 4096 * u64::from(i % 3),
+                data: vec![(i % 251) as u8; 65536 + 4096].into(),
+            })
+            .collect();
+        apply_generation(&v, 2, changes);
+        let mut want = vec![1u8; 131072];
+        for i in 0..200usize {
+            let at = 4096 * (i % 3);
+            want[at..at + 65536 + 4096].fill((i % 251) as u8);
+        }
+        assert_eq!(read(&v, 0, 131072), want);
+    }
+
+    #[test]
     fn changes_queued_for_an_ended_generation_are_refused_not_written() {
         let (_t, v) = replica(4 << 20);
         apply_generation(
