@@ -41,6 +41,7 @@ for (const name of ["stop"]) {
 
 export const VolumeService = native.VolumeService;
 export const parseSize = wrap(native.parseSize);
+export const checkPeerNats = wrap(native.checkPeerNats);
 export const createVolume = wrap(native.createVolume);
 export const listVolumes = wrap(native.listVolumes);
 export const deleteVolume = wrap(native.deleteVolume);

@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { qemuIo, Sandbox } from "@ferry/testkit";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import {
+  checkPeerNats,
   createVolume,
   cutVolumes,
   deleteVolume,
@@ -67,6 +68,20 @@ describe("parseSize", () => {
     const error = await failure(() => parseSize("12Q"));
     expect(error.code).toBe("ERR_BAD_SIZE");
     expect(error.message).toContain("12Q");
+  });
+});
+
+describe("checkPeerNats", () => {
+  it("accepts other sites' NATS servers", () => {
+    expect(checkPeerNats("site-a", ["site-b=nats://peer:pw@127.0.0.1:4222", "site-c=tls://h:1"])).toBeUndefined();
+  });
+
+  it("throws ERR_INVALID_ARGUMENT naming the value, its password masked", async () => {
+    const error = await failure(() => checkPeerNats("site-a", ["site-b=http://peer:secret@h:1"]));
+    expect(error.code).toBe("ERR_INVALID_ARGUMENT");
+    expect(error.message).toBe(
+      "invalid argument: --peer-nats site-b: 'http://peer:***@h:1' is not a NATS URL; use nats://peer:PASSWORD@host:port",
+    );
   });
 });
 

@@ -109,6 +109,15 @@ pub fn parse_size(input: String) -> Result<f64> {
         .map_err(js_err)
 }
 
+/// Check `--peer-nats` values (`SITE=URL`, another site's NATS server) of a service joining
+/// `site`: throws `ERR_INVALID_ARGUMENT` saying which value is wrong and how, its password masked.
+#[napi]
+pub fn check_peer_nats(site: String, peers: Vec<String>) -> Result<()> {
+    ferry_dataplane::replication::route::parse_peers(&site, &peers)
+        .map(|_| ())
+        .map_err(js_err)
+}
+
 fn admin(data_dir: &str) -> ferry_dataplane::Result<Admin> {
     Admin::open(&PathBuf::from(data_dir))
 }

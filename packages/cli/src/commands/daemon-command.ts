@@ -66,9 +66,9 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
         "as --kubeconfig does",
     )
     .action(async (options: DaemonOptions, command: Command) => {
-      let join: ReturnType<typeof joinedSite>;
+      let join: Awaited<ReturnType<typeof joinedSite>>;
       try {
-        join = joinedSite(siteOptions(command, options));
+        join = await joinedSite(siteOptions(command, options));
       } catch (error) {
         if (error instanceof SiteOptionsError) command.error(`${error.message}`, { code: "ferry.siteOptions" });
         throw error;

@@ -76,38 +76,19 @@ export const PEER_NATS_OPTION = [
   [] as string[],
 ] as const;
 
-const SITE_NAME = /^[A-Za-z0-9_-]{1,64}$/;
-
-/** A value that may hold a NATS URL, fit for a message: its password masked. */
-function masked(value: string): string {
-  return value.replace(/:\/\/([^:@/]*):[^@/]*@/, "://$1:***@");
-}
-
-/** `--peer-nats` values checked: SITE=URL, a NATS URL, never this site. */
-function peerNats(site: string, peers: readonly string[]): string[] {
-  const seen = new Set<string>();
-  for (const peer of peers) {
-    const eq = peer.indexOf("=");
-    const name = eq < 0 ? "" : peer.slice(0, eq);
-    const url = peer.slice(eq + 1);
-    if (eq < 0 || !SITE_NAME.test(name)) {
-      throw new SiteOptionsError(
-        `--peer-nats '${masked(peer)}' is not SITE=URL: give the other site's name and its server, e.g. --peer-nats site-b=nats://peer:PASSWORD@host:4222`,
-      );
+/**
+ * `--peer-nats` values checked by the data plane, which parses them again when the service starts:
+ * SITE=URL, a NATS URL, never this site, each site once.
+ */
+async function peerNats(site: string, peers: readonly string[]): Promise<string[]> {
+  const native = await dataplane();
+  try {
+    native.checkPeerNats(site, [...peers]);
+  } catch (error) {
+    if ((error as { code?: unknown }).code === "ERR_INVALID_ARGUMENT" && error instanceof Error) {
+      throw new SiteOptionsError(error.message);
     }
-    let protocol = "";
-    try {
-      protocol = new URL(url).protocol;
-    } catch {}
-    if (protocol !== "nats:" && protocol !== "tls:") {
-      throw new SiteOptionsError(
-        `--peer-nats ${name}: '${masked(url)}' is not a NATS URL; use nats://peer:PASSWORD@host:port`,
-      );
-    }
-    if (name === site)
-      throw new SiteOptionsError(`--peer-nats names this site (${site}): give the other sites' servers`);
-    if (seen.has(name)) throw new SiteOptionsError(`--peer-nats gives site ${name} twice`);
-    seen.add(name);
+    throw error;
   }
   return [...peers];
 }
@@ -120,7 +101,7 @@ export class SiteOptionsError extends Error {}
  * go together: a service with only some of them could neither ship nor receive, so it is refused
  * before anything starts.
  */
-export function joinedSite(options: SiteOptions): SiteJoin | undefined {
+export async function joinedSite(options: SiteOptions): Promise<SiteJoin | undefined> {
   const given = (["site", "region", "nats"] as const).filter((o) => options[o] !== undefined);
   if (given.length === 0) {
     if (options.allowRegions !== undefined) {
@@ -162,7 +143,7 @@ export function joinedSite(options: SiteOptions): SiteJoin | undefined {
       );
     }
   }
-  return { site, region, nats, allowRegions, peerNats: peerNats(site, options.peerNats ?? []) };
+  return { site, region, nats, allowRegions, peerNats: await peerNats(site, options.peerNats ?? []) };
 }
 
 const STOP_SIGNALS = ["SIGTERM", "SIGINT"] as const;

@@ -136,7 +136,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
     .action(async (options: DataOption & ServeOptions, command: Command) => {
       let join: SiteJoin | undefined;
       try {
-        join = joinedSite(siteOptions(command, options));
+        join = await joinedSite(siteOptions(command, options));
       } catch (error) {
         if (error instanceof SiteOptionsError) command.error(error.message, { code: "ferry.siteOptions" });
         throw error;
