@@ -271,6 +271,22 @@ fn compress(level: i32, data: &[u8], out: &mut std::io::Cursor<Vec<u8>>) -> std:
     })
 }
 
+/// Decompress with this thread's zstd context, kept between frames as the compressor's is.
+fn decompress(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        let d = match slot.as_mut() {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress_to_buffer(payload, out)
+    })
+}
+
 /// Encode data frame `seq` saying that `[offset, offset + length)` reads as zeroes — for ranges
 /// known to be holes or zeroes, without reading them.
 pub fn encode_zero(
@@ -516,8 +532,7 @@ impl<'a> Frame<'a> {
         // Bulk decompression writes into the buffer's capacity and fails rather than grow it, so
         // a payload claiming more than `length` costs no more memory than `length`.
         let mut out = Vec::with_capacity(length);
-        let result = zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(self.payload, &mut out));
+        let result = decompress(self.payload, &mut out);
         match result {
             Ok(n) if n == length => Ok(out),
             Ok(n) => Err(refuse(format!(
