@@ -125,10 +125,11 @@ export class LibvirtVmAdapter implements VmAdapter {
    * volume service went away (a ferryd restart) and the disks' error policy (`stop`, set when a
    * disk is put on Ferry) paused them instead of failing the guest's I/O; QEMU's NBD client
    * reconnects by itself, so they go on where they stopped. A VM paused for another reason (by a
-   * user) is left alone. Answers the names resumed; ferryd calls it every few seconds.
+   * user) is left alone, and so are the VMs named in `skip`. Answers the names resumed; ferryd calls
+   * it every few seconds.
    */
-  async resumePausedOnError(): Promise<string[]> {
-    const paused = (await this.list()).filter((vm) => vm.state === "paused" && vm.ferryDisks > 0);
+  async resumePausedOnError(skip: ReadonlySet<string> = new Set()): Promise<string[]> {
+    const paused = (await this.list()).filter((vm) => vm.state === "paused" && vm.ferryDisks > 0 && !skip.has(vm.name));
     const resumed: string[] = [];
     for (const vm of paused) {
       if (await this.libvirt.resumeIfPausedOnIoError(vm.name)) resumed.push(vm.name);

@@ -94,27 +94,67 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
 
 /** The VM adapter's part that resumes VMs paused on an I/O error (`LibvirtVmAdapter`). */
 interface PausedVms {
-  resumePausedOnError(): Promise<string[]>;
+  resumePausedOnError(skip?: ReadonlySet<string>): Promise<string[]>;
 }
 
 /** How often ferryd looks for VMs paused on an I/O error (their disks' server was away). */
 const PAUSED_VM_CHECK_MS = 2_000;
+/** A VM found paused again within this long of the end of its wait counts as failing again. */
+const PAUSED_AGAIN_WITHIN_MS = 30_000;
+/** The longest wait before a VM that keeps failing is resumed once more. */
+const PAUSED_VM_MAX_WAIT_MS = 60_000;
+
+/**
+ * When to resume a VM paused on an I/O error again. Once is the usual case (its disks' server
+ * restarted); a VM paused again soon after each resume has disks failing for another reason, and
+ * resuming it every few seconds would only run its guest into the error again: the wait doubles
+ * with each repeat, up to a minute, and starts over once a resume holds for a while (the VM is
+ * not found paused within 30 s of its wait's end).
+ */
+export class PausedVmBackoff {
+  private readonly vms = new Map<string, { repeats: number; nextAt: number }>();
+
+  /** VMs not to resume at `now`: their wait is not over. */
+  waiting(now: number): Set<string> {
+    return new Set([...this.vms].filter(([, v]) => v.nextAt > now).map(([name]) => name));
+  }
+
+  /** `name` was resumed at `now`; answers how often in a row it had been paused again soon after. */
+  resumed(name: string, now: number): number {
+    const last = this.vms.get(name);
+    // Only checked every few seconds, and not at all while it waits: paused again soon after its
+    // last resume shows as found paused soon after its wait ended.
+    const repeats = last !== undefined && now - last.nextAt < PAUSED_AGAIN_WITHIN_MS ? last.repeats + 1 : 0;
+    const wait = Math.min(PAUSED_VM_MAX_WAIT_MS, PAUSED_VM_CHECK_MS * 2 ** repeats);
+    this.vms.set(name, { repeats, nextAt: now + wait });
+    return repeats;
+  }
+}
 
 /**
  * Resume this host's VMs that libvirt paused on an I/O error of a Ferry disk — what a restart of
- * ferryd (their NBD server) does to a running guest — at once and every few seconds; each resume
- * is logged. Answers how to stop it.
+ * ferryd (their NBD server) does to a running guest — at once and every few seconds (a VM that
+ * keeps being paused again, less and less often: `PausedVmBackoff`); each resume is logged.
+ * Answers how to stop it.
  */
 function watchPausedVms(adapter: PausedVms, io: ProgramIo): () => void {
   let running = false;
+  const backoff = new PausedVmBackoff();
   const check = () => {
     if (running) return;
     running = true;
     adapter
-      .resumePausedOnError()
+      .resumePausedOnError(backoff.waiting(Date.now()))
       .then((names) => {
         for (const name of names) {
-          io.writeErr(`ferryd: resumed VM ${name}, paused on an I/O error while its Ferry disks' server was away\n`);
+          const repeats = backoff.resumed(name, Date.now());
+          const again =
+            repeats > 0
+              ? ` (paused again soon after ${repeats} resume${repeats === 1 ? "" : "s"} in a row: check its disks; next resume waits longer)`
+              : "";
+          io.writeErr(
+            `ferryd: resumed VM ${name}, paused on an I/O error while its Ferry disks' server was away${again}\n`,
+          );
         }
       })
       .catch((error: Error) => io.writeErr(`ferryd: cannot check for VMs paused on an I/O error: ${error.message}\n`))
