@@ -29,13 +29,23 @@ export interface VolumeBinding {
   storageClassName: string | null;
 }
 
-/** The selected PVCs that are bound to Ferry volumes, with those volumes. */
-export async function captureVolumes(kubeConfig: KubeConfig, selection: Selection): Promise<VolumeBinding[]> {
+/**
+ * The selected PVCs that are bound to Ferry volumes, with those volumes. `claims`: the selected PVCs
+ * by namespace when the caller listed them already (`captureSelection` does).
+ */
+export async function captureVolumes(
+  kubeConfig: KubeConfig,
+  selection: Selection,
+  claims?: ReadonlyMap<string, readonly KubeClaim[]>,
+): Promise<VolumeBinding[]> {
   const api = KubernetesObjectApi.makeApiClient(kubeConfig);
   const labelSelector = selectorQuery(selection.labelSelector);
   const bindings: VolumeBinding[] = [];
   for (const namespace of selection.namespaces) {
-    for (const claim of await listSelected<KubeClaim>(api, "v1", "PersistentVolumeClaim", namespace, labelSelector)) {
+    const listed =
+      claims?.get(namespace) ??
+      (await listSelected<KubeClaim>(api, "v1", "PersistentVolumeClaim", namespace, labelSelector));
+    for (const claim of listed) {
       const pvName = claim.spec?.volumeName;
       if (pvName === undefined || pvName === "") continue;
       const pv = await readIfPresent<V1PersistentVolume>(api, {
@@ -58,7 +68,7 @@ export async function captureVolumes(kubeConfig: KubeConfig, selection: Selectio
   return bindings.sort((a, b) => `${a.namespace}/${a.claim}`.localeCompare(`${b.namespace}/${b.claim}`));
 }
 
-interface KubeClaim {
+export interface KubeClaim {
   apiVersion?: string;
   kind?: string;
   metadata?: { name?: string; namespace?: string };

@@ -24,6 +24,7 @@ import { captureVolumes, restoreVolumes, type VolumeBinding } from "./ferry-volu
 import {
   CAPTURED_KINDS,
   captureSelection,
+  customKinds,
   listSelected,
   type Manifest,
   type RestoreOptions,
@@ -99,14 +100,16 @@ export class KubernetesAdapter implements K8sAdapter {
 
   async capture(members: readonly string[]): Promise<MemberCapture[]> {
     const captures: MemberCapture[] = [];
+    // The cluster's custom kinds once for all members, each member's claims once for both uses.
+    const custom = members.length === 0 ? undefined : await customKinds(this.kubeConfig);
     for (const member of members) {
       const selection = memberSelection(member);
-      const { objects, unreadable } = await captureSelection(this.kubeConfig, selection);
+      const { objects, unreadable, claims } = await captureSelection(this.kubeConfig, selection, custom);
       const metadata: KubernetesCapture = {
         namespace: selection.namespaces[0],
         labelSelector: typeof selection.labelSelector === "string" ? selection.labelSelector : null,
         objects,
-        volumes: await captureVolumes(this.kubeConfig, selection),
+        volumes: await captureVolumes(this.kubeConfig, selection, claims),
         ...(unreadable.length === 0 ? {} : { unreadable }),
       };
       captures.push({ kind: "kubernetes", name: member, metadata });

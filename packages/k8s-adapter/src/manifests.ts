@@ -164,16 +164,20 @@ export async function captureObjects(kubeConfig: KubeConfig, selection: Selectio
 /**
  * The selected objects of the built-in kinds and of the cluster's custom resources, portable, in
  * restore order; `unreadable` names the custom kinds this identity may not list (a capture goes on
- * without them and says so, rather than failing the whole application's point).
+ * without them and says so, rather than failing the whole application's point). `claims` are the
+ * selected PersistentVolumeClaims as the cluster holds them (bound volume included), by namespace,
+ * for `captureVolumes`. `custom`: the cluster's custom kinds when the caller listed them already
+ * (one listing for every member of a capture).
  */
 export async function captureSelection(
   kubeConfig: KubeConfig,
   selection: Selection,
-): Promise<{ objects: Manifest[]; unreadable: string[] }> {
+  custom?: Awaited<ReturnType<typeof customKinds>>,
+): Promise<{ objects: Manifest[]; unreadable: string[]; claims: Map<string, KubernetesObject[]> }> {
   const api = KubernetesObjectApi.makeApiClient(kubeConfig);
   const labelSelector = selectorQuery(selection.labelSelector);
   const captured: Manifest[] = [];
-  const custom = await customKinds(kubeConfig);
+  custom ??= await customKinds(kubeConfig);
   const unreadable = custom.unreadable === null ? [] : [custom.unreadable];
   for (const { apiVersion, kind } of custom.kinds) {
     for (const namespace of selection.namespaces) {
@@ -186,15 +190,17 @@ export async function captureSelection(
     }
   }
   const builtIn: Manifest[] = [];
+  const claims = new Map<string, KubernetesObject[]>();
   for (const { apiVersion, kind } of CAPTURED_KINDS) {
     for (const namespace of selection.namespaces) {
       const items = (await listSelected(api, apiVersion, kind, namespace, labelSelector)).filter(
         (item) => !clusterMade(item),
       );
+      if (kind === "PersistentVolumeClaim") claims.set(namespace, items);
       builtIn.push(...sortedPortable(items, apiVersion, kind));
     }
   }
-  return { objects: [...builtIn, ...captured], unreadable };
+  return { objects: [...builtIn, ...captured], unreadable, claims };
 }
 
 function sortedPortable(items: KubernetesObject[], apiVersion: string, kind: string): Manifest[] {
