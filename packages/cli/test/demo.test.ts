@@ -104,6 +104,11 @@ describe("ferry demo (applications across three sites)", () => {
     const out = result.stdout;
     expect(out).toMatch(/^\s+site-c\s+us-east\s+pid \d+\s+127\.0\.0\.1:\d+\s+dials site-a$/m);
     expect(out).toMatch(/FERRY_NATS=nats:\/\/ferryd:…@127\.0\.0\.1:\d+ ferry daemon --socket/);
+    // A and B also connect straight to each other's server, the password kept out of sight.
+    expect(out).toMatch(
+      /site-a\$ FERRY_NATS=nats:\/\/ferryd:…@127\.0\.0\.1:\d+ FERRY_PEER_NATS='site-b=nats:\/\/peer:…@127\.0\.0\.1:\d+' ferry daemon/,
+    );
+    expect(out).toMatch(/ferryd: serving 0 volumes .* as site site-a .*direct to site-b at 127\.0\.0\.1:\d+/);
     expect(out).toMatch(
       /ferryd: serving 0 volumes .* as site site-b \(region eu-de\).*orchestrator leading site site-b/,
     );
@@ -235,14 +240,14 @@ describe("ferry demo --replication (two sites, volume level)", () => {
     expect(out).toContain("leafnode link site-b → site-a is up");
     expect(out).toMatch(/ferry: serving 0 volumes .* as site site-a \(region eu-es, copies only to eu-es, eu-de\)/);
     expect(out).toMatch(/ferry: serving 0 volumes .* as site site-b \(region eu-de\)/);
-    expect(out).toMatch(/FERRY_NATS=nats:\/\/ferryd:…@127\.0\.0\.1:\d+ ferry volume serve/);
+    expect(out).toMatch(
+      /FERRY_NATS=nats:\/\/ferryd:…@127\.0\.0\.1:\d+ FERRY_PEER_NATS='site-b=nats:\/\/peer:…@127\.0\.0\.1:\d+' ferry volume serve/,
+    );
 
     // Continuous replication with its status, then a sync.
     expect(out).toContain("site-a$ ferry replicate start web-root web-db --to site-b --mode async --interval 1s");
     expect(out).toMatch(/^\s+VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\s+ROUTE$/m);
-    expect(out).toMatch(
-      /^\s+web-root,web-db\s+site-b\s+async\s+\w+\s+\d+\s+[\d.]+s\s+96M\s+\S+\s+[\d.]+x\s+leafnode$/m,
-    );
+    expect(out).toMatch(/^\s+web-root,web-db\s+site-b\s+async\s+\w+\s+\d+\s+[\d.]+s\s+96M\s+\S+\s+[\d.]+x\s+direct$/m);
     expect(out).toMatch(/shipped 96M of volume data as \S+ on the wire \(\d+× smaller\)/);
     expect(out).toContain("site-a$ ferry replicate sync web-root web-db");
     expect(out).toMatch(/stopped replicating web-root, web-db to site-b; it keeps generation \d+/);
@@ -279,7 +284,9 @@ describe("ferry demo --replication (two sites, volume level)", () => {
 
     // --on-peer-loss suspend: B's service stops, a write at A still completes, the pair suspends; B's
     // service comes back, the pair resends what changed (not the whole volume) and is active again.
-    const firstServiceOfB = Number(/\(region eu-de\) via NATS \S+ \(pid (\d+)\)/.exec(out)?.[1]);
+    const firstServiceOfB = Number(
+      /\(region eu-de\) via NATS \S+, direct to site-a at \S+ \(pid (\d+)\)/.exec(out)?.[1],
+    );
     const lost = out.slice(out.indexOf("== Site B's volume service stops"), out.indexOf("== Data check"));
     expect(lost).toMatch(
       new RegExp(

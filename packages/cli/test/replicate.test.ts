@@ -458,7 +458,18 @@ describe("ferry volume serve joining a site", () => {
         /--site is missing \(--nats came from \$FERRY_NATS\)/,
       ],
       [["--allow-regions", "eu-de"], env, /--allow-regions applies to a service that joins a site/],
-      [["--peer-nats", "site-b=nats://peer:pw@h:1"], env, /--peer-nats applies to a service that joins a site/],
+      [
+        ["--peer-nats", "site-b=nats://peer:pw@h:1"],
+        env,
+        /--peer-nats \(or \$FERRY_PEER_NATS\) applies to a service that joins a site/,
+      ],
+      [[], { ...env, FERRY_PEER_NATS: "site-b=nats://peer:pw@h:1" }, /--peer-nats \(or \$FERRY_PEER_NATS\) applies/],
+      // From the environment too, each of several space-separated values checked.
+      [
+        ["--site", "site-a", "--region", "eu-es", "--nats", sites.a.url],
+        { ...env, FERRY_PEER_NATS: `site-c=nats://h:1 site-b=http://peer:secret@h:1` },
+        /--peer-nats site-b: 'http:\/\/peer:\*\*\*@h:1' is not a NATS URL/,
+      ],
       ...[
         ["site-b", /--peer-nats 'site-b' is not SITE=URL/],
         ["site-b=http://peer:secret@h:1", /--peer-nats site-b: 'http:\/\/peer:\*\*\*@h:1' is not a NATS URL/],

@@ -5,7 +5,7 @@
  * With a site to join, the service also sends and receives replication over that site's NATS.
  */
 import { natsHost } from "@ferry/orchestrator";
-import type { Command } from "commander";
+import { type Command, Option } from "commander";
 import { dataplane } from "../dataplane.js";
 import type { ProgramIo } from "../program.js";
 
@@ -66,15 +66,22 @@ export function siteOptions(
   };
 }
 
-/** The repeatable `--peer-nats SITE=URL` option of the serving commands. */
-export const PEER_NATS_OPTION = [
-  "--peer-nats <site=url>",
-  "also connect straight to another site's NATS server (its user peer, nats://peer:password@host:port) and send " +
-    "replication to that site there: one server relays each message instead of two, which shortens every " +
-    "synchronous write; the leafnode route is used whenever that connection is down (repeat per site)",
-  (value: string, all: string[]) => [...all, value],
-  [] as string[],
-] as const;
+/** Where the serving commands also read `--peer-nats` values (space-separated), keeping passwords off the command line. */
+export const PEER_NATS_ENV = "FERRY_PEER_NATS";
+
+/** The repeatable `--peer-nats SITE=URL` option of the serving commands (or $FERRY_PEER_NATS). */
+export function peerNatsOption(): Option {
+  return new Option(
+    "--peer-nats <site=url>",
+    "also connect straight to another site's NATS server (its user peer, nats://peer:password@host:port) and send " +
+      "replication to that site there: one server relays each message instead of two, which shortens every " +
+      "synchronous write; the leafnode route is used whenever that connection is down (repeat per site; in " +
+      `$${PEER_NATS_ENV}, separate them by spaces)`,
+  )
+    .env(PEER_NATS_ENV)
+    .argParser((value: string, all: string[]) => [...all, ...value.split(/\s+/).filter((v) => v !== "")])
+    .default([] as string[]);
+}
 
 /**
  * `--peer-nats` values checked by the data plane, which parses them again when the service starts:
@@ -86,7 +93,7 @@ async function peerNats(site: string, peers: readonly string[]): Promise<string[
     native.checkPeerNats(site, [...peers]);
   } catch (error) {
     if ((error as { code?: unknown }).code === "ERR_INVALID_ARGUMENT" && error instanceof Error) {
-      throw new SiteOptionsError(error.message);
+      throw new SiteOptionsError(error.message.replace(/^invalid argument: /, ""));
     }
     throw error;
   }
@@ -110,7 +117,9 @@ export async function joinedSite(options: SiteOptions): Promise<SiteJoin | undef
       );
     }
     if ((options.peerNats ?? []).length > 0) {
-      throw new SiteOptionsError("--peer-nats applies to a service that joins a site: add --site, --region and --nats");
+      throw new SiteOptionsError(
+        `--peer-nats (or $${PEER_NATS_ENV}) applies to a service that joins a site: add --site, --region and --nats`,
+      );
     }
     return undefined;
   }

@@ -13,7 +13,7 @@ import { importVolumeWithProgress } from "./volume-import.js";
 import {
   DEFAULT_LISTEN,
   joinedSite,
-  PEER_NATS_OPTION,
+  peerNatsOption,
   type SiteJoin,
   SiteOptionsError,
   serveVolumes,
@@ -131,7 +131,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
       "--allow-regions <regions>",
       "comma-separated regions allowed to hold copies of this site's volumes (default: any)",
     )
-    .option(...PEER_NATS_OPTION)
+    .addOption(peerNatsOption())
     .addOption(new Option("--untracked", "benchmarks only: serve without changed-block tracking").hideHelp())
     .action(async (options: DataOption & ServeOptions, command: Command) => {
       let join: SiteJoin | undefined;

@@ -81,8 +81,9 @@ class AppDemo extends DemoHost {
     await this.hybrid.describe();
 
     narrator.step("Each site runs ferryd: its volume service and its orchestrator in one process");
-    const a = await this.startFerryd(sites.a);
-    const b = await this.startFerryd(sites.b);
+    // A and B replicate with each other: each also connects straight to the other's server.
+    const a = await this.startFerryd(sites.a, [sites.b]);
+    const b = await this.startFerryd(sites.b, [sites.a]);
     await this.startFerryd(c);
     narrator.show(
       "(the commands below reach a site's ferryd over NATS: FERRY_NATS is that site's cli user, FERRY_SITE its name)",
@@ -277,8 +278,14 @@ class AppDemo extends DemoHost {
     return "Done: every operation verified byte for byte, and everything stopped again";
   }
 
-  private startFerryd(nats: Site): Promise<DemoSite> {
-    return this.startService(nats, { command: "daemon", allowRegions: [], ...this.hybrid.ferrydOptions(nats.name) });
+  /** ferryd of a site, sending straight to the servers of `peers` (the direct route, `--peer-nats`). */
+  private startFerryd(nats: Site, peers: readonly Site[] = []): Promise<DemoSite> {
+    return this.startService(nats, {
+      command: "daemon",
+      allowRegions: [],
+      peerNats: peers.map((p) => `${p.name}=${p.peerUrl}`),
+      ...this.hybrid.ferrydOptions(nats.name),
+    });
   }
 
   /** `web`: today the VM; Kubernetes objects and their PVCs join it as further members. */

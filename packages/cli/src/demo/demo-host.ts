@@ -97,7 +97,7 @@ export abstract class DemoHost {
   /** Start a site's service process in `<root>/<site>`, shown as the command a user would type. */
   protected async startService(
     nats: Site,
-    extra: Pick<SiteServiceSpec, "command" | "allowRegions" | "libvirt" | "kubernetes">,
+    extra: Pick<SiteServiceSpec, "command" | "allowRegions" | "peerNats" | "libvirt" | "kubernetes">,
   ): Promise<DemoSite> {
     const dataDir = join(this.root ?? tmpdir(), nats.name);
     await mkdir(dataDir, { recursive: true });

@@ -23,6 +23,8 @@ export interface SiteServiceSpec {
   socket: string;
   /** Regions allowed to hold copies of this site's volumes; empty: any. */
   allowRegions: readonly string[];
+  /** `SITE=nats://peer:<password>@host:port` of the sites it sends to straight (the direct route). */
+  peerNats?: readonly string[] | undefined;
   /** ferryd only: the site's libvirtd, whose VMs can then be application members. */
   libvirt?: string | undefined;
   /** ferryd only: the site's Kubernetes cluster, whose objects can then be application members. */
@@ -57,15 +59,16 @@ export class SiteService {
   static spawn(spec: SiteServiceSpec): SiteService {
     const child = spawn(process.execPath, [spec.bin, ...subcommand(spec), ...serveArgs(spec)], {
       stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, FERRY_DATA: spec.dataDir, FERRY_NATS: spec.nats },
+      env: { ...process.env, FERRY_DATA: spec.dataDir, FERRY_NATS: spec.nats, FERRY_PEER_NATS: peers(spec) },
     });
     return new SiteService(spec, child);
   }
 
   /** The command as a user at the site would type it, with the NATS password left out. */
   static commandLine(spec: SiteServiceSpec): string {
-    const nats = spec.nats.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:…@");
-    return `FERRY_NATS=${nats} ferry ${subcommand(spec).join(" ")} ${serveArgs(spec).map(shellWord).join(" ")} &`;
+    const hide = (url: string) => url.replace(/\/\/([^:@/]+):[^@/]*@/g, "//$1:…@");
+    const direct = spec.peerNats?.length ? `FERRY_PEER_NATS=${shellWord(hide(peers(spec)))} ` : "";
+    return `FERRY_NATS=${hide(spec.nats)} ${direct}ferry ${subcommand(spec).join(" ")} ${serveArgs(spec).map(shellWord).join(" ")} &`;
   }
 
   /** `ferry volume serve` or `ferryd`, for messages. */
@@ -133,6 +136,11 @@ export class SiteService {
     await endProcess(this.child, `${this.what} of ${this.spec.site}`, { graceMs: STOP_GRACE_MS });
     this.releaseGuard();
   }
+}
+
+/** The value of $FERRY_PEER_NATS: every peer, space-separated (the URLs hold passwords: not on the command line). */
+function peers(spec: SiteServiceSpec): string {
+  return (spec.peerNats ?? []).join(" ");
 }
 
 function subcommand(spec: SiteServiceSpec): string[] {

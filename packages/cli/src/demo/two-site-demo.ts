@@ -60,8 +60,12 @@ class TwoSiteDemo extends DemoHost {
     for (const line of describeSites(pair)) narrator.show(line);
 
     narrator.step("Each site runs its own volume service, joined to its site's NATS");
-    const a = await this.startService(pair.a, { allowRegions: [pair.a.region, pair.b.region] });
-    const b = await this.startService(pair.b, { allowRegions: [] });
+    // Each also connects straight to the other's server (the direct route, `--peer-nats`).
+    const a = await this.startService(pair.a, {
+      allowRegions: [pair.a.region, pair.b.region],
+      peerNats: [`${pair.b.name}=${pair.b.peerUrl}`],
+    });
+    const b = await this.startService(pair.b, { allowRegions: [], peerNats: [`${pair.a.name}=${pair.a.peerUrl}`] });
     narrator.show(`(commands at each site run with FERRY_DATA=${a.dataDir}, resp. ${b.dataDir})`);
 
     narrator.step("Create two volumes at site A; replicated together, they form one consistency group");
@@ -267,7 +271,7 @@ class TwoSiteDemo extends DemoHost {
     );
 
     narrator.step("Site B's volume service is back: the pair resends what changed and is synchronous again");
-    const back = await this.startService(b.nats, { allowRegions: [] });
+    const back = await this.startService(b.nats, { allowRegions: [], peerNats: [`${a.nats.name}=${a.nats.peerUrl}`] });
     b.service = back.service;
     const resumed = await this.syncActive(a, name);
     await this.readAtReplica(order, a, b);
