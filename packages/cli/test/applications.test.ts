@@ -152,7 +152,15 @@ describe("applications across two sites", () => {
     expect(status?.rpoMet).toBe(true);
     expect(status?.lagSeconds).toBeLessThan(5);
 
-    const metrics = await (await fetch(`${ferryd.a.metrics}/metrics`)).text();
+    // The scheduler publishes a protection's series at its next tick (every second).
+    const metrics = await waitFor(
+      "shop's RPO in the metrics",
+      async () => {
+        const text = await (await fetch(`${ferryd.a.metrics}/metrics`)).text();
+        return text.includes('ferry_rpo_met{app="shop",target="site-b"}') && text;
+      },
+      { timeoutMs: 10_000 },
+    );
     expect(metrics).toContain('ferry_rpo_met{app="shop",target="site-b"} 1');
     expect(metrics).toContain("ferry_leader 1");
     expect(metrics).toMatch(/ferry_replication_lag_seconds\{app="shop",target="site-b"\} \d/);
