@@ -32,7 +32,9 @@ interface Manifest {
 }
 
 type PodOwner = {
-  template: { spec: { automountServiceAccountToken?: boolean; containers: { args: string[]; image: string }[] } };
+  template: {
+    spec: { automountServiceAccountToken?: boolean; containers: { args: string[]; image: string; env?: unknown[] }[] };
+  };
 };
 
 async function helm(args: string[]) {
@@ -236,17 +238,26 @@ describe("Helm chart infra/helm/ferry", () => {
       "ferryd.peers[0].site=site-b",
       "ferryd.peers[0].urlSecret.name=peer-b",
       "ferryd.peers[0].urlSecret.key=url",
+      "ferryd.peers[1].site=site-c",
+      "ferryd.peers[1].urlSecret.name=peer-c",
+      "ferryd.peers[1].urlSecret.key=url",
     );
     const container = (manifests.find((m) => m.kind === "StatefulSet")?.spec as PodOwner | undefined)?.template.spec
       .containers[0];
-    expect(container?.args).toContain("--peer-nats=site-b=$(FERRY_PEER_0)");
-    expect(JSON.stringify(container)).toContain(
-      '{"name":"FERRY_PEER_0","valueFrom":{"secretKeyRef":{"name":"peer-b","key":"url"}}}',
+    // In the environment, from the Secrets: no password on the command line.
+    expect(container?.args.some((a) => a.startsWith("--peer-nats"))).toBe(false);
+    const env = JSON.stringify(container?.env);
+    expect(env).toContain('{"name":"FERRY_PEER_0","valueFrom":{"secretKeyRef":{"name":"peer-b","key":"url"}}}');
+    expect(env).toContain('{"name":"FERRY_PEER_1","valueFrom":{"secretKeyRef":{"name":"peer-c","key":"url"}}}');
+    // After the variables it refers to, as the kubelet's expansion needs.
+    expect(env).toMatch(
+      /FERRY_PEER_1.*"name":"FERRY_PEER_NATS","value":"site-b=\$\(FERRY_PEER_0\) site-c=\$\(FERRY_PEER_1\)"/,
     );
     const defaults = await render();
     const plain = (defaults.find((m) => m.kind === "StatefulSet")?.spec as PodOwner | undefined)?.template.spec
       .containers[0];
     expect(plain?.args.some((a) => a.startsWith("--peer-nats"))).toBe(false);
+    expect(JSON.stringify(plain?.env)).not.toContain("FERRY_PEER");
   });
 
   it("passes the NATS settings to both workloads", async () => {
