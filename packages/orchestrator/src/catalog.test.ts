@@ -1,33 +1,18 @@
 import { randomBytes } from "node:crypto";
-import { startTwoSites, type TwoSites } from "@ferry/testkit";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { Catalog } from "./catalog.js";
 import { type PointMetadata, PointStore } from "./points.js";
+import { twoSitesForTests } from "./two-sites.test-support.js";
 
-let sites: TwoSites;
-let a: NatsConnection;
-let b: NatsConnection;
-
-beforeAll(async () => {
-  sites = await startTwoSites();
-  a = await connect({ servers: sites.a.server, user: "ferryd", pass: sites.a.users.ferryd.password });
-  b = await connect({ servers: sites.b.server, user: "ferryd", pass: sites.b.users.ferryd.password });
-});
-
-afterAll(async () => {
-  await a?.close();
-  await b?.close();
-  await sites?.stop();
-});
+const t = twoSitesForTests();
 
 describe("the catalog in the site's KV", () => {
   it("loads what another ferryd of the site wrote, deletes included", async () => {
-    const writer = await Catalog.open(a);
+    const writer = await Catalog.open(t.a);
     for (const name of ["p1", "p2", "p3"]) await writer.locks.put(name, `op-${name}`);
     await writer.locks.delete("p2");
     await writer.locks.put("p3", "op-p3-again");
-    const reader = await Catalog.open(a);
+    const reader = await Catalog.open(t.a);
     await reader.load();
     expect(reader.locks.entries().sort()).toEqual([
       ["p1", "op-p1"],
@@ -59,9 +44,9 @@ describe("recovery-point metadata in the target's object store", () => {
   });
 
   it("is written by the source into the target's domain and read there, compressed", async () => {
-    const target = new PointStore(b, "site-b");
+    const target = new PointStore(t.b, "site-b");
     await target.ensureOwn();
-    const source = new PointStore(a, "site-a");
+    const source = new PointStore(t.a, "site-a");
     const stored = await source.put(meta(7, 2));
     expect(stored).toBeLessThan(100_000);
     await source.put(meta(9));

@@ -1,25 +1,13 @@
-import { startTwoSites, type TwoSites } from "@ferry/testkit";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { Lease } from "./lease.js";
+import { twoSitesForTests } from "./two-sites.test-support.js";
 
-let sites: TwoSites;
-let nc: NatsConnection;
-
-beforeAll(async () => {
-  sites = await startTwoSites();
-  nc = await connect({ servers: sites.a.server, user: "ferryd", pass: sites.a.users.ferryd.password });
-});
-
-afterAll(async () => {
-  await nc?.close();
-  await sites?.stop();
-});
+const t = twoSitesForTests();
 
 describe("the leader lease in the site's KV", () => {
   it("has one holder at a time, passes on after a missed term or a release", async () => {
-    const x = await Lease.open(nc, "x", 1_000);
-    const y = await Lease.open(nc, "y", 1_000);
+    const x = await Lease.open(t.a, "x", 1_000);
+    const y = await Lease.open(t.a, "y", 1_000);
     const t0 = Date.now();
     expect(await x.tryAcquire(t0)).toBe(true);
     expect(await y.tryAcquire(t0 + 10)).toBe(false);

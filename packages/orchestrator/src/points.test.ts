@@ -1,26 +1,14 @@
-import { startTwoSites, type TwoSites } from "@ferry/testkit";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { type PointMetadata, PointStore, pointsKey } from "./points.js";
+import { twoSitesForTests } from "./two-sites.test-support.js";
 
-let sites: TwoSites;
-let nc: NatsConnection;
-
-beforeAll(async () => {
-  sites = await startTwoSites();
-  nc = await connect({ servers: sites.b.server, user: "ferryd", pass: sites.b.users.ferryd.password });
-});
-
-afterAll(async () => {
-  await nc?.close();
-  await sites?.stop();
-});
+const t = twoSitesForTests();
 
 function point(app: string, generation: number, consistency: "crash" | "application" = "crash"): PointMetadata {
   return {
     app,
     source: "site-a",
-    target: sites.b.name,
+    target: t.sites.b.name,
     generation,
     generations: { [`${app}-data`]: generation },
     atMs: 1_000 * generation,
@@ -34,7 +22,7 @@ function point(app: string, generation: number, consistency: "crash" | "applicat
 
 describe("recovery-point metadata in the target's object store", () => {
   it("lists every application's points in one pass and prunes from that listing", async () => {
-    const store = new PointStore(nc, sites.b.name);
+    const store = new PointStore(t.b, t.sites.b.name);
     await store.ensureOwn();
     for (const g of [3, 4, 5, 6]) await store.put(point("web", g));
     for (const g of [7, 8]) await store.put(point("db", g, "application"));

@@ -227,6 +227,14 @@ mod tests {
         buf
     }
 
+    /// `len` bytes of `byte` at `offset`.
+    fn filled(offset: u64, byte: u8, len: usize) -> Change {
+        Change::Data {
+            offset,
+            data: vec![byte; len].into(),
+        }
+    }
+
     /// Apply and commit `generation`, its changes queued one at a time.
     fn apply_generation(v: &Arc<Volume>, generation: u64, changes: Vec<Change>) {
         let txn = v.begin_apply(1, generation, None).unwrap();
@@ -269,21 +277,11 @@ mod tests {
     #[test]
     fn later_changes_to_the_same_bytes_win_across_batches() {
         let (_t, v) = replica(1 << 20);
-        apply_generation(
-            &v,
-            1,
-            vec![Change::Data {
-                offset: 0,
-                data: vec![1u8; 131072].into(),
-            }],
-        );
+        apply_generation(&v, 1, vec![filled(0, 1, 131072)]);
         // Many small pushes over the same two blocks (one straddling them): they are journaled
         // and written in several batches, and the last one pushed must be what the replica holds.
         let changes = (0..200u32)
-            .map(|i| Change::Data {
-                offset: 4096 * u64::from(i % 3),
-                data: vec![(i % 251) as u8; 65536 + 4096].into(),
-            })
+            .map(|i| filled(4096 * u64::from(i % 3), (i % 251) as u8, 65536 + 4096))
             .collect();
         apply_generation(&v, 2, changes);
         let mut want = vec![1u8; 131072];
@@ -297,14 +295,7 @@ mod tests {
     #[test]
     fn changes_queued_for_an_ended_generation_are_refused_not_written() {
         let (_t, v) = replica(4 << 20);
-        apply_generation(
-            &v,
-            1,
-            vec![Change::Data {
-                offset: 0,
-                data: vec![7u8; 65536].into(),
-            }],
-        );
+        apply_generation(&v, 1, vec![filled(0, 7, 65536)]);
 
         let txn = v.begin_apply(1, 2, None).unwrap();
         let a = Applier::start(v.clone(), txn.clone()).unwrap();
