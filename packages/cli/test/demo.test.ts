@@ -7,7 +7,7 @@
 import type { ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, readdir, symlink } from "node:fs/promises";
+import { chmod, mkdir, readdir, symlink, writeFile } from "node:fs/promises";
 import { delimiter, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { expectedGuestSha256, FerryCli, isAlive, Sandbox, waitFor } from "@ferry/testkit";
@@ -70,6 +70,24 @@ async function pathWithout(tool: string): Promise<string> {
     dirs.push(copy);
   }
   return dirs.join(delimiter);
+}
+
+/**
+ * A PATH on which `qemu-io` is the real one started 5 s late: a demo interrupted while it runs is
+ * surely still running (without it, the single-site demo can finish before the signal arrives).
+ */
+async function pathWithSlowQemuIo(): Promise<string> {
+  const real = (process.env.PATH ?? "")
+    .split(delimiter)
+    .map((dir) => join(dir, "qemu-io"))
+    .find((file) => existsSync(file));
+  if (real === undefined) throw new Error("qemu-io is not on PATH");
+  const dir = await sandbox.dir("ferry-demo-slow-");
+  // Its sleep ends with it when the demo stops it.
+  const script = `#!/bin/sh\nsleep 5 &\ntrap 'kill $!; exit 143' TERM INT\nwait $!\nexec ${real} "$@"\n`;
+  await writeFile(join(dir, "qemu-io"), script);
+  await chmod(join(dir, "qemu-io"), 0o755);
+  return [dir, process.env.PATH ?? ""].join(delimiter);
 }
 
 /** The guest's workload in the demo: seed 42, 4 MiB on each disk, one round. */
@@ -415,8 +433,9 @@ describe("ferry demo --single-site", () => {
   });
 
   it("stops on SIGINT, removes its data directory and exits 130", async () => {
-    const demo = startDemo(["--single-site"]);
-    await waitFor("the demo to serve its volume", () => demo.output.stdout.includes("nbd+unix:///demo"));
+    const demo = startDemo(["--single-site"], { PATH: await pathWithSlowQemuIo() });
+    // Interrupted during its first qemu-io run, which the slow start keeps going for 5 s.
+    await waitFor("the demo's first write", () => demo.output.stdout.includes("Write 1M of 0xab"));
     demo.child.kill("SIGINT");
 
     expect(await demo.exited).toBe(130);
