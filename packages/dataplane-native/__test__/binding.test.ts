@@ -179,6 +179,38 @@ describe("VolumeService", () => {
   });
 });
 
+describe("the data plane's log", () => {
+  /** A process that serves a volume, reads it once through NBD and stops; its stderr. */
+  async function serveAndRead(env: NodeJS.ProcessEnv): Promise<string> {
+    const binding = new URL("../binding.js", import.meta.url).href;
+    const script = `
+      import { execFileSync } from "node:child_process";
+      import { createVolume, startVolumeService } from ${JSON.stringify(binding)};
+      const [data, socket] = process.argv.slice(1);
+      await createVolume(data, "logged", 1048576);
+      const service = await startVolumeService({ dataDir: data, socket });
+      execFileSync("qemu-io", ["-f", "raw", "nbd+unix:///logged?socket=" + socket, "-c", "read 0 4k"]);
+      await service.stop();
+    `;
+    const dir = await sandbox.dir("ferry-log-");
+    const result = await sandbox.run(
+      process.execPath,
+      ["--input-type=module", "-e", script, dir, join(dir, "nbd.sock")],
+      { env },
+    );
+    expect(result.code, result.stderr).toBe(0);
+    return result.stderr;
+  }
+
+  it("is quiet by default and tells what it does at FERRY_LOG=debug, on stderr", async () => {
+    const { FERRY_LOG: _, ...quiet } = process.env;
+    expect(await serveAndRead(quiet)).toBe("");
+    expect(await serveAndRead({ ...quiet, FERRY_LOG: "debug" })).toMatch(
+      /^ferry data plane: DEBUG: NBD connection from .*nbd\.sock.* ended/m,
+    );
+  });
+});
+
 describe("recovery operations through replicate()", () => {
   it("fences a served volume against writes, keeps reads, and lifts the fence", async () => {
     await createVolume(data, "moving", 4 * MiB);

@@ -13,6 +13,25 @@ use napi_derive::napi;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// The data plane's log (warnings of replication, debug timings) goes to stderr, filtered by
+/// `$FERRY_LOG` (`warn` unless set; `debug` adds the per-phase time of every generation).
+#[napi_derive::module_init]
+fn init() {
+    use std::io::Write;
+    let env = env_logger::Env::new().filter_or("FERRY_LOG", "warn");
+    // A second load of the module in one process finds a logger already installed: keep it.
+    let _ = env_logger::Builder::from_env(env)
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "ferry data plane: {}: {}",
+                record.level(),
+                record.args()
+            )
+        })
+        .try_init();
+}
+
 fn coded(code: &str, message: impl std::fmt::Display) -> napi::Error {
     napi::Error::new(Status::GenericFailure, format!("{code}: {message}"))
 }

@@ -453,6 +453,26 @@ impl ApplyTxn {
         }))
     }
 
+    /// The block-aligned range whose before-images `save_before_images` would read for
+    /// `[offset, offset + length)`: none for an initial generation, a range past the end or one
+    /// whose blocks are all journaled already.
+    pub fn before_images_wanted(&self, offset: u64, length: u64) -> Option<(u64, u64)> {
+        let end = (offset.checked_add(length)?).min(self.size);
+        if self.is_initial() || offset >= end {
+            return None;
+        }
+        let (first, last) = (offset / self.granularity, (end - 1) / self.granularity);
+        let idx = self.index.lock();
+        if (first..=last).all(|b| idx.blocks.contains_key(&b)) {
+            return None;
+        }
+        let start = first * self.granularity;
+        Some((
+            start,
+            ((last + 1) * self.granularity).min(self.size) - start,
+        ))
+    }
+
     /// Journal the before-images of every block of `[offset, offset+length)` not journaled yet.
     /// Not durable until `sync`.
     pub fn save_before_images(&self, data: &File, offset: u64, length: u64) -> Result<()> {
@@ -790,6 +810,50 @@ mod tests {
         f.set_len(1 << 20).unwrap();
         f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
         (t, f)
+    }
+
+    #[test]
+    fn the_before_images_wanted_are_the_whole_blocks_not_yet_journaled() {
+        let (t, data) = setup();
+        let size = (1 << 20) - 4096;
+        let txn = ApplyTxn::begin(t.path(), ID, size, 65536).unwrap();
+        assert_eq!(txn.before_images_wanted(70000, 100), Some((65536, 65536)));
+        assert_eq!(
+            txn.before_images_wanted(65535, 2),
+            Some((0, 2 * 65536)),
+            "a change across a block boundary wants both blocks"
+        );
+        // The last block is short: the range stops at the volume's end.
+        assert_eq!(
+            txn.before_images_wanted(size - 10, 100),
+            Some((15 * 65536, 65536 - 4096))
+        );
+        assert_eq!(txn.before_images_wanted(size, 4096), None, "past the end");
+        assert_eq!(txn.before_images_wanted(0, 0), None);
+        assert_eq!(txn.before_images_wanted(u64::MAX, 2), None);
+        txn.save_before_images(&data, 70000, 100).unwrap();
+        assert_eq!(
+            txn.before_images_wanted(65536, 65536),
+            None,
+            "journaled already"
+        );
+        assert_eq!(
+            txn.before_images_wanted(65536, 65537),
+            Some((65536, 2 * 65536))
+        );
+        let dir = t.path().join("first");
+        std::fs::create_dir(&dir).unwrap();
+        let initial = TxnId {
+            epoch: 1,
+            base: 0,
+            target: 1,
+        };
+        let first = ApplyTxn::begin(&dir, initial, size, 65536).unwrap();
+        assert_eq!(
+            first.before_images_wanted(0, 4096),
+            None,
+            "an initial generation journals nothing"
+        );
     }
 
     #[test]

@@ -27,3 +27,8 @@ pub mod volume;
 pub mod volume_meta;
 
 pub use error::{Error, Result};
+
+/// A duration in milliseconds, for the debug log's timings.
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -11,6 +11,7 @@ use crate::apply_txn::{ApplyTxn, TxnId};
 use crate::bitmap::{DirtyBitmap, Extent, GenerationId};
 use crate::cut_image::CutImage;
 use crate::error::{Error, IoContext, Result};
+use crate::ms;
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::recovery_points;
 use crate::stats::{Op, Stats};
@@ -1114,11 +1115,14 @@ impl Volume {
                 self.name
             )));
         }
+        let started = std::time::Instant::now();
         for op in ops {
             self.check_range(op.offset(), op.length())?;
             txn.save_before_images(&self.file, op.offset(), op.length())?;
         }
+        let saved = started.elapsed();
         txn.sync()?;
+        let journaled = started.elapsed();
         for op in ops {
             match op {
                 ApplyOp::Data { offset, data } => self
@@ -1140,7 +1144,33 @@ impl Volume {
         ) {
             self.start_writeback(first, last - first);
         }
+        log::debug!(
+            "replica '{}': before-images read {:.1} ms, journal synced {:.1} ms, data written {:.1} ms",
+            self.name,
+            ms(saved),
+            ms(journaled - saved),
+            ms(started.elapsed() - journaled)
+        );
         Ok(())
+    }
+
+    /// Ask the disk now for the before-images that applying `[offset, offset + length)` in `txn`
+    /// will journal (`posix_fadvise(WILLNEED)` starts the reads and returns). A replica whose
+    /// blocks left the page cache then reads them many at a time, while the data is still on its
+    /// way, instead of one block after another when the batch is applied. A hint: a failure only
+    /// leaves the reads to the apply.
+    pub fn prefetch_before_images(&self, txn: &ApplyTxn, offset: u64, length: u64) {
+        if let Some((start, len)) = txn.before_images_wanted(offset, length) {
+            // SAFETY: plain syscall on a file descriptor we own.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    start as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
     }
 
     /// Ask the kernel to start writing `[offset, offset + length)` back to disk, asynchronously
@@ -1207,6 +1237,7 @@ impl Volume {
         let rep = self.require_replica()?;
         // The journal undoes this generation: keep it as the way back to the one before.
         let keep = id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch;
+        let started = std::time::Instant::now();
         // Both before the metadata that lists the point and commits the generation; independent
         // of each other, so their fsyncs overlap.
         let (kept, flushed) = std::thread::scope(|s| {
@@ -1225,6 +1256,7 @@ impl Volume {
         });
         kept?;
         flushed?;
+        let durable = started.elapsed();
         let rep = self.update_replica(|r| {
             if keep {
                 r.points.insert(
@@ -1242,7 +1274,17 @@ impl Volume {
             r.last_complete_generation = id.target;
             r.last_complete_at_ms = now_ms();
         })?;
+        let recorded = started.elapsed();
         recovery_points::prune(&self.dir, &rep.points);
+        log::debug!(
+            "replica '{}' generation {}: data durable{} {:.1} ms, recorded {:.1} ms, points pruned {:.1} ms",
+            self.name,
+            id.target,
+            if keep { " and point kept" } else { "" },
+            ms(durable),
+            ms(recorded - durable),
+            ms(started.elapsed() - recorded)
+        );
         // A generation applied over a demoted volume's divergence settled it.
         let _ = std::fs::remove_file(self.dir.join(DIVERGED_FILE));
         if let Some(t) = self.txn.write().take() {
@@ -1369,12 +1411,12 @@ pub enum ApplyOp<'a> {
 }
 
 impl ApplyOp<'_> {
-    fn offset(&self) -> u64 {
+    pub fn offset(&self) -> u64 {
         match self {
             ApplyOp::Data { offset, .. } | ApplyOp::Zero { offset, .. } => *offset,
         }
     }
-    fn length(&self) -> u64 {
+    pub fn length(&self) -> u64 {
         match self {
             ApplyOp::Data { data, .. } => data.len() as u64,
             ApplyOp::Zero { length, .. } => *length,

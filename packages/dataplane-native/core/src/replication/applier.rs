@@ -101,8 +101,14 @@ impl Applier {
     }
 
     /// Queue changes, waiting while the queue is full. Fails, queuing nothing, once an earlier
-    /// change failed to apply: the generation cannot be committed any more.
+    /// change failed to apply: the generation cannot be committed any more. The disk is asked
+    /// for the changes' before-images at once, before they wait in the queue.
     pub fn push(&self, changes: Vec<Change>) -> Result<()> {
+        for change in &changes {
+            let op = change.op();
+            self.volume
+                .prefetch_before_images(&self.txn, op.offset(), op.length());
+        }
         let bytes: usize = changes.iter().map(Change::queued_bytes).sum();
         let mut st = self.shared.state.lock();
         while st.failed.is_none()
@@ -190,11 +196,18 @@ fn work(volume: &Volume, txn: &ApplyTxn, shared: &Shared) {
         let ops: Vec<ApplyOp<'_>> = batch.iter().map(Change::op).collect();
         // Nothing more is applied after a failure: the generation is lost either way.
         let failed = shared.state.lock().failed.is_some();
+        let started = std::time::Instant::now();
         let r = if failed {
             Ok(())
         } else {
             volume.apply_batch(txn, &ops)
         };
+        log::debug!(
+            "replica '{}': applied {} changes ({bytes} bytes) in {:.1} ms",
+            volume.name(),
+            ops.len(),
+            crate::ms(started.elapsed())
+        );
         let mut st = shared.state.lock();
         st.busy = false;
         st.queued_bytes -= bytes;

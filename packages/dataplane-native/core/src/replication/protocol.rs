@@ -123,7 +123,15 @@ pub struct GenerationRef {
     /// afresh (the source skipped what the target reported holding).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_from: Option<u64>,
+    /// In `Begin`: the runs `[offset, length]` the generation changes (at most
+    /// `MAX_ANNOUNCED_EXTENTS`; none if it changes more), so that the target reads their
+    /// before-images from its disk while the data is still on its way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<[u64; 2]>,
 }
+
+/// Most runs a `Begin` announces per volume; a generation changing more runs announces none.
+pub const MAX_ANNOUNCED_EXTENTS: usize = 4 * 1024;
 
 /// Most extents a progress report lists; a more scattered map is not offered for resuming.
 pub const MAX_RESUME_EXTENTS: usize = 16 * 1024;
@@ -265,12 +273,18 @@ mod tests {
                 epoch: 1,
                 generation: 2,
                 resume_from: None,
+                changes: vec![[0, 4096]],
             }],
         };
-        assert_eq!(
-            serde_json::to_string(&m).unwrap(),
-            r#"{"op":"begin","group":"g","volumes":[{"name":"a","epoch":1,"generation":2}]}"#
-        );
+        let json = r#"{"op":"begin","group":"g","volumes":[{"name":"a","epoch":1,"generation":2,"changes":[[0,4096]]}]}"#;
+        assert_eq!(serde_json::to_string(&m).unwrap(), json);
+        // A source that announces nothing (or an earlier one) sends no `changes`.
+        let earlier =
+            r#"{"op":"begin","group":"g","volumes":[{"name":"a","epoch":1,"generation":2}]}"#;
+        match serde_json::from_str::<ControlMessage>(earlier).unwrap() {
+            ControlMessage::Begin { volumes, .. } => assert!(volumes[0].changes.is_empty()),
+            other => panic!("parsed as {other:?}"),
+        }
         assert!(valid_site_name("site-b") && !valid_site_name("a.b") && !valid_site_name(""));
         assert!(region_allowed("eu-de", &[]) && !region_allowed("us-east", &["eu-de".into()]));
     }

@@ -7,13 +7,15 @@
 use super::frame::{self, FrameSizer};
 use super::protocol::{
     block_hash, control_subject, frames_subject, region_allowed, unreachable, ControlMessage,
-    ControlReply, GenerationRef, ReplicaReport, ReverseBase, VolumeSpec, MAX_HASHES,
+    ControlReply, GenerationRef, ReplicaReport, ReverseBase, VolumeSpec, MAX_ANNOUNCED_EXTENTS,
+    MAX_HASHES,
 };
 use super::route::Route;
 use super::sync::{LinkState, OnLoss, SyncLink};
 use crate::bitmap::DirtyBitmap;
 use crate::cut_image::CutImage;
 use crate::error::{Error, Result};
+use crate::ms;
 use crate::registry::{CutBase, Registry};
 use crate::volume::{Resume, Volume};
 use parking_lot::Mutex;
@@ -552,6 +554,7 @@ impl Shipper {
                 epoch: self.registry.get(name).map(|v| v.meta().epoch).unwrap_or(1),
                 generation: *g,
                 resume_from: None,
+                changes: Vec::new(),
             })
             .collect();
         answer_cut(
@@ -772,6 +775,7 @@ impl Shipper {
         let cuts = tokio::task::spawn_blocking(move || reg.cut_with_images(&names, &bases))
             .await
             .map_err(|e| Error::io("cut task", std::io::Error::other(e.to_string())))??;
+        let cut_done = started.elapsed();
         let refs: Vec<GenerationRef> = cuts
             .iter()
             .map(|(name, g, _)| GenerationRef {
@@ -779,6 +783,7 @@ impl Shipper {
                 epoch: self.registry.get(name).map(|v| v.meta().epoch).unwrap_or(1),
                 generation: *g,
                 resume_from: resume_from.get(name).copied(),
+                changes: Vec::new(),
             })
             .collect();
         answer_cut(
@@ -802,21 +807,50 @@ impl Shipper {
                 self.hash_compare(&vol, image).await?;
             }
         }
+        // `Begin` announces what each volume's generation changes: the target reads the
+        // before-images meanwhile.
+        let announced = refs
+            .iter()
+            .zip(&cuts)
+            .map(|(r, (_, _, image))| {
+                let extents = image.pending_extents();
+                let changes = if extents.len() <= MAX_ANNOUNCED_EXTENTS {
+                    extents.iter().map(|e| [e.offset, e.length]).collect()
+                } else {
+                    Vec::new()
+                };
+                GenerationRef {
+                    changes,
+                    ..r.clone()
+                }
+            })
+            .collect();
         self.control(&ControlMessage::Begin {
             group: self.cfg.group.clone(),
-            volumes: refs.clone(),
+            volumes: announced,
         })
         .await?;
+        let begun = started.elapsed();
         for ((name, _, image), r) in cuts.iter().zip(&refs) {
             let vol = self.registry.require(name)?;
             self.ship_image(&vol, image.clone(), r).await?;
         }
+        let shipped = started.elapsed();
         let _committing = Committing::start(&self.committing);
         self.control(&ControlMessage::Commit {
             group: self.cfg.group.clone(),
             volumes: refs.clone(),
         })
         .await?;
+        log::debug!(
+            "group '{}' generation {:?}: cut {:.1} ms, begin {:.1} ms, ship {:.1} ms, commit {:.1} ms",
+            self.cfg.group,
+            refs.iter().map(|r| r.generation).collect::<Vec<_>>(),
+            ms(cut_done),
+            ms(begun - cut_done),
+            ms(shipped - begun),
+            ms(started.elapsed() - shipped),
+        );
         let mut max_gen = 0;
         if let Some(h) = held.as_mut() {
             for r in &refs {
