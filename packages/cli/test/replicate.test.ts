@@ -161,6 +161,11 @@ describe("ferry replicate between two sites", () => {
       bytesWire: expect.any(Number),
       ms: expect.any(Number),
     });
+    // Its phases, in order, make up its time.
+    const cycle = second.lastCycle;
+    if (cycle === null) throw new Error("replicate sync reported no lastCycle");
+    for (const phase of [cycle.cutMs, cycle.beginMs, cycle.shipMs, cycle.commitMs]) expect(phase).toBeGreaterThan(0);
+    expect(cycle.cutMs + cycle.beginMs + cycle.shipMs + cycle.commitMs).toBeCloseTo(cycle.ms, 3);
     const table = await ferry.ok(["replicate", "status", "--data", a.data]);
     expect(table).toMatch(/^VOLUMES\s+TARGET\s+MODE\s+STATE\s+LAST GEN\s+LAG\s+RAW\s+WIRE\s+RATIO\s+ROUTE\n/);
     expect(table).toMatch(new RegExp(`a,b\\s+site-b\\s+async\\s+idle\\s+${second.lastCompleteGeneration}\\s`));

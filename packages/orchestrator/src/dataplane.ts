@@ -29,7 +29,17 @@ export interface PairStatus {
   syncWrites: number;
   suspensions: number;
   /** The last generation shipped whole: cut to the target's commit, and the bytes it took. */
-  lastCycle: { generation: number; ms: number; bytesRaw: number; bytesWire: number } | null;
+  lastCycle: {
+    generation: number;
+    ms: number;
+    bytesRaw: number;
+    bytesWire: number;
+    /** Where `ms` went: cut, the target's begin, frames until the last was acknowledged, commit. */
+    cutMs: number;
+    beginMs: number;
+    shipMs: number;
+    commitMs: number;
+  } | null;
   /** While a generation ships: its volume data sent so far and in all. */
   transfer?: { generation: number; doneBytes: number; totalBytes: number } | null;
   /**

@@ -164,6 +164,17 @@ pub struct CycleStats {
     /// Volume data shipped and bytes on the wire for it (frames only).
     pub bytes_raw: u64,
     pub bytes_wire: u64,
+    /// Where `ms` went: the cut (with its copy-before-write images), the target's `begin`, the
+    /// frames until the last one was acknowledged, and the commit (the target applying what it
+    /// still held queued, then committing). What is slow shows here first.
+    #[serde(default)]
+    pub cut_ms: f64,
+    #[serde(default)]
+    pub begin_ms: f64,
+    #[serde(default)]
+    pub ship_ms: f64,
+    #[serde(default)]
+    pub commit_ms: f64,
 }
 
 /// Where the site's data plane sits, for residency checks and messages.
@@ -842,6 +853,7 @@ impl Shipper {
             volumes: refs.clone(),
         })
         .await?;
+        let committed = started.elapsed();
         log::debug!(
             "group '{}' generation {:?}: cut {:.1} ms, begin {:.1} ms, ship {:.1} ms, commit {:.1} ms",
             self.cfg.group,
@@ -849,7 +861,7 @@ impl Shipper {
             ms(cut_done),
             ms(begun - cut_done),
             ms(shipped - begun),
-            ms(started.elapsed() - shipped),
+            ms(committed - shipped),
         );
         let mut max_gen = 0;
         if let Some(h) = held.as_mut() {
@@ -898,9 +910,13 @@ impl Shipper {
         st.generations_shipped += 1;
         st.last_cycle = Some(CycleStats {
             generation: max_gen,
-            ms: started.elapsed().as_secs_f64() * 1000.0,
+            ms: ms(committed),
             bytes_raw: self.bytes_raw.load(Ordering::Relaxed) - raw_before,
             bytes_wire: self.bytes_wire.load(Ordering::Relaxed) - wire_before,
+            cut_ms: ms(cut_done),
+            begin_ms: ms(begun - cut_done),
+            ship_ms: ms(shipped - begun),
+            commit_ms: ms(committed - shipped),
         });
         Ok(max_gen)
     }
