@@ -208,6 +208,16 @@ describe("the data plane's log", () => {
     expect(await serveAndRead({ ...quiet, FERRY_LOG: "debug" })).toMatch(
       /^ferry data plane: DEBUG: NBD connection from .*nbd\.sock.* ended/m,
     );
+    // A filter naming the data plane's modules.
+    expect(await serveAndRead({ ...quiet, FERRY_LOG: "ferry_dataplane::nbd=debug" })).toMatch(/NBD connection/);
+    expect(await serveAndRead({ ...quiet, FERRY_LOG: "ferry_dataplane::replication=debug" })).toBe("");
+  });
+
+  it("says so when FERRY_LOG is not a level, and logs warnings only", async () => {
+    const { FERRY_LOG: _, ...env } = process.env;
+    expect(await serveAndRead({ ...env, FERRY_LOG: "verbose" })).toBe(
+      "ferry data plane: FERRY_LOG='verbose' is not a level (off, error, warn, info, debug, trace): logging warnings only\n",
+    );
   });
 });
 

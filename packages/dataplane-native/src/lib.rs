@@ -14,13 +14,28 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// The data plane's log (warnings of replication, debug timings) goes to stderr, filtered by
-/// `$FERRY_LOG` (`warn` unless set; `debug` adds the per-phase time of every generation).
+/// `$FERRY_LOG`: a level (`warn` unless set; `debug` adds the per-phase time of every
+/// generation), or a filter spec naming modules (`ferry_dataplane::replication=debug`).
 #[napi_derive::module_init]
 fn init() {
     use std::io::Write;
-    let env = env_logger::Env::new().filter_or("FERRY_LOG", "warn");
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let mut spec = std::env::var("FERRY_LOG").unwrap_or_default();
+    let level = spec.trim().to_ascii_lowercase();
+    if level.is_empty() {
+        spec = "warn".into();
+    } else if LEVELS.contains(&level.as_str()) {
+        spec = level;
+    } else if !spec.contains('=') {
+        eprintln!(
+            "ferry data plane: FERRY_LOG='{spec}' is not a level ({}): logging warnings only",
+            LEVELS.join(", ")
+        );
+        spec = "warn".into();
+    }
     // A second load of the module in one process finds a logger already installed: keep it.
-    let _ = env_logger::Builder::from_env(env)
+    let _ = env_logger::Builder::new()
+        .parse_filters(&spec)
         .format(|buf, record| {
             writeln!(
                 buf,
