@@ -819,13 +819,14 @@ impl Shipper {
             }
         }
         // `Begin` announces what each volume's generation changes: the target reads the
-        // before-images meanwhile.
+        // before-images meanwhile. The message stays well inside the server's max_payload.
+        let cap = announce_cap(self.route.client().server_info().max_payload, refs.len());
         let announced = refs
             .iter()
             .zip(&cuts)
             .map(|(r, (_, _, image))| {
                 let extents = image.pending_extents();
-                let changes = if extents.len() <= MAX_ANNOUNCED_EXTENTS {
+                let changes = if extents.len() <= cap {
                     extents.iter().map(|e| [e.offset, e.length]).collect()
                 } else {
                     Vec::new()
@@ -1105,6 +1106,17 @@ impl Drop for Committing<'_> {
     }
 }
 
+/// Most runs `Begin` announces per volume of a group of `volumes`: `MAX_ANNOUNCED_EXTENTS`, fewer
+/// where a server's `max_payload` (0: unknown) leaves less than 64 bytes per run in half of it
+/// (a run is at most 44 bytes of JSON).
+fn announce_cap(max_payload: usize, volumes: usize) -> usize {
+    let room = match max_payload {
+        0 => usize::MAX,
+        m => m / 2 / 64,
+    };
+    (room / volumes.max(1)).min(MAX_ANNOUNCED_EXTENTS)
+}
+
 fn join_err(e: tokio::task::JoinError) -> Error {
     Error::io("frame task", std::io::Error::other(e.to_string()))
 }
@@ -1175,5 +1187,30 @@ pub mod test_hooks {
     /// How many frames went through the hook.
     pub fn frames_seen() -> u64 {
         COUNT.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_announces_no_more_runs_than_half_the_servers_max_payload_holds() {
+        assert_eq!(announce_cap(1 << 20, 1), MAX_ANNOUNCED_EXTENTS);
+        assert_eq!(
+            announce_cap(0, 1),
+            MAX_ANNOUNCED_EXTENTS,
+            "max_payload unknown"
+        );
+        assert_eq!(announce_cap(64 << 10, 1), 512);
+        assert_eq!(
+            announce_cap(64 << 10, 4),
+            128,
+            "shared by the group's volumes"
+        );
+        assert_eq!(announce_cap(1 << 20, 0), MAX_ANNOUNCED_EXTENTS);
+        // The widest run, as JSON with its comma, fits the 64 bytes counted for it.
+        let run = serde_json::to_string(&[u64::MAX, u64::MAX]).unwrap();
+        assert!(run.len() < 64, "{run}");
     }
 }
