@@ -770,6 +770,13 @@ impl Shipper {
             }
         }
         let initial = bases.values().any(|b| b.since.is_none());
+        // Volumes the target holds a generation of: only their changes have before-images to
+        // read ahead (a first generation journals nothing).
+        let on_base: Vec<String> = bases
+            .iter()
+            .filter(|(_, b)| b.since.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
         self.status.lock().state = if initial {
             "syncing".into()
         } else {
@@ -825,11 +832,11 @@ impl Shipper {
             .iter()
             .zip(&cuts)
             .map(|(r, (_, _, image))| {
-                let extents = image.pending_extents();
-                let changes = if extents.len() <= cap {
-                    extents.iter().map(|e| [e.offset, e.length]).collect()
-                } else {
-                    Vec::new()
+                let changes = match image.pending_extents() {
+                    extents if on_base.contains(&r.name) && extents.len() <= cap => {
+                        extents.iter().map(|e| [e.offset, e.length]).collect()
+                    }
+                    _ => Vec::new(),
                 };
                 GenerationRef {
                     changes,
