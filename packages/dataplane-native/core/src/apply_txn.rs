@@ -150,6 +150,9 @@ pub struct ApplyTxn {
     partial: Mutex<HashMap<u64, Vec<(u64, u64)>>>,
     /// Bytes applied since the map was last saved, and when that was.
     unsaved: Mutex<(u64, std::time::Instant)>,
+    /// Every change of the generation was announced at its `begin` and its before-images asked
+    /// of the disk then: the applier need not ask again.
+    read_ahead: std::sync::atomic::AtomicBool,
 }
 
 /// What a resumable transaction tells the source: its generations and the blocks it holds.
@@ -235,6 +238,7 @@ impl ApplyTxn {
             applied: DirtyBitmap::new(size, granularity),
             partial: Mutex::new(HashMap::new()),
             unsaved: Mutex::new((0, std::time::Instant::now())),
+            read_ahead: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -450,6 +454,7 @@ impl ApplyTxn {
             applied,
             partial: Mutex::new(HashMap::new()),
             unsaved: Mutex::new((0, std::time::Instant::now())),
+            read_ahead: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -475,6 +480,17 @@ impl ApplyTxn {
 
     /// Journal the before-images of every block of `[offset, offset+length)` not journaled yet.
     /// Not durable until `sync`.
+    /// Whether every before-image this generation will journal was asked of the disk at its
+    /// `begin` (see `set_read_ahead`).
+    pub fn read_ahead(&self) -> bool {
+        self.read_ahead.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_read_ahead(&self, all: bool) {
+        self.read_ahead
+            .store(all, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn save_before_images(&self, data: &File, offset: u64, length: u64) -> Result<()> {
         if length == 0 || self.is_initial() {
             return Ok(());

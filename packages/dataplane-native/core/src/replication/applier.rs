@@ -102,12 +102,15 @@ impl Applier {
 
     /// Queue changes, waiting while the queue is full. Fails, queuing nothing, once an earlier
     /// change failed to apply: the generation cannot be committed any more. The disk is asked
-    /// for the changes' before-images at once, before they wait in the queue.
+    /// for the changes' before-images at once, before they wait in the queue (unless all of
+    /// them were asked for at the generation's `begin`).
     pub fn push(&self, changes: Vec<Change>) -> Result<()> {
-        for change in &changes {
-            let op = change.op();
-            self.volume
-                .prefetch_before_images(&self.txn, op.offset(), op.length());
+        if !self.txn.read_ahead() {
+            for change in &changes {
+                let op = change.op();
+                self.volume
+                    .prefetch_before_images(&self.txn, op.offset(), op.length());
+            }
         }
         let bytes: usize = changes.iter().map(Change::queued_bytes).sum();
         let mut st = self.shared.state.lock();

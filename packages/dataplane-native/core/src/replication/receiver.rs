@@ -262,16 +262,28 @@ impl Receiver {
                         }
                         Err(e) => return Err(e),
                     };
+                    // Until the read-ahead below is under way, the applier asks per change.
+                    txn.set_read_ahead(false);
                     if !changes.is_empty() && !txn.is_initial() {
                         prefetch.push((v, txn, changes));
                     }
                 }
+                // Announcements read ahead whole need no second request per change.
+                let announced: u64 = prefetch
+                    .iter()
+                    .flat_map(|(_, _, changes)| changes.iter().map(|[_, len]| *len))
+                    .sum();
+                let whole: Vec<_> = if announced <= PREFETCH_AT_BEGIN {
+                    prefetch.iter().map(|(_, txn, _)| txn.clone()).collect()
+                } else {
+                    Vec::new()
+                };
                 // Ask the disk for the before-images of the announced changes now, while the
                 // data is on its way, off the reply's path (the page cache's pages are taken as
                 // the reads start), up to `PREFETCH_AT_BEGIN` bytes: the applier asks for the
                 // rest as the frames arrive.
                 if !prefetch.is_empty() {
-                    let _ = std::thread::Builder::new()
+                    let started = std::thread::Builder::new()
                         .name("ferry-prefetch".into())
                         .spawn(move || {
                             let mut budget = PREFETCH_AT_BEGIN;
@@ -286,6 +298,11 @@ impl Receiver {
                                 }
                             }
                         });
+                    if started.is_ok() {
+                        for txn in whole {
+                            txn.set_read_ahead(true);
+                        }
+                    }
                 }
                 Ok(ControlReply::ok())
             }
@@ -786,6 +803,37 @@ mod tests {
         assert_eq!(read(&rx, 524288, 65536), vec![5u8; 65536]);
         let rep = rx.registry.require("r").unwrap().replica().unwrap();
         assert_eq!(rep.last_complete_generation, 1);
+    }
+
+    #[test]
+    fn a_generation_announced_whole_is_read_ahead_once_not_per_change() {
+        let (_t, _lock, rx) = receiving(1);
+        let commit = |generation| ControlMessage::Commit {
+            group: GROUP.into(),
+            volumes: vec![generation_ref(generation)],
+        };
+        let begin = |changes: Vec<[u64; 2]>| ControlMessage::Begin {
+            group: GROUP.into(),
+            volumes: vec![GenerationRef {
+                changes,
+                ..generation_ref(2)
+            }],
+        };
+        let txn = || rx.registry.require("r").unwrap().applying().unwrap();
+        assert!(
+            !txn().read_ahead(),
+            "a first generation has nothing to read ahead"
+        );
+        rx.control(commit(1)).unwrap();
+        rx.control(begin(vec![[0, 65536], [196608, 131072]]))
+            .unwrap();
+        assert!(txn().read_ahead());
+        // The same generation begun again without an announcement: the applier asks per change.
+        rx.control(begin(Vec::new())).unwrap();
+        assert!(!txn().read_ahead());
+        rx.control(begin(vec![[0, PREFETCH_AT_BEGIN + 65536]]))
+            .unwrap();
+        assert!(!txn().read_ahead(), "more than the read-ahead covers");
     }
 
     #[test]
