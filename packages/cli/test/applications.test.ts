@@ -28,7 +28,7 @@ import {
   waitFor,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { daemonSite } from "./site-service.js";
+import { atSite, daemonSite, pointAfter } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 
@@ -44,9 +44,8 @@ async function startFerryd(site: "a" | "b", data?: string): Promise<void> {
   ferryd[site] = { ...started, metrics };
 }
 
-/** The CLI against one site's ferryd, as that site's `cli` user (global options after the command). */
 function at(site: "a" | "b", args: readonly string[]) {
-  return [...args, "--nats", sites[site].cliUrl, "--site", sites[site].name];
+  return atSite(sites[site], args);
 }
 
 function exportSha256(uri: string): Promise<string> {
@@ -55,19 +54,6 @@ function exportSha256(uri: string): Promise<string> {
 
 async function digests(site: "a" | "b", volumes: readonly string[]): Promise<string[]> {
   return Promise.all(volumes.map((v) => exportSha256(ferryd[site].serve.uri(v))));
-}
-
-/** Wait until the target holds a recovery point cut after `sinceMs` (the writes before it are in). */
-async function pointAfter(site: "a" | "b", app: string, sinceMs: number): Promise<void> {
-  await waitFor(
-    `a recovery point of ${app} newer than the last write`,
-    async () => {
-      const rows = await ferry.json<ProtectionStatus[]>(at(site, ["status", app]));
-      const p = rows.find((r) => r.source === sites[site].name)?.lastRecoveryPoint;
-      return p !== null && p !== undefined && p.atMs > sinceMs;
-    },
-    { timeoutMs: 30_000 },
-  );
 }
 
 beforeAll(async () => {
@@ -146,7 +132,7 @@ describe("applications across two sites", () => {
     await qemuIo(sandbox, ferryd.a.serve.uri("shop-db"), ["write -P 0xa1 0 1M"]);
     await qemuIo(sandbox, ferryd.a.serve.uri("shop-logs"), ["write -P 0xa2 1M 512K"]);
     const wrote = Date.now();
-    await pointAfter("a", "shop", wrote);
+    await pointAfter(ferry, sites.a, "shop", wrote);
     const [status] = await ferry.json<ProtectionStatus[]>(at("a", ["status", "shop"]));
     expect(status).toMatchObject({ app: "shop", source: "site-a", target: "site-b", mode: "async", rpoSeconds: 5 });
     expect(status?.rpoMet).toBe(true);
@@ -236,7 +222,7 @@ describe("applications across two sites", () => {
     // Written after that point: a failover to the point must not have it.
     await qemuIo(sandbox, ferryd.a.serve.uri("shop-db"), ["write -P 0xa9 6M 64K"]);
     const wrote = Date.now();
-    await pointAfter("a", "shop", wrote);
+    await pointAfter(ferry, sites.a, "shop", wrote);
     const unknown = await ferry.run(at("a", ["failover", "shop", "--to", "site-b", "--point", "999999"]));
     expect(unknown.code).toBe(1);
     expect(unknown.stderr).toContain("application shop has no recovery point 999999 at site site-b; it has");
@@ -302,7 +288,7 @@ describe("applications across two sites", () => {
     // The application runs at B now, protected to A.
     await qemuIo(sandbox, ferryd.b.serve.uri("shop-db"), ["write -P 0xd1 4M 128K"]);
     const wrote = Date.now();
-    await pointAfter("b", "shop", wrote);
+    await pointAfter(ferry, sites.b, "shop", wrote);
     const [point] = await ferry.json<RecoveryPoint[]>(at("a", ["recovery-points", "shop"]));
     const atB = await digests("b", VOLUMES);
 
@@ -325,7 +311,7 @@ describe("applications across two sites", () => {
     // Replication went on: a new write at B reaches A's replica.
     await qemuIo(sandbox, ferryd.b.serve.uri("shop-logs"), ["write -P 0xd2 5M 64K"]);
     const later = Date.now();
-    await pointAfter("b", "shop", later);
+    await pointAfter(ferry, sites.b, "shop", later);
     const cleanup = await ferry.json<Operation>(at("a", ["drill", "cleanup", "shop"]));
     expect(cleanup.state, JSON.stringify(cleanup.error)).toBe("succeeded");
     const volumes = await ferry.json<{ name: string }[]>(["volume", "list", "--data", ferryd.a.data]);
@@ -476,7 +462,7 @@ describe("applications across two sites", () => {
   it("runs one operation per application at a time, and resumes a failover after ferryd is killed mid-way (kill -9)", async () => {
     await qemuIo(sandbox, ferryd.b.serve.uri("shop-db"), ["write -P 0xf1 6M 64K"]);
     const wrote = Date.now();
-    await pointAfter("b", "shop", wrote);
+    await pointAfter(ferry, sites.b, "shop", wrote);
     const atB = await digests("b", VOLUMES);
     // Site B hangs (its whole ferryd, volume service included): requests to it time out.
     process.kill(ferryd.b.serve.pid, "SIGSTOP");

@@ -4,7 +4,8 @@
  * inside it.
  */
 import { join } from "node:path";
-import type { FerryCli, FerryServe, Sandbox, Site } from "@ferry/testkit";
+import type { ProtectionStatus } from "@ferry/orchestrator";
+import { type FerryCli, type FerryServe, type Sandbox, type Site, waitFor } from "@ferry/testkit";
 
 /** A data directory and the `ferry volume serve` of one site. */
 export interface SiteService {
@@ -61,4 +62,22 @@ async function startSiteService(
   ];
   const serve = await (command === "serve" ? ferry.serve(args) : ferry.daemon(args));
   return { data, serve };
+}
+
+/** `ferry` arguments against one site's ferryd, as that site's `cli` user (global options after the command). */
+export function atSite(site: Site, args: readonly string[]): string[] {
+  return [...args, "--nats", site.cliUrl, "--site", site.name];
+}
+
+/** Wait until `site` (the source) holds a recovery point of `app` cut after `sinceMs` (the writes before it are in). */
+export async function pointAfter(ferry: FerryCli, site: Site, app: string, sinceMs: number): Promise<void> {
+  await waitFor(
+    `a recovery point of ${app} newer than the last write`,
+    async () => {
+      const rows = await ferry.json<ProtectionStatus[]>(atSite(site, ["status", app]));
+      const p = rows.find((r) => r.source === site.name)?.lastRecoveryPoint;
+      return p !== null && p !== undefined && p.atMs > sinceMs;
+    },
+    { timeoutMs: 30_000 },
+  );
 }

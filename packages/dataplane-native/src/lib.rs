@@ -273,6 +273,9 @@ pub struct ServeOptions {
     pub site: Option<String>,
     /// This site's region (residency rules name regions).
     pub region: Option<String>,
+    /// This service's node in the site, when the site has several: replication for the node's
+    /// volumes is addressed to it.
+    pub node: Option<String>,
     /// The site's NATS server, `nats://user:password@host:port`.
     pub nats: Option<String>,
     /// Regions allowed to hold copies of this site's volumes (default: any).
@@ -300,6 +303,7 @@ pub async fn start_volume_service(options: ServeOptions) -> Result<VolumeService
         untracked: options.untracked.unwrap_or(false),
         site: options.site,
         region: options.region,
+        node: options.node,
         nats: options.nats,
         allow_regions: options.allow_regions.unwrap_or_default(),
         peers: options.peers.unwrap_or_default(),

@@ -9,6 +9,8 @@ export interface PairStatus {
   group: string;
   volumes: string[];
   target: string;
+  /** The target site's node holding the replicas, when that site runs several ferryds. */
+  targetNode?: string;
   mode: string;
   /** `starting`, `syncing` (first full copy), `shipping`, `idle`, `error` or `stopped`. */
   state: string;
@@ -79,6 +81,8 @@ export interface VolumeInfo {
 export interface PairSettings {
   volumes: string[];
   to: string;
+  /** The target site's node holding the replicas (none: the site's one volume service). */
+  toNode?: string | undefined;
   mode: "sync" | "async";
   intervalMs: number;
   rate: number | null;
@@ -99,7 +103,8 @@ export interface CutTaken {
 
 export interface DataPlane {
   listVolumes(): Promise<VolumeInfo[]>;
-  createVolume(name: string, size: number): Promise<VolumeInfo>;
+  /** Create a volume; where a site has several nodes, beside the volumes `beside` (an application's others). */
+  createVolume(name: string, size: number, beside?: readonly string[]): Promise<VolumeInfo>;
   replicateStart(settings: PairSettings): Promise<PairStatus>;
   replicateStatus(): Promise<PairStatus[]>;
   replicateSync(volumes: string[]): Promise<PairStatus>;
@@ -146,6 +151,7 @@ export function nativeDataPlane(dataDir: string, service?: InProcessService): Da
         op: "replicateStart",
         volumes: s.volumes,
         to: s.to,
+        toNode: s.toNode ?? null,
         mode: s.mode,
         intervalMs: s.intervalMs,
         rate: s.rate,

@@ -94,6 +94,8 @@ export interface Protection {
   policy: string;
   source: string;
   target: string;
+  /** The target site's node that keeps the replicas, when that site runs several ferryds. */
+  targetNode?: string;
   state: ProtectionState;
   /** The policy as it was applied (a later edit of the policy does not change a running protection). */
   settings: ProtectionPolicy;

@@ -29,6 +29,7 @@ import type {
   RestoreSettings,
   Site,
 } from "./model.js";
+import { NodeDirectory, SiteDataPlane, serveNode } from "./nodes.js";
 import { newOperation, runSteps, type StepFn } from "./operations.js";
 import { type PointMetadata, PointStore, type PointSummary, pointsKey } from "./points.js";
 import {
@@ -63,6 +64,12 @@ export interface OrchestratorOptions {
   heartbeatMs?: number;
   /** Leader lease term; default 10 s. */
   leaseTermMs?: number;
+  /**
+   * This ferryd's node in the site, when the site runs several (one per host): it serves its data
+   * plane to the site's leader on `ferry.node.<site>.<node>`, and as leader it reaches every node's
+   * (nodes.ts). None: the site's only ferryd.
+   */
+  node?: string;
   /** Where the application's VMs and Kubernetes objects are handled (none: volumes only). */
   adapters?: Adapters;
   log?: (line: string) => void;
@@ -83,7 +90,12 @@ export class Orchestrator {
   readonly site: string;
   readonly region: string;
   private readonly nc: NatsConnection;
-  private readonly dataPlane: DataPlane;
+  private dataPlane: DataPlane;
+  /** Several nodes in the site: the site-wide data plane (the leader's view) and this node's own. */
+  private readonly node: string | undefined;
+  private siteDp: SiteDataPlane | undefined;
+  private nodes: NodeDirectory | undefined;
+  private nodeSub: Subscription | undefined;
   private readonly version: string;
   private readonly tickMs: number;
   private readonly heartbeatMs: number;
@@ -119,6 +131,7 @@ export class Orchestrator {
     this.region = options.region;
     this.nc = options.nc;
     this.dataPlane = options.dataPlane;
+    this.node = options.node;
     this.version = options.version;
     this.tickMs = options.tickMs ?? 1_000;
     this.heartbeatMs = options.heartbeatMs ?? 5_000;
@@ -134,6 +147,14 @@ export class Orchestrator {
     o.events = await EventLog.open(o.nc, o.site);
     o.points = new PointStore(o.nc, o.site);
     await o.points.ensureOwn();
+    if (o.node !== undefined) {
+      checkName("node", o.node);
+      o.nodes = await NodeDirectory.open(o.nc, 3 * o.heartbeatMs);
+      await o.nodes.record(o.node);
+      o.nodeSub = serveNode(o.nc, o.site, o.node, o.dataPlane);
+      o.siteDp = new SiteDataPlane(o.nc, o.site, o.node, o.dataPlane, o.nodes);
+      o.dataPlane = o.siteDp;
+    }
     o.lease = await Lease.open(o.nc, options.holder ?? randomUUID(), options.leaseTermMs ?? 10_000);
     await o.campaign();
     o.helloSub = o.nc.subscribe(HELLO_SUBJECT, { callback: (_e, m) => void o.onHello(m) });
@@ -155,6 +176,8 @@ export class Orchestrator {
     for (const t of this.timers) clearInterval(t);
     this.helloSub?.unsubscribe();
     this.apiSub?.unsubscribe();
+    this.nodeSub?.unsubscribe();
+    if (this.node !== undefined) await this.nodes?.remove(this.node);
     await this.events?.flush();
     await this.lease?.release();
     this.leading = false;
@@ -247,6 +270,7 @@ export class Orchestrator {
       operationList: async (b) => this.operationList(optStr(b, "app")),
       events: async (b) => this.events.recent(num(b, "limit", 100), optStr(b, "app")),
       // Internal: one site's ferryd asking another's.
+      replicaPlace: async (b) => ({ node: (await this.replicaNode(strs(b, "volumes"))) ?? null }),
       replicaRegister: async (b) => this.registerReplica(b.app as Application, b.protection as Protection),
       pairSync: async (b) => this.pairSync(str(b, "app")),
       pairStop: async (b) => this.pairStop(str(b, "app"), str(b, "target")),
@@ -266,6 +290,9 @@ export class Orchestrator {
     if (this.stopped || this.nc.isClosed()) return;
     const me: Site = { name: this.site, region: this.region, version: this.version, lastSeenMs: Date.now() };
     this.nc.publish(HELLO_SUBJECT, JSON.stringify(me));
+    if (this.node !== undefined) {
+      await this.nodes?.record(this.node).catch((error) => this.log(`node ${this.node} not recorded: ${error}`));
+    }
   }
 
   private async onHello(m: Msg): Promise<void> {
@@ -388,7 +415,10 @@ export class Orchestrator {
           "not exist at this site: add --size (e.g. --size 1G) to create them, or create them first",
       );
     }
-    for (const v of missing) await this.dataPlane.createVolume(v, sizeBytes as number);
+    // With several nodes, an application's volumes share one (one consistency group): the new ones
+    // go beside those that exist, and existing ones spread over nodes are refused.
+    if (this.siteDp !== undefined) await this.siteDp.nodeOf(volumes, true);
+    for (const v of missing) await this.dataPlane.createVolume(v, sizeBytes as number, volumes);
     const app: Application = {
       name,
       volumes,
@@ -467,8 +497,10 @@ export class Orchestrator {
       createdAtMs: now,
       updatedAtMs: now,
     };
-    // The target learns of the application first: it checks residency on its side too.
-    await call(this.nc, to, "replicaRegister", { app, protection }, PEER_TIMEOUT_MS);
+    // The target learns of the application first: it checks residency on its side too, and names
+    // its node that keeps the replicas when it runs several.
+    const registered = await call<Protection>(this.nc, to, "replicaRegister", { app, protection }, PEER_TIMEOUT_MS);
+    if (registered?.targetNode !== undefined) protection.targetNode = registered.targetNode;
     await this.startPair(app, protection, false);
     await this.catalog.protections.put(key, protection);
     await this.events.emit("protection.started", appName, {
@@ -519,6 +551,7 @@ export class Orchestrator {
     return this.dataPlane.replicateStart({
       volumes: app.volumes,
       to: p.target,
+      toNode: p.targetNode,
       mode: p.settings.mode,
       intervalMs: p.settings.intervalMs,
       rate: p.settings.rateBytes,
@@ -555,10 +588,22 @@ export class Orchestrator {
         `site ${this.site} has its own volume ${clash}; a replica of ${app.name}'s volume of that name cannot be kept here`,
       );
     }
+    const node = await this.replicaNode(app.volumes);
+    const registered: Protection = { ...protection };
+    if (node === undefined) delete registered.targetNode;
+    else registered.targetNode = node;
     await this.catalog.apps.put(app.name, app);
-    await this.catalog.protections.put(protectionKey(app.name, this.site), protection);
+    await this.catalog.protections.put(protectionKey(app.name, this.site), registered);
     this.metrics.applications.set(this.catalog.apps.list().length);
-    return protection;
+    return registered;
+  }
+
+  /**
+   * Where this site keeps (or holds) `volumes` when it runs several nodes: the node that has them,
+   * else the one with the fewest volumes. None: the site's only ferryd.
+   */
+  private async replicaNode(volumes: readonly string[]): Promise<string | undefined> {
+    return this.siteDp?.nodeOf(volumes, true);
   }
 
   private findPair(app: Application, target: string, pairs: PairIndex): PairStatus | undefined {
@@ -624,6 +669,15 @@ export class Orchestrator {
       createdAtMs: now,
       updatedAtMs: now,
     };
+    delete protection.targetNode;
+    const { node } = await call<{ node: string | null }>(
+      this.nc,
+      to,
+      "replicaPlace",
+      { volumes: app.volumes },
+      PEER_TIMEOUT_MS,
+    );
+    if (node !== null) protection.targetNode = node;
     await this.startPair(app, protection, true);
     for (const p of this.catalog.protectionsOf(appName)) {
       if (p.target !== to) await this.catalog.protections.delete(protectionKey(appName, p.target)).catch(() => {});
@@ -1541,4 +1595,12 @@ function num(body: Record<string, unknown>, field: string, fallback: number): nu
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v <= 0)
     throw invalid(`'${field}' must be a positive whole number`);
   return v;
+}
+
+function strs(body: Record<string, unknown>, field: string): string[] {
+  const v = body[field];
+  if (!Array.isArray(v) || v.length === 0 || v.some((x) => typeof x !== "string" || x === "")) {
+    throw invalid(`the request needs '${field}' (a list of non-empty strings)`);
+  }
+  return v as string[];
 }

@@ -5,7 +5,14 @@ import type { ProgramIo } from "../program.js";
 import { runDaemon } from "./daemon.js";
 import { LIBVIRT_URI_ENV } from "./vm.js";
 import { type DataOption, dataOption } from "./volume.js";
-import { DEFAULT_LISTEN, joinedSite, peerNatsOption, SiteOptionsError, siteOptions } from "./volume-serve.js";
+import {
+  DEFAULT_LISTEN,
+  joinedSite,
+  nodeOption,
+  peerNatsOption,
+  SiteOptionsError,
+  siteOptions,
+} from "./volume-serve.js";
 
 interface DaemonOptions extends DataOption {
   listen?: string;
@@ -13,6 +20,7 @@ interface DaemonOptions extends DataOption {
   region?: string;
   allowRegions?: string;
   peerNats: string[];
+  node?: string;
   metrics?: string;
   libvirt?: string;
   kubeconfig?: string;
@@ -39,6 +47,7 @@ export function registerDaemonCommand(program: Command, io: ProgramIo): void {
     .option("--region <region>", "this site's region (residency rules name regions)")
     .option("--allow-regions <regions>", "comma-separated regions allowed to hold copies of this site's volumes")
     .addOption(peerNatsOption())
+    .addOption(nodeOption())
     .addOption(new Option("--metrics <host:port>", "serve Prometheus /metrics and /healthz here, e.g. 127.0.0.1:9464"))
     .addOption(
       new Option(

@@ -60,6 +60,7 @@ export async function runDaemon(request: DaemonRequest, io: ProgramIo): Promise<
       adapters,
       site: request.join.site,
       region: request.join.region,
+      ...(request.join.node === undefined ? {} : { node: request.join.node }),
       nc,
       dataPlane: nativeDataPlane(request.dataDir, service),
       version,

@@ -52,6 +52,7 @@ function parseLevel(text: string): number {
 
 interface StartOptions extends DataOption {
   to: string;
+  toNode?: string;
   mode: (typeof MODES)[number];
   interval: number;
   rate?: string;
@@ -104,6 +105,10 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     )
     .argument("<volumes...>", "volume names at this site")
     .requiredOption("--to <site>", "the site to replicate to")
+    .option(
+      "--to-node <node>",
+      "the node of that site to replicate to, when it runs several volume services (`ferry volume serve --node`)",
+    )
     .addOption(
       new Option(
         "--mode <mode>",
@@ -156,7 +161,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
         ...(options.mode === "sync" ? [`on peer loss ${onPeerLoss(options) ?? "suspend"}`] : []),
       ];
       io.writeOut(
-        `replicating ${status.volumes.join(", ")} to ${status.target} (${limits.join(", ")}): ${status.state}\n`,
+        `replicating ${status.volumes.join(", ")} to ${targetOf(status)} (${limits.join(", ")}): ${status.state}\n`,
       );
     });
 
@@ -178,6 +183,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
       op: "replicateStart",
       volumes,
       to: options.to,
+      toNode: options.toNode ?? null,
       mode: options.mode,
       intervalMs: options.interval,
       rate,
@@ -238,7 +244,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
         status.lastCompleteGeneration === null
           ? "it holds no complete generation"
           : `it keeps generation ${status.lastCompleteGeneration}`;
-      io.writeOut(`stopped replicating ${status.volumes.join(", ")} to ${status.target}; ${held}\n`);
+      io.writeOut(`stopped replicating ${status.volumes.join(", ")} to ${targetOf(status)}; ${held}\n`);
     });
 
   replicate
@@ -291,6 +297,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     )
     .argument("<volumes...>", "promoted volumes at this site, as one consistency group")
     .requiredOption("--to <site>", "the site the volumes were promoted from")
+    .option("--to-node <node>", "the node of that site holding the volumes, when it runs several volume services")
     .addOption(new Option("--mode <mode>", "async or sync, as for `replicate start`").choices(MODES).default("async"))
     .addOption(
       new Option("--interval <duration>", "time between generations: 500ms, 5s, 2m, 1h")
@@ -302,7 +309,7 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     .action(async (volumes: string[], options: StartOptions, command: Command) => {
       const { status } = await startPair(volumes, options, command, true);
       io.writeOut(
-        `replicating ${status.volumes.join(", ")} back to ${status.target} (${status.mode}, every ${formatDuration(options.interval)}): ${status.state}\n`,
+        `replicating ${status.volumes.join(", ")} back to ${targetOf(status)} (${status.mode}, every ${formatDuration(options.interval)}): ${status.state}\n`,
       );
     });
 
@@ -364,7 +371,7 @@ async function parseRate(text: string, command: Command): Promise<number> {
 function pairTable(pairs: readonly PairStatus[]): string {
   const rows = pairs.map((p) => [
     p.volumes.join(","),
-    p.target,
+    targetOf(p),
     p.syncState === undefined ? p.mode : `${p.mode} (${p.syncState})`,
     p.state,
     p.lastCompleteGeneration ?? "-",
@@ -395,4 +402,9 @@ function formatDuration(ms: number): string {
     if (ms % factor === 0) return `${ms / factor}${unit}`;
   }
   return `${ms}ms`;
+}
+
+/** A pair's target: its site, and the node there when the site has several. */
+function targetOf(p: PairStatus): string {
+  return p.targetNode === undefined ? p.target : `${p.target} (node ${p.targetNode})`;
 }

@@ -23,6 +23,8 @@ export interface SiteJoin {
   allowRegions: string[];
   /** Other sites' servers as `SITE=URL` (user peer): replication to SITE goes straight there. */
   peerNats: string[];
+  /** This service's node in the site, when the site has several services (ferryds). */
+  node?: string | undefined;
 }
 
 export interface ServeRequest {
@@ -41,6 +43,7 @@ export interface SiteOptions {
   nats?: string | undefined;
   allowRegions?: string | undefined;
   peerNats?: string[] | undefined;
+  node?: string | undefined;
   /** `env` when the value came from $FERRY_SITE / $FERRY_NATS rather than the command line. */
   sourceOf(option: "site" | "region" | "nats"): string | undefined;
 }
@@ -51,7 +54,12 @@ export interface SiteOptions {
  */
 export function siteOptions(
   command: Command,
-  own: { region?: string | undefined; allowRegions?: string | undefined; peerNats?: string[] | undefined },
+  own: {
+    region?: string | undefined;
+    allowRegions?: string | undefined;
+    peerNats?: string[] | undefined;
+    node?: string | undefined;
+  },
 ): SiteOptions {
   let root = command;
   while (root.parent) root = root.parent;
@@ -62,6 +70,7 @@ export function siteOptions(
     region: own.region,
     allowRegions: own.allowRegions,
     peerNats: own.peerNats,
+    node: own.node,
     sourceOf: (o) => (o === "region" ? command.getOptionValueSource(o) : root.getOptionValueSource(o)),
   };
 }
@@ -100,6 +109,18 @@ async function peerNats(site: string, peers: readonly string[]): Promise<string[
   return [...peers];
 }
 
+/** A node name is one NATS subject token, as a site name is. */
+const NODE_NAME = /^[A-Za-z0-9_-]{1,64}$/;
+
+/** The `--node` option of the serving commands. */
+export function nodeOption(): Option {
+  return new Option(
+    "--node <name>",
+    "this service's node in its site, when the site runs several (one ferryd per host): replication for the " +
+      "volumes it holds is addressed to it; every service of a site needs its own node name",
+  );
+}
+
 /** Thrown for a combination of site options that cannot work; the command reports it as bad usage. */
 export class SiteOptionsError extends Error {}
 
@@ -120,6 +141,9 @@ export async function joinedSite(options: SiteOptions): Promise<SiteJoin | undef
       throw new SiteOptionsError(
         `--peer-nats (or $${PEER_NATS_ENV}) applies to a service that joins a site: add --site, --region and --nats`,
       );
+    }
+    if (options.node !== undefined) {
+      throw new SiteOptionsError("--node applies to a service that joins a site: add --site, --region and --nats");
     }
     return undefined;
   }
@@ -152,7 +176,13 @@ export async function joinedSite(options: SiteOptions): Promise<SiteJoin | undef
       );
     }
   }
-  return { site, region, nats, allowRegions, peerNats: await peerNats(site, options.peerNats ?? []) };
+  const node = options.node;
+  if (node !== undefined && !NODE_NAME.test(node)) {
+    throw new SiteOptionsError(
+      `--node '${node}' is not a valid node name: use letters, digits, '-' and '_' (at most 64), e.g. --node n2`,
+    );
+  }
+  return { site, region, nats, allowRegions, peerNats: await peerNats(site, options.peerNats ?? []), node };
 }
 
 const STOP_SIGNALS = ["SIGTERM", "SIGINT"] as const;
@@ -170,6 +200,7 @@ export async function startService(request: ServeRequest) {
     site: request.join?.site,
     region: request.join?.region,
     nats: request.join?.nats,
+    node: request.join?.node,
     allowRegions: request.join?.allowRegions,
     peers: request.join?.peerNats,
   });
@@ -210,7 +241,7 @@ function siteNote({ join, untracked }: ServeRequest): string {
   let note = "";
   if (join) {
     const allowed = join.allowRegions.length > 0 ? `, copies only to ${join.allowRegions.join(", ")}` : "";
-    note += ` as site ${join.site} (region ${join.region}${allowed}) via NATS ${natsHost(join.nats)}`;
+    note += ` as site ${join.site}${join.node === undefined ? "" : ` node ${join.node}`} (region ${join.region}${allowed}) via NATS ${natsHost(join.nats)}`;
     const direct = join.peerNats.map((p) => {
       const [site, url] = [p.slice(0, p.indexOf("=")), p.slice(p.indexOf("=") + 1)];
       return `${site} at ${natsHost(url)}`;

@@ -13,6 +13,7 @@ import { importVolumeWithProgress } from "./volume-import.js";
 import {
   DEFAULT_LISTEN,
   joinedSite,
+  nodeOption,
   peerNatsOption,
   type SiteJoin,
   SiteOptionsError,
@@ -35,6 +36,7 @@ interface ServeOptions {
   nats?: string;
   allowRegions?: string;
   peerNats: string[];
+  node?: string;
   untracked?: boolean;
 }
 
@@ -132,6 +134,7 @@ export function registerVolumeCommands(program: Command, io: ProgramIo): void {
       "comma-separated regions allowed to hold copies of this site's volumes (default: any)",
     )
     .addOption(peerNatsOption())
+    .addOption(nodeOption())
     .addOption(new Option("--untracked", "benchmarks only: serve without changed-block tracking").hideHelp())
     .action(async (options: DataOption & ServeOptions, command: Command) => {
       let join: SiteJoin | undefined;

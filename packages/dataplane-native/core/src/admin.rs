@@ -353,6 +353,7 @@ impl ControlHandler for ServiceControl {
             ControlRequest::ReplicateStart {
                 volumes,
                 to,
+                to_node,
                 mode,
                 interval_ms,
                 rate,
@@ -388,6 +389,7 @@ impl ControlHandler for ServiceControl {
                     group: String::new(),
                     volumes,
                     target_site: to,
+                    target_node: to_node,
                     mode,
                     interval_ms,
                     rate,

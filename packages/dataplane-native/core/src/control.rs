@@ -43,6 +43,9 @@ pub enum ControlRequest {
     ReplicateStart {
         volumes: Vec<String>,
         to: String,
+        /// The target site's node holding the replicas (none: the site's one volume service).
+        #[serde(default)]
+        to_node: Option<String>,
         mode: String,
         interval_ms: u64,
         rate: Option<u64>,

@@ -26,6 +26,9 @@ pub struct ServeOptions {
     /// Join a site for replication: this site's name and region, and its NATS server.
     pub site: Option<String>,
     pub region: Option<String>,
+    /// This service's node in the site, when the site has several (`--node`): replication
+    /// traffic for the node's volumes is addressed to it (see `replication::protocol::address`).
+    pub node: Option<String>,
     pub nats: Option<String>,
     /// Regions allowed to hold copies of this site's volumes (empty: any).
     pub allow_regions: Vec<String>,
@@ -102,10 +105,28 @@ impl VolumeService {
         let control_path = dir.control_socket();
         let (shutdown, rx) = tokio::sync::watch::channel(false);
 
+        match opts.node.as_deref() {
+            Some(_) if opts.site.is_none() => {
+                return Err(Error::InvalidArgument(
+                    "--node needs --site, --region and --nats: a node is one volume service of a site".into(),
+                ))
+            }
+            Some(n) if !crate::replication::protocol::valid_site_name(n) => {
+                return Err(Error::InvalidArgument(format!(
+                    "--node '{n}' is not a valid node name: use letters, digits, '-' and '_' (at most 64)"
+                )))
+            }
+            _ => {}
+        }
         let identity = match (&opts.site, &opts.region, &opts.nats) {
             (None, None, None) if opts.peers.is_empty() => None,
             (Some(site), Some(region), Some(nats)) => Some((
-                SiteIdentity { site: site.clone(), region: region.clone(), allowed_regions: opts.allow_regions.clone() },
+                SiteIdentity {
+                    site: site.clone(),
+                    region: region.clone(),
+                    allowed_regions: opts.allow_regions.clone(),
+                    node: opts.node.clone(),
+                },
                 nats.clone(),
             )),
             _ if !opts.peers.is_empty() => {

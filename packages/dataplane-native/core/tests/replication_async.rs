@@ -225,3 +225,50 @@ fn pair_settings_are_checked_when_the_pair_starts() {
         .unwrap();
     assert_eq!(st, serde_json::json!([]), "nothing was started");
 }
+
+/// A site with several volume services (nodes, `--node`): each pair ships to the node it names,
+/// and only that node answers — the other node never sees the replica. Sync pairs too.
+#[test]
+fn pairs_reach_the_node_they_name_in_a_site_of_several() {
+    let sites = TwoSites::start();
+    let a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
+    let b1 = Site::start_node("site-b", "b1", "eu-de", sites.b.url());
+    let b2 = Site::start_node("site-b", "b2", "eu-de", sites.b.url());
+    let adm = a.admin();
+    adm.create("db", 4 << 20, 65536).unwrap();
+    adm.create("logs", 4 << 20, 65536).unwrap();
+    a.write("db", 0, 0xab, 1 << 20);
+    a.write("logs", 4096, 0x11, 8192);
+    let to_node = |vols: &[&str], mode: &str, node: &str| {
+        let mut req = start_request(vols, "site-b", mode, 3_600_000);
+        if let ControlRequest::ReplicateStart { to_node, .. } = &mut req {
+            *to_node = Some(node.into());
+        }
+        adm.replicate(req)
+    };
+    let st = to_node(&["db"], "async", "b2").unwrap();
+    assert_eq!(st["targetNode"], "b2", "{st}");
+    to_node(&["logs"], "sync", "b1").unwrap();
+    sync(&a, &["db"]).unwrap();
+    sync(&a, &["logs"]).unwrap();
+    // A synchronous write is at the node's replica when it is acknowledged.
+    a.write("logs", 1 << 20, 0x22, 4096);
+    assert_eq!(b2.content("db"), a.content("db"));
+    assert_eq!(b1.content("logs"), a.content("logs"));
+    assert!(
+        b1.svc().registry().get("db").is_none(),
+        "node b1 holds no replica of db"
+    );
+    assert!(
+        b2.svc().registry().get("logs").is_none(),
+        "node b2 holds no replica of logs"
+    );
+
+    // Bad node names are refused before anything starts, with what to use instead.
+    let e = to_node(&["db"], "async", "b.2").unwrap_err();
+    assert!(e.to_string().contains("not a valid node name"), "{e}");
+    // The pair of db ships to b2; asking for it at b1 is refused until it is stopped.
+    let e = to_node(&["db"], "async", "b1").unwrap_err();
+    assert_eq!(e.code(), "ERR_VOLUME_BUSY", "{e}");
+    assert!(e.to_string().contains("node b2"), "{e}");
+}

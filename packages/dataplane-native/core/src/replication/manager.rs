@@ -123,6 +123,7 @@ pub fn configured_pairs(data_dir: &std::path::Path) -> Vec<PairStatus> {
             group: c.group,
             volumes: c.volumes,
             target: c.target_site,
+            target_node: c.target_node,
             mode: match c.mode {
                 Mode::Async => "async".into(),
                 Mode::Sync => "sync".into(),
@@ -242,6 +243,11 @@ impl Replication {
                 cfg.target_site
             )));
         }
+        if let Some(n) = cfg.target_node.as_deref().filter(|n| !valid_site_name(n)) {
+            return Err(Error::InvalidArgument(format!(
+                "target node '{n}' is not a valid node name (letters, digits, '-' and '_', at most 64)"
+            )));
+        }
         if cfg.target_site == self.me.site {
             return Err(Error::InvalidArgument(format!(
                 "site {} cannot replicate to itself: give another site with --to",
@@ -278,6 +284,19 @@ impl Replication {
         cfg.group = group_id(&cfg.target_site, &cfg.volumes);
         let pairs = self.pairs.lock();
         if let Some(p) = pairs.get(&cfg.group) {
+            let running = &p.shipper.config().target_node;
+            if *running != cfg.target_node {
+                return Err(Error::VolumeBusy {
+                    name: cfg.volumes[0].clone(),
+                    why: format!(
+                        "pair {} ships to node {} of site {}; stop it before replicating to node {}",
+                        cfg.group,
+                        running.as_deref().unwrap_or("(the site's service)"),
+                        cfg.target_site,
+                        cfg.target_node.as_deref().unwrap_or("(the site's service)")
+                    ),
+                });
+            }
             return Ok(p.shipper.status());
         }
         for (g, p) in pairs.iter() {
@@ -370,9 +389,9 @@ impl Replication {
                     why: format!("cannot subscribe to {subject}: {e}"),
                 })
         };
-        let mut ctl = subscribe(control_subject(&self.me.site)).await?;
-        let mut frames = subscribe(frames_subject(&self.me.site)).await?;
-        let mut changes = subscribe(sync_subject(&self.me.site)).await?;
+        let mut ctl = subscribe(control_subject(&self.me.address())).await?;
+        let mut frames = subscribe(frames_subject(&self.me.address())).await?;
+        let mut changes = subscribe(sync_subject(&self.me.address())).await?;
         loop {
             let (msg, kind) = tokio::select! {
                 _ = shutdown.changed() => break,

@@ -9,22 +9,33 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Control requests to a site's data plane.
-pub fn control_subject(site: &str) -> String {
-    format!("ferry.dp.{site}.ctl")
+/// Where a site's data plane listens: the site (one volume service in the site), or one node of
+/// the site (`ferry volume serve --node`, several ferryd in one site, each serving its own
+/// volumes). A node's subjects have one token more than the site's, so neither can take the
+/// other's traffic.
+pub fn address(site: &str, node: Option<&str>) -> String {
+    match node {
+        Some(n) => format!("{site}.{n}"),
+        None => site.to_string(),
+    }
 }
 
-/// Data frames to a site's data plane.
-pub fn frames_subject(site: &str) -> String {
-    format!("ferry.dp.{site}.frames")
+/// Control requests to a data plane (`address`).
+pub fn control_subject(address: &str) -> String {
+    format!("ferry.dp.{address}.ctl")
 }
 
-/// Changes of synchronous sessions to a site's data plane (data frames, one change each).
-pub fn sync_subject(site: &str) -> String {
-    format!("ferry.dp.{site}.sync")
+/// Data frames to a data plane (`address`).
+pub fn frames_subject(address: &str) -> String {
+    format!("ferry.dp.{address}.frames")
 }
 
-/// A site name is one NATS subject token.
+/// Changes of synchronous sessions to a data plane (`address`; data frames, one change each).
+pub fn sync_subject(address: &str) -> String {
+    format!("ferry.dp.{address}.sync")
+}
+
+/// A site (or node) name is one NATS subject token.
 pub fn valid_site_name(site: &str) -> bool {
     !site.is_empty()
         && site.len() <= 64

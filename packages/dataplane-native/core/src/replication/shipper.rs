@@ -6,9 +6,9 @@
 
 use super::frame::{self, FrameSizer};
 use super::protocol::{
-    block_hash, control_subject, frames_subject, region_allowed, unreachable, ControlMessage,
-    ControlReply, GenerationRef, ReplicaReport, ReverseBase, VolumeSpec, MAX_ANNOUNCED_EXTENTS,
-    MAX_HASHES,
+    address, block_hash, control_subject, frames_subject, region_allowed, unreachable,
+    ControlMessage, ControlReply, GenerationRef, ReplicaReport, ReverseBase, VolumeSpec,
+    MAX_ANNOUNCED_EXTENTS, MAX_HASHES,
 };
 use super::route::Route;
 use super::sync::{LinkState, OnLoss, SyncLink};
@@ -48,6 +48,9 @@ pub struct PairConfig {
     pub group: String,
     pub volumes: Vec<String>,
     pub target_site: String,
+    /// The target site's node that holds the replicas (`None`: the site's one volume service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
     pub mode: Mode,
     pub interval_ms: u64,
     /// Bytes per second on the wire; `None` is unlimited.
@@ -114,6 +117,9 @@ pub struct PairStatus {
     pub group: String,
     pub volumes: Vec<String>,
     pub target: String,
+    /// The target's node holding the replicas (none: the site's one volume service).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
     pub mode: String,
     /// `starting`, `syncing` (first full copy), `shipping`, `idle`, `error`.
     pub state: String,
@@ -184,6 +190,22 @@ pub struct SiteIdentity {
     pub region: String,
     /// Regions allowed to hold copies of this site's volumes; empty means any.
     pub allowed_regions: Vec<String>,
+    /// This volume service's node in the site (`None`: the site's only volume service).
+    pub node: Option<String>,
+}
+
+impl SiteIdentity {
+    /// Where this data plane listens (see `protocol::address`).
+    pub fn address(&self) -> String {
+        address(&self.site, self.node.as_deref())
+    }
+}
+
+impl PairConfig {
+    /// Where the target's data plane listens (see `protocol::address`).
+    pub fn target_address(&self) -> String {
+        address(&self.target_site, self.target_node.as_deref())
+    }
 }
 
 pub struct Shipper {
@@ -234,6 +256,7 @@ impl Shipper {
             group: cfg.group.clone(),
             volumes: cfg.volumes.clone(),
             target: cfg.target_site.clone(),
+            target_node: cfg.target_node.clone(),
             mode: match cfg.mode {
                 Mode::Async => "async".into(),
                 Mode::Sync => "sync".into(),
@@ -613,7 +636,7 @@ impl Shipper {
 
     async fn control(&self, msg: &ControlMessage) -> Result<ControlReply> {
         let body = serde_json::to_vec(msg).expect("control message serializes");
-        self.request(control_subject(&self.cfg.target_site), body)
+        self.request(control_subject(&self.cfg.target_address()), body)
             .await?
             .into_result()
     }
@@ -759,6 +782,7 @@ impl Shipper {
                     &self.cfg.group,
                     name,
                     &self.cfg.target_site,
+                    self.cfg.target_address(),
                     vol.meta().epoch,
                     self.cfg.level,
                     self.cfg.on_loss,
@@ -1022,7 +1046,7 @@ impl Shipper {
             }
             in_flight_bytes += length;
             let nats = self.route.client().clone();
-            let subject = frames_subject(&self.cfg.target_site);
+            let subject = frames_subject(&self.cfg.target_address());
             let (vol, image) = (vol.clone(), image.clone());
             let target = self.cfg.target_site.clone();
             let (epoch, generation, level) = (r.epoch, r.generation, self.cfg.level);

@@ -64,6 +64,8 @@ pub struct SyncLink {
     group: String,
     volume: String,
     target: String,
+    /// Where the target's data plane listens (its site, or its node in the site).
+    address: String,
     epoch: u64,
     level: i32,
     on_loss: OnLoss,
@@ -88,6 +90,7 @@ impl SyncLink {
         group: &str,
         volume: &str,
         target: &str,
+        address: String,
         epoch: u64,
         level: i32,
         on_loss: OnLoss,
@@ -100,6 +103,7 @@ impl SyncLink {
             group: group.into(),
             volume: volume.into(),
             target: target.into(),
+            address,
             epoch,
             level,
             on_loss,
@@ -223,7 +227,7 @@ impl SyncLink {
             floor: self.floor(),
         };
         let body = serde_json::to_vec(&msg).expect("control message serializes");
-        self.request(control_subject(&self.target), body.into())
+        self.request(control_subject(&self.address), body.into())
             .await
     }
 
@@ -281,7 +285,7 @@ impl SyncLink {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         let msg = frame_of(seq)?;
         self.unacked.lock().insert(seq);
-        let r = self.deliver(sync_subject(&self.target), msg.into());
+        let r = self.deliver(sync_subject(&self.address), msg.into());
         self.unacked.lock().remove(&seq);
         if r? {
             self.writes.fetch_add(1, Ordering::Relaxed);
@@ -346,7 +350,7 @@ impl Mirror for SyncLink {
             epoch: self.epoch,
         };
         let body = serde_json::to_vec(&msg).expect("control message serializes");
-        self.deliver(control_subject(&self.target), body.into())
+        self.deliver(control_subject(&self.address), body.into())
             .map(|_| ())
     }
 }

@@ -11,6 +11,8 @@ pub struct Site {
     svc: Option<VolumeService>,
     name: String,
     region: String,
+    /// The service's node in the site (`--node`), when the site has several.
+    node: Option<String>,
     url: String,
     allow: Vec<String>,
     /// `SITE=URL` of the peers this service connects to directly (`--peer-nats`).
@@ -35,10 +37,20 @@ impl Site {
             svc: None,
             name: name.into(),
             region: region.into(),
+            node: None,
             url,
             allow: allow.iter().map(|s| s.to_string()).collect(),
             peers: peers.to_vec(),
         };
+        site.restart();
+        site
+    }
+
+    /// One node's service of a site that has several (`--node`).
+    pub fn start_node(name: &str, node: &str, region: &str, url: String) -> Site {
+        let mut site = Site::start_with_peers(name, region, url, &[], &[]);
+        site.stop();
+        site.node = Some(node.into());
         site.restart();
         site
     }
@@ -54,6 +66,7 @@ impl Site {
                 untracked: false,
                 site: Some(self.name.clone()),
                 region: Some(self.region.clone()),
+                node: self.node.clone(),
                 nats: Some(self.url.clone()),
                 allow_regions: self.allow.clone(),
                 peers: self.peers.clone(),
@@ -158,6 +171,7 @@ pub fn start_request(vols: &[&str], to: &str, mode: &str, interval_ms: u64) -> C
     ControlRequest::ReplicateStart {
         volumes: vols.iter().map(|s| s.to_string()).collect(),
         to: to.into(),
+        to_node: None,
         mode: mode.into(),
         interval_ms,
         rate: None,

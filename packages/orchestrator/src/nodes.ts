@@ -1,0 +1,248 @@
+/**
+ * Several ferryd in one site: each runs on its own host (a *node*) with its own volume service, and
+ * one of them leads (lease.ts). The leader orchestrates every application of the site, so it
+ * reaches each node's data plane over the site's NATS:
+ *
+ * - every ferryd started with a node name serves its data plane on `ferry.node.<site>.<node>`
+ *   (`serveNode`) and records itself in the site's KV bucket `ferry-nodes` every heartbeat;
+ * - the leader's `SiteDataPlane` sends each call to the node holding the volumes it names (an
+ *   application's volumes share a node: they are one consistency group, cut together by one data
+ *   plane), creates new volumes beside the application's others or on the node with the fewest,
+ *   and merges what every node reports.
+ *
+ * Replication between sites is addressed to nodes too (`ferry.dp.<site>.<node>.…`): the target
+ * site's leader names the node that keeps an application's replicas (`placeReplica`).
+ */
+import { type KV, Kvm } from "@nats-io/kv";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
+import { RequestError, TimeoutError } from "@nats-io/transport-node";
+import type { DataPlane, PairStatus, VolumeInfo } from "./dataplane.js";
+import { conflict, ErrorCode, errorBody, FerryError, notFound } from "./errors.js";
+
+export const NODES_BUCKET = "ferry-nodes";
+
+export const nodeSubject = (site: string, node: string) => `ferry.node.${site}.${node}`;
+
+/** A node as it records itself in `ferry-nodes`. */
+export interface NodeRecord {
+  node: string;
+  /** When it last recorded itself. */
+  atMs: number;
+}
+
+/** A volume as the site's data plane lists it: with the node that holds it (none: one node only). */
+export type SiteVolumeInfo = VolumeInfo & { node?: string };
+
+/** Calls that may move a lot of data (a final sync, a clone of a recovery point) wait this long. */
+const LONG_CALL_MS = 30 * 60_000;
+const CALL_MS = 30_000;
+const LONG_CALLS = new Set<keyof DataPlane>(["replicateSync", "clone", "promote"]);
+/** What a node serves: the data plane's calls, nothing else. */
+const METHODS: readonly (keyof DataPlane)[] = [
+  "listVolumes",
+  "createVolume",
+  "replicateStart",
+  "replicateStatus",
+  "replicateSync",
+  "cut",
+  "replicateStop",
+  "promote",
+  "points",
+  "fence",
+  "clone",
+  "deleteVolume",
+];
+
+/** Answer the site leader's data-plane calls for this node's volumes. */
+export function serveNode(nc: NatsConnection, site: string, node: string, dp: DataPlane): Subscription {
+  return nc.subscribe(nodeSubject(site, node), {
+    callback: (_e, m) => {
+      void (async () => {
+        let reply: unknown;
+        try {
+          const { method, args } = m.json<{ method: keyof DataPlane; args: unknown[] }>();
+          if (!METHODS.includes(method) || !Array.isArray(args)) {
+            throw new FerryError(ErrorCode.invalid, `node ${node} of site ${site} has no data-plane call '${method}'`);
+          }
+          const fn = dp[method] as (...a: unknown[]) => Promise<unknown>;
+          reply = { ok: true, result: (await fn.apply(dp, args)) ?? null };
+        } catch (error) {
+          reply = { ok: false, error: errorBody(error) };
+        }
+        m.respond(JSON.stringify(reply));
+      })();
+    },
+  });
+}
+
+/** Another node's data plane, through its `serveNode`. */
+export function remoteDataPlane(nc: NatsConnection, site: string, node: string): DataPlane {
+  const call =
+    (method: keyof DataPlane) =>
+    async (...args: unknown[]): Promise<never> => {
+      const timeout = LONG_CALLS.has(method) ? LONG_CALL_MS : CALL_MS;
+      let reply: { ok: boolean; result?: unknown; error?: { code: string; message: string } };
+      try {
+        reply = (await nc.request(nodeSubject(site, node), JSON.stringify({ method, args }), { timeout })).json();
+      } catch (error) {
+        const silent =
+          (error instanceof RequestError && (error.isNoResponders() || error.cause instanceof TimeoutError)) ||
+          error instanceof TimeoutError;
+        if (!silent) throw error;
+        throw new FerryError(
+          ErrorCode.unreachable,
+          `node ${node} of site ${site} did not answer ${method}: is its ferryd (--node ${node}) running?`,
+          { cause: error },
+        );
+      }
+      if (!reply.ok) throw new FerryError(reply.error?.code ?? ErrorCode.failed, reply.error?.message ?? "failed");
+      return reply.result as never;
+    };
+  return Object.fromEntries(METHODS.map((m) => [m, call(m)])) as unknown as DataPlane;
+}
+
+/** The site's nodes as `ferry-nodes` records them; this ferryd keeps its own record fresh. */
+export class NodeDirectory {
+  private constructor(
+    private readonly kv: KV,
+    /** A node unrecorded for this long is gone: nothing is placed there, its volumes are not listed. */
+    private readonly staleMs: number,
+  ) {}
+
+  static async open(nc: NatsConnection, staleMs: number): Promise<NodeDirectory> {
+    return new NodeDirectory(await new Kvm(nc).create(NODES_BUCKET, { history: 1 }), staleMs);
+  }
+
+  async record(node: string, nowMs = Date.now()): Promise<void> {
+    await this.kv.put(node, JSON.stringify({ node, atMs: nowMs } satisfies NodeRecord));
+  }
+
+  /** A clean stop: the node leaves at once instead of going stale. */
+  async remove(node: string): Promise<void> {
+    await this.kv.delete(node).catch(() => {});
+  }
+
+  /** Every recorded node, newest record first, with whether it is live. */
+  async list(nowMs = Date.now()): Promise<(NodeRecord & { live: boolean })[]> {
+    const out: (NodeRecord & { live: boolean })[] = [];
+    for await (const key of await this.kv.keys()) {
+      const entry = await this.kv.get(key);
+      if (entry === null || entry.operation !== "PUT") continue;
+      const r = entry.json<NodeRecord>();
+      out.push({ ...r, live: nowMs - r.atMs <= this.staleMs });
+    }
+    return out.sort((a, b) => a.node.localeCompare(b.node));
+  }
+}
+
+/**
+ * The data plane of a whole site of several nodes, as the leader sees it. Volumes are found where
+ * they are (each node lists its own); a call naming volumes goes to the node that holds them all.
+ */
+export class SiteDataPlane implements DataPlane {
+  /** Where each volume was last seen. */
+  private readonly where = new Map<string, string>();
+
+  constructor(
+    private readonly nc: NatsConnection,
+    private readonly site: string,
+    private readonly self: string,
+    private readonly local: DataPlane,
+    private readonly directory: NodeDirectory,
+  ) {}
+
+  private dp(node: string): DataPlane {
+    return node === this.self ? this.local : remoteDataPlane(this.nc, this.site, node);
+  }
+
+  private async liveNodes(): Promise<string[]> {
+    const live = (await this.directory.list()).filter((n) => n.live).map((n) => n.node);
+    return live.includes(this.self) ? live : [this.self, ...live];
+  }
+
+  /** Every node's volumes. A live node that does not answer fails the listing: its volumes are not "missing". */
+  async listVolumes(): Promise<SiteVolumeInfo[]> {
+    const nodes = await this.liveNodes();
+    const lists = await Promise.all(nodes.map(async (n) => ({ n, volumes: await this.dp(n).listVolumes() })));
+    const out: SiteVolumeInfo[] = [];
+    for (const { n, volumes } of lists) {
+      for (const v of volumes) {
+        this.where.set(v.name, n);
+        out.push({ ...v, node: n });
+      }
+    }
+    return out;
+  }
+
+  /**
+   * The node holding every one of `volumes`; with `orNew`, a node for volumes none of which
+   * exists yet: the live node holding the fewest volumes.
+   */
+  async nodeOf(volumes: readonly string[], orNew = false): Promise<string> {
+    if (volumes.some((v) => !this.where.has(v))) await this.listVolumes();
+    const held = new Map<string, string[]>();
+    for (const v of volumes) {
+      const n = this.where.get(v);
+      if (n !== undefined) held.set(n, [...(held.get(n) ?? []), v]);
+    }
+    if (held.size > 1) {
+      const spread = [...held].map(([n, vs]) => `${vs.join(", ")} on node ${n}`).join("; ");
+      throw conflict(
+        `volumes ${volumes.join(", ")} are on several nodes of site ${this.site} (${spread}); volumes used together ` +
+          "(one application, one consistency group) must be on one node",
+      );
+    }
+    const [node] = [...held.keys()];
+    if (node !== undefined) {
+      const missing = volumes.filter((v) => this.where.get(v) !== node);
+      if (missing.length === 0 || orNew) return node;
+      throw notFound(`volume ${missing.join(", ")} does not exist at site ${this.site}`);
+    }
+    if (!orNew) throw notFound(`volume ${volumes.join(", ")} does not exist at site ${this.site}`);
+    const counts = new Map((await this.liveNodes()).map((n) => [n, 0]));
+    for (const n of this.where.values()) if (counts.has(n)) counts.set(n, (counts.get(n) ?? 0) + 1);
+    return [...counts].sort((a, b) => a[1] - b[1] || a[0].localeCompare(b[0]))[0]?.[0] ?? this.self;
+  }
+
+  private async on<T>(volumes: readonly string[], f: (dp: DataPlane) => Promise<T>): Promise<T> {
+    return f(this.dp(await this.nodeOf(volumes)));
+  }
+
+  async createVolume(name: string, size: number, beside: readonly string[] = []): Promise<SiteVolumeInfo> {
+    const node = await this.nodeOf([...beside, name], true);
+    const info = await this.dp(node).createVolume(name, size);
+    this.where.set(name, node);
+    return { ...info, node };
+  }
+
+  /** Every node's pairs; a node that does not answer is left out (its pairs show as missing). */
+  async replicateStatus(): Promise<PairStatus[]> {
+    const nodes = await this.liveNodes();
+    const all = await Promise.all(
+      nodes.map((n) =>
+        this.dp(n)
+          .replicateStatus()
+          .catch(() => [] as PairStatus[]),
+      ),
+    );
+    return all.flat();
+  }
+
+  replicateStart: DataPlane["replicateStart"] = (s) => this.on(s.volumes, (dp) => dp.replicateStart(s));
+  replicateSync: DataPlane["replicateSync"] = (v) => this.on(v, (dp) => dp.replicateSync(v));
+  cut: DataPlane["cut"] = (v) => this.on(v, (dp) => dp.cut(v));
+  replicateStop: DataPlane["replicateStop"] = (v) => this.on(v, (dp) => dp.replicateStop(v));
+  promote: DataPlane["promote"] = (v, back) => this.on(v, (dp) => dp.promote(v, back));
+  points: DataPlane["points"] = (v) => this.on(v, (dp) => dp.points(v));
+  fence: DataPlane["fence"] = (v, fenced) => this.on(v, (dp) => dp.fence(v, fenced));
+  clone: DataPlane["clone"] = async (v, back, names) => {
+    const node = await this.nodeOf(v);
+    const cloned = await this.dp(node).clone(v, back, names);
+    for (const n of names) this.where.set(n, node);
+    return cloned;
+  };
+  deleteVolume: DataPlane["deleteVolume"] = async (name) => {
+    await this.on([name], (dp) => dp.deleteVolume(name));
+    this.where.delete(name);
+  };
+}
