@@ -69,13 +69,24 @@ export function atSite(site: Site, args: readonly string[]): string[] {
   return [...args, "--nats", site.cliUrl, "--site", site.name];
 }
 
-/** Wait until `site` (the source) holds a recovery point of `app` cut after `sinceMs` (the writes before it are in). */
-export async function pointAfter(ferry: FerryCli, site: Site, app: string, sinceMs: number): Promise<void> {
+/**
+ * Wait until `site` (the source) sees a recovery point of `app` cut after `sinceMs` (the writes
+ * before it are in) — at `target` when given, else at its first target.
+ */
+export async function pointAfter(
+  ferry: FerryCli,
+  site: Site,
+  app: string,
+  sinceMs: number,
+  target?: string,
+): Promise<void> {
   await waitFor(
-    `a recovery point of ${app} newer than the last write`,
+    `a recovery point of ${app}${target === undefined ? "" : ` at ${target}`} newer than the last write`,
     async () => {
       const rows = await ferry.json<ProtectionStatus[]>(atSite(site, ["status", app]));
-      const p = rows.find((r) => r.source === site.name)?.lastRecoveryPoint;
+      const p = rows.find(
+        (r) => r.source === site.name && (target === undefined || r.target === target),
+      )?.lastRecoveryPoint;
       return p !== null && p !== undefined && p.atMs > sinceMs;
     },
     { timeoutMs: 30_000 },

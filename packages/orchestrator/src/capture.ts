@@ -106,7 +106,7 @@ export async function captureCut(
       pre = await runHook(p.settings.hooks.pre, env);
       if (pre.exitCode !== 0) reasons.push(`pre-hook exited with ${pre.exitCode ?? "no status"}`);
     }
-    cut = await dataPlane.cut(app.volumes);
+    cut = await dataPlane.cut(app.volumes, p.target);
   } finally {
     for (const f of frozen) {
       // A member left frozen is worse than a point downgraded: the failure is named in the point's

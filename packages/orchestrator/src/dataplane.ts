@@ -107,10 +107,11 @@ export interface DataPlane {
   createVolume(name: string, size: number, beside?: readonly string[]): Promise<VolumeInfo>;
   replicateStart(settings: PairSettings): Promise<PairStatus>;
   replicateStatus(): Promise<PairStatus[]>;
-  replicateSync(volumes: string[]): Promise<PairStatus>;
-  /** Cut the pair holding `volumes` now; answers once the cut is taken, while it ships. */
-  cut(volumes: string[]): Promise<CutTaken>;
-  replicateStop(volumes: string[]): Promise<PairStatus>;
+  /** `to`: the pair's target site, needed when the volumes replicate to several. */
+  replicateSync(volumes: string[], to?: string): Promise<PairStatus>;
+  /** Cut the pair holding `volumes` (to `to`) now; answers once the cut is taken, while it ships. */
+  cut(volumes: string[], to?: string): Promise<CutTaken>;
+  replicateStop(volumes: string[], to?: string): Promise<PairStatus>;
   promote(volumes: string[], back: number): Promise<PromotedVolume[]>;
   points(volumes: string[]): Promise<ReplicaPoints[]>;
   /** Refuse (or allow again) writes to ordinary volumes; writes in flight finish first. */
@@ -168,9 +169,9 @@ export function nativeDataPlane(dataDir: string, service?: InProcessService): Da
       service === undefined
         ? replicate<PairStatus[]>({ op: "replicateStatus" })
         : (JSON.parse(await service.replicationStatus()) as PairStatus[]),
-    replicateSync: (volumes) => replicate<PairStatus>({ op: "replicateSync", volumes }),
-    cut: (volumes) => replicate<CutTaken>({ op: "replicateCut", volumes }),
-    replicateStop: (volumes) => replicate<PairStatus>({ op: "replicateStop", volumes }),
+    replicateSync: (volumes, to) => replicate<PairStatus>({ op: "replicateSync", volumes, to: to ?? null }),
+    cut: (volumes, to) => replicate<CutTaken>({ op: "replicateCut", volumes, to: to ?? null }),
+    replicateStop: (volumes, to) => replicate<PairStatus>({ op: "replicateStop", volumes, to: to ?? null }),
     promote: (volumes, back) => replicate<PromotedVolume[]>({ op: "replicatePromote", volumes, back }),
     points: (volumes) => replicate<ReplicaPoints[]>({ op: "replicaPoints", volumes }),
     fence: (volumes, fenced) => replicate({ op: "fence", volumes, fenced }),

@@ -229,9 +229,9 @@ export class SiteDataPlane implements DataPlane {
   }
 
   replicateStart: DataPlane["replicateStart"] = (s) => this.on(s.volumes, (dp) => dp.replicateStart(s));
-  replicateSync: DataPlane["replicateSync"] = (v) => this.on(v, (dp) => dp.replicateSync(v));
-  cut: DataPlane["cut"] = (v) => this.on(v, (dp) => dp.cut(v));
-  replicateStop: DataPlane["replicateStop"] = (v) => this.on(v, (dp) => dp.replicateStop(v));
+  replicateSync: DataPlane["replicateSync"] = (v, to) => this.on(v, (dp) => dp.replicateSync(v, to));
+  cut: DataPlane["cut"] = (v, to) => this.on(v, (dp) => dp.cut(v, to));
+  replicateStop: DataPlane["replicateStop"] = (v, to) => this.on(v, (dp) => dp.replicateStop(v, to));
   promote: DataPlane["promote"] = (v, back) => this.on(v, (dp) => dp.promote(v, back));
   points: DataPlane["points"] = (v) => this.on(v, (dp) => dp.points(v));
   fence: DataPlane["fence"] = (v, fenced) => this.on(v, (dp) => dp.fence(v, fenced));

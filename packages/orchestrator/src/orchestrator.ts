@@ -272,8 +272,11 @@ export class Orchestrator {
       // Internal: one site's ferryd asking another's.
       replicaPlace: async (b) => ({ node: (await this.replicaNode(strs(b, "volumes"))) ?? null }),
       replicaRegister: async (b) => this.registerReplica(b.app as Application, b.protection as Protection),
-      pairSync: async (b) => this.pairSync(str(b, "app")),
-      pairStop: async (b) => this.pairStop(str(b, "app"), str(b, "target")),
+      pairSync: async (b) => this.pairSync(str(b, "app"), optStr(b, "target")),
+      pairStop: async (b) =>
+        b.all === true
+          ? this.pairStopAll(str(b, "app"), str(b, "target"))
+          : this.pairStop(str(b, "app"), str(b, "target")),
       fence: async (b) => this.fenceApp(str(b, "app"), b.fenced === true),
       reverseStart: async (b) => this.reverseStart(str(b, "app"), str(b, "to")),
       protectionStatus: async (b) => this.status(str(b, "app")),
@@ -479,11 +482,15 @@ export class Orchestrator {
         `application ${appName} is protected to ${to} under policy ${existing.policy} already; one policy per target`,
       );
     }
-    const other = this.catalog.protectionsOf(appName).find((p) => p.source === this.site && p.target !== to);
-    if (other !== undefined && other.state === "protecting") {
+    // Several targets, each under its own policy; synchronously to one of them at most (a write
+    // waits for one site).
+    const sync = this.catalog
+      .protectionsOf(appName)
+      .find((p) => p.source === this.site && p.target !== to && p.state === "protecting" && p.settings.mode === "sync");
+    if (sync !== undefined && policy.mode === "sync") {
       throw conflict(
-        `application ${appName} is protected to ${other.target} already; a volume replicates to one site at a time in ` +
-          "this version",
+        `application ${appName} replicates synchronously to ${sync.target} already (policy ${sync.policy}); an ` +
+          `application has one synchronous target: protect it to ${to} under an async policy`,
       );
     }
     const now = Date.now();
@@ -610,20 +617,27 @@ export class Orchestrator {
     return pairs.get(pairKey(target, app.volumes));
   }
 
-  private async pairSync(appName: string): Promise<PairStatus> {
+  /** Ship a generation of the application's pair to `target` now (the only pair when not given). */
+  private async pairSync(appName: string, target: string | null): Promise<PairStatus> {
     const app = this.requireApp(appName);
     // Members' metadata travels with orchestrated cuts only: the generation a migration ends on must
     // carry one taken now (after its members were stopped here), so one is cut before the sync.
     const p = this.catalog
       .protectionsOf(appName)
-      .find((x) => x.source === this.site && x.state === "protecting" && orchestratedCuts(app, x));
+      .find(
+        (x) =>
+          x.source === this.site &&
+          x.state === "protecting" &&
+          (target === null || x.target === target) &&
+          orchestratedCuts(app, x),
+      );
     if (p !== undefined) {
       const key = protectionKey(p.app, p.target);
       while (this.cutting.has(key)) await this.cutting.get(key);
       this.lastCut.set(key, Date.now());
       await this.startCut(app, p);
     }
-    return this.dataPlane.replicateSync(app.volumes);
+    return this.dataPlane.replicateSync(app.volumes, target ?? undefined);
   }
 
   /** Stop this site's pair of the application to `target`, if there is one. */
@@ -631,7 +645,7 @@ export class Orchestrator {
     const app = this.requireApp(appName);
     const pair = this.findPair(app, target, indexPairs(await this.dataPlane.replicateStatus()));
     if (pair === undefined) return null;
-    const stopped = await this.dataPlane.replicateStop(app.volumes);
+    const stopped = await this.dataPlane.replicateStop(app.volumes, target);
     const p = this.catalog.protections.get(protectionKey(appName, target));
     if (p !== undefined && p.source === this.site) {
       await this.catalog.protections.put(protectionKey(appName, target), {
@@ -639,6 +653,25 @@ export class Orchestrator {
         state: "paused",
         updatedAtMs: Date.now(),
       });
+    }
+    return stopped;
+  }
+
+  /**
+   * Stop every pair of the application at this site: the one to `target` (where an operation moves
+   * it) and those to its other targets, which pause — the volumes are about to become replicas of
+   * `target`'s, and a replica ships nowhere. `ferry protect` resumes a paused target later.
+   */
+  private async pairStopAll(appName: string, target: string): Promise<PairStatus | null> {
+    const stopped = await this.pairStop(appName, target);
+    for (const p of this.catalog.protectionsOf(appName)) {
+      if (p.source !== this.site || p.target === target) continue;
+      if ((await this.pairStop(appName, p.target)) !== null) {
+        await this.events.emit("protection.paused", appName, {
+          target: p.target,
+          reason: `${appName} moves to ${target}; protect it to ${p.target} again once it runs here`,
+        });
+      }
     }
     return stopped;
   }
@@ -871,9 +904,26 @@ export class Orchestrator {
     }
     const here = this.catalog.protectionsOf(appName).find((p) => p.target === this.site);
     if (here === undefined || app.active === this.site) {
-      const target = this.catalog.protectionsOf(appName).find((p) => p.source === this.site)?.target;
-      if (target === undefined) throw notFound(`application ${appName} has no recovery points: it is not protected`);
-      return call(this.nc, target, "recoveryPointShow", { app: appName, point }, PEER_TIMEOUT_MS);
+      // A generation is cut by one pair, so it is a point of one target only: ask each in turn.
+      const targets = this.catalog
+        .protectionsOf(appName)
+        .filter((p) => p.source === this.site)
+        .map((p) => p.target);
+      if (targets.length === 0) throw notFound(`application ${appName} has no recovery points: it is not protected`);
+      let missing: unknown;
+      for (const target of targets) {
+        try {
+          return await call(this.nc, target, "recoveryPointShow", { app: appName, point }, PEER_TIMEOUT_MS);
+        } catch (error) {
+          if (!(error instanceof FerryError && error.code === ErrorCode.notFound) || targets.length === 1) throw error;
+          missing = error;
+        }
+      }
+      throw targets.length > 1
+        ? notFound(
+            `application ${appName} has no recovery point ${point} at ${targets.join(" or ")} (see \`ferry recovery-points ${appName}\`)`,
+          )
+        : missing;
     }
     const meta = await this.points.get(appName, here.source, generation);
     if (meta === null) {
@@ -1228,10 +1278,17 @@ export class Orchestrator {
       .filter((o) => o.app === appName && o.kind === "drill" && o.state === "succeeded" && o.result.cleaned !== "yes")
       .at(-1);
     if (drill === undefined) {
-      // A drill runs at the target; the request may have come to the source.
-      const target = this.catalog.protectionsOf(appName).find((p) => p.source === this.site)?.target;
-      if (target !== undefined && target !== this.site) {
-        return call<Operation>(this.nc, target, "drillCleanup", { app: appName }, PEER_TIMEOUT_MS);
+      // A drill runs at a target; the request may have come to the source: the target with one.
+      const targets = this.catalog
+        .protectionsOf(appName)
+        .filter((p) => p.source === this.site && p.target !== this.site)
+        .map((p) => p.target);
+      for (const target of targets) {
+        try {
+          return await call<Operation>(this.nc, target, "drillCleanup", { app: appName }, PEER_TIMEOUT_MS);
+        } catch (error) {
+          if (!(error instanceof FerryError && error.code === ErrorCode.notFound) || targets.length === 1) throw error;
+        }
       }
       throw notFound(`application ${appName} has no drill to clean up at site ${this.site}`);
     }
@@ -1264,6 +1321,9 @@ export class Orchestrator {
   private stepsFor(op: Operation): Record<string, StepFn> {
     const app = () => this.requireApp(op.app);
     const peer = op.from;
+    /** The peer ships a generation of its pair to this site now. */
+    const syncPeer = () =>
+      call<PairStatus>(this.nc, peer, "pairSync", { app: op.app, target: this.site }, SYNC_TIMEOUT_MS);
     const promote: StepFn = async (o) => {
       const a = app();
       const volumes = await this.dataPlane.listVolumes();
@@ -1341,7 +1401,7 @@ export class Orchestrator {
     };
     const migration: Record<string, StepFn> = {
       sync: async () => {
-        const s = await call<PairStatus>(this.nc, peer, "pairSync", { app: op.app }, SYNC_TIMEOUT_MS);
+        const s = await syncPeer();
         return { detail: `site ${peer} shipped generation ${s.lastCompleteGeneration}` };
       },
       fence: async () => {
@@ -1356,7 +1416,7 @@ export class Orchestrator {
         return { detail: `stopped ${stopped.join(", ")} at ${peer}` };
       },
       "final-sync": async (o) => {
-        const s = await call<PairStatus>(this.nc, peer, "pairSync", { app: op.app }, SYNC_TIMEOUT_MS);
+        const s = await syncPeer();
         o.result.finalGeneration = s.lastCompleteGeneration;
         return { detail: `site ${this.site} holds generation ${s.lastCompleteGeneration}, the last write at ${peer}` };
       },
@@ -1365,7 +1425,7 @@ export class Orchestrator {
           this.nc,
           peer,
           "pairStop",
-          { app: op.app, target: this.site },
+          { app: op.app, target: this.site, all: true },
           PEER_TIMEOUT_MS,
         );
         return stopped === null ? { detail: "no pair to stop", skipped: true } : { detail: `pair at ${peer} stopped` };
@@ -1395,7 +1455,7 @@ export class Orchestrator {
                 this.nc,
                 peer,
                 "pairStop",
-                { app: op.app, target: this.site },
+                { app: op.app, target: this.site, all: true },
                 5_000,
               );
               return stopped === null
@@ -1427,7 +1487,7 @@ export class Orchestrator {
             return { detail: `site ${peer} reachable` };
           },
           "stop-stale-pair": async () => {
-            const stopped = await this.pairStop(op.app, peer);
+            const stopped = await this.pairStopAll(op.app, peer);
             return stopped === null
               ? { detail: "no stale pair", skipped: true }
               : { detail: `stale pair to ${peer} stopped` };
@@ -1447,7 +1507,7 @@ export class Orchestrator {
             return { detail: `site ${peer} replicates ${op.app} back here, changes only` };
           },
           resync: async (o) => {
-            const s = await call<PairStatus>(this.nc, peer, "pairSync", { app: op.app }, SYNC_TIMEOUT_MS);
+            const s = await syncPeer();
             o.result.bytesResynced = s.bytesRaw;
             return { detail: `resynced ${s.bytesRaw} bytes (generation ${s.lastCompleteGeneration})` };
           },

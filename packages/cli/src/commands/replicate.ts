@@ -101,7 +101,8 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     .description(
       "start replicating volumes to another site. The volumes named together form one consistency group: every " +
         "generation the target completes holds all of them as of the same instant. A first full copy starts at once, " +
-        "then one generation every --interval. Idempotent for the same volumes and site.",
+        "then one generation every --interval. Idempotent for the same volumes and site. A volume may replicate to " +
+        "several sites, each pair from its own cuts and on its own schedule; synchronously to one of them at most.",
     )
     .argument("<volumes...>", "volume names at this site")
     .requiredOption("--to <site>", "the site to replicate to")
@@ -222,10 +223,15 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
       "cut the volumes' consistency group now and return once the target site holds that generation completely",
     )
     .argument("<volumes...>", "volumes of one replication pair")
+    .addOption(toOption())
     .addOption(dataOption())
     .addOption(jsonOption())
-    .action(async (volumes: string[], options: DataOption & JsonOption) => {
-      const status = (await request(resolveDataDir(options.data), { op: "replicateSync", volumes })) as PairStatus;
+    .action(async (volumes: string[], options: DataOption & JsonOption & { to?: string }) => {
+      const status = (await request(resolveDataDir(options.data), {
+        op: "replicateSync",
+        volumes,
+        to: options.to ?? null,
+      })) as PairStatus;
       if (options.json) return printJson(status);
       io.writeOut(`${pairTable([status])}\n`);
     });
@@ -237,9 +243,14 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
       "stop the replication pair holding these volumes and forget it; what the target holds stays there (read-only)",
     )
     .argument("<volumes...>", "volumes of one replication pair")
+    .addOption(toOption())
     .addOption(dataOption())
-    .action(async (volumes: string[], options: DataOption) => {
-      const status = (await request(resolveDataDir(options.data), { op: "replicateStop", volumes })) as PairStatus;
+    .action(async (volumes: string[], options: DataOption & { to?: string }) => {
+      const status = (await request(resolveDataDir(options.data), {
+        op: "replicateStop",
+        volumes,
+        to: options.to ?? null,
+      })) as PairStatus;
       const held =
         status.lastCompleteGeneration === null
           ? "it holds no complete generation"
@@ -402,6 +413,11 @@ function formatDuration(ms: number): string {
     if (ms % factor === 0) return `${ms / factor}${unit}`;
   }
   return `${ms}ms`;
+}
+
+/** `--to` of the commands that act on one pair: needed when the volumes replicate to several sites. */
+function toOption(): Option {
+  return new Option("--to <site>", "the pair's target site, when the volumes replicate to several");
 }
 
 /** A pair's target: its site, and the node there when the site has several. */

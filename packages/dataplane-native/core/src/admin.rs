@@ -421,18 +421,17 @@ impl ControlHandler for ServiceControl {
                 Some(r) => r.status(),
                 None => Vec::new(),
             })),
-            ControlRequest::ReplicateSync { volumes } => {
+            ControlRequest::ReplicateSync { volumes, to } => {
                 let r = self.replication()?.clone();
-                Ok(to_value(
-                    self.runtime
-                        .block_on(async move { r.sync(&volumes).await })?,
-                ))
+                Ok(to_value(self.runtime.block_on(async move {
+                    r.sync(&volumes, to.as_deref()).await
+                })?))
             }
-            ControlRequest::ReplicateCut { volumes } => {
+            ControlRequest::ReplicateCut { volumes, to } => {
                 let r = self.replication()?.clone();
                 let (group, cut) = self
                     .runtime
-                    .block_on(async move { r.cut(&volumes).await })?;
+                    .block_on(async move { r.cut(&volumes, to.as_deref()).await })?;
                 Ok(serde_json::json!({
                     "group": group,
                     "volumes": cut
@@ -442,12 +441,11 @@ impl ControlHandler for ServiceControl {
                     "atMs": crate::volume_meta::now_ms(),
                 }))
             }
-            ControlRequest::ReplicateStop { volumes } => {
+            ControlRequest::ReplicateStop { volumes, to } => {
                 let r = self.replication()?.clone();
-                Ok(to_value(
-                    self.runtime
-                        .block_on(async move { r.stop_pair(&volumes).await })?,
-                ))
+                Ok(to_value(self.runtime.block_on(async move {
+                    r.stop_pair(&volumes, to.as_deref()).await
+                })?))
             }
         }
     }

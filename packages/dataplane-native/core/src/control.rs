@@ -75,13 +75,22 @@ pub enum ControlRequest {
     ReplicateStatus,
     ReplicateSync {
         volumes: Vec<String>,
+        /// The pair's target site, when the volumes replicate to several.
+        #[serde(default)]
+        to: Option<String>,
     },
     /// Cut the group now; answered once the cut is taken, while it ships.
     ReplicateCut {
         volumes: Vec<String>,
+        /// The pair's target site, when the volumes replicate to several.
+        #[serde(default)]
+        to: Option<String>,
     },
     ReplicateStop {
         volumes: Vec<String>,
+        /// The pair's target site, when the volumes replicate to several.
+        #[serde(default)]
+        to: Option<String>,
     },
     /// At a target: make replicas writable at their last complete generation.
     ReplicatePromote {

@@ -192,11 +192,13 @@ impl Registry {
         Ok(names.iter().map(|n| (n.clone(), closed[n])).collect())
     }
 
-    /// A group cut that keeps each volume's content at the cut readable for shipping: returns
+    /// A group cut that keeps each volume's content at the cut readable for shipping by
+    /// replication pair `owner`: returns
     /// `(volume, closed generation, image)` in the order given. `bases` holds, per volume, what
     /// the target has (see `CutGuard::commit_with_image`).
     pub fn cut_with_images(
         &self,
+        owner: &str,
         names: &[String],
         bases: &BTreeMap<String, CutBase>,
     ) -> Result<Vec<(String, u64, Arc<crate::cut_image::CutImage>)>> {
@@ -212,7 +214,10 @@ impl Registry {
                 g.set_mirror(Some(m));
             }
             let extra = base.and_then(|b| b.extra.as_ref());
-            out.insert(name, g.commit_with_image(&cut_id, since, resume, extra)?);
+            out.insert(
+                name,
+                g.commit_with_image(owner, &cut_id, since, resume, extra)?,
+            );
         }
         Ok(names
             .iter()

@@ -35,6 +35,10 @@ pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
 /// Most runs one block-status answer carries.
 pub const MAX_STATUS_RUNS: usize = 1024;
 
+/// Most closed generations a volume keeps for replication pairs whose targets lag behind the others
+/// (see `Volume::pin_generation`): a pair pinned further back ships the whole volume next (holes
+/// as zero frames), so that the metadata rewritten at every cut stays small.
+pub const MAX_PINNED_GENERATIONS: usize = 1024;
 const META_FILE: &str = "meta.json";
 const DATA_FILE: &str = "data.raw";
 const OPEN_BITMAP_FILE: &str = "open.bitmap";
@@ -140,8 +144,13 @@ pub struct Volume {
     /// Off only for benchmarks that measure what tracking costs; a volume served untracked has
     /// its whole open bitmap marked dirty when tracking is turned off (see `set_tracking`).
     tracking: AtomicBool,
-    /// The content at the last cut, preserved while it is being shipped (copy-before-write).
-    image: RwLock<Option<Arc<CutImage>>>,
+    /// The content at each cut being shipped, one per replication pair (its owner), preserved
+    /// while it ships (copy-before-write).
+    images: RwLock<Vec<(String, Arc<CutImage>)>>,
+    /// Per replication pair, the generation its target holds (0: not known yet, e.g. before the
+    /// pair reached its target after a restart): closed bitmaps after it are kept so that its
+    /// next cut ships only what changed (see `CutGuard::commit`).
+    pins: Mutex<BTreeMap<String, u64>>,
     /// On a replica, the generation being applied (its before-images serve readers meanwhile).
     txn: RwLock<Option<Arc<ApplyTxn>>>,
     /// Synchronous replication: every change goes through it before it is acknowledged.
@@ -326,7 +335,8 @@ impl Volume {
             stats: Stats::default(),
             leases: AtomicUsize::new(0),
             tracking: AtomicBool::new(true),
-            image: RwLock::new(None),
+            images: RwLock::new(Vec::new()),
+            pins: Mutex::new(BTreeMap::new()),
             txn: RwLock::new(resumable.map(Arc::new)),
             mirror: RwLock::new(None),
         };
@@ -534,10 +544,10 @@ impl Volume {
     }
 
     fn preserve_for_image(&self, offset: u64, length: u64) -> Result<()> {
-        match self.image.read().as_ref() {
-            Some(img) => img.preserve(&self.file, offset, length),
-            None => Ok(()),
+        for (_, img) in self.images.read().iter() {
+            img.preserve(&self.file, offset, length)?;
         }
+        Ok(())
     }
 
     /// Read the content of the generation being shipped, as it was at its cut.
@@ -552,14 +562,29 @@ impl Volume {
         image.is_hole(&self.file, offset, length)
     }
 
-    /// The image being shipped, if any.
-    pub fn cut_image(&self) -> Option<Arc<CutImage>> {
-        self.image.read().clone()
+    /// The image `owner` (a replication pair) is shipping, if any.
+    pub fn cut_image(&self, owner: &str) -> Option<Arc<CutImage>> {
+        self.images
+            .read()
+            .iter()
+            .find(|(o, _)| o == owner)
+            .map(|(_, i)| i.clone())
     }
 
-    /// Shipping of the image is over (complete, or abandoned for a later cut).
-    pub fn release_cut_image(&self) {
-        *self.image.write() = None;
+    /// `owner`'s shipping of its image is over (complete, or abandoned for a later cut); the
+    /// images of other pairs stay.
+    pub fn release_cut_image(&self, owner: &str) {
+        self.images.write().retain(|(o, _)| o != owner);
+    }
+
+    /// Replication pair `owner`'s target holds generation `generation` (0: not known yet): keep
+    /// the closed bitmaps after it; `None`: the pair is gone.
+    pub fn pin_generation(&self, owner: &str, generation: Option<u64>) {
+        let mut pins = self.pins.lock();
+        match generation {
+            Some(g) => pins.insert(owner.to_string(), g),
+            None => pins.remove(owner),
+        };
     }
 
     fn make_hot(&self, id: GenerationId, first: u32, last: u32) -> Result<()> {
@@ -1461,7 +1486,16 @@ impl CutGuard<'_> {
             dirty_bytes: self.gen.bitmap.dirty_bytes(),
         });
         next.open_generation = closed_id.generation + 1;
-        let excess = next.generations.len().saturating_sub(next.keep_generations);
+        // Beyond the kept count, a bitmap still goes only when no pair's next cut needs it (it
+        // is at or before every pinned generation) — or when even the pins cannot keep it.
+        let oldest_pin = v.pins.lock().values().min().copied();
+        let len = next.generations.len();
+        let excess = len.saturating_sub(next.keep_generations);
+        let needed = next.generations[..excess]
+            .iter()
+            .position(|g| oldest_pin.is_some_and(|p| g.generation > p))
+            .unwrap_or(excess);
+        let excess = needed.max(len.saturating_sub(MAX_PINNED_GENERATIONS));
         let pruned: Vec<u64> = next
             .generations
             .drain(..excess)
@@ -1534,7 +1568,7 @@ impl CutGuard<'_> {
     }
 
     /// Commit the cut and keep the content at the cut readable while writes go on (for
-    /// shipping). The image's pending blocks are the changes since generation `since` (the last
+    /// shipping by replication pair `owner`; each pair has its own image). The image's pending blocks are the changes since generation `since` (the last
     /// one the target holds completely, `None` when it holds none): the union of the kept bitmaps
     /// after it — or the whole volume when a bitmap in between is no longer kept.
     ///
@@ -1545,6 +1579,7 @@ impl CutGuard<'_> {
     /// pending. When the changes since the reference are not all known, nothing is skipped.
     pub fn commit_with_image(
         self,
+        owner: &str,
         cut_id: &str,
         since: Option<u64>,
         resume: Option<&Resume>,
@@ -1574,11 +1609,16 @@ impl CutGuard<'_> {
         drop(closed);
         // Created before the commit releases the gate, so no write can slip in unpreserved.
         let image = Arc::new(CutImage::create(&v.dir, generation, &pending)?);
-        *v.image.write() = Some(image.clone());
+        {
+            // A pair's new image replaces the one it was shipping (abandoned for this cut).
+            let mut images = v.images.write();
+            images.retain(|(o, _)| o != owner);
+            images.push((owner.to_string(), image.clone()));
+        }
         match self.commit(cut_id) {
             Ok(g) => Ok((g, image)),
             Err(e) => {
-                *v.image.write() = None;
+                v.release_cut_image(owner);
                 Err(e)
             }
         }
@@ -1728,7 +1768,7 @@ mod tests {
         v.write_at(1 << 20, &[2u8; 4096], false).unwrap();
         let (g, img) = v
             .lock_for_cut()
-            .commit_with_image("c", Some(0), None, None)
+            .commit_with_image("p1", "c", Some(0), None, None)
             .unwrap();
         assert_eq!(g, 1);
         assert_eq!(img.pending_bytes(), 131072 + 65536);
@@ -1755,9 +1795,80 @@ mod tests {
         );
         img.shipped(0, 131072);
         assert_eq!(img.pending_bytes(), 65536);
-        v.release_cut_image();
+        v.release_cut_image("p1");
         drop(img);
         assert!(!dir.join("cut-image-1.side").exists());
+    }
+
+    /// Two pairs (two target sites) ship the same volume from different cuts: each reads its own
+    /// cut while writes go on, and one pair's release or next cut leaves the other's image alone.
+    #[test]
+    fn each_pair_ships_its_own_cut_image() {
+        let (_t, dir) = new_volume(4 << 20);
+        let v = Volume::open(&dir, "v").unwrap();
+        let block = |byte: u8| vec![byte; 65536];
+        v.write_at(0, &block(1), false).unwrap();
+        let (_, first) = v
+            .lock_for_cut()
+            .commit_with_image("to-b", "c1", None, None, None)
+            .unwrap();
+        v.write_at(0, &block(2), false).unwrap();
+        let (_, second) = v
+            .lock_for_cut()
+            .commit_with_image("to-c", "c2", None, None, None)
+            .unwrap();
+        v.write_at(0, &block(3), false).unwrap();
+        let read = |img: &CutImage| {
+            let mut buf = vec![0u8; 65536];
+            v.read_cut(img, 0, &mut buf).unwrap();
+            buf[0]
+        };
+        assert_eq!((read(&first), read(&second)), (1, 2));
+        // to-b cuts again: its old image goes, to-c's stays and still shows its cut.
+        let (_, third) = v
+            .lock_for_cut()
+            .commit_with_image("to-b", "c3", None, None, None)
+            .unwrap();
+        assert!(Arc::ptr_eq(&v.cut_image("to-b").unwrap(), &third));
+        v.write_at(0, &block(4), false).unwrap();
+        assert_eq!((read(&second), read(&third)), (2, 3));
+        v.release_cut_image("to-b");
+        assert!(v.cut_image("to-b").is_none());
+        assert!(Arc::ptr_eq(&v.cut_image("to-c").unwrap(), &second));
+        v.write_at(0, &block(5), false).unwrap();
+        assert_eq!(read(&second), 2);
+    }
+
+    /// Closed bitmaps beyond the kept count stay while a pair's target still needs them (its
+    /// pinned generation is before them), and go once it catches up or leaves.
+    #[test]
+    fn pinned_generations_keep_their_bitmaps_past_the_count() {
+        let (_t, dir) = new_volume(1 << 20);
+        let v = Volume::open(&dir, "v").unwrap();
+        let keep = v.meta().keep_generations as u64;
+        v.pin_generation("slow", Some(2));
+        for _ in 0..keep + 5 {
+            v.write_at(0, &[1u8; 4096], false).unwrap();
+            v.lock_for_cut().commit("c").unwrap();
+        }
+        let kept = |v: &Volume| v.closed.read().keys().copied().collect::<Vec<_>>();
+        assert_eq!(
+            kept(&v).first(),
+            Some(&3),
+            "everything after the pin is kept"
+        );
+        let since2 = v.lock_for_cut().changes_since(&v.closed.read(), Some(2));
+        assert!(since2.is_some(), "the slow pair's next cut is a delta");
+        v.pin_generation("slow", Some(keep + 2));
+        v.lock_for_cut().commit("c").unwrap();
+        assert_eq!(
+            kept(&v).len() as u64,
+            keep,
+            "caught up: back to the kept count"
+        );
+        v.pin_generation("slow", None);
+        v.lock_for_cut().commit("c").unwrap();
+        assert_eq!(kept(&v).len() as u64, keep);
     }
 
     /// Apply generation `g` writing `byte` over `[offset, offset+len)`.

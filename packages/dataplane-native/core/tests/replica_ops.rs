@@ -125,6 +125,7 @@ fn a_planned_migration_fences_the_source_until_reverse_demotes_it() {
     a.admin()
         .replicate(ControlRequest::ReplicateStop {
             volumes: strings(&["db"]),
+            to: None,
         })
         .unwrap();
     b.admin()

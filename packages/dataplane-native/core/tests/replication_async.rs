@@ -82,6 +82,7 @@ fn group_replicates_full_then_deltas() {
     assert_eq!(status[0]["volumes"], serde_json::json!(["db", "logs"]));
     adm.replicate(ControlRequest::ReplicateStop {
         volumes: vec!["db".into()],
+        to: None,
     })
     .unwrap();
     assert_eq!(
@@ -271,4 +272,94 @@ fn pairs_reach_the_node_they_name_in_a_site_of_several() {
     let e = to_node(&["db"], "async", "b1").unwrap_err();
     assert_eq!(e.code(), "ERR_VOLUME_BUSY", "{e}");
     assert!(e.to_string().contains("node b2"), "{e}");
+}
+
+/// One volume replicated to two sites, each pair on its own schedule: each target gets exactly the
+/// source's content at its own cuts, and a target that syncs seldom still receives only what
+/// changed since its last generation, however many cuts the other pair took meanwhile.
+#[test]
+fn a_volume_replicates_to_two_sites_each_from_its_own_cuts() {
+    let sites = TwoSites::start();
+    let a = Site::start("site-a", "eu-es", sites.a.url(), &[]);
+    let b = Site::start("site-b", "eu-de", sites.b.url(), &[]);
+    // A third site; its service shares site B's server (the subjects are per site).
+    let c = Site::start("site-c", "eu-fr", sites.b.url(), &[]);
+    let adm = a.admin();
+    adm.create("db", 16 << 20, 65536).unwrap();
+    a.write("db", 0, 0x11, 1 << 20);
+    let start = |to: &str, mode: &str| adm.replicate(start_request(&["db"], to, mode, 3_600_000));
+    start("site-b", "async").unwrap();
+    start("site-c", "async").unwrap();
+    let sync_to = |to: &str| {
+        adm.replicate(ControlRequest::ReplicateSync {
+            volumes: vec!["db".into()],
+            to: Some(to.into()),
+        })
+    };
+    sync_to("site-b").unwrap();
+    let c_full = sync_to("site-c").unwrap()["bytesRaw"].as_u64().unwrap();
+    assert_eq!(b.content("db"), a.content("db"));
+    assert_eq!(c.content("db"), a.content("db"));
+
+    // Many cuts for B, one block changed before each; C syncs once after all of them and ships
+    // just those blocks — its base's bitmaps were kept past the usual count.
+    let at_c = c.content("db");
+    for i in 0..12u64 {
+        a.write("db", (2 + i) << 20, 0x20 + i as u8, 4096);
+        sync_to("site-b").unwrap();
+        assert_eq!(b.content("db"), a.content("db"));
+    }
+    assert_eq!(
+        c.content("db"),
+        at_c,
+        "C still holds its own last generation"
+    );
+    let st = sync_to("site-c").unwrap();
+    assert_eq!(
+        st["bytesRaw"].as_u64().unwrap() - c_full,
+        12 * 65536,
+        "only the 12 changed blocks go to C: {st}"
+    );
+    assert_eq!(c.content("db"), a.content("db"));
+
+    // Which pair is meant must be said once there are two.
+    let e = adm
+        .replicate(ControlRequest::ReplicateSync {
+            volumes: vec!["db".into()],
+            to: None,
+        })
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("replicate to several sites (site-b, site-c): name one with --to"),
+        "{e}"
+    );
+    let status = adm.replicate(ControlRequest::ReplicateStatus).unwrap();
+    assert_eq!(status.as_array().unwrap().len(), 2, "{status}");
+    // One pair per target site, and one synchronous target per volume.
+    adm.create("logs", 1 << 20, 65536).unwrap();
+    let e = adm
+        .replicate(start_request(&["db", "logs"], "site-b", "async", 3_600_000))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("already replicated to site site-b"),
+        "{e}"
+    );
+    adm.replicate(ControlRequest::ReplicateStop {
+        volumes: vec!["db".into()],
+        to: Some("site-c".into()),
+    })
+    .unwrap();
+    start("site-c", "sync").unwrap();
+    adm.replicate(ControlRequest::ReplicateStop {
+        volumes: vec!["db".into()],
+        to: Some("site-b".into()),
+    })
+    .unwrap();
+    let e = start("site-b", "sync").unwrap_err();
+    assert!(e.to_string().contains("one synchronous target"), "{e}");
+    // Stopping one pair leaves the other shipping.
+    a.write("db", 0, 0x77, 4096);
+    sync_to("site-c").unwrap();
+    assert_eq!(c.content("db"), a.content("db"));
 }

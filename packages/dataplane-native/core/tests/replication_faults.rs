@@ -48,6 +48,7 @@ fn damaged_frames_are_refused_and_resent() {
     let st = adm
         .replicate(ControlRequest::ReplicateSync {
             volumes: vec!["v".into()],
+            to: None,
         })
         .unwrap();
     assert_eq!(st["state"], "idle", "{st}");
@@ -81,6 +82,7 @@ fn damaged_frames_are_refused_and_resent() {
     let st = adm
         .replicate(ControlRequest::ReplicateSync {
             volumes: vec!["v".into()],
+            to: None,
         })
         .unwrap();
     assert_eq!(st["state"], "idle", "{st}");

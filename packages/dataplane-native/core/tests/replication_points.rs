@@ -64,6 +64,7 @@ fn a_group_can_be_promoted_at_an_earlier_recovery_point() {
     a.admin()
         .replicate(ControlRequest::ReplicateStop {
             volumes: vec!["db".into()],
+            to: None,
         })
         .unwrap();
     let r = b
@@ -134,6 +135,7 @@ fn unscheduled_pairs_cut_on_request_and_points_age_out() {
             .admin()
             .replicate(ControlRequest::ReplicateCut {
                 volumes: vec!["app".into()],
+                to: None,
             })
             .unwrap();
         assert_eq!(r["volumes"][0]["name"], "app", "{r}");
@@ -175,6 +177,7 @@ fn unscheduled_pairs_cut_on_request_and_points_age_out() {
         .admin()
         .replicate(ControlRequest::ReplicateCut {
             volumes: vec!["nope".into()],
+            to: None,
         })
         .unwrap_err();
     assert!(e.to_string().contains("no replication pair holds"), "{e}");

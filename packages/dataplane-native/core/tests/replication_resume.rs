@@ -93,6 +93,7 @@ fn an_interrupted_delta_resumes_after_the_target_restarts() {
                 .unwrap()
                 .replicate(ferry_dataplane::control::ControlRequest::ReplicateSync {
                     volumes: vec!["db".into()],
+                    to: None,
                 });
         })
     };

@@ -27,7 +27,10 @@ fn promote(site: &Site) -> Value {
 
 fn stop(site: &Site) {
     site.admin()
-        .replicate(ControlRequest::ReplicateStop { volumes: vols() })
+        .replicate(ControlRequest::ReplicateStop {
+            volumes: vols(),
+            to: None,
+        })
         .unwrap();
 }
 
@@ -90,7 +93,10 @@ fn failover_reverse_and_failback_send_only_what_changed() {
     assert!(e.to_string().contains("stop that pair"), "{e}");
     stop(&a);
     b.admin()
-        .replicate(ControlRequest::ReplicateStop { volumes: vols() })
+        .replicate(ControlRequest::ReplicateStop {
+            volumes: vols(),
+            to: None,
+        })
         .unwrap();
 
     // Reverse: the union of A's 2 and B's 3 changed blocks (4 distinct), not 20 MiB.

@@ -105,6 +105,7 @@ fn a_sync_write_is_acknowledged_only_once_the_target_applied_it() {
         .admin()
         .replicate(ControlRequest::ReplicateStop {
             volumes: vec!["db".into()],
+            to: None,
         })
         .unwrap();
     let last = a

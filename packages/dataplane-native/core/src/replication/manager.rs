@@ -299,15 +299,28 @@ impl Replication {
             }
             return Ok(p.shipper.status());
         }
+        // A volume may replicate to several sites (one pair each), synchronously to one at most.
         for (g, p) in pairs.iter() {
-            if let Some(v) = cfg
-                .volumes
-                .iter()
-                .find(|v| p.shipper.config().volumes.contains(v))
-            {
+            let other = p.shipper.config();
+            let Some(v) = cfg.volumes.iter().find(|v| other.volumes.contains(v)) else {
+                continue;
+            };
+            if other.target_site == cfg.target_site {
                 return Err(Error::VolumeBusy {
                     name: v.clone(),
-                    why: format!("it is already replicated by pair {g}; stop that pair first"),
+                    why: format!(
+                        "it is already replicated to site {} by pair {g}; stop that pair first",
+                        cfg.target_site
+                    ),
+                });
+            }
+            if other.mode == Mode::Sync && cfg.mode == Mode::Sync {
+                return Err(Error::VolumeBusy {
+                    name: v.clone(),
+                    why: format!(
+                        "it replicates synchronously to site {} already (pair {g}); a volume has one synchronous target — replicate to site {} with --mode async",
+                        other.target_site, cfg.target_site
+                    ),
                 });
             }
         }
@@ -326,42 +339,59 @@ impl Replication {
             .collect()
     }
 
-    fn pair_of(&self, volumes: &[String]) -> Result<Arc<Shipper>> {
+    /// The pair holding all of `volumes` — to site `to` when given; without it, the only such pair
+    /// (volumes replicating to several sites need `to`).
+    fn pair_of(&self, volumes: &[String], to: Option<&str>) -> Result<Arc<Shipper>> {
         let pairs = self.pairs.lock();
-        pairs
+        let found: Vec<_> = pairs
             .values()
-            .find(|p| {
-                volumes
+            .filter(|p| {
+                let c = p.shipper.config();
+                volumes.iter().all(|v| c.volumes.contains(v))
+                    && to.is_none_or(|t| c.target_site == t)
+            })
+            .collect();
+        match found.as_slice() {
+            [p] => Ok(p.shipper.clone()),
+            [] => Err(Error::InvalidArgument(format!(
+                "no replication pair holds all of {}{}: see `ferry replicate status`",
+                volumes.join(", "),
+                to.map(|t| format!(" to site {t}")).unwrap_or_default()
+            ))),
+            several => Err(Error::InvalidArgument(format!(
+                "{} replicate to several sites ({}): name one with --to",
+                volumes.join(", "),
+                several
                     .iter()
-                    .all(|v| p.shipper.config().volumes.contains(v))
-            })
-            .map(|p| p.shipper.clone())
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "no replication pair holds all of {}: see `ferry replicate status`",
-                    volumes.join(", ")
-                ))
-            })
+                    .map(|p| p.shipper.config().target_site.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     /// Cut now and wait until the target holds that generation completely.
-    pub async fn sync(&self, volumes: &[String]) -> Result<PairStatus> {
-        let s = self.pair_of(volumes)?;
+    pub async fn sync(&self, volumes: &[String], to: Option<&str>) -> Result<PairStatus> {
+        let s = self.pair_of(volumes, to)?;
         s.sync_now().await?;
         Ok(s.status())
     }
 
     /// Cut the pair holding `volumes` now: its group id and the generation of each volume, as
     /// soon as the cut is taken (it ships after).
-    pub async fn cut(&self, volumes: &[String]) -> Result<(String, super::shipper::Cut)> {
-        let s = self.pair_of(volumes)?;
+    pub async fn cut(
+        &self,
+        volumes: &[String],
+        to: Option<&str>,
+    ) -> Result<(String, super::shipper::Cut)> {
+        let s = self.pair_of(volumes, to)?;
         let cut = s.cut_now().await?;
         Ok((s.config().group.clone(), cut))
     }
 
-    /// Stop the pair holding `volumes` and forget its configuration.
-    pub async fn stop_pair(&self, volumes: &[String]) -> Result<PairStatus> {
-        let group = self.pair_of(volumes)?.config().group.clone();
+    /// Stop the pair holding `volumes` (to `to`) and forget its configuration.
+    pub async fn stop_pair(&self, volumes: &[String], to: Option<&str>) -> Result<PairStatus> {
+        let group = self.pair_of(volumes, to)?.config().group.clone();
         let p = self.pairs.lock().remove(&group).expect("pair exists");
         let _ = p.stop.send(true);
         let _ = p.task.await;
@@ -369,7 +399,8 @@ impl Replication {
             .set_shipping(&p.shipper.config().volumes, &group, false);
         for v in &p.shipper.config().volumes {
             if let Some(vol) = self.registry.get(v) {
-                vol.release_cut_image();
+                vol.release_cut_image(&group);
+                vol.pin_generation(&group, None);
             }
         }
         let _ = std::fs::remove_file(self.config_path(&group));

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::volume::ApplyOp;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Most bytes of before-images read ahead when a generation begins.
@@ -39,7 +39,8 @@ pub struct Receiver {
     /// Synchronous sessions, per volume.
     sessions: Mutex<HashMap<String, SyncSession>>,
     /// This site's volumes that its own pairs ship elsewhere (volume -> pair).
-    shipping: Mutex<HashMap<String, String>>,
+    /// Volumes this site ships, and the pairs shipping each (one per target site).
+    shipping: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Per replica, what applies the acknowledged frames of its running generation.
     appliers: Mutex<HashMap<String, Arc<Applier>>>,
 }
@@ -97,9 +98,13 @@ impl Receiver {
     pub fn set_shipping(&self, volumes: &[String], pair: &str, on: bool) {
         let mut s = self.shipping.lock();
         for v in volumes {
+            let pairs = s.entry(v.clone()).or_default();
             if on {
-                s.insert(v.clone(), pair.to_string());
+                pairs.insert(pair.to_string());
             } else {
+                pairs.remove(pair);
+            }
+            if pairs.is_empty() {
                 s.remove(v);
             }
         }
@@ -152,12 +157,15 @@ impl Receiver {
                             spec.size
                         )));
                     }
-                    if let Some(pair) = self.shipping.lock().get(&spec.name) {
+                    if let Some(pairs) = self.shipping.lock().get(&spec.name) {
+                        let pairs: Vec<&str> = pairs.iter().map(String::as_str).collect();
                         return Err(Error::VolumeBusy {
                             name: spec.name.clone(),
                             why: format!(
-                                "site {} still replicates it (pair {pair}); stop that pair there before replicating back",
-                                self.site
+                                "site {} still replicates it (pair {}); stop {} there before replicating back",
+                                self.site,
+                                pairs.join(", "),
+                                if pairs.len() == 1 { "that pair" } else { "those pairs" }
                             ),
                         });
                     }

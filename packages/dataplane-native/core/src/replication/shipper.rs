@@ -265,6 +265,12 @@ impl Shipper {
             sync_state: (cfg.mode == Mode::Sync).then(|| "catching-up".into()),
             ..Default::default()
         };
+        // Until the target says what it holds, every closed bitmap may be needed.
+        for v in &cfg.volumes {
+            if let Some(vol) = registry.get(v) {
+                vol.pin_generation(&cfg.group, Some(0));
+            }
+        }
         Arc::new(Shipper {
             cfg,
             me,
@@ -525,7 +531,7 @@ impl Shipper {
                     next = tokio::time::Instant::now() + retry;
                     for name in &self.cfg.volumes {
                         if let Some(v) = self.registry.get(name) {
-                            v.release_cut_image();
+                            v.release_cut_image(&self.cfg.group);
                         }
                     }
                     let mut st = self.status.lock();
@@ -728,10 +734,20 @@ impl Shipper {
         let reports = held.as_ref().expect("opened");
         let mut bases = BTreeMap::new();
         let mut resume_from = HashMap::new();
+        let mut earlier_epoch = std::collections::HashSet::new();
         for n in &self.cfg.volumes {
             let vol = self.registry.require(n)?;
             let epoch = vol.meta().epoch;
             let Some(r) = reports.get(n).filter(|r| r.epoch == epoch) else {
+                // The target holds a generation of an earlier epoch of this volume (it has been a
+                // replica and was promoted since, e.g. a failback): nothing proves what is common,
+                // but most of it usually is — compare hashes rather than send it all.
+                if reports
+                    .get(n)
+                    .is_some_and(|r| r.last_complete_generation > 0)
+                {
+                    earlier_epoch.insert(n.clone());
+                }
                 bases.insert(n.clone(), CutBase::default());
                 continue;
             };
@@ -814,10 +830,21 @@ impl Shipper {
         );
         let reg = self.registry.clone();
         let names = self.cfg.volumes.clone();
-        let cuts = tokio::task::spawn_blocking(move || reg.cut_with_images(&names, &bases))
+        let since: HashMap<String, Option<u64>> =
+            bases.iter().map(|(n, b)| (n.clone(), b.since)).collect();
+        let owner = self.cfg.group.clone();
+        let cuts = tokio::task::spawn_blocking(move || reg.cut_with_images(&owner, &names, &bases))
             .await
             .map_err(|e| Error::io("cut task", std::io::Error::other(e.to_string())))??;
         let cut_done = started.elapsed();
+        // While it ships, the pair needs the changes after what the target holds — or, shipping
+        // whole, after this cut (a failure ships whole again).
+        for (name, g, _) in &cuts {
+            if let Some(v) = self.registry.get(name) {
+                let base = since.get(name).copied().flatten();
+                v.pin_generation(&self.cfg.group, Some(base.unwrap_or(*g)));
+            }
+        }
         let refs: Vec<GenerationRef> = cuts
             .iter()
             .map(|(name, g, _)| GenerationRef {
@@ -838,14 +865,15 @@ impl Shipper {
             self.bytes_raw.load(Ordering::Relaxed),
         ));
         // Where the target may differ almost everywhere (a reverse whose common history could not
-        // be proven), compare block hashes and ship only the blocks that differ.
+        // be proven, a replica of an earlier epoch), compare block hashes and ship only the blocks
+        // that differ.
         for (name, _, image) in &cuts {
             let vol = self.registry.require(name)?;
             let diverged: u64 = reports
                 .get(name)
                 .and_then(|r| r.diverged.as_ref())
                 .map_or(0, |runs| runs.iter().map(|[_, len]| *len).sum());
-            if diverged * 2 >= vol.size() {
+            if diverged * 2 >= vol.size() || earlier_epoch.contains(name) {
                 self.hash_compare(&vol, image).await?;
             }
         }
@@ -909,11 +937,14 @@ impl Shipper {
                     },
                 );
                 max_gen = max_gen.max(r.generation);
+                if let Some(v) = self.registry.get(&r.name) {
+                    v.pin_generation(&self.cfg.group, Some(r.generation));
+                }
             }
         }
         for (name, _, _) in &cuts {
             if let Some(v) = self.registry.get(name) {
-                v.release_cut_image();
+                v.release_cut_image(&self.cfg.group);
             }
         }
         if enter_sync {

@@ -189,6 +189,7 @@ pub fn start_request(vols: &[&str], to: &str, mode: &str, interval_ms: u64) -> C
 pub fn sync(a: &Site, vols: &[&str]) -> ferry_dataplane::Result<Value> {
     a.admin().replicate(ControlRequest::ReplicateSync {
         volumes: vols.iter().map(|s| s.to_string()).collect(),
+        to: None,
     })
 }
 
