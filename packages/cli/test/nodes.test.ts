@@ -106,6 +106,16 @@ describe("several ferryd in one site", () => {
     await ferry.ok(at("a", ["app", "create", "two", "--volume", "two-db", "--size", "4M"]));
     // n1 has two volumes now: the next application goes to the follower's node.
     expect(holder("a", ["two-db"])).toBe("a2");
+    const shown = await ferry.json<{ node: string }>(at("a", ["app", "show", "two"]));
+    expect(shown.node).toBe("n2");
+    const list = await ferry.json<{ name: string; nodes?: { name: string; live: boolean }[] }[]>(
+      at("a", ["site", "list"]),
+    );
+    expect(list.find((x) => x.name === "site-a")?.nodes).toEqual([
+      { name: "n1", live: true },
+      { name: "n2", live: true },
+    ]);
+    expect(await ferry.ok(at("a", ["site", "list"]))).toMatch(/site-a \(this\).*n1, n2/);
 
     await qemuIo(sandbox, nodes.a1?.serve.uri("one-db") ?? "", ["write -P 0x11 0 1M"]);
     await qemuIo(sandbox, nodes.a2?.serve.uri("two-db") ?? "", ["write -P 0x22 1M 1M"]);

@@ -251,7 +251,10 @@ export class Orchestrator {
 
   private buildHandlers(): Record<string, Handler> {
     return {
-      siteList: async () => this.sites(),
+      siteList: async () => {
+        const nodes = (await this.nodes?.list())?.map((n) => ({ name: n.node, live: n.live }));
+        return this.sites().map((x) => (x.self && nodes !== undefined ? { ...x, nodes } : x));
+      },
       appCreate: async (b) => this.createApp(b as unknown as ApplicationSpec),
       appList: async () => this.catalog.apps.list().sort((a, b) => a.name.localeCompare(b.name)),
       appShow: async (b) => this.showApp(str(b, "name")),
@@ -437,12 +440,16 @@ export class Orchestrator {
     return app;
   }
 
-  private showApp(name: string) {
+  private async showApp(name: string) {
     const app = this.requireApp(name);
     return {
       app,
       protections: this.catalog.protectionsOf(name),
       operations: this.operationList(name).slice(-5),
+      // With several nodes in the site: the one holding the application's volumes here.
+      ...(this.siteDp === undefined
+        ? {}
+        : { node: await this.siteDp.nodeOf(app.volumes).catch((error) => `unknown: ${errorBody(error).message}`) }),
     };
   }
 

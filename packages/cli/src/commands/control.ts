@@ -88,18 +88,23 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
     .addOption(jsonOption())
     .action(async (options: JsonOption, command: Command) => {
       const sites = await withFerryd(command, (nc, s) =>
-        call<(Site & { reachable: boolean; self: boolean })[]>(nc, s, "siteList"),
+        call<(Site & { reachable: boolean; self: boolean; nodes?: { name: string; live: boolean }[] })[]>(
+          nc,
+          s,
+          "siteList",
+        ),
       );
       if (options.json) return printJson(io, sites);
       io.writeOut(
         `${formatTable(
-          ["SITE", "REGION", "REACHABLE", "LAST SEEN", "VERSION"],
+          ["SITE", "REGION", "REACHABLE", "LAST SEEN", "VERSION", "NODES"],
           sites.map((x) => [
             `${x.name}${x.self ? " (this)" : ""}`,
             x.region,
             x.reachable ? "yes" : "no",
             ago(x.lastSeenMs),
             x.version,
+            x.nodes === undefined ? "-" : x.nodes.map((n) => `${n.name}${n.live ? "" : " (gone)"}`).join(", "),
           ]),
         )}\n`,
       );
@@ -193,12 +198,18 @@ export function registerControlCommands(program: Command, io: ProgramIo): void {
     .addOption(jsonOption())
     .action(async (name: string, options: JsonOption, command: Command) => {
       const shown = await withFerryd(command, (nc, s) =>
-        call<{ app: Application; protections: Protection[]; operations: Operation[] }>(nc, s, "appShow", { name }),
+        call<{ app: Application; protections: Protection[]; operations: Operation[]; node?: string }>(
+          nc,
+          s,
+          "appShow",
+          { name },
+        ),
       );
       if (options.json) return printJson(io, shown);
       const a = shown.app;
+      const node = shown.node === undefined ? "" : ` (node ${shown.node})`;
       io.writeOut(
-        `application ${a.name}: active at ${a.active} (origin ${a.origin})\nvolumes: ${a.volumes.join(", ")}\n`,
+        `application ${a.name}: active at ${a.active} (origin ${a.origin})\nvolumes: ${a.volumes.join(", ")}${node}\n`,
       );
       const others = otherMembers(a);
       if (others !== "") io.writeOut(`${others}\n`);
