@@ -97,6 +97,25 @@ describe("several ferryd in one site", () => {
     const alone = await ferry.run(["volume", "serve", "--data", data, "--node", "n1"], { env });
     expect(alone.code).toBe(2);
     expect(alone.stderr).toContain("--node applies to a service that joins a site");
+    // A ferryd without --node in a site of nodes would lead (or serve) blind to them: refused.
+    const blind = await ferry.run(
+      [
+        "daemon",
+        "--data",
+        data,
+        "--socket",
+        join(data, "nbd.sock"),
+        "--region",
+        "eu-es",
+        "--site",
+        "site-a",
+        "--nats",
+        sites.a.url,
+      ],
+      { timeoutMs: 30_000 },
+    );
+    expect(blind.code).not.toBe(0);
+    expect(blind.stderr).toContain("site site-a runs ferryd on nodes n1, n2: start this one with --node NAME too");
   });
 
   it("places applications on nodes, protects them to the other site's nodes, and keeps going when the leader stops", async () => {

@@ -21,6 +21,9 @@ import { conflict, ErrorCode, errorBody, FerryError, notFound } from "./errors.j
 
 export const NODES_BUCKET = "ferry-nodes";
 
+/** How a site's only ferryd (no `--node`) records itself in `ferry-nodes`. */
+export const SITE_NODE = "_site";
+
 export const nodeSubject = (site: string, node: string) => `ferry.node.${site}.${node}`;
 
 /** A node as it records itself in `ferry-nodes`. */
@@ -156,7 +159,7 @@ export class SiteDataPlane implements DataPlane {
   }
 
   private async liveNodes(): Promise<string[]> {
-    const live = (await this.directory.list()).filter((n) => n.live).map((n) => n.node);
+    const live = (await this.directory.list()).filter((n) => n.live && n.node !== SITE_NODE).map((n) => n.node);
     return live.includes(this.self) ? live : [this.self, ...live];
   }
 

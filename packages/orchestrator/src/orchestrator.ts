@@ -29,7 +29,7 @@ import type {
   RestoreSettings,
   Site,
 } from "./model.js";
-import { NodeDirectory, SiteDataPlane, serveNode } from "./nodes.js";
+import { NodeDirectory, SITE_NODE, SiteDataPlane, serveNode } from "./nodes.js";
 import { newOperation, runSteps, type StepFn } from "./operations.js";
 import { type PointMetadata, PointStore, type PointSummary, pointsKey } from "./points.js";
 import {
@@ -94,7 +94,7 @@ export class Orchestrator {
   /** Several nodes in the site: the site-wide data plane (the leader's view) and this node's own. */
   private readonly node: string | undefined;
   private siteDp: SiteDataPlane | undefined;
-  private nodes: NodeDirectory | undefined;
+  private nodes!: NodeDirectory;
   private nodeSub: Subscription | undefined;
   private readonly version: string;
   private readonly tickMs: number;
@@ -147,10 +147,24 @@ export class Orchestrator {
     o.events = await EventLog.open(o.nc, o.site);
     o.points = new PointStore(o.nc, o.site);
     await o.points.ensureOwn();
+    if (o.node !== undefined) checkName("node", o.node);
+    // Every ferryd records itself, so that one started with --node and one without cannot run in
+    // the same site unnoticed (the one without would address, and as leader reach, only itself).
+    o.nodes = await NodeDirectory.open(o.nc, 3 * o.heartbeatMs);
+    const others = (await o.nodes.list()).filter((n) => n.live && n.node !== (o.node ?? SITE_NODE));
+    if (o.node === undefined && others.length > 0) {
+      throw invalid(
+        `site ${o.site} runs ferryd on nodes ${others.map((n) => n.node).join(", ")}: start this one with --node NAME too`,
+      );
+    }
+    if (o.node !== undefined && others.some((n) => n.node === SITE_NODE)) {
+      throw invalid(
+        `site ${o.site} runs a ferryd without --node: with several ferryd in a site, give each its own --node NAME ` +
+          "(restart that one with --node too)",
+      );
+    }
+    await o.nodes.record(o.node ?? SITE_NODE);
     if (o.node !== undefined) {
-      checkName("node", o.node);
-      o.nodes = await NodeDirectory.open(o.nc, 3 * o.heartbeatMs);
-      await o.nodes.record(o.node);
       o.nodeSub = serveNode(o.nc, o.site, o.node, o.dataPlane);
       o.siteDp = new SiteDataPlane(o.nc, o.site, o.node, o.dataPlane, o.nodes);
       o.dataPlane = o.siteDp;
@@ -177,7 +191,7 @@ export class Orchestrator {
     this.helloSub?.unsubscribe();
     this.apiSub?.unsubscribe();
     this.nodeSub?.unsubscribe();
-    if (this.node !== undefined) await this.nodes?.remove(this.node);
+    await this.nodes?.remove(this.node ?? SITE_NODE);
     await this.events?.flush();
     await this.lease?.release();
     this.leading = false;
@@ -252,7 +266,12 @@ export class Orchestrator {
   private buildHandlers(): Record<string, Handler> {
     return {
       siteList: async () => {
-        const nodes = (await this.nodes?.list())?.map((n) => ({ name: n.node, live: n.live }));
+        const nodes =
+          this.node === undefined
+            ? undefined
+            : (await this.nodes.list())
+                .filter((n) => n.node !== SITE_NODE)
+                .map((n) => ({ name: n.node, live: n.live }));
         return this.sites().map((x) => (x.self && nodes !== undefined ? { ...x, nodes } : x));
       },
       appCreate: async (b) => this.createApp(b as unknown as ApplicationSpec),
@@ -296,9 +315,9 @@ export class Orchestrator {
     if (this.stopped || this.nc.isClosed()) return;
     const me: Site = { name: this.site, region: this.region, version: this.version, lastSeenMs: Date.now() };
     this.nc.publish(HELLO_SUBJECT, JSON.stringify(me));
-    if (this.node !== undefined) {
-      await this.nodes?.record(this.node).catch((error) => this.log(`node ${this.node} not recorded: ${error}`));
-    }
+    await this.nodes
+      ?.record(this.node ?? SITE_NODE)
+      .catch((error) => this.log(`node ${this.node ?? "(site)"} not recorded: ${error}`));
   }
 
   private async onHello(m: Msg): Promise<void> {
