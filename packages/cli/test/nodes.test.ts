@@ -76,21 +76,26 @@ afterAll(async () => {
 describe("several ferryd in one site", () => {
   it("refuses a node name that cannot address a node", async () => {
     const data = await sandbox.dir("ferry-bad-node-");
-    const bad = await ferry.run([
-      "daemon",
-      "--data",
-      data,
-      "--socket",
-      join(data, "nbd.sock"),
-      "--region",
-      "eu-es",
-      "--node",
-      "n.1",
-      "--site",
-      "site-a",
-      "--nats",
-      sites.a.url,
-    ]);
+    // ferryd of site A on a fresh data directory, with these further arguments.
+    const daemonA = (extra: readonly string[]) =>
+      ferry.run(
+        [
+          "daemon",
+          "--data",
+          data,
+          "--socket",
+          join(data, "nbd.sock"),
+          "--region",
+          "eu-es",
+          ...extra,
+          "--site",
+          "site-a",
+          "--nats",
+          sites.a.url,
+        ],
+        { timeoutMs: 30_000 },
+      );
+    const bad = await daemonA(["--node", "n.1"]);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain("--node 'n.1' is not a valid node name");
     const { FERRY_SITE: _site, FERRY_NATS: _nats, ...env } = process.env;
@@ -98,22 +103,7 @@ describe("several ferryd in one site", () => {
     expect(alone.code).toBe(2);
     expect(alone.stderr).toContain("--node applies to a service that joins a site");
     // A ferryd without --node in a site of nodes would lead (or serve) blind to them: refused.
-    const blind = await ferry.run(
-      [
-        "daemon",
-        "--data",
-        data,
-        "--socket",
-        join(data, "nbd.sock"),
-        "--region",
-        "eu-es",
-        "--site",
-        "site-a",
-        "--nats",
-        sites.a.url,
-      ],
-      { timeoutMs: 30_000 },
-    );
+    const blind = await daemonA([]);
     expect(blind.code).not.toBe(0);
     expect(blind.stderr).toContain("site site-a runs ferryd on nodes n1, n2: start this one with --node NAME too");
   });
