@@ -159,6 +159,17 @@ describe("several ferryd in one site", () => {
       { timeoutMs: 30_000 },
     );
     await pointAfter(ferry, sites.a, "two", wrote);
+    // The application on the stopped node: its status says where its pair went.
+    const [one] = await ferry.json<ProtectionStatus[]>(at("a", ["status", "one"]));
+    expect(one?.state).toBe("missing");
+    expect(one?.lastError).toContain("node n1 of site site-a, which holds one-db, one-logs, is not running");
+    const after = await ferry.json<{ name: string; nodes?: { name: string; live: boolean }[] }[]>(
+      at("a", ["site", "list"]),
+    );
+    expect(after.find((x) => x.name === "site-a")?.nodes).toEqual([
+      { name: "n1", live: false },
+      { name: "n2", live: true },
+    ]);
     // A new application can only go to the node that is left.
     await ferry.ok(at("a", ["app", "create", "three", "--volume", "three-db", "--size", "4M"]));
     expect(holder("a", ["three-db"])).toBe("a2");

@@ -31,6 +31,13 @@ export interface NodeRecord {
   node: string;
   /** When it last recorded itself. */
   atMs: number;
+  /**
+   * The volumes it held then: a leader knows where they are while the node is down, so it neither
+   * loses them nor creates others of the same name elsewhere.
+   */
+  volumes?: string[];
+  /** It stopped cleanly (its record stays, with its volumes). */
+  stopped?: boolean;
 }
 
 /** A volume as the site's data plane lists it: with the node that holds it (none: one node only). */
@@ -116,13 +123,15 @@ export class NodeDirectory {
     return new NodeDirectory(await new Kvm(nc).create(NODES_BUCKET, { history: 1 }), staleMs);
   }
 
-  async record(node: string, nowMs = Date.now()): Promise<void> {
-    await this.kv.put(node, JSON.stringify({ node, atMs: nowMs } satisfies NodeRecord));
+  async record(node: string, volumes?: string[], nowMs = Date.now()): Promise<void> {
+    await this.kv.put(node, JSON.stringify({ node, atMs: nowMs, volumes } satisfies NodeRecord));
   }
 
-  /** A clean stop: the node leaves at once instead of going stale. */
-  async remove(node: string): Promise<void> {
-    await this.kv.delete(node).catch(() => {});
+  /** A clean stop: the node is gone at once instead of going stale; what it holds stays known. */
+  async stopped(node: string): Promise<void> {
+    const entry = await this.kv.get(node).catch(() => null);
+    if (entry === null || entry.operation !== "PUT") return;
+    await this.kv.put(node, JSON.stringify({ ...entry.json<NodeRecord>(), stopped: true })).catch(() => {});
   }
 
   /** Every recorded node, newest record first, with whether it is live. */
@@ -132,7 +141,7 @@ export class NodeDirectory {
       const entry = await this.kv.get(key);
       if (entry === null || entry.operation !== "PUT") continue;
       const r = entry.json<NodeRecord>();
-      out.push({ ...r, live: nowMs - r.atMs <= this.staleMs });
+      out.push({ ...r, live: r.stopped !== true && nowMs - r.atMs <= this.staleMs });
     }
     return out.sort((a, b) => a.node.localeCompare(b.node));
   }
@@ -145,6 +154,9 @@ export class NodeDirectory {
 export class SiteDataPlane implements DataPlane {
   /** Where each volume was last seen. */
   private readonly where = new Map<string, string>();
+  /** At the last `replicateStatus`: the live nodes, and those that did not answer (why). */
+  private live = new Set<string>();
+  private readonly failed = new Map<string, string>();
 
   constructor(
     private readonly nc: NatsConnection,
@@ -158,9 +170,14 @@ export class SiteDataPlane implements DataPlane {
     return node === this.self ? this.local : remoteDataPlane(this.nc, this.site, node);
   }
 
+  /** The live nodes; the volumes of the others are known from their last records. */
   private async liveNodes(): Promise<string[]> {
-    const live = (await this.directory.list()).filter((n) => n.live && n.node !== SITE_NODE).map((n) => n.node);
-    return live.includes(this.self) ? live : [this.self, ...live];
+    const records = (await this.directory.list()).filter((n) => n.node !== SITE_NODE && n.node !== this.self);
+    for (const r of records) {
+      if (r.live) continue;
+      for (const v of r.volumes ?? []) if (!this.where.has(v)) this.where.set(v, r.node);
+    }
+    return [this.self, ...records.filter((n) => n.live).map((n) => n.node)];
   }
 
   /** Every node's volumes. A live node that does not answer fails the listing: its volumes are not "missing". */
@@ -218,17 +235,36 @@ export class SiteDataPlane implements DataPlane {
     return { ...info, node };
   }
 
-  /** Every node's pairs; a node that does not answer is left out (its pairs show as missing). */
+  /** Every node's pairs; a node that does not answer is left out (its pairs show as missing: `whyMissing`). */
   async replicateStatus(): Promise<PairStatus[]> {
     const nodes = await this.liveNodes();
+    this.live = new Set(nodes);
     const all = await Promise.all(
       nodes.map((n) =>
         this.dp(n)
           .replicateStatus()
-          .catch(() => [] as PairStatus[]),
+          .then((pairs) => {
+            this.failed.delete(n);
+            return pairs;
+          })
+          .catch((error) => {
+            this.failed.set(n, errorBody(error).message);
+            return [] as PairStatus[];
+          }),
       ),
     );
     return all.flat();
+  }
+
+  /** Why the last `replicateStatus` had no pair of `volumes`, when their node is the reason. */
+  whyMissing(volumes: readonly string[]): string | null {
+    const node = volumes.map((v) => this.where.get(v)).find((n) => n !== undefined);
+    if (node === undefined) return null;
+    if (!this.live.has(node)) {
+      return `node ${node} of site ${this.site}, which holds ${volumes.join(", ")}, is not running (its ferryd stopped or cannot reach NATS)`;
+    }
+    const failed = this.failed.get(node);
+    return failed === undefined ? null : `node ${node} of site ${this.site} did not report its pairs: ${failed}`;
   }
 
   replicateStart: DataPlane["replicateStart"] = (s) => this.on(s.volumes, (dp) => dp.replicateStart(s));

@@ -91,6 +91,8 @@ export class Orchestrator {
   readonly region: string;
   private readonly nc: NatsConnection;
   private dataPlane: DataPlane;
+  /** This ferryd's own volume service (`dataPlane` is the whole site's when it has nodes). */
+  private readonly localDataPlane: DataPlane;
   /** Several nodes in the site: the site-wide data plane (the leader's view) and this node's own. */
   private readonly node: string | undefined;
   private siteDp: SiteDataPlane | undefined;
@@ -130,7 +132,8 @@ export class Orchestrator {
     this.site = options.site;
     this.region = options.region;
     this.nc = options.nc;
-    this.dataPlane = options.dataPlane;
+    this.localDataPlane = this.recordingChanges(options.dataPlane);
+    this.dataPlane = this.localDataPlane;
     this.node = options.node;
     this.version = options.version;
     this.tickMs = options.tickMs ?? 1_000;
@@ -163,7 +166,7 @@ export class Orchestrator {
           "(restart that one with --node too)",
       );
     }
-    await o.nodes.record(o.node ?? SITE_NODE);
+    await o.recordNode();
     if (o.node !== undefined) {
       o.nodeSub = serveNode(o.nc, o.site, o.node, o.dataPlane);
       o.siteDp = new SiteDataPlane(o.nc, o.site, o.node, o.dataPlane, o.nodes);
@@ -191,7 +194,8 @@ export class Orchestrator {
     this.helloSub?.unsubscribe();
     this.apiSub?.unsubscribe();
     this.nodeSub?.unsubscribe();
-    await this.nodes?.remove(this.node ?? SITE_NODE);
+    await this.recordNode().catch(() => {});
+    await this.nodes?.stopped(this.node ?? SITE_NODE);
     await this.events?.flush();
     await this.lease?.release();
     this.leading = false;
@@ -315,9 +319,29 @@ export class Orchestrator {
     if (this.stopped || this.nc.isClosed()) return;
     const me: Site = { name: this.site, region: this.region, version: this.version, lastSeenMs: Date.now() };
     this.nc.publish(HELLO_SUBJECT, JSON.stringify(me));
-    await this.nodes
-      ?.record(this.node ?? SITE_NODE)
-      .catch((error) => this.log(`node ${this.node ?? "(site)"} not recorded: ${error}`));
+    await this.recordNode().catch((error) => this.log(`node ${this.node ?? "(site)"} not recorded: ${error}`));
+  }
+
+  /** `dp`, recording this node again as soon as its volumes change (not only every heartbeat). */
+  private recordingChanges(dp: DataPlane): DataPlane {
+    const then = async <T>(result: Promise<T>): Promise<T> => {
+      const r = await result;
+      if (this.nodes !== undefined) await this.recordNode().catch(() => {});
+      return r;
+    };
+    return {
+      ...dp,
+      createVolume: (name, size, beside) => then(dp.createVolume(name, size, beside)),
+      clone: (volumes, back, names) => then(dp.clone(volumes, back, names)),
+      deleteVolume: (name) => then(dp.deleteVolume(name)),
+    };
+  }
+
+  /** This ferryd in `ferry-nodes`: a node with the volumes it holds. */
+  private async recordNode(): Promise<void> {
+    if (this.node === undefined) return this.nodes.record(SITE_NODE);
+    const volumes = (await this.localDataPlane.listVolumes()).map((v) => v.name);
+    await this.nodes.record(this.node, volumes);
   }
 
   private async onHello(m: Msg): Promise<void> {
@@ -787,6 +811,7 @@ export class Orchestrator {
     if (p.source === this.site && p.state === "protecting") {
       const pair = this.findPair(app, p.target, pairs);
       const status = sourceStatus(p, pair);
+      if (pair === undefined) status.lastError = this.siteDp?.whyMissing(app.volumes) ?? status.lastError;
       if (pair !== undefined && pair.lastCompleteGeneration === null) {
         status.initialCopy =
           pair.transfer != null
