@@ -96,6 +96,23 @@ describe("an application protected to two sites", () => {
     expect(bySite("site-c").length).toBeGreaterThan(0);
     expect(bySite("site-b").filter((g) => bySite("site-c").includes(g))).toEqual([]);
 
+    // The low-level tools see both pairs and need --to for one of them.
+    const pairs = await ferry.json<{ target: string }[]>(["replicate", "status", "--data", ferryd.a.data, "--json"]);
+    expect(pairs.map((p) => p.target).sort()).toEqual(["site-b", "site-b", "site-c"]);
+    const which = await ferry.run(["replicate", "sync", ...VOLUMES, "--data", ferryd.a.data]);
+    expect(which.code).toBe(1);
+    expect(which.stderr).toContain("replicate to several sites (site-b, site-c): name one with --to");
+    const synced = await ferry.json<{ target: string; state: string }>([
+      "replicate",
+      "sync",
+      ...VOLUMES,
+      "--to",
+      "site-c",
+      "--data",
+      ferryd.a.data,
+    ]);
+    expect(synced).toMatchObject({ target: "site-c", state: "idle" });
+
     // A drill at C while both keep replicating; its cleanup is found from the source.
     const drill = await ferry.json<Operation>(at("a", ["failover", "shop", "--to", "site-c", "--test"]));
     expect(drill.state, JSON.stringify(drill.error)).toBe("succeeded");
