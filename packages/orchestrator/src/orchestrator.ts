@@ -762,8 +762,12 @@ export class Orchestrator {
     );
     if (node !== null) protection.targetNode = node;
     await this.startPair(app, protection, true);
+    // The record of the old direction (this site as target) goes; this site's protections to other
+    // targets stay (paused by the move, resumed when the application is back here).
     for (const p of this.catalog.protectionsOf(appName)) {
-      if (p.target !== to) await this.catalog.protections.delete(protectionKey(appName, p.target)).catch(() => {});
+      if (p.target !== to && p.target === this.site) {
+        await this.catalog.protections.delete(protectionKey(appName, p.target)).catch(() => {});
+      }
     }
     await this.catalog.protections.put(protectionKey(appName, to), protection);
     await this.events.emit("protection.started", appName, { target: to, policy: protection.policy, reverse: true });
@@ -1434,6 +1438,7 @@ export class Orchestrator {
       await this.catalog.apps.put(a.name, moved);
       const reversed = this.catalog.protections.get(protectionKey(a.name, peer));
       const current = reversed?.source === this.site && reversed.state === "protecting" ? reversed : null;
+      const resumed: string[] = [];
       for (const p of this.catalog.protectionsOf(a.name)) {
         if (p !== current && p.target === this.site) {
           await this.catalog.protections.put(protectionKey(p.app, p.target), {
@@ -1441,14 +1446,25 @@ export class Orchestrator {
             state: "failed-over",
             updatedAtMs: Date.now(),
           });
+        } else if (p.source === this.site && p.target !== peer && (p.state === "failed-over" || p.state === "paused")) {
+          // Back where it was protected from: the targets the move paused protect it again (the
+          // scheduler restarts their pairs; what they lack is found by block hashes).
+          await this.catalog.protections.put(protectionKey(p.app, p.target), {
+            ...p,
+            state: "protecting",
+            updatedAtMs: Date.now(),
+          });
+          await this.events.emit("protection.resumed", p.app, { target: p.target, policy: p.policy });
+          resumed.push(p.target);
         }
       }
+      const also = resumed.length === 0 ? "" : `; protecting it to ${resumed.join(", ")} again`;
       try {
         await call(this.nc, peer, "appActivated", { app: moved, protection: current }, PEER_TIMEOUT_MS);
       } catch (error) {
-        return { detail: `active at ${this.site}; site ${peer} not told (${errorBody(error).message})` };
+        return { detail: `active at ${this.site}${also}; site ${peer} not told (${errorBody(error).message})` };
       }
-      return { detail: `${o.app} active at ${this.site}` };
+      return { detail: `${o.app} active at ${this.site}${also}` };
     };
     const migration: Record<string, StepFn> = {
       sync: async () => {
