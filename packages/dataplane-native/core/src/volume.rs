@@ -36,8 +36,8 @@ pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
 pub const MAX_STATUS_RUNS: usize = 1024;
 
 /// Most closed generations a volume keeps for replication pairs whose targets lag behind the others
-/// (see `Volume::pin_generation`): a pair pinned further back ships the whole volume next (holes
-/// as zero frames), so that the metadata rewritten at every cut stays small.
+/// (see `Volume::pin_generation`), so that the metadata rewritten at every cut stays small: older
+/// ones a pair still needs are folded into the oldest kept bitmap (`VolumeMeta::folded_from`).
 pub const MAX_PINNED_GENERATIONS: usize = 1024;
 const META_FILE: &str = "meta.json";
 const DATA_FILE: &str = "data.raw";
@@ -151,6 +151,8 @@ pub struct Volume {
     /// pair reached its target after a restart): closed bitmaps after it are kept so that its
     /// next cut ships only what changed (see `CutGuard::commit`).
     pins: Mutex<BTreeMap<String, u64>>,
+    /// `MAX_PINNED_GENERATIONS`, lower in tests.
+    max_pinned: AtomicUsize,
     /// On a replica, the generation being applied (its before-images serve readers meanwhile).
     txn: RwLock<Option<Arc<ApplyTxn>>>,
     /// Synchronous replication: every change goes through it before it is acknowledged.
@@ -200,6 +202,7 @@ impl Volume {
             epoch: 1,
             open_generation: 1,
             generations: Vec::new(),
+            folded_from: None,
             keep_generations: DEFAULT_KEEP_GENERATIONS,
             read_only: false,
             replica: None,
@@ -337,6 +340,7 @@ impl Volume {
             tracking: AtomicBool::new(true),
             images: RwLock::new(Vec::new()),
             pins: Mutex::new(BTreeMap::new()),
+            max_pinned: AtomicUsize::new(MAX_PINNED_GENERATIONS),
             txn: RwLock::new(resumable.map(Arc::new)),
             mirror: RwLock::new(None),
         };
@@ -575,6 +579,11 @@ impl Volume {
     /// images of other pairs stay.
     pub fn release_cut_image(&self, owner: &str) {
         self.images.write().retain(|(o, _)| o != owner);
+    }
+
+    /// Keep at most `n` closed bitmaps for pinned pairs (default `MAX_PINNED_GENERATIONS`).
+    pub fn set_max_pinned_generations(&self, n: usize) {
+        self.max_pinned.store(n.max(2), Ordering::Relaxed);
     }
 
     /// Replication pair `owner`'s target holds generation `generation` (0: not known yet): keep
@@ -902,16 +911,15 @@ impl Volume {
         if gen.id.epoch != epoch || generation >= gen.id.generation {
             return None;
         }
+        let folded_from = self.meta.lock().folded_from;
         let closed = self.closed.read();
-        if !(generation + 1..gen.id.generation).all(|g| closed.contains_key(&g)) {
-            return None;
-        }
-        let out = DirtyBitmap::new(self.size, self.granularity);
-        for g in generation + 1..gen.id.generation {
-            out.union_with(&closed[&g]);
-        }
-        out.union_with(&gen.bitmap);
-        Some(out)
+        union_after(
+            &closed,
+            folded_from,
+            generation,
+            gen.id.generation,
+            &gen.bitmap,
+        )
     }
 
     /// Turn this volume into a replica of `source_site`'s copy, which holds generation `base` of
@@ -1487,7 +1495,9 @@ impl CutGuard<'_> {
         });
         next.open_generation = closed_id.generation + 1;
         // Beyond the kept count, a bitmap still goes only when no pair's next cut needs it (it
-        // is at or before every pinned generation) — or when even the pins cannot keep it.
+        // is at or before every pinned generation). Past the most the pins may keep, the oldest
+        // needed ones are folded into the oldest kept one instead: a lagging pair then ships the
+        // union of their changes, more than it needs but not the whole volume.
         let oldest_pin = v.pins.lock().values().min().copied();
         let len = next.generations.len();
         let excess = len.saturating_sub(next.keep_generations);
@@ -1495,12 +1505,55 @@ impl CutGuard<'_> {
             .iter()
             .position(|g| oldest_pin.is_some_and(|p| g.generation > p))
             .unwrap_or(excess);
-        let excess = needed.max(len.saturating_sub(MAX_PINNED_GENERATIONS));
+        let drop_n = needed.max(len.saturating_sub(v.max_pinned.load(Ordering::Relaxed)));
+        // Of those going, the ones a pin still needs (after the oldest pin) are folded.
+        let folding: Vec<u64> = next.generations[..drop_n]
+            .iter()
+            .map(|g| g.generation)
+            .filter(|g| oldest_pin.is_some_and(|p| *g > p))
+            .collect();
+        if drop_n > 0 {
+            let oldest = next.generations[0].generation;
+            next.folded_from = match folding.first() {
+                None => None,
+                // The old oldest is folded too: what it held folded stays covered.
+                Some(&first) if first == oldest => Some(meta.folded_from.unwrap_or(first)),
+                Some(&first) => Some(first),
+            };
+        }
         let pruned: Vec<u64> = next
             .generations
-            .drain(..excess)
+            .drain(..drop_n)
             .map(|g| g.generation)
             .collect();
+        if let Some(into) = next.generations.first_mut().filter(|_| !folding.is_empty()) {
+            // Saved before the metadata that drops the folded ones: a crash in between leaves a
+            // kept bitmap holding more than its own changes (more to ship, never less).
+            let closed = v.closed.read();
+            let fold_into = |target: &DirtyBitmap| {
+                for g in &folding {
+                    match closed.get(g) {
+                        Some(b) => target.union_with(b),
+                        None => target.mark_all(),
+                    }
+                }
+            };
+            if into.generation == closed_id.generation {
+                fold_into(&self.gen.bitmap);
+                into.dirty_bytes = self.gen.bitmap.dirty_bytes();
+            } else if let Some(target) = closed.get(&into.generation) {
+                fold_into(target);
+                into.dirty_bytes = target.dirty_bytes();
+                let id = GenerationId {
+                    epoch: closed_id.epoch,
+                    generation: into.generation,
+                };
+                target.save(&v.dir.join(format!("gen-{}.bitmap", into.generation)), id)?;
+            } else {
+                // Nothing to fold into (not expected): the pinned pairs ship whole instead.
+                next.folded_from = None;
+            }
+        }
         // The closed generation's bitmap, the metadata that lists it and the next generation's
         // empty bitmap are written at once, their fsyncs overlapping: the cut holds the writes of
         // the whole group meanwhile. Any of them may survive a crash without the others, and
@@ -1556,15 +1609,8 @@ impl CutGuard<'_> {
     ) -> Option<DirtyBitmap> {
         let generation = self.gen.id.generation;
         let k = since.filter(|k| *k < generation)?;
-        if !(k + 1..generation).all(|g| closed.contains_key(&g)) {
-            return None;
-        }
-        let out = DirtyBitmap::new(self.vol.size, self.vol.granularity);
-        for g in k + 1..generation {
-            out.union_with(&closed[&g]);
-        }
-        out.union_with(&self.gen.bitmap);
-        Some(out)
+        let folded_from = self.vol.meta.lock().folded_from;
+        union_after(closed, folded_from, k, generation, &self.gen.bitmap)
     }
 
     /// Commit the cut and keep the content at the cut readable while writes go on (for
@@ -1623,6 +1669,35 @@ impl CutGuard<'_> {
             }
         }
     }
+}
+
+/// Blocks changed after generation `k`: the union of the kept closed bitmaps after it and the open
+/// generation's (`open`, generation `open_generation`), if they prove it — every generation
+/// since `k` is kept, or folded into the oldest kept one (`folded_from`, see `VolumeMeta`);
+/// `None` when they do not. A fold may add changes from before `k`: more to ship, never less.
+fn union_after(
+    closed: &BTreeMap<u64, Arc<DirtyBitmap>>,
+    folded_from: Option<u64>,
+    k: u64,
+    open_generation: u64,
+    open: &DirtyBitmap,
+) -> Option<DirtyBitmap> {
+    let end = open_generation;
+    let mut start = k + 1;
+    if let (Some(oldest), Some(from)) = (closed.keys().next().copied(), folded_from) {
+        if start >= from && start < oldest {
+            start = oldest;
+        }
+    }
+    if !(start..end).all(|g| closed.contains_key(&g)) {
+        return None;
+    }
+    let out = DirtyBitmap::new(open.size(), open.granularity());
+    for g in start..end {
+        out.union_with(&closed[&g]);
+    }
+    out.union_with(open);
+    Some(out)
 }
 
 /// Apply the replica's retention to its recovery points (newest first): at most `keep_points`
@@ -1837,6 +1912,64 @@ mod tests {
         assert!(Arc::ptr_eq(&v.cut_image("to-c").unwrap(), &second));
         v.write_at(0, &block(5), false).unwrap();
         assert_eq!(read(&second), 2);
+    }
+
+    /// Past the most the pins may keep, the oldest needed bitmaps are folded into the oldest kept
+    /// one: the lagging pair's next cut is still a delta — every block changed since its base,
+    /// plus at most the folded generations' own — and that survives a reopen.
+    #[test]
+    fn bitmaps_past_the_pinned_maximum_are_folded_not_lost() {
+        let (_t, dir) = new_volume(4 << 20);
+        let block = |i: u64| i * DEFAULT_GRANULARITY;
+        let since_base = |v: &Volume| {
+            let guard = v.lock_for_cut();
+            let closed = v.closed.read();
+            guard.changes_since(&closed, Some(2))
+        };
+        {
+            let v = Volume::open(&dir, "v").unwrap();
+            v.set_max_pinned_generations(4);
+            v.pin_generation("slow", Some(2));
+            // Generation g (1, 2, …) writes block g.
+            for g in 1..=20u64 {
+                v.write_at(block(g), &[g as u8; 4096], false).unwrap();
+                v.lock_for_cut().commit("c").unwrap();
+            }
+            assert_eq!(
+                v.closed.read().len(),
+                4,
+                "at most the pinned maximum is kept"
+            );
+            assert_eq!(v.meta().folded_from, Some(3));
+            let changed = since_base(&v).expect("still a delta");
+            let dirty: Vec<u64> = (0..64).filter(|b| changed.is_dirty(*b)).collect();
+            assert_eq!(
+                dirty,
+                (3..=20).collect::<Vec<_>>(),
+                "exactly the changes after 2"
+            );
+            // A base inside the folded range gets a superset; one before it, nothing provable.
+            let guard = v.lock_for_cut();
+            let closed = v.closed.read();
+            let from_10 = guard.changes_since(&closed, Some(10)).unwrap();
+            assert!((11..=20).all(|b| from_10.is_dirty(b)));
+            assert!(guard.changes_since(&closed, Some(1)).is_none());
+        }
+        // The fold is on disk: a reopened volume proves the same.
+        let v = Volume::open(&dir, "v").unwrap();
+        let changed = since_base(&v).expect("still a delta after a reopen");
+        assert!(
+            (3..=20).all(|b| changed.is_dirty(b)) && !changed.is_dirty(1) && !changed.is_dirty(2)
+        );
+        // Without pins the count rules again and the fold goes with the oldest bitmap.
+        for _ in 0..10 {
+            v.lock_for_cut().commit("c").unwrap();
+        }
+        assert_eq!(v.meta().folded_from, None);
+        assert_eq!(
+            v.closed.read().len() as u64,
+            v.meta().keep_generations as u64
+        );
     }
 
     /// Closed bitmaps beyond the kept count stay while a pair's target still needs them (its

@@ -93,6 +93,11 @@ pub struct VolumeMeta {
     pub open_generation: u64,
     /// Closed generations still kept, oldest first.
     pub generations: Vec<GenerationRecord>,
+    /// The oldest kept generation's bitmap also holds the changes of the generations from this
+    /// one on, folded into it when a replication pair still needed them but there were too many
+    /// to keep (see `Volume::pin_generation`). `None`: it holds its own changes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folded_from: Option<u64>,
     pub keep_generations: usize,
     pub read_only: bool,
     /// Set while the volume is a replica of another site's volume: NBD clients may only read it,
