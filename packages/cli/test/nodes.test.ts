@@ -8,7 +8,13 @@
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Application, Operation, PairStatus, ProtectionStatus } from "@ferry/orchestrator";
+import {
+  type Application,
+  connectNats,
+  type Operation,
+  type PairStatus,
+  type ProtectionStatus,
+} from "@ferry/orchestrator";
 import {
   FerryCli,
   qemuIo,
@@ -115,6 +121,16 @@ describe("several ferryd in one site", () => {
     await ferry.ok(at("a", ["app", "create", "two", "--volume", "two-db", "--size", "4M"]));
     // n1 has two volumes now: the next application goes to the follower's node.
     expect(holder("a", ["two-db"])).toBe("a2");
+    // Only ferryd reaches a node's data plane: the CLI's NATS user may ask ferryd, nothing else.
+    const cli = await connectNats(sites.a.cliUrl, "nodes test (cli user)");
+    try {
+      const direct = cli.request("ferry.node.site-a.n2", JSON.stringify({ method: "listVolumes", args: [] }), {
+        timeout: 3_000,
+      });
+      await expect(direct).rejects.toThrow(/[Pp]ermissions [Vv]iolation|timeout|TIMEOUT/);
+    } finally {
+      await cli.close();
+    }
     const shown = await ferry.json<{ node: string }>(at("a", ["app", "show", "two"]));
     expect(shown.node).toBe("n2");
     const list = await ferry.json<{ name: string; nodes?: { name: string; live: boolean }[] }[]>(
