@@ -157,15 +157,17 @@ describe("startTwoSites", () => {
 
   it("lets the CLI user send requests but not serve them", async () => {
     const ncA = await client(sites.a);
-    echo(ncA, "ferry.test.cli", "site-a");
+    echo(ncA, "ferry.api.site-a.ping", "site-a");
     await ncA.flush();
     const cli = await client(sites.b, "cli");
-    expect((await requestUntilAnswered(cli, "ferry.test.cli", Buffer.from("status"))).string()).toBe("site-a:status");
+    expect((await requestUntilAnswered(cli, "ferry.api.site-a.ping", Buffer.from("status"))).string()).toBe(
+      "site-a:status",
+    );
 
-    const sub = cli.subscribe("ferry.test.cli");
+    const sub = cli.subscribe("ferry.api.site-a.ping");
     const closed = await sub.closed;
     expect(closed).toBeInstanceOf(Error);
-    expect(String(closed)).toMatch(/permissions violation for subscription to "ferry.test.cli"/i);
+    expect(String(closed)).toMatch(/permissions violation for subscription to "ferry.api.site-a.ping"/i);
   });
 
   it("restores the link, with subscriptions both ways, after B's server restarts", async () => {
