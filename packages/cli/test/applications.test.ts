@@ -28,7 +28,7 @@ import {
   waitFor,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { atSite, daemonSite, pointAfter } from "./site-service.js";
+import { atSite, daemonSite, pointAfter, waitForSites } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 
@@ -62,14 +62,7 @@ beforeAll(async () => {
   ferry = new FerryCli(sandbox, BIN);
   await startFerryd("a");
   await startFerryd("b");
-  await waitFor(
-    "both sites to know each other",
-    async () => {
-      const list = await ferry.json<{ name: string }[]>(at("a", ["site", "list"]));
-      return list.length === 2;
-    },
-    { timeoutMs: 20_000 },
-  );
+  await waitForSites(ferry, sites.a, 2);
 });
 
 afterAll(async () => {

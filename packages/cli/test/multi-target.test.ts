@@ -16,10 +16,9 @@ import {
   exportSha256 as sha256Of,
   startTwoSites,
   type TwoSites,
-  waitFor,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { atSite, daemonSite, pointAfter, type SiteService } from "./site-service.js";
+import { atSite, daemonSite, pointAfter, type SiteService, waitForSites } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 const VOLUMES = ["shop-db", "shop-logs"];
@@ -46,11 +45,7 @@ beforeAll(async () => {
   sandbox = new Sandbox();
   ferry = new FerryCli(sandbox, BIN);
   for (const s of ["a", "b", "c"] as const) ferryd[s] = await daemonSite(ferry, sandbox, site(s));
-  await waitFor(
-    "the three sites to know each other",
-    async () => (await ferry.json<{ name: string }[]>(at("a", ["site", "list"]))).length === 3,
-    { timeoutMs: 20_000 },
-  );
+  await waitForSites(ferry, site("a"), 3);
 });
 
 afterAll(async () => {

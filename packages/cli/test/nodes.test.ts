@@ -25,7 +25,7 @@ import {
   waitFor,
 } from "@ferry/testkit";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { atSite, daemonSite, pointAfter, type SiteService } from "./site-service.js";
+import { atSite, daemonSite, pointAfter, type SiteService, waitForSites } from "./site-service.js";
 
 const BIN = fileURLToPath(new URL("../bin/ferry.js", import.meta.url));
 
@@ -67,11 +67,7 @@ beforeAll(async () => {
   }
   expect(nodes.a1?.serve.servingLine).toContain("leading site site-a");
   expect(nodes.a2?.serve.servingLine).toContain("following site site-a");
-  await waitFor(
-    "both sites to know each other",
-    async () => (await ferry.json<{ name: string }[]>(at("a", ["site", "list"]))).length === 2,
-    { timeoutMs: 20_000 },
-  );
+  await waitForSites(ferry, sites.a, 2);
 });
 
 afterAll(async () => {

@@ -92,3 +92,12 @@ export async function pointAfter(
     { timeoutMs: 30_000 },
   );
 }
+
+/** Wait until `site`'s ferryd knows `count` sites (itself included), as `ferry site list` shows. */
+export async function waitForSites(ferry: FerryCli, site: Site, count: number): Promise<void> {
+  await waitFor(
+    `site ${site.name} to know ${count} sites`,
+    async () => (await ferry.json<{ name: string }[]>(atSite(site, ["site", "list"]))).length === count,
+    { timeoutMs: 20_000 },
+  );
+}

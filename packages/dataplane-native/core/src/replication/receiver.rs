@@ -38,8 +38,8 @@ pub struct Receiver {
     groups: Mutex<HashMap<String, AcceptedGroup>>,
     /// Synchronous sessions, per volume.
     sessions: Mutex<HashMap<String, SyncSession>>,
-    /// This site's volumes that its own pairs ship elsewhere (volume -> pair).
-    /// Volumes this site ships, and the pairs shipping each (one per target site).
+    /// This site's volumes that its own pairs ship elsewhere, and the pairs shipping each (one
+    /// per target site).
     shipping: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Per replica, what applies the acknowledged frames of its running generation.
     appliers: Mutex<HashMap<String, Arc<Applier>>>,
