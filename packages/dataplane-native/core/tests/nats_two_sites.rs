@@ -81,14 +81,16 @@ fn requests_cross_the_leafnode_both_ways() {
         let reply = request_until_answered(&a, "ferry.test.echo.b", b"from a".to_vec()).await;
         assert_eq!(&reply.payload[..], b"site-b:from a");
 
-        // The CLI user may ask ferryd across the link too (it may not serve: site.conf.tmpl).
+        // The CLI user may ask ferryd (`ferry.api.>`) across the link too; it may not serve, nor
+        // publish anywhere else (site.conf.tmpl).
+        echo(&a, "ferry.api.site-a.echo", "site-a").await;
         let cli = async_nats::ConnectOptions::new()
             .user_and_password(sites.b.cli.user.clone(), sites.b.cli.password.clone())
             .connect(sites.b.server())
             .await
             .unwrap();
         let reply =
-            request_until_answered(&cli, "ferry.test.echo.a", b"from the cli".to_vec()).await;
+            request_until_answered(&cli, "ferry.api.site-a.echo", b"from the cli".to_vec()).await;
         assert_eq!(&reply.payload[..], b"site-a:from the cli");
     });
 }
