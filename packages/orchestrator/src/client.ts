@@ -5,12 +5,13 @@
  */
 import {
   connect,
+  type Msg,
   type NatsConnection,
   type NodeConnectionOptions,
   RequestError,
   TimeoutError,
 } from "@nats-io/transport-node";
-import { ErrorCode, FerryError, invalid } from "./errors.js";
+import { ErrorCode, errorBody, FerryError, invalid } from "./errors.js";
 
 export const apiSubject = (site: string, op: string) => `ferry.api.${site}.${op}`;
 
@@ -60,36 +61,60 @@ export async function connectNats(url: string, name: string, extra: NodeConnecti
 
 export const DEFAULT_TIMEOUT_MS = 15_000;
 
+/** Why a request got no answer: nobody listens on its subject, or nobody answered in time. */
+export type Silence = "no-responders" | "timeout";
+
+/**
+ * One request in the `Reply` envelope: a refusal or failure comes back as a FerryError with its
+ * code, no answer as an `unreachable` one saying what `silent` says.
+ */
+export async function request<T>(
+  nc: NatsConnection,
+  subject: string,
+  body: unknown,
+  timeoutMs: number,
+  silent: (why: Silence) => string,
+): Promise<T> {
+  let reply: Reply<T>;
+  try {
+    reply = (await nc.request(subject, JSON.stringify(body), { timeout: timeoutMs })).json<Reply<T>>();
+  } catch (error) {
+    const why: Silence | null =
+      error instanceof RequestError && error.isNoResponders()
+        ? "no-responders"
+        : error instanceof TimeoutError || (error instanceof RequestError && error.cause instanceof TimeoutError)
+          ? "timeout"
+          : null;
+    if (why === null) throw error;
+    throw new FerryError(ErrorCode.unreachable, silent(why), { cause: error });
+  }
+  if (!reply.ok) throw new FerryError(reply.error.code, reply.error.message);
+  return reply.result;
+}
+
+/** Answer request `m` with what `work` returns — or the error it throws — in the `Reply` envelope. */
+export async function answer(m: Msg, work: () => Promise<unknown>): Promise<void> {
+  let reply: Reply<unknown>;
+  try {
+    reply = { ok: true, result: (await work()) ?? null };
+  } catch (error) {
+    reply = { ok: false, error: errorBody(error) };
+  }
+  m.respond(JSON.stringify(reply));
+}
+
 /** One request to a site's ferryd; a refusal or failure comes back as a FerryError with its code. */
-export async function call<T>(
+export function call<T>(
   nc: NatsConnection,
   site: string,
   op: string,
   body: unknown = {},
   timeoutMs = DEFAULT_TIMEOUT_MS,
 ): Promise<T> {
-  let reply: Reply<T>;
-  try {
-    const message = await nc.request(apiSubject(site, op), JSON.stringify(body), { timeout: timeoutMs });
-    reply = message.json<Reply<T>>();
-  } catch (error) {
-    if (error instanceof RequestError && error.isNoResponders()) {
-      throw new FerryError(
-        ErrorCode.unreachable,
-        `no ferryd answers for site ${site}: start \`ferry daemon --site ${site} …\` there, or check the site name ` +
-          "(`ferry site list`) and the link between the sites",
-        { cause: error },
-      );
-    }
-    if (error instanceof TimeoutError || (error instanceof RequestError && error.cause instanceof TimeoutError)) {
-      throw new FerryError(
-        ErrorCode.unreachable,
-        `site ${site}'s ferryd did not answer ${op} within ${timeoutMs / 1000}s; it may be busy or cut off`,
-        { cause: error },
-      );
-    }
-    throw error;
-  }
-  if (!reply.ok) throw new FerryError(reply.error.code, reply.error.message);
-  return reply.result;
+  return request<T>(nc, apiSubject(site, op), body, timeoutMs, (why) =>
+    why === "no-responders"
+      ? `no ferryd answers for site ${site}: start \`ferry daemon --site ${site} …\` there, or check the site name ` +
+        "(`ferry site list`) and the link between the sites"
+      : `site ${site}'s ferryd did not answer ${op} within ${timeoutMs / 1000}s; it may be busy or cut off`,
+  );
 }

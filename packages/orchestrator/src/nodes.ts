@@ -4,18 +4,19 @@
  * reaches each node's data plane over the site's NATS:
  *
  * - every ferryd started with a node name serves its data plane on `ferry.node.<site>.<node>`
- *   (`serveNode`) and records itself in the site's KV bucket `ferry-nodes` every heartbeat;
+ *   (`serveNode`) and records itself and its volumes in the site's KV bucket `ferry-nodes` (every
+ *   heartbeat, and when its volumes change); a ferryd without a node records itself as `_site`;
  * - the leader's `SiteDataPlane` sends each call to the node holding the volumes it names (an
  *   application's volumes share a node: they are one consistency group, cut together by one data
  *   plane), creates new volumes beside the application's others or on the node with the fewest,
  *   and merges what every node reports.
  *
  * Replication between sites is addressed to nodes too (`ferry.dp.<site>.<node>.…`): the target
- * site's leader names the node that keeps an application's replicas (`placeReplica`).
+ * site's leader names the node that keeps an application's replicas (`replicaRegister`, `replicaPlace`).
  */
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
-import { RequestError, TimeoutError } from "@nats-io/transport-node";
+import { answer, request } from "./client.js";
 import type { DataPlane, PairStatus, VolumeInfo } from "./dataplane.js";
 import { conflict, ErrorCode, errorBody, FerryError, notFound } from "./errors.js";
 
@@ -66,22 +67,15 @@ const METHODS: readonly (keyof DataPlane)[] = [
 /** Answer the site leader's data-plane calls for this node's volumes. */
 export function serveNode(nc: NatsConnection, site: string, node: string, dp: DataPlane): Subscription {
   return nc.subscribe(nodeSubject(site, node), {
-    callback: (_e, m) => {
-      void (async () => {
-        let reply: unknown;
-        try {
-          const { method, args } = m.json<{ method: keyof DataPlane; args: unknown[] }>();
-          if (!METHODS.includes(method) || !Array.isArray(args)) {
-            throw new FerryError(ErrorCode.invalid, `node ${node} of site ${site} has no data-plane call '${method}'`);
-          }
-          const fn = dp[method] as (...a: unknown[]) => Promise<unknown>;
-          reply = { ok: true, result: (await fn.apply(dp, args)) ?? null };
-        } catch (error) {
-          reply = { ok: false, error: errorBody(error) };
+    callback: (_e, m) =>
+      void answer(m, async () => {
+        const { method, args } = m.json<{ method: keyof DataPlane; args: unknown[] }>();
+        if (!METHODS.includes(method) || !Array.isArray(args)) {
+          throw new FerryError(ErrorCode.invalid, `node ${node} of site ${site} has no data-plane call '${method}'`);
         }
-        m.respond(JSON.stringify(reply));
-      })();
-    },
+        const fn = dp[method] as (...a: unknown[]) => Promise<unknown>;
+        return fn.apply(dp, args);
+      }),
   });
 }
 
@@ -89,25 +83,14 @@ export function serveNode(nc: NatsConnection, site: string, node: string, dp: Da
 export function remoteDataPlane(nc: NatsConnection, site: string, node: string): DataPlane {
   const call =
     (method: keyof DataPlane) =>
-    async (...args: unknown[]): Promise<never> => {
-      const timeout = LONG_CALLS.has(method) ? LONG_CALL_MS : CALL_MS;
-      let reply: { ok: boolean; result?: unknown; error?: { code: string; message: string } };
-      try {
-        reply = (await nc.request(nodeSubject(site, node), JSON.stringify({ method, args }), { timeout })).json();
-      } catch (error) {
-        const silent =
-          (error instanceof RequestError && (error.isNoResponders() || error.cause instanceof TimeoutError)) ||
-          error instanceof TimeoutError;
-        if (!silent) throw error;
-        throw new FerryError(
-          ErrorCode.unreachable,
-          `node ${node} of site ${site} did not answer ${method}: is its ferryd (--node ${node}) running?`,
-          { cause: error },
-        );
-      }
-      if (!reply.ok) throw new FerryError(reply.error?.code ?? ErrorCode.failed, reply.error?.message ?? "failed");
-      return reply.result as never;
-    };
+    (...args: unknown[]): Promise<never> =>
+      request<never>(
+        nc,
+        nodeSubject(site, node),
+        { method, args },
+        LONG_CALLS.has(method) ? LONG_CALL_MS : CALL_MS,
+        () => `node ${node} of site ${site} did not answer ${method}: is its ferryd (--node ${node}) running?`,
+      );
   return Object.fromEntries(METHODS.map((m) => [m, call(m)])) as unknown as DataPlane;
 }
 

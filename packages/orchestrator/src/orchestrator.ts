@@ -12,7 +12,7 @@ import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node"
 import type { K8sAdapter, VmAdapter } from "./adapters.js";
 import { type Adapters, captureCut, type MemberSet, memberSets, orchestratedCuts } from "./capture.js";
 import { Catalog, protectionKey } from "./catalog.js";
-import { call } from "./client.js";
+import { answer, call } from "./client.js";
 import type { DataPlane, PairStatus, ReplicaPoints } from "./dataplane.js";
 import { conflict, ErrorCode, errorBody, FerryError, invalid, notFound } from "./errors.js";
 import { EventLog, type FerryEvent } from "./events.js";
@@ -247,8 +247,7 @@ export class Orchestrator {
 
   private async serve(m: Msg): Promise<void> {
     const op = m.subject.slice(`ferry.api.${this.site}.`.length);
-    let reply: unknown;
-    try {
+    await answer(m, async () => {
       const handler = this.handlers[op];
       if (handler === undefined) throw invalid(`ferryd of site ${this.site} has no operation '${op}'`);
       let body: unknown;
@@ -260,11 +259,8 @@ export class Orchestrator {
       if (typeof body !== "object" || body === null || Array.isArray(body)) {
         throw invalid(`the request to ${op} must be a JSON object`);
       }
-      reply = { ok: true, result: (await handler(body as Record<string, unknown>)) ?? null };
-    } catch (error) {
-      reply = { ok: false, error: errorBody(error) };
-    }
-    m.respond(JSON.stringify(reply));
+      return handler(body as Record<string, unknown>);
+    });
   }
 
   private buildHandlers(): Record<string, Handler> {

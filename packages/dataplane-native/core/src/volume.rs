@@ -1614,9 +1614,10 @@ impl CutGuard<'_> {
     }
 
     /// Commit the cut and keep the content at the cut readable while writes go on (for
-    /// shipping by replication pair `owner`; each pair has its own image). The image's pending blocks are the changes since generation `since` (the last
-    /// one the target holds completely, `None` when it holds none): the union of the kept bitmaps
-    /// after it — or the whole volume when a bitmap in between is no longer kept.
+    /// shipping by replication pair `owner`; each pair has its own image). The image's pending
+    /// blocks are the changes since generation `since` (the last one the target holds
+    /// completely, `None` when it holds none): the union of the kept bitmaps after it — or the
+    /// whole volume when a bitmap in between is no longer kept.
     ///
     /// `extra` blocks are pending too (where a demoted target may differ from this volume).
     ///
