@@ -15,10 +15,12 @@
  */
 import {
   closeSync,
+  copyFileSync,
   ftruncateSync,
   mkdirSync,
   mkdtempSync,
   openSync,
+  readdirSync,
   readFileSync,
   rmSync,
   statSync,
@@ -54,6 +56,9 @@ environment (defaults in brackets):
                      site's server (--peer-nats); leafnode: only through
                      its own server and the link                          [direct]
   BENCH_DIR          where the temp dir goes (one filesystem for all)     [${tmpdir()}]
+  BENCH_KEEP_LOGS    a dir: each repetition's service logs are copied
+                     there (rep<N>-serve-<site>.log) before its temp dir
+                     goes; run with FERRY_LOG=debug for phase timings     [unset]
 `;
 
 function config() {
@@ -84,6 +89,7 @@ function config() {
     seed: env.BENCH_SEED ?? "1",
     route: benchRoute(),
     dir: env.BENCH_DIR ?? tmpdir(),
+    keepLogs: env.BENCH_KEEP_LOGS || null,
     json,
     // One Ferry volume (and pair) per granularity; the first is what the ratios compare.
     ferry: granularities.map((g) => ({
@@ -110,6 +116,14 @@ function shipApplySeconds(f, status) {
     );
   }
   return cycle.ms / 1000;
+}
+
+/** Copy the `serve-<site>.log` files of a repetition's `dir` into `into` (made if missing). */
+function keepServiceLogs(dir, into, rep) {
+  mkdirSync(into, { recursive: true });
+  for (const name of readdirSync(dir).filter((n) => /^serve-.*\.log$/.test(n))) {
+    copyFileSync(join(dir, name), join(into, `rep${rep}-${name}`));
+  }
 }
 
 /** A new sparse file of `size` bytes (all holes). */
@@ -320,6 +334,7 @@ async function repetition(cfg, root, rep, image) {
         shipApply: shipApplySeconds(f, result),
         wire: result.bytesWire - before.bytesWire,
         raw: result.bytesRaw - before.bytesRaw,
+        cycle: result.lastCycle,
         expectedRaw: dirtyBytes(blocks, f.granularity, cfg.size, cfg.changeBlock),
       };
       expectSame(
@@ -345,6 +360,7 @@ async function repetition(cfg, root, rep, image) {
       // Report and go on: the next undo must still run, and an error already on its way wins.
       await undo().catch((error) => process.stderr.write(`bench: cleaning up: ${error.message}\n`));
     }
+    if (cfg.keepLogs) keepServiceLogs(dir, cfg.keepLogs, rep);
     rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -6,7 +6,9 @@
 //! metadata (the commit point), then deletes the journal. After a crash, a journal whose target
 //! generation is not the committed one is rolled back: the replica is again exactly its last
 //! complete generation, never a mix. While a transaction runs, readers get the before-images
-//! (`overlay`), so the replica's export keeps showing the last complete generation.
+//! (`overlay`), so the replica's export keeps showing the last complete generation. A
+//! generation committed before its last changes were in place (`staged_tail`) keeps its
+//! transaction until they are: readers then get those changes instead (`set_committed`).
 //!
 //! Appends: a batch's records are gathered in memory (page-aligned) and written by `sync` in one
 //! go, padded with a padding record to a multiple of 4 KiB, through a second descriptor opened
@@ -26,6 +28,7 @@
 
 use crate::bitmap::{write_atomic, DirtyBitmap, GenerationId};
 use crate::error::{Error, IoContext, Result};
+use crate::staged_tail::Change;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,7 +41,7 @@ const HEADER_LEN: u64 = 64;
 const RECORD_MAGIC: u32 = 0x5552_4543; // "UREC"
 const RECORD_HEADER_LEN: u64 = 4 + 8 + 4 + 8;
 /// Direct appends are multiples of this long, at offsets that are multiples of it.
-const ALIGN: u64 = 4096;
+pub(crate) const ALIGN: u64 = 4096;
 /// Where the first before-image record starts (the header and a padding record before it).
 const FIRST_RECORD: u64 = ALIGN;
 /// The block of a padding record: it fills an append up to [`ALIGN`] and is never restored.
@@ -79,20 +82,35 @@ struct Page([u8; ALIGN as usize]);
 
 /// Bytes gathered in page-aligned memory, kept (warm) from one batch to the next.
 #[derive(Default)]
-struct Pending {
+pub(crate) struct Pending {
     pages: Vec<Page>,
     len: usize,
 }
 
 impl Pending {
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Empty again, keeping the memory.
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
         // SAFETY: `Page` is plain bytes without padding, the Vec's pages are contiguous, and
         // `len` never exceeds them.
         unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
     }
 
+    /// The bytes gathered so far, to change in place.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+
     /// `n` more bytes at the end, their content unspecified: the caller fills them.
-    fn grow(&mut self, n: usize) -> &mut [u8] {
+    pub(crate) fn grow(&mut self, n: usize) -> &mut [u8] {
         let need = (self.len + n).div_ceil(ALIGN as usize);
         if self.pages.len() < need {
             self.pages.resize(need, Page([0; ALIGN as usize]));
@@ -153,6 +171,9 @@ pub struct ApplyTxn {
     /// Every change of the generation was announced at its `begin` and its before-images asked
     /// of the disk then: the applier need not ask again.
     read_ahead: std::sync::atomic::AtomicBool,
+    /// Set when the generation is committed with a staged tail (see `staged_tail`): the changes
+    /// not yet in place, which readers then get instead of the before-images.
+    committed_tail: parking_lot::RwLock<Option<std::sync::Arc<Vec<Change>>>>,
 }
 
 /// What a resumable transaction tells the source: its generations and the blocks it holds.
@@ -239,6 +260,7 @@ impl ApplyTxn {
             partial: Mutex::new(HashMap::new()),
             unsaved: Mutex::new((0, std::time::Instant::now())),
             read_ahead: std::sync::atomic::AtomicBool::new(false),
+            committed_tail: parking_lot::RwLock::new(None),
         })
     }
 
@@ -455,6 +477,7 @@ impl ApplyTxn {
             partial: Mutex::new(HashMap::new()),
             unsaved: Mutex::new((0, std::time::Instant::now())),
             read_ahead: std::sync::atomic::AtomicBool::new(false),
+            committed_tail: parking_lot::RwLock::new(None),
         }))
     }
 
@@ -564,7 +587,13 @@ impl ApplyTxn {
 
     /// Replace, in `buf` (read from the replica at `offset`), every byte of a block modified by
     /// this transaction with its before-image. Call after reading the data, never before.
+    /// Once the generation is committed (`set_committed`), what it changes instead: the data
+    /// file holds the generation where it is applied, and `tail` holds the rest.
     pub fn overlay(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(tail) = self.committed_tail.read().as_ref() {
+            crate::staged_tail::overlay(tail, offset, buf);
+            return Ok(());
+        }
         if self.is_initial() {
             buf.fill(0);
             return Ok(());
@@ -593,6 +622,17 @@ impl ApplyTxn {
                 .ctx(|| format!("reading {}", self.path.display()))?;
         }
         Ok(())
+    }
+
+    /// The generation is committed; `tail`, its changes not yet applied in place, is staged
+    /// (see `staged_tail`). From now on readers see the generation, not its before-images.
+    pub fn set_committed(&self, tail: Vec<Change>) {
+        *self.committed_tail.write() = Some(std::sync::Arc::new(tail));
+    }
+
+    /// Whether the generation was committed with a staged tail (it is being settled).
+    pub fn committed(&self) -> bool {
+        self.committed_tail.read().is_some()
     }
 
     /// The blocks (in units of the granularity) journaled so far: where the replica's file may
@@ -722,7 +762,7 @@ impl ApplyTxn {
 }
 
 /// The journal at `path` opened again for direct appends, if the file system allows `O_DIRECT`.
-fn open_direct(path: &Path) -> Option<File> {
+pub(crate) fn open_direct(path: &Path) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)

@@ -22,6 +22,7 @@ pub mod replica_clone;
 pub mod replication;
 pub mod service;
 pub mod size;
+pub mod staged_tail;
 pub mod stats;
 pub mod volume;
 pub mod volume_meta;

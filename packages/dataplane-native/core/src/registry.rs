@@ -152,6 +152,9 @@ impl Registry {
                 why: format!("{n} NBD connection(s) are using it; disconnect them first"),
             });
         }
+        // A generation committed with its last changes staged is written in place first (or
+        // has failed to be): nothing writes into the volume's files once they go.
+        let _ = v.settle();
         vols.remove(name);
         self.dir.delete_volume(name)
     }

@@ -125,7 +125,7 @@ fn hold_group<'a>(
     loop {
         let mut holds: Vec<Option<_>> = replicas.iter().map(|_| None).collect();
         for i in &order {
-            holds[*i] = Some(replicas[*i].hold_apply());
+            holds[*i] = Some(replicas[*i].hold_apply()?);
         }
         let busy = commit_intent::pending(reg.data_dir().root())
             .into_iter()

@@ -14,6 +14,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::ms;
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::recovery_points;
+use crate::staged_tail::{self, Change as StagedChange};
 use crate::stats::{Op, Stats};
 use crate::volume_meta::{
     now_ms, GenerationRecord, PointRecord, Promoted, ReplicaState, VolumeMeta,
@@ -153,8 +154,15 @@ pub struct Volume {
     pins: Mutex<BTreeMap<String, u64>>,
     /// `MAX_PINNED_GENERATIONS`, lower in tests.
     max_pinned: AtomicUsize,
-    /// On a replica, the generation being applied (its before-images serve readers meanwhile).
+    /// On a replica, the generation being applied (its before-images serve readers meanwhile),
+    /// or one committed with a staged tail that is still being written in place (its tail
+    /// serves readers; see `staged_tail`).
     txn: RwLock<Option<Arc<ApplyTxn>>>,
+    /// Why writing a committed generation's staged tail in place failed, if it did: every step
+    /// that waits for it (`settle`) fails with it until the service restarts and rolls forward.
+    settle_failed: Mutex<Option<String>>,
+    /// Signalled when a committed generation is settled (or failed to be).
+    settled: parking_lot::Condvar,
     /// Synchronous replication: every change goes through it before it is acknowledged.
     mirror: RwLock<Option<Arc<dyn Mirror>>>,
 }
@@ -249,6 +257,7 @@ impl Volume {
         }
         let mut resumable = None;
         let mut to_commit = None;
+        let (mut staged, mut to_settle) = (None, None);
         if !meta.read_only {
             // An interrupted apply is taken up again when its progress map allows resuming it,
             // else rolled back, unless its generation was committed.
@@ -262,10 +271,20 @@ impl Volume {
                     to_commit = ApplyTxn::reopen_to_commit(dir, epoch, target)?;
                 }
             }
-            if meta.replica.is_some() && to_commit.is_none() {
+            // A generation committed with a staged tail that was not all in place yet is
+            // finished below (rolled forward), never rolled back.
+            if let (Some((epoch, target)), None) = (committed, &to_commit) {
+                staged = staged_tail::read(dir)?
+                    .filter(|(id, _)| id.epoch == epoch && id.target == target)
+                    .map(|(_, tail)| tail);
+                if staged.is_some() {
+                    to_settle = ApplyTxn::reopen_to_commit(dir, epoch, target)?;
+                }
+            }
+            if meta.replica.is_some() && to_commit.is_none() && staged.is_none() {
                 resumable = ApplyTxn::reopen(dir, is_committed)?;
             }
-            if resumable.is_none() && to_commit.is_none() {
+            if resumable.is_none() && to_commit.is_none() && staged.is_none() {
                 ApplyTxn::recover(dir, &file, is_committed)?;
             }
         }
@@ -342,12 +361,17 @@ impl Volume {
             pins: Mutex::new(BTreeMap::new()),
             max_pinned: AtomicUsize::new(MAX_PINNED_GENERATIONS),
             txn: RwLock::new(resumable.map(Arc::new)),
+            settle_failed: Mutex::new(None),
+            settled: parking_lot::Condvar::new(),
             mirror: RwLock::new(None),
         };
         // Persist what recovery concluded and start with an empty activity log.
         if !meta_read_only {
             if let Some(txn) = to_commit {
                 vol.commit_apply(&txn)?;
+            }
+            if let Some(tail) = staged {
+                vol.roll_forward(to_settle.map(Arc::new), &tail)?;
             }
             vol.finish_restore()?;
             if let Some(rep) = vol.replica() {
@@ -819,6 +843,7 @@ impl Volume {
         if self.meta.lock().read_only {
             return Ok(());
         }
+        self.settle()?;
         if let Some(t) = self.applying() {
             t.save_progress(&self.file)?;
         }
@@ -853,6 +878,7 @@ impl Volume {
     /// Promote at recovery point `to` (a generation listed in the replica's points, or its last
     /// complete one; `None`: the last complete one). Going back undoes the kept journals.
     pub fn promote_to(&self, to: Option<u64>) -> Result<u64> {
+        self.settle()?;
         let _hold = self.apply_hold.read();
         let rep = self.require_replica()?;
         self.abort_apply_held()?;
@@ -1030,6 +1056,7 @@ impl Volume {
     /// How many complete generations the replica keeps (the last one included; 1 keeps none
     /// before it), and for how long (`max_age_ms`; `None`: by count only).
     pub fn set_keep_points(&self, keep: usize, max_age_ms: Option<u64>) -> Result<()> {
+        self.settle()?;
         let _hold = self.apply_hold.read();
         let keep = keep.max(1);
         let oldest = max_age_ms.map(|age| now_ms().saturating_sub(age));
@@ -1052,6 +1079,7 @@ impl Volume {
     /// Forget every recovery point (a synchronous session changes blocks without journaling
     /// them, so no kept journal leads back to its generation any more).
     pub fn drop_points(&self) -> Result<()> {
+        self.settle()?;
         let _hold = self.apply_hold.read();
         if self.replica().is_some_and(|r| r.points.is_empty()) {
             return Ok(());
@@ -1096,6 +1124,7 @@ impl Volume {
         target: u64,
         resume_from: Option<u64>,
     ) -> Result<Arc<ApplyTxn>> {
+        self.settle()?;
         let rep = self.require_replica()?;
         let mut slot = self.txn.write();
         if let Some(t) = slot.as_ref() {
@@ -1132,7 +1161,27 @@ impl Volume {
 
     /// The generation being applied, if any.
     pub fn applying(&self) -> Option<Arc<ApplyTxn>> {
-        self.txn.read().clone()
+        self.txn.read().clone().filter(|t| !t.committed())
+    }
+
+    /// Wait until a generation committed with a staged tail is all in place (see
+    /// `staged_tail`); every step that changes or reads what the replica's data file holds
+    /// other than through `read_at` waits here first. Fails if writing it in place failed.
+    pub fn settle(&self) -> Result<()> {
+        let mut failed = self.settle_failed.lock();
+        loop {
+            if let Some(why) = failed.as_ref() {
+                return Err(Error::VolumeBusy {
+                    name: self.name.clone(),
+                    why: why.clone(),
+                });
+            }
+            if !self.txn.read().as_ref().is_some_and(|t| t.committed()) {
+                return Ok(());
+            }
+            self.settled
+                .wait_for(&mut failed, std::time::Duration::from_millis(50));
+        }
     }
 
     /// Apply a batch of changes of the running transaction: before-images first (durable), then
@@ -1224,6 +1273,7 @@ impl Volume {
     /// Apply one change of a synchronous session to this replica, in place (no transaction: a
     /// sync replica is always the source's latest acknowledged state).
     pub fn apply_sync(&self, op: &ApplyOp<'_>) -> Result<()> {
+        self.settle()?;
         let _hold = self.apply_hold.read();
         self.require_replica()?;
         self.check_range(op.offset(), op.length())?;
@@ -1253,6 +1303,7 @@ impl Volume {
     /// A synchronous session reached generation `generation` of the source: every change of it is
     /// applied. Make it durable and record it as complete.
     pub fn mark_complete(&self, epoch: u64, generation: u64) -> Result<()> {
+        self.settle()?;
         let _hold = self.apply_hold.read();
         self.flush_data()?;
         self.update_replica(|r| {
@@ -1290,6 +1341,24 @@ impl Volume {
         kept?;
         flushed?;
         let durable = started.elapsed();
+        self.record_commit(id, keep, started, durable)?;
+        if let Some(t) = self.txn.write().take() {
+            let _ = Arc::try_unwrap(t).map(|t| t.finish());
+        }
+        let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
+        let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
+        Ok(())
+    }
+
+    /// Record generation `id.target` as the replica's last complete one (with the point back to
+    /// `id.base` if `keep`), its data durable already.
+    fn record_commit(
+        &self,
+        id: TxnId,
+        keep: bool,
+        started: Instant,
+        durable: std::time::Duration,
+    ) -> Result<()> {
         let rep = self.update_replica(|r| {
             if keep {
                 r.points.insert(
@@ -1320,16 +1389,132 @@ impl Volume {
         );
         // A generation applied over a demoted volume's divergence settled it.
         let _ = std::fs::remove_file(self.dir.join(DIVERGED_FILE));
-        if let Some(t) = self.txn.write().take() {
-            let _ = Arc::try_unwrap(t).map(|t| t.finish());
+        Ok(())
+    }
+
+    /// Commit the running transaction `txn` without waiting for `tail`, the changes its applier
+    /// has not written in place yet (in the order they are applied): they are staged, durable,
+    /// beside the data written so far (see `staged_tail`), and readers get them from memory
+    /// until `finish_settle`. The applier goes on writing them in place meanwhile.
+    pub fn commit_apply_staged(&self, txn: &Arc<ApplyTxn>, tail: Vec<StagedChange>) -> Result<()> {
+        let _hold = self.apply_hold.read();
+        if !self
+            .txn
+            .read()
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, txn))
+            || txn.committed()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "generation {} is no longer being applied to replica '{}'",
+                txn.id().target,
+                self.name
+            )));
         }
+        let id = txn.id();
+        let rep = self.require_replica()?;
+        let keep = id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch;
+        let started = std::time::Instant::now();
+        // The tail, the data written in place so far (every write returned before the tail was
+        // taken) and the point's link, all durable before the metadata commits; in parallel.
+        let (kept, staged, flushed) = std::thread::scope(|s| {
+            let kept = s.spawn(|| {
+                if keep {
+                    recovery_points::keep(&self.dir, &ApplyTxn::journal_path(&self.dir), id.base)
+                } else {
+                    Ok(())
+                }
+            });
+            let staged = s.spawn(|| staged_tail::write(&self.dir, id, &tail));
+            let flushed = self.flush_data();
+            (
+                kept.join().expect("keeping a recovery point panicked"),
+                staged.join().expect("staging a tail panicked"),
+                flushed,
+            )
+        });
+        kept?;
+        staged?;
+        flushed?;
+        let durable = started.elapsed();
+        self.record_commit(id, keep, started, durable)?;
+        txn.set_committed(tail);
+        Ok(())
+    }
+
+    /// The applier of `txn`, committed by `commit_apply_staged`, is done (`applied`: whether it
+    /// wrote every change): make the data durable, drop the staged tail and the transaction.
+    /// On failure the generation stays committed, served from memory, and `settle` fails until
+    /// a restart writes the tail from its file.
+    pub fn finish_settle(&self, txn: &Arc<ApplyTxn>, applied: Result<()>) {
+        let settled = applied
+            .and_then(|()| self.flush_data())
+            .and_then(|()| staged_tail::invalidate(&self.dir));
+        match settled {
+            Ok(()) => {
+                let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
+                let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
+                let mut slot = self.txn.write();
+                if slot.as_ref().is_some_and(|t| Arc::ptr_eq(t, txn)) {
+                    *slot = None;
+                }
+            }
+            Err(e) => {
+                let why = format!(
+                    "generation {} is committed but writing its last changes in place failed ({e}); \
+                     they are kept in {}: restart the volume service to write them",
+                    txn.id().target,
+                    staged_tail::path(&self.dir).display()
+                );
+                log::error!("replica '{}': {why}", self.name);
+                *self.settle_failed.lock() = Some(why);
+            }
+        }
+        let _guard = self.settle_failed.lock();
+        self.settled.notify_all();
+    }
+
+    /// At open: write the staged `tail` of the committed generation in place again (under its
+    /// journal `txn` when there is one left), then drop both.
+    fn roll_forward(&self, txn: Option<Arc<ApplyTxn>>, tail: &[StagedChange]) -> Result<()> {
+        let ops: Vec<ApplyOp<'_>> = tail.iter().map(StagedChange::op).collect();
+        match txn {
+            Some(txn) => {
+                *self.txn.write() = Some(txn.clone());
+                let applied = self.apply_batch(&txn, &ops);
+                self.txn.write().take();
+                applied?;
+            }
+            None => {
+                for op in &ops {
+                    match *op {
+                        ApplyOp::Data { offset, data } => {
+                            self.file.write_all_at(data, offset).ctx(|| {
+                                format!("applying to replica '{}' at {offset} failed", self.name)
+                            })?
+                        }
+                        ApplyOp::Zero { offset, length } => {
+                            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, offset, length)?
+                        }
+                    }
+                }
+            }
+        }
+        self.flush_data()?;
+        staged_tail::invalidate(&self.dir)?;
         let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
         let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
+        log::info!(
+            "replica '{}': wrote the last {} changes of its committed generation again after a stop",
+            self.name,
+            tail.len()
+        );
         Ok(())
     }
 
     /// Abort the running transaction, restoring the last complete generation.
     pub fn abort_apply(&self) -> Result<()> {
+        self.settle()?;
         let _hold = self.apply_hold.read();
         self.abort_apply_held()
     }
@@ -1351,8 +1536,9 @@ impl Volume {
     /// guard is dropped: no generation commits or aborts, no synchronous change lands, no point
     /// is dropped. A generation's data goes on being applied meanwhile (under its journal, which
     /// `read_at` overlays), so the transfer from the source does not stop; only its commit waits.
-    pub(crate) fn hold_apply(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
-        self.apply_hold.write()
+    pub(crate) fn hold_apply(&self) -> Result<parking_lot::RwLockWriteGuard<'_, ()>> {
+        self.settle()?;
+        Ok(self.apply_hold.write())
     }
 
     /// The byte runs where this replica's last complete generation may hold anything but zeroes:

@@ -5,7 +5,8 @@
 //!
 //! It owns the promise the acknowledgement makes: every queued change is applied, or the first
 //! failure is kept and [`Applier::finish`] returns it, so that the generation is never committed
-//! without every acknowledged frame. It never applies anything but the changes queued for its
+//! without every acknowledged frame (a commit that does not wait for the queue stages what
+//! [`Applier::unapplied`] returns instead: see `staged_tail`). It never applies anything but the changes queued for its
 //! transaction (`Volume::apply_batch` refuses a transaction that is no longer the running one),
 //! and it never holds more than `MAX_QUEUED_BYTES`: a full queue makes the receiver wait, which
 //! holds back the acknowledgements and so the source's window.
@@ -20,41 +21,14 @@ use std::sync::Arc;
 /// nothing).
 pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 
-/// One verified change, owning its bytes (a slice of the message it arrived in, or its
-/// decompressed data).
-pub enum Change {
-    Data { offset: u64, data: bytes::Bytes },
-    Zero { offset: u64, length: u64 },
-}
-
-impl Change {
-    fn queued_bytes(&self) -> usize {
-        match self {
-            Change::Data { data, .. } => data.len(),
-            Change::Zero { .. } => 0,
-        }
-    }
-
-    fn op(&self) -> ApplyOp<'_> {
-        match self {
-            Change::Data { offset, data } => ApplyOp::Data {
-                offset: *offset,
-                data,
-            },
-            Change::Zero { offset, length } => ApplyOp::Zero {
-                offset: *offset,
-                length: *length,
-            },
-        }
-    }
-}
+pub use crate::staged_tail::Change;
 
 #[derive(Default)]
 struct State {
     queue: Vec<Change>,
     queued_bytes: usize,
-    /// The worker is applying a batch taken from the queue.
-    busy: bool,
+    /// The batch the worker is applying, taken from the queue.
+    in_flight: Option<Arc<Vec<Change>>>,
     closing: bool,
     /// The first failure; later changes are dropped, not applied.
     failed: Option<(String, String)>,
@@ -112,7 +86,7 @@ impl Applier {
                     .prefetch_before_images(&self.txn, op.offset(), op.length());
             }
         }
-        let bytes: usize = changes.iter().map(Change::queued_bytes).sum();
+        let bytes: usize = changes.iter().map(Change::data_len).sum();
         let mut st = self.shared.state.lock();
         while st.failed.is_none()
             && st.queued_bytes > 0
@@ -129,10 +103,23 @@ impl Applier {
         Ok(())
     }
 
+    /// The changes not yet applied in place, in order (the batch being applied, then the
+    /// queue): what a commit that does not wait for them stages (see `staged_tail`). Fails once
+    /// a change failed to apply.
+    pub fn unapplied(&self) -> Result<Vec<Change>> {
+        let st = self.shared.state.lock();
+        if let Some(e) = failure(&st) {
+            return Err(e);
+        }
+        let mut out: Vec<Change> = st.in_flight.as_deref().cloned().unwrap_or_default();
+        out.extend(st.queue.iter().cloned());
+        Ok(out)
+    }
+
     /// Wait until every queued change is applied; the first failure if one was not.
     pub fn drain(&self) -> Result<()> {
         let mut st = self.shared.state.lock();
-        while st.failed.is_none() && (st.busy || !st.queue.is_empty()) {
+        while st.failed.is_none() && (st.in_flight.is_some() || !st.queue.is_empty()) {
             self.shared.changed.wait(&mut st);
         }
         match failure(&st) {
@@ -192,10 +179,11 @@ fn work(volume: &Volume, txn: &ApplyTxn, shared: &Shared) {
             if st.queue.is_empty() {
                 return;
             }
-            st.busy = true;
-            std::mem::take(&mut st.queue)
+            let batch = Arc::new(std::mem::take(&mut st.queue));
+            st.in_flight = Some(batch.clone());
+            batch
         };
-        let bytes: usize = batch.iter().map(Change::queued_bytes).sum();
+        let bytes: usize = batch.iter().map(Change::data_len).sum();
         let ops: Vec<ApplyOp<'_>> = batch.iter().map(Change::op).collect();
         // Nothing more is applied after a failure: the generation is lost either way.
         let failed = shared.state.lock().failed.is_some();
@@ -212,7 +200,7 @@ fn work(volume: &Volume, txn: &ApplyTxn, shared: &Shared) {
             crate::ms(started.elapsed())
         );
         let mut st = shared.state.lock();
-        st.busy = false;
+        st.in_flight = None;
         st.queued_bytes -= bytes;
         if let Err(e) = r {
             log::warn!("applying to replica '{}' failed: {e}", volume.name());
@@ -288,6 +276,109 @@ mod tests {
         }
         assert_eq!(read(&v, 3 << 20, 65536), vec![0u8; 65536]);
         assert_eq!(v.replica().unwrap().last_complete_generation, 2);
+    }
+
+    /// Generation 2 of a 4 MiB replica over generation 1 (every 64 KiB block `1`): blocks
+    /// 0..40 rewritten, each with its own byte, and a zero run at 3 MiB.
+    fn second_generation() -> Vec<Change> {
+        let mut changes: Vec<Change> = (0..40u64)
+            .map(|i| filled(i * 65536, 10 + i as u8, 65536))
+            .collect();
+        changes.push(Change::Zero {
+            offset: 3 << 20,
+            length: 65536,
+        });
+        changes
+    }
+
+    /// Generation 1 (every byte `1`) applied, generation 2 begun with its first ten changes
+    /// in place: the rest is what an applier would still hold at the commit.
+    fn second_generation_begun(v: &Arc<Volume>) -> (Arc<ApplyTxn>, Vec<Change>) {
+        apply_generation(v, 1, vec![filled(0, 1, 4 << 20)]);
+        let txn = v.begin_apply(1, 2, None).unwrap();
+        let changes = second_generation();
+        let ops: Vec<_> = changes[..10].iter().map(Change::op).collect();
+        v.apply_batch(&txn, &ops).unwrap();
+        (txn, changes)
+    }
+
+    /// Settled at generation 2: no staged tail left, and the journal (tail included) kept as
+    /// the way back to generation 1.
+    fn assert_settled_at_second_generation(v: &Volume) {
+        v.settle().unwrap();
+        assert_eq!(v.replica().unwrap().last_complete_generation, 2);
+        assert_second_generation(v);
+        assert!(crate::staged_tail::read(v.dir()).unwrap().is_none());
+        assert_eq!(v.promote_to(Some(1)).unwrap(), 1);
+        assert_eq!(read(v, 0, 4 << 20), vec![1u8; 4 << 20]);
+    }
+
+    fn assert_second_generation(v: &Volume) {
+        for i in 0..40u64 {
+            assert_eq!(
+                read(v, i * 65536, 65536),
+                vec![10 + i as u8; 65536],
+                "block {i}"
+            );
+        }
+        assert_eq!(read(v, 3 << 20, 65536), vec![0u8; 65536]);
+        assert_eq!(read(v, (3 << 20) + 65536, 65536), vec![1u8; 65536]);
+    }
+
+    #[test]
+    fn a_commit_that_stages_its_tail_serves_the_generation_at_once_and_keeps_its_point() {
+        let (_t, v) = replica(4 << 20);
+        let (txn, changes) = second_generation_begun(&v);
+        let tail = changes[10..].to_vec();
+        v.commit_apply_staged(&txn, tail.clone()).unwrap();
+        // Committed: recorded, and read as generation 2 although most of it is not in place.
+        assert_eq!(v.replica().unwrap().last_complete_generation, 2);
+        assert!(v.applying().is_none());
+        assert_second_generation(&v);
+        assert!(crate::staged_tail::read(v.dir()).unwrap().is_some());
+        // The applier writes the tail in place; the volume settles.
+        let a = Applier::start(v.clone(), txn.clone()).unwrap();
+        a.push(tail).unwrap();
+        v.finish_settle(&txn, a.finish());
+        assert_settled_at_second_generation(&v);
+    }
+
+    #[test]
+    fn a_staged_tail_left_by_a_stop_is_written_at_the_next_open() {
+        let (t, v) = replica(4 << 20);
+        let (txn, changes) = second_generation_begun(&v);
+        // Half of the tail reaches the file before the stop; the rest never does.
+        let half: Vec<_> = changes[10..25].iter().map(Change::op).collect();
+        v.commit_apply_staged(&txn, changes[10..].to_vec()).unwrap();
+        v.apply_batch(&txn, &half).unwrap();
+        drop((txn, v));
+        let v = Volume::open(&t.path().join("r"), "r").unwrap();
+        assert!(v.applying().is_none());
+        assert_settled_at_second_generation(&v);
+    }
+
+    #[test]
+    fn the_next_generation_waits_for_the_staged_tail() {
+        let (_t, v) = replica(1 << 20);
+        apply_generation(&v, 1, vec![filled(0, 1, 1 << 20)]);
+        let txn = v.begin_apply(1, 2, None).unwrap();
+        let a = Applier::start(v.clone(), txn.clone()).unwrap();
+        let tail = vec![filled(0, 2, 1 << 20)];
+        v.commit_apply_staged(&txn, tail.clone()).unwrap();
+        let settler = {
+            let (v, txn) = (v.clone(), txn.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                a.push(tail).unwrap();
+                v.finish_settle(&txn, a.finish());
+            })
+        };
+        // Begun only once generation 2 is in place, whatever the order of the threads.
+        let next = v.begin_apply(1, 3, None).unwrap();
+        assert!(crate::staged_tail::read(v.dir()).unwrap().is_none());
+        assert_eq!(next.id().base, 2);
+        settler.join().unwrap();
+        assert_eq!(read(&v, 0, 1 << 20), vec![2u8; 1 << 20]);
     }
 
     #[test]

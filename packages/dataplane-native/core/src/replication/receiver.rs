@@ -68,14 +68,101 @@ impl Receiver {
     /// Apply what is queued for `volume` and stop its applier: every frame acknowledged so far
     /// is in the replica, or the error says which failed.
     fn finish_applying(&self, volume: &str) -> Result<()> {
-        let Some(a) = self.appliers.lock().remove(volume) else {
-            return Ok(());
-        };
-        match Arc::try_unwrap(a) {
-            Ok(a) => a.finish(),
-            // A batch of frames still holds it: the drain covers everything queued so far.
-            Err(a) => a.drain(),
+        match self.appliers.lock().remove(volume) {
+            Some(a) => finish_applier(a),
+            None => Ok(()),
         }
+    }
+
+    /// The replica of `g` and its running transaction, which must be the generation `g` names.
+    fn committing(&self, g: &GenerationRef) -> Result<(Arc<crate::volume::Volume>, Arc<ApplyTxn>)> {
+        let v = self.registry.require(&g.name)?;
+        let txn = v.applying().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "volume '{}' has no generation {} being applied",
+                g.name, g.generation
+            ))
+        })?;
+        if txn.id().epoch != g.epoch || txn.id().target != g.generation {
+            return Err(Error::InvalidArgument(format!(
+                "volume '{}' is applying generation {} of epoch {}, not {} of {}",
+                g.name,
+                txn.id().target,
+                txn.id().epoch,
+                g.generation,
+                g.epoch
+            )));
+        }
+        Ok((v, txn))
+    }
+
+    /// Commit the generation of a group of one volume (no intent: its own commit is atomic
+    /// already, and the intent's two fsyncs are a good part of a small generation's time). The
+    /// changes its applier still holds are staged instead of waited for (see `staged_tail`);
+    /// the applier writes them in place after the answer, and the volume settles then.
+    fn commit_one(&self, group: &str, g: &GenerationRef) -> Result<ControlReply> {
+        let started = std::time::Instant::now();
+        let applier = self.appliers.lock().remove(&g.name);
+        let tail = applier
+            .as_ref()
+            .and_then(|a| a.unapplied().ok())
+            .unwrap_or_default();
+        let staged = match applier {
+            Some(a) if !tail.is_empty() => Some(a),
+            Some(a) => {
+                finish_applier(a)?;
+                None
+            }
+            None => None,
+        };
+        let Some(applier) = staged else {
+            let (v, txn) = self.committing(g)?;
+            v.commit_apply(&txn)?;
+            log::debug!(
+                "group '{group}': committed {:.1} ms after its commit arrived",
+                crate::ms(started.elapsed())
+            );
+            return Ok(ControlReply::ok());
+        };
+        let changes = tail.len();
+        let committed = self
+            .committing(g)
+            .and_then(|(v, txn)| v.commit_apply_staged(&txn, tail).map(|()| (v, txn)));
+        let (v, txn) = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                // Not committed: whatever was acknowledged is applied before the answer, as
+                // without a tail.
+                let _ = finish_applier(applier);
+                return Err(e);
+            }
+        };
+        log::debug!(
+            "group '{group}': committed {:.1} ms after its commit arrived, {changes} changes staged",
+            crate::ms(started.elapsed())
+        );
+        let settle = {
+            let (v, txn) = (v.clone(), txn.clone());
+            move || {
+                let started = std::time::Instant::now();
+                let applied = finish_applier(applier);
+                v.finish_settle(&txn, applied);
+                log::debug!(
+                    "replica '{}': staged changes in place {:.1} ms after the commit",
+                    v.name(),
+                    crate::ms(started.elapsed())
+                );
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("ferry-settle".into())
+            .spawn(settle)
+        {
+            // No thread: settle here, after all (the answer waits, nothing is lost).
+            log::warn!("cannot start a thread to settle '{}': {e}", g.name);
+            v.finish_settle(&txn, Err(Error::io("cannot start the settle thread", e)));
+        }
+        Ok(ControlReply::ok())
     }
 
     /// The applier of `txn`, the running generation of `volume` (a new one replaces an applier
@@ -316,6 +403,9 @@ impl Receiver {
             }
             ControlMessage::Commit { group, volumes } => {
                 self.check_group(&group, &names(&volumes))?;
+                if let [g] = volumes.as_slice() {
+                    return self.commit_one(&group, g);
+                }
                 // One commit point for the whole group (see `commit_intent`): every volume's data
                 // durable, then the intent, then each volume's own commit. Every acknowledged
                 // frame is applied first.
@@ -329,38 +419,9 @@ impl Receiver {
                     crate::ms(started.elapsed())
                 );
                 for g in &volumes {
-                    let v = self.registry.require(&g.name)?;
-                    let txn = v.applying().ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "volume '{}' has no generation {} being applied",
-                            g.name, g.generation
-                        ))
-                    })?;
-                    if txn.id().epoch != g.epoch || txn.id().target != g.generation {
-                        return Err(Error::InvalidArgument(format!(
-                            "volume '{}' is applying generation {} of epoch {}, not {} of {}",
-                            g.name,
-                            txn.id().target,
-                            txn.id().epoch,
-                            g.generation,
-                            g.epoch
-                        )));
-                    }
-                    // (`commit_apply` makes a volume's data durable itself: a lone volume's is.)
-                    if volumes.len() > 1 {
-                        v.flush_replica()?;
-                    }
+                    let (v, txn) = self.committing(g)?;
+                    v.flush_replica()?;
                     txns.push((v, txn));
-                }
-                // A group of one volume needs no intent: its own commit is atomic already, and
-                // the intent's two fsyncs are a good part of a small generation's time.
-                if let [(v, txn)] = txns.as_slice() {
-                    v.commit_apply(txn)?;
-                    log::debug!(
-                        "group '{group}': committed {:.1} ms after its commit arrived",
-                        crate::ms(started.elapsed())
-                    );
-                    return Ok(ControlReply::ok());
                 }
                 let intent = commit_intent::write(
                     self.registry.data_dir().root(),
@@ -635,6 +696,15 @@ impl Receiver {
 
 fn matches(txn: &crate::apply_txn::ApplyTxn, f: &frame::Frame<'_>) -> bool {
     txn.id().epoch == f.epoch && txn.id().target == f.generation
+}
+
+/// Apply everything `a` holds and stop it: the first failure if a change was not applied.
+fn finish_applier(a: Arc<Applier>) -> Result<()> {
+    match Arc::try_unwrap(a) {
+        Ok(a) => a.finish(),
+        // A batch of frames still holds it: the drain covers everything queued so far.
+        Err(a) => a.drain(),
+    }
 }
 
 fn no_generation(volume: &str) -> Error {
