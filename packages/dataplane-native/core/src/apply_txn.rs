@@ -92,6 +92,11 @@ impl Pending {
         self.len
     }
 
+    /// Bytes it can hold without growing.
+    pub(crate) fn capacity(&self) -> usize {
+        self.pages.len() * ALIGN as usize
+    }
+
     /// Empty again, keeping the memory.
     pub(crate) fn clear(&mut self) {
         self.len = 0;

@@ -72,6 +72,28 @@ impl Change {
 /// of this machine kind cost more to touch than to write).
 static IMAGE: Mutex<Option<Pending>> = Mutex::new(None);
 
+/// Once per process, on a thread of its own: make the staging memory `bytes` long and touch it,
+/// so that the first commits do not pay for fresh pages (on this machine kind a fresh page costs
+/// more to touch than to write to disk; see `apply_txn`). A tail is at most the applier's batch
+/// and queue; a longer one grows the memory then.
+pub fn warm_up(bytes: usize) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("ferry-stage-warm".into())
+            .spawn(move || {
+                let mut slot = IMAGE.lock();
+                let image = slot.get_or_insert_with(Pending::default);
+                if image.capacity() < bytes {
+                    // Growing fills the new pages (with zeroes): that is the touch.
+                    image.clear();
+                    image.grow(bytes);
+                    image.clear();
+                }
+            });
+    });
+}
+
 pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE)
 }

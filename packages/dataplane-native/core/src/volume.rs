@@ -1341,7 +1341,7 @@ impl Volume {
         kept?;
         flushed?;
         let durable = started.elapsed();
-        self.record_commit(id, keep, started, durable)?;
+        self.record_commit(id, keep, true, started, durable)?;
         if let Some(t) = self.txn.write().take() {
             let _ = Arc::try_unwrap(t).map(|t| t.finish());
         }
@@ -1351,11 +1351,14 @@ impl Volume {
     }
 
     /// Record generation `id.target` as the replica's last complete one (with the point back to
-    /// `id.base` if `keep`), its data durable already.
+    /// `id.base` if `keep`), its data durable already. With `prune`, the journals of the points
+    /// it drops are deleted now (else by `finish_settle`, after the answer: deleting a journal
+    /// costs milliseconds, and an unlisted one is only an orphan until then).
     fn record_commit(
         &self,
         id: TxnId,
         keep: bool,
+        prune: bool,
         started: Instant,
         durable: std::time::Duration,
     ) -> Result<()> {
@@ -1377,7 +1380,9 @@ impl Volume {
             r.last_complete_at_ms = now_ms();
         })?;
         let recorded = started.elapsed();
-        recovery_points::prune(&self.dir, &rep.points);
+        if prune {
+            recovery_points::prune(&self.dir, &rep.points);
+        }
         log::debug!(
             "replica '{}' generation {}: data durable{} {:.1} ms, recorded {:.1} ms, points pruned {:.1} ms",
             self.name,
@@ -1425,11 +1430,24 @@ impl Volume {
                     Ok(())
                 }
             });
-            let staged = s.spawn(|| staged_tail::write(&self.dir, id, &tail));
+            let staged = s.spawn(|| {
+                let r = staged_tail::write(&self.dir, id, &tail);
+                (r, started.elapsed())
+            });
             let flushed = self.flush_data();
+            let data_synced = started.elapsed();
+            let (staged, tail_synced) = staged.join().expect("staging a tail panicked");
+            log::debug!(
+                "replica '{}' generation {}: tail of {} changes staged {:.1} ms, data synced {:.1} ms",
+                self.name,
+                id.target,
+                tail.len(),
+                ms(tail_synced),
+                ms(data_synced)
+            );
             (
                 kept.join().expect("keeping a recovery point panicked"),
-                staged.join().expect("staging a tail panicked"),
+                staged,
                 flushed,
             )
         });
@@ -1437,7 +1455,7 @@ impl Volume {
         staged?;
         flushed?;
         let durable = started.elapsed();
-        self.record_commit(id, keep, started, durable)?;
+        self.record_commit(id, keep, false, started, durable)?;
         txn.set_committed(tail);
         Ok(())
     }
@@ -1452,6 +1470,9 @@ impl Volume {
             .and_then(|()| staged_tail::invalidate(&self.dir));
         match settled {
             Ok(()) => {
+                if let Some(rep) = self.replica() {
+                    recovery_points::prune(&self.dir, &rep.points);
+                }
                 let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
                 let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
                 let mut slot = self.txn.write();

@@ -29,6 +29,8 @@ struct State {
     queued_bytes: usize,
     /// The batch the worker is applying, taken from the queue.
     in_flight: Option<Arc<Vec<Change>>>,
+    /// No new batch is started (a commit is staging what is left; see `unapplied`).
+    held: bool,
     closing: bool,
     /// The first failure; later changes are dropped, not applied.
     failed: Option<(String, String)>,
@@ -106,11 +108,15 @@ impl Applier {
     /// The changes not yet applied in place, in order (the batch being applied, then the
     /// queue): what a commit that does not wait for them stages (see `staged_tail`). Fails once
     /// a change failed to apply.
+    ///
+    /// No new batch starts until the next `drain` (or `finish`): the commit's fdatasync of the
+    /// data then waits only for what was written before, not for writes it does not need.
     pub fn unapplied(&self) -> Result<Vec<Change>> {
-        let st = self.shared.state.lock();
+        let mut st = self.shared.state.lock();
         if let Some(e) = failure(&st) {
             return Err(e);
         }
+        st.held = true;
         let mut out: Vec<Change> = st.in_flight.as_deref().cloned().unwrap_or_default();
         out.extend(st.queue.iter().cloned());
         Ok(out)
@@ -119,6 +125,8 @@ impl Applier {
     /// Wait until every queued change is applied; the first failure if one was not.
     pub fn drain(&self) -> Result<()> {
         let mut st = self.shared.state.lock();
+        st.held = false;
+        self.shared.changed.notify_all();
         while st.failed.is_none() && (st.in_flight.is_some() || !st.queue.is_empty()) {
             self.shared.changed.wait(&mut st);
         }
@@ -173,7 +181,7 @@ fn work(volume: &Volume, txn: &ApplyTxn, shared: &Shared) {
     loop {
         let batch = {
             let mut st = shared.state.lock();
-            while st.queue.is_empty() && !st.closing {
+            while (st.queue.is_empty() || st.held) && !st.closing {
                 shared.changed.wait(&mut st);
             }
             if st.queue.is_empty() {
@@ -355,6 +363,32 @@ mod tests {
         let v = Volume::open(&t.path().join("r"), "r").unwrap();
         assert!(v.applying().is_none());
         assert_settled_at_second_generation(&v);
+    }
+
+    #[test]
+    fn staged_commits_keep_points_and_drop_the_oldest_once_settled() {
+        let (_t, v) = replica(1 << 20);
+        for generation in 1..=6u64 {
+            let txn = v.begin_apply(1, generation, None).unwrap();
+            let a = Applier::start(v.clone(), txn.clone()).unwrap();
+            // Everything queued at the commit: the whole generation is the tail.
+            let tail = vec![filled(0, generation as u8, 1 << 20)];
+            v.commit_apply_staged(&txn, tail.clone()).unwrap();
+            assert_eq!(read(&v, 0, 1 << 20), vec![generation as u8; 1 << 20]);
+            a.push(tail).unwrap();
+            v.finish_settle(&txn, a.finish());
+        }
+        v.settle().unwrap();
+        let rep = v.replica().unwrap();
+        let kept: Vec<u64> = rep.points.iter().map(|p| p.generation).collect();
+        assert_eq!(kept, vec![5, 4], "the default keeps three generations");
+        let files = std::fs::read_dir(v.dir().join("points")).unwrap().count();
+        assert_eq!(
+            files, 2,
+            "one undo journal per point, the dropped ones deleted"
+        );
+        assert_eq!(v.promote_to(Some(4)).unwrap(), 4);
+        assert_eq!(read(&v, 0, 1 << 20), vec![4u8; 1 << 20]);
     }
 
     #[test]

@@ -199,6 +199,26 @@ pub fn encode_data(
     data: &[u8],
     level: i32,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_data_into(
+        &mut out, volume, epoch, generation, seq, offset, data, level,
+    )?;
+    Ok(out)
+}
+
+/// [`encode_data`] appending the frame to `out` (a message being bundled): no buffer of its
+/// own, and no copy into the message afterwards. On failure `out` is as it was.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_data_into(
+    out: &mut Vec<u8>,
+    volume: &str,
+    epoch: u64,
+    generation: u64,
+    seq: u64,
+    offset: u64,
+    data: &[u8],
+    level: i32,
+) -> Result<()> {
     if level != RAW_LEVEL {
         check_level(level)?;
     }
@@ -215,35 +235,52 @@ pub fn encode_data(
         payload: &[],
     };
     if is_zero(data) {
-        return Ok(frame.header(0));
+        out.extend_from_slice(&frame.header(0));
+        return Ok(());
     }
     frame.xxh3 = xxh3_64(data);
     if level == RAW_LEVEL {
         frame.encoding = Encoding::Raw;
-        let mut out = frame.header(data.len());
+        out.extend_from_slice(&frame.header(data.len()));
         out.extend_from_slice(data);
-        return Ok(out);
+        return Ok(());
     }
-    // Compress straight into the message, behind room for the header: one buffer per frame, and
-    // at least zstd's bound for `data`, so compression cannot run out of room (nor can `data`).
-    let header_len = frame.header_len();
-    let mut out = Vec::with_capacity(header_len + zstd::zstd_safe::compress_bound(data.len()));
-    out.resize(header_len, 0);
-    let mut cursor = std::io::Cursor::new(out);
-    cursor.set_position(header_len as u64);
-    let compressed = compress(level, data, &mut cursor)
-        .map_err(|e| Error::io(format!("zstd compression of {}", frame.describe()), e))?;
-    let mut out = cursor.into_inner();
+    // Compress straight into the message, behind room for the header, with at least zstd's
+    // bound for `data` to spare, so compression cannot run out of room (nor can `data`).
+    let start = out.len();
+    let payload_at = start + frame.header_len();
+    out.reserve(payload_at - start + zstd::zstd_safe::compress_bound(data.len()));
+    out.resize(payload_at, 0);
+    let mut cursor = std::io::Cursor::new(std::mem::take(out));
+    cursor.set_position(payload_at as u64);
+    let compressed = compress(level, data, &mut cursor);
+    *out = cursor.into_inner();
+    let compressed = match compressed {
+        Ok(n) => n,
+        Err(e) => {
+            out.truncate(start);
+            return Err(Error::io(
+                format!("zstd compression of {}", frame.describe()),
+                e,
+            ));
+        }
+    };
     if compressed < data.len() && compressed <= data.len() - data.len() / 16 {
         frame.encoding = Encoding::Zstd;
     } else {
         frame.encoding = Encoding::Raw;
-        out.truncate(header_len);
+        out.truncate(payload_at);
         out.extend_from_slice(data);
     }
-    let header = frame.header(out.len() - header_len);
-    out[..header_len].copy_from_slice(&header);
-    Ok(out)
+    let header = frame.header(out.len() - payload_at);
+    out[start..payload_at].copy_from_slice(&header);
+    Ok(())
+}
+
+/// Room a data frame of `len` bytes may take in a message: its header (for `volume`) and at
+/// most zstd's bound of its data (a raw frame takes less).
+pub fn data_frame_room(volume: &str, len: usize) -> usize {
+    PREFIX_LEN + DATA_BODY_LEN + volume.len() + CHECKSUM_LEN + zstd::zstd_safe::compress_bound(len)
 }
 
 /// Compress with this thread's zstd context. Keeping it between frames matters: a fresh context
@@ -919,6 +956,29 @@ mod tests {
             .unwrap(),
         ];
         (frames.concat(), frames)
+    }
+
+    #[test]
+    fn frames_appended_to_a_message_are_the_frames_encode_data_makes() {
+        let text: Vec<u8> = b"a compressible line of log text\n".repeat(4096);
+        let pieces: [(u64, Vec<u8>); 3] = [
+            (0, random(65536, 7)),
+            (65536, vec![0u8; 65536]),
+            (131072, text[..65536].to_vec()),
+        ];
+        let mut msg = b"earlier frames".to_vec();
+        let mut want = msg.clone();
+        for (seq, (offset, data)) in pieces.iter().enumerate() {
+            let seq = seq as u64;
+            encode_data_into(&mut msg, VOL, 1, 2, seq, *offset, data, DEFAULT_LEVEL).unwrap();
+            want.extend(encode_data(VOL, 1, 2, seq, *offset, data, DEFAULT_LEVEL).unwrap());
+        }
+        assert_eq!(msg, want);
+        // A level out of range leaves the message as it was.
+        let before = msg.clone();
+        assert!(encode_data_into(&mut msg, VOL, 1, 2, 3, 0, &pieces[0].1, 99).is_err());
+        assert_eq!(msg, before);
+        assert!(data_frame_room(VOL, 65536) >= 65536);
     }
 
     #[test]

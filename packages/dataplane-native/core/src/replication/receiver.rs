@@ -324,6 +324,10 @@ impl Receiver {
             }
             ControlMessage::Begin { group, volumes } => {
                 self.check_group(&group, &names(&volumes))?;
+                // The memory a commit stages its tail in, touched before a commit needs it.
+                if volumes.len() == 1 {
+                    crate::staged_tail::warm_up(2 * super::applier::MAX_QUEUED_BYTES);
+                }
                 // Generations replace synchronous sessions (a resync after a suspension).
                 let mut sessions = self.sessions.lock();
                 for v in &volumes {

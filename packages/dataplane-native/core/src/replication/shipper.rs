@@ -1060,6 +1060,14 @@ impl Shipper {
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ));
         let mut next_seq = 0u64;
+        // When the last message was ready, and the first and last acknowledgements (µs after
+        // `started`): where a generation's transfer spends its time, at debug level.
+        let marks = Arc::new([
+            AtomicU64::new(0),
+            AtomicU64::new(u64::MAX),
+            AtomicU64::new(0),
+        ]);
+        let mut messages = 0usize;
         // Small pieces travel several to a message (a bundle): fewer requests through the two
         // servers and fewer round trips for the same bytes.
         for bundle in sizer.bundles(sizer.pieces(extents)) {
@@ -1085,28 +1093,36 @@ impl Shipper {
             let sent_wire = sent_wire.clone();
             let stats = (self.bytes_raw.clone(), self.bytes_wire.clone());
             let encoders = encoders.clone();
+            let marks = marks.clone();
+            messages += 1;
             // Each bundle is read and compressed on the blocking pool, so the window's bundles
             // are prepared in parallel with one another and with the sending.
             inflight.spawn(async move {
                 let permit = encoders.acquire_owned().await.expect("never closed");
                 let (msg, image, bundle) = tokio::task::spawn_blocking(move || {
-                    let mut msg = Vec::new();
+                    // Room for every frame at once: the message never moves while it grows.
+                    let room = bundle
+                        .iter()
+                        .map(|p| frame::data_frame_room(vol.name(), p.length as usize))
+                        .sum();
+                    let mut msg = Vec::with_capacity(room);
                     let mut buf = Vec::new();
                     for (seq, piece) in (first_seq..).zip(&bundle) {
                         // Holes go as zero frames without being read.
-                        let frame = if vol.cut_hole(&image, piece.offset, piece.length as u64)? {
-                            frame::encode_zero(
+                        if vol.cut_hole(&image, piece.offset, piece.length as u64)? {
+                            msg.extend_from_slice(&frame::encode_zero(
                                 vol.name(),
                                 epoch,
                                 generation,
                                 seq,
                                 piece.offset,
                                 piece.length,
-                            )?
+                            )?);
                         } else {
                             buf.resize(piece.length as usize, 0);
                             vol.read_cut(&image, piece.offset, &mut buf)?;
-                            frame::encode_data(
+                            frame::encode_data_into(
+                                &mut msg,
                                 vol.name(),
                                 epoch,
                                 generation,
@@ -1114,12 +1130,7 @@ impl Shipper {
                                 piece.offset,
                                 &buf,
                                 level,
-                            )?
-                        };
-                        if msg.is_empty() {
-                            msg = frame;
-                        } else {
-                            msg.extend_from_slice(&frame);
+                            )?;
                         }
                     }
                     Ok::<_, Error>((msg, image, bundle))
@@ -1127,6 +1138,7 @@ impl Shipper {
                 .await
                 .map_err(join_err)??;
                 drop(permit);
+                marks[0].fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 let wire = msg.len() as u64;
                 if let Some(rate) = rate {
                     // Keep the average at or under the limit: wait until the bytes sent are due.
@@ -1137,6 +1149,9 @@ impl Shipper {
                     }
                 }
                 send_frame(&nats, subject, msg, &target).await?;
+                let acked = started.elapsed().as_micros() as u64;
+                marks[1].fetch_min(acked, Ordering::Relaxed);
+                marks[2].fetch_max(acked, Ordering::Relaxed);
                 for piece in &bundle {
                     image.shipped(piece.offset, piece.length as u64);
                 }
@@ -1148,6 +1163,15 @@ impl Shipper {
         while let Some(r) = inflight.join_next().await {
             r.map_err(join_err)??;
         }
+        let mark = |i: usize| marks[i].load(Ordering::Relaxed) as f64 / 1000.0;
+        log::debug!(
+            "'{}' generation {}: {messages} messages, the last ready at {:.1} ms, acknowledged from {:.1} to {:.1} ms",
+            vol.name(),
+            r.generation,
+            mark(0),
+            if messages == 0 { 0.0 } else { mark(1) },
+            mark(2)
+        );
         Ok(())
     }
 }
