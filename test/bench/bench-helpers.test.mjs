@@ -57,6 +57,9 @@ test("segmentKinds is exactly half random, a quarter text, the rest holes, shuff
   assert.notDeepEqual(kinds.slice(0, 32), Array(32).fill("random"));
   assert.deepEqual(segmentKinds(64 * SEGMENT, 1), kinds);
   assert.throws(() => segmentKinds(SEGMENT + 1, 1), /whole number of MiB/);
+  assert.deepEqual(segmentKinds(4 * SEGMENT, 1, "random"), ["random", "random", "random", "random"]);
+  assert.deepEqual(segmentKinds(2 * SEGMENT, 1, "text"), ["text", "text"]);
+  assert.throws(() => segmentKinds(SEGMENT, 1, "zeros"), /unknown image mix 'zeros'/);
 });
 
 test("parseRsyncStats reads the byte counts rsync --stats prints", () => {

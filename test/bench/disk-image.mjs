@@ -9,10 +9,18 @@ import { SeededRandom } from "./seeded-random.mjs";
 
 export const SEGMENT = 1 << 20;
 
-/** The kind of every segment of an image of `size` bytes: exactly ½ random, ¼ text, the rest zero. */
-export function segmentKinds(size, seed) {
+/** What an image may be made of: `mixed` (the default), or all `random` or all `text` segments. */
+export const IMAGE_MIXES = ["mixed", "random", "text"];
+
+/**
+ * The kind of every segment of an image of `size` bytes: for `mixed`, exactly ½ random, ¼ text,
+ * the rest zero; for `random` or `text`, every segment of that kind.
+ */
+export function segmentKinds(size, seed, mix = "mixed") {
   if (size % SEGMENT !== 0) throw new Error(`the image size must be a whole number of MiB, got ${size} bytes`);
+  if (!IMAGE_MIXES.includes(mix)) throw new Error(`unknown image mix '${mix}': use one of ${IMAGE_MIXES.join(", ")}`);
   const n = size / SEGMENT;
+  if (mix !== "mixed") return Array(n).fill(mix);
   const random = Math.floor(n / 2);
   const text = Math.floor(n / 4);
   const kinds = [
@@ -29,11 +37,11 @@ export function segmentKinds(size, seed) {
 }
 
 /**
- * Write the image to `file` (created; it must not exist) and make it durable, so no writeback of
+ * Write the image (of `mix`, see `segmentKinds`) to `file` (created; it must not exist) and make it durable, so no writeback of
  * it runs into a measurement. Zero segments stay holes. Returns the bytes of each kind.
  */
-export function writeDiskImage(file, size, seed) {
-  const kinds = segmentKinds(size, seed);
+export function writeDiskImage(file, size, seed, mix = "mixed") {
+  const kinds = segmentKinds(size, seed, mix);
   const rng = new SeededRandom(`content:${seed}`);
   const fd = openSync(file, "wx");
   const bytes = { random: 0, text: 0, zero: 0 };

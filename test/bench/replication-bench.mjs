@@ -33,7 +33,7 @@ import { parseSize } from "../../packages/dataplane-native/binding.js";
 import { benchArgs, benchRoute, benchSize } from "./bench-options.mjs";
 import { dirtyBytes, pickBlocks, qemuIoBatches, writeChanges } from "./change-set.mjs";
 import { expectSame, sha256Export, sha256File } from "./checksum.mjs";
-import { writeDiskImage } from "./disk-image.mjs";
+import { IMAGE_MIXES, writeDiskImage } from "./disk-image.mjs";
 import { environment } from "./environment.mjs";
 import { COMMAND_TIMEOUT_MS, ferry, pairStatus, serveSite } from "./ferry-site.mjs";
 import { runDir, runLogged, spawnLogged, stop, waitForExport } from "./processes.mjs";
@@ -52,6 +52,8 @@ environment (defaults in brackets):
   BENCH_GRANULARITY  comma list of Ferry CBT granularities, one Ferry
                      volume and pair each; the first is the headline      [64K,4K]
   BENCH_SEED         seed of the image and of the changed blocks          [1]
+  BENCH_IMAGE        what the image holds: mixed (½ random, ¼ text,
+                     ¼ holes), random or text (all of it)                 [mixed]
   BENCH_ROUTE        direct: each service also connects to the other
                      site's server (--peer-nats); leafnode: only through
                      its own server and the link                          [direct]
@@ -87,6 +89,7 @@ function config() {
     changeBlock,
     changeBlockText,
     seed: env.BENCH_SEED ?? "1",
+    mix: imageMix(env.BENCH_IMAGE),
     route: benchRoute(),
     dir: env.BENCH_DIR ?? tmpdir(),
     keepLogs: env.BENCH_KEEP_LOGS || null,
@@ -101,6 +104,17 @@ function config() {
     })),
   };
 }
+
+/** `BENCH_IMAGE`, checked: one of `IMAGE_MIXES` (default `mixed`). */
+function imageMix(value) {
+  const mix = (value ?? "mixed").trim().toLowerCase();
+  if (!IMAGE_MIXES.includes(mix))
+    throw new Error(`BENCH_IMAGE must be one of ${IMAGE_MIXES.join(", ")}, got '${value}'`);
+  return mix;
+}
+
+/** How the table's title describes the image. */
+const MIX_LABEL = { mixed: "½ random, ¼ text, ¼ holes", random: "all random bytes", text: "all log text" };
 
 /**
  * The data plane's time for the generation `ferry replicate sync` just completed: `lastCycle.ms`,
@@ -505,7 +519,7 @@ async function main() {
   const samples = [];
   try {
     const file = join(root, "image.raw");
-    const { seconds, result: kinds } = await timed(async () => writeDiskImage(file, cfg.size, cfg.seed));
+    const { seconds, result: kinds } = await timed(async () => writeDiskImage(file, cfg.size, cfg.seed, cfg.mix));
     const image = { file, kinds, sha256: await sha256File(file) };
     process.stderr.write(
       `bench: image: ${mib(kinds.random)} MiB random, ${mib(kinds.text)} MiB text, ${mib(kinds.zero)} MiB holes (made in ${seconds.toFixed(1)} s)\n`,
@@ -528,7 +542,7 @@ async function main() {
   const r = ratios(cfg, summary);
   const fmtLoad = (l) => l.map((x) => x.toFixed(2)).join(" ");
   process.stdout.write(
-    `\nFerry replication bench — ${sizeLabel} volume (½ random, ¼ text, ¼ holes), then ${(cfg.change * 100).toFixed(2)}% of its ${cfg.changeBlockText} blocks changed; ` +
+    `\nFerry replication bench — ${sizeLabel} volume (${MIX_LABEL[cfg.mix]}), then ${(cfg.change * 100).toFixed(2)}% of its ${cfg.changeBlockText} blocks changed; ` +
       `median of ${cfg.reps}, ±: half the min–max range; every copy verified (sha256) and durable (fsync) at its destination; ` +
       `Ferry's route to site B: ${cfg.route === "direct" ? "direct (--peer-nats, one nats-server)" : "leafnode (two nats-servers)"}\n` +
       `${env.rsync}, ${env.nbdcopy}, ${env.nbdkit}, ${env.natsServer}; ${env.cpus} CPUs, load ${fmtLoad(loadBefore)} → ${fmtLoad(loadAfter)}; ferry ${env.commit}\n\n` +
