@@ -1,11 +1,12 @@
 //! Group commit at a target site: every volume of a consistency group moves to its new
 //! generation, or none does — also across a crash between two volumes' commits.
 //!
-//! The receiver first makes every volume's applied data durable, then writes one intent file
+//! The receiver first makes every volume's data durable (written in place, or staged: see
+//! `staged_tail`), then writes one intent file
 //! (atomically: temp + fsync + rename) naming each volume's `(epoch, target)`: that rename is the
 //! group's commit point. Then each volume commits on its own and the intent is removed. At open,
-//! a volume named by an intent whose transaction is still there commits it (roll forward) instead
-//! of rolling it back; a crash before the rename leaves no intent, and every volume rolls back or
+//! a volume named by an intent whose transaction is still there commits it (roll forward, its
+//! staged changes written first) instead of rolling it back; a crash before the rename leaves no intent, and every volume rolls back or
 //! resumes as usual.
 
 use crate::bitmap::write_atomic;

@@ -244,19 +244,50 @@ impl Registry {
 mod tests {
     use super::*;
 
+    /// A registry on a fresh data dir in `t`, with the dir's lock.
+    fn open_registry(t: &std::path::Path) -> (crate::data_dir::DirLock, Arc<Registry>) {
+        let dd = DataDir::open(t).unwrap();
+        let lock = dd.try_lock().unwrap().unwrap();
+        (lock, Registry::open(dd).unwrap())
+    }
+
+    /// A new 1 MiB volume `name`, a replica of site-a's at epoch 1.
+    fn new_replica(reg: &Registry, name: &str) -> Arc<Volume> {
+        reg.create(name, 1 << 20, 65536).unwrap();
+        let v = reg.require(name).unwrap();
+        v.make_replica("site-a", 1).unwrap();
+        v
+    }
+
+    /// The intent of group a+b to commit generation `target` of epoch 1.
+    fn write_group_intent(root: &std::path::Path, target: u64) {
+        let volumes = ["a", "b"]
+            .iter()
+            .map(|n| commit_intent::IntentEntry {
+                name: n.to_string(),
+                epoch: 1,
+                target,
+            })
+            .collect();
+        commit_intent::write(
+            root,
+            &commit_intent::Intent {
+                group: "site-b/a+b".into(),
+                volumes,
+            },
+        )
+        .unwrap();
+    }
+
     /// A stop between two volumes' commits of one group: the intent makes the next open finish
     /// the other volume's commit, so the group is again at one generation.
     #[test]
     fn an_interrupted_group_commit_finishes_at_open() {
         let t = tempfile::tempdir().unwrap();
-        let dd = DataDir::open(t.path()).unwrap();
-        let lock = dd.try_lock().unwrap().unwrap();
-        let reg = Registry::open(dd).unwrap();
+        let (lock, reg) = open_registry(t.path());
         let mut txns = Vec::new();
         for (name, byte) in [("a", 1u8), ("b", 2u8)] {
-            reg.create(name, 1 << 20, 65536).unwrap();
-            let v = reg.require(name).unwrap();
-            v.make_replica("site-a", 1).unwrap();
+            let v = new_replica(&reg, name);
             let txn = v.begin_apply(1, 1, None).unwrap();
             let data = [byte; 8192];
             v.apply_batch(
@@ -270,31 +301,14 @@ mod tests {
             v.flush_replica().unwrap();
             txns.push((v, txn));
         }
-        let entries = ["a", "b"]
-            .iter()
-            .map(|n| commit_intent::IntentEntry {
-                name: n.to_string(),
-                epoch: 1,
-                target: 1,
-            })
-            .collect();
-        commit_intent::write(
-            t.path(),
-            &commit_intent::Intent {
-                group: "site-b/a+b".into(),
-                volumes: entries,
-            },
-        )
-        .unwrap();
+        write_group_intent(t.path(), 1);
         txns[0].0.commit_apply(&txns[0].1).unwrap();
         // The stop: b never committed, nothing closes cleanly.
         std::mem::forget(txns);
         std::mem::forget(reg);
         drop(lock);
 
-        let dd = DataDir::open(t.path()).unwrap();
-        let _lock = dd.try_lock().unwrap().unwrap();
-        let reg = Registry::open(dd).unwrap();
+        let (_lock, reg) = open_registry(t.path());
         for (name, byte) in [("a", 1u8), ("b", 2u8)] {
             let v = reg.require(name).unwrap();
             assert_eq!(v.replica().unwrap().last_complete_generation, 1, "{name}");
@@ -306,12 +320,65 @@ mod tests {
         assert!(commit_intent::pending(t.path()).is_empty());
     }
 
+    /// As above, with each volume's last changes staged instead of in place (`stage_apply`):
+    /// a, recorded before the stop, and b, not recorded, both end at generation 2 with every
+    /// change, and each keeps its way back to generation 1.
+    #[test]
+    fn an_interrupted_group_commit_with_staged_tails_finishes_at_open() {
+        use crate::staged_tail::Change;
+        let t = tempfile::tempdir().unwrap();
+        let (lock, reg) = open_registry(t.path());
+        let change = |offset: u64, byte: u8| Change::Data {
+            offset,
+            data: vec![byte; 65536].into(),
+        };
+        let mut txns = Vec::new();
+        for (name, byte) in [("a", 1u8), ("b", 2u8)] {
+            let v = new_replica(&reg, name);
+            let txn = v.begin_apply(1, 1, None).unwrap();
+            v.apply_batch(&txn, &[change(0, byte).op(), change(65536, byte).op()])
+                .unwrap();
+            v.commit_apply(&txn).unwrap();
+            // Generation 2: its first block in place, the second staged.
+            let txn = v.begin_apply(1, 2, None).unwrap();
+            v.apply_batch(&txn, &[change(0, byte + 10).op()]).unwrap();
+            let tail = vec![change(65536, byte + 20)];
+            v.stage_apply(&txn, &tail).unwrap();
+            txns.push((v, txn, tail));
+        }
+        write_group_intent(t.path(), 2);
+        let (v, txn, tail) = &txns[0];
+        v.record_staged(txn, tail.clone()).unwrap();
+        std::mem::forget(txns);
+        std::mem::forget(reg);
+        drop(lock);
+
+        let (_lock, reg) = open_registry(t.path());
+        let read = |v: &Volume, offset: u64| {
+            let mut buf = vec![0u8; 65536];
+            v.read_at(offset, &mut buf).unwrap();
+            buf
+        };
+        for (name, byte) in [("a", 1u8), ("b", 2u8)] {
+            let v = reg.require(name).unwrap();
+            assert_eq!(v.replica().unwrap().last_complete_generation, 2, "{name}");
+            assert!(v.applying().is_none());
+            assert_eq!(read(&v, 0), vec![byte + 10; 65536], "{name}");
+            assert_eq!(read(&v, 65536), vec![byte + 20; 65536], "{name}");
+            assert!(
+                crate::staged_tail::read(v.dir()).unwrap().is_none(),
+                "{name}"
+            );
+            assert_eq!(v.promote_to(Some(1)).unwrap(), 1, "{name}");
+            assert_eq!(read(&v, 65536), vec![byte; 65536], "{name}");
+        }
+        assert!(commit_intent::pending(t.path()).is_empty());
+    }
+
     #[test]
     fn group_cut_and_busy_delete() {
         let t = tempfile::tempdir().unwrap();
-        let dd = DataDir::open(t.path()).unwrap();
-        let _lock = dd.try_lock().unwrap().unwrap();
-        let reg = Registry::open(dd).unwrap();
+        let (_lock, reg) = open_registry(t.path());
         reg.create("a", 1 << 20, 65536).unwrap();
         reg.create("b", 1 << 20, 65536).unwrap();
         reg.get("a")

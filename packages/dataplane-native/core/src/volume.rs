@@ -257,7 +257,7 @@ impl Volume {
         }
         let mut resumable = None;
         let mut to_commit = None;
-        let (mut staged, mut to_settle) = (None, None);
+        let (mut staged, mut to_settle, mut commit_tail) = (None, None, None);
         if !meta.read_only {
             // An interrupted apply is taken up again when its progress map allows resuming it,
             // else rolled back, unless its generation was committed.
@@ -269,6 +269,12 @@ impl Volume {
             if let Some((epoch, target)) = commit.filter(|c| Some(*c) != committed) {
                 if meta.replica.is_some() {
                     to_commit = ApplyTxn::reopen_to_commit(dir, epoch, target)?;
+                    // Staged for the group's commit, not written in place yet: written first.
+                    if to_commit.is_some() {
+                        commit_tail = staged_tail::read(dir)?
+                            .filter(|(id, _)| id.epoch == epoch && id.target == target)
+                            .map(|(_, tail)| tail);
+                    }
                 }
             }
             // A generation committed with a staged tail that was not all in place yet is
@@ -368,7 +374,14 @@ impl Volume {
         // Persist what recovery concluded and start with an empty activity log.
         if !meta_read_only {
             if let Some(txn) = to_commit {
+                let txn = Arc::new(txn);
+                if let Some(tail) = &commit_tail {
+                    vol.write_tail(&txn, tail)?;
+                }
                 vol.commit_apply(&txn)?;
+                if commit_tail.is_some() {
+                    staged_tail::invalidate(&vol.dir)?;
+                }
             }
             if let Some(tail) = staged {
                 vol.roll_forward(to_settle.map(Arc::new), &tail)?;
@@ -1318,9 +1331,8 @@ impl Volume {
     pub fn commit_apply(&self, txn: &ApplyTxn) -> Result<()> {
         let _hold = self.apply_hold.read();
         let id = txn.id();
-        let rep = self.require_replica()?;
         // The journal undoes this generation: keep it as the way back to the one before.
-        let keep = id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch;
+        let keep = self.keeps_point(id)?;
         let started = std::time::Instant::now();
         // Both before the metadata that lists the point and commits the generation; independent
         // of each other, so their fsyncs overlap.
@@ -1403,6 +1415,38 @@ impl Volume {
     /// until `finish_settle`. The applier goes on writing them in place meanwhile.
     pub fn commit_apply_staged(&self, txn: &Arc<ApplyTxn>, tail: Vec<StagedChange>) -> Result<()> {
         let _hold = self.apply_hold.read();
+        let (keep, started, durable) = self.stage_held(txn, &tail)?;
+        self.record_commit(txn.id(), keep, false, started, durable)?;
+        txn.set_committed(tail);
+        Ok(())
+    }
+
+    /// For a volume of a group: make `txn`'s generation durable with `tail` staged, as
+    /// `commit_apply_staged` does, without recording it yet — the group's intent is the commit
+    /// point (see `commit_intent`), and `record_staged` follows it.
+    pub fn stage_apply(&self, txn: &Arc<ApplyTxn>, tail: &[StagedChange]) -> Result<()> {
+        let _hold = self.apply_hold.read();
+        self.stage_held(txn, tail).map(|_| ())
+    }
+
+    /// Record the generation `stage_apply` made durable with `tail` (after the group's intent).
+    pub fn record_staged(&self, txn: &Arc<ApplyTxn>, tail: Vec<StagedChange>) -> Result<()> {
+        let _hold = self.apply_hold.read();
+        self.check_running(txn)?;
+        let keep = self.keeps_point(txn.id())?;
+        self.record_commit(
+            txn.id(),
+            keep,
+            false,
+            Instant::now(),
+            std::time::Duration::ZERO,
+        )?;
+        txn.set_committed(tail);
+        Ok(())
+    }
+
+    /// `txn` is the transaction running (and not committed yet).
+    fn check_running(&self, txn: &Arc<ApplyTxn>) -> Result<()> {
         if !self
             .txn
             .read()
@@ -1416,12 +1460,27 @@ impl Volume {
                 self.name
             )));
         }
-        let id = txn.id();
+        Ok(())
+    }
+
+    /// Whether committing `id` keeps its journal as the point back to `id.base`.
+    fn keeps_point(&self, id: TxnId) -> Result<bool> {
         let rep = self.require_replica()?;
-        let keep = id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch;
+        Ok(id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch)
+    }
+
+    /// `tail` staged, the data written in place so far (every write returned before the tail
+    /// was taken) and the point's link, all durable, in parallel; call with `apply_hold` held.
+    /// Returns whether a point is kept, when it started and how long it took.
+    fn stage_held(
+        &self,
+        txn: &Arc<ApplyTxn>,
+        tail: &[StagedChange],
+    ) -> Result<(bool, Instant, std::time::Duration)> {
+        self.check_running(txn)?;
+        let id = txn.id();
+        let keep = self.keeps_point(id)?;
         let started = std::time::Instant::now();
-        // The tail, the data written in place so far (every write returned before the tail was
-        // taken) and the point's link, all durable before the metadata commits; in parallel.
         let (kept, staged, flushed) = std::thread::scope(|s| {
             let kept = s.spawn(|| {
                 if keep {
@@ -1431,7 +1490,7 @@ impl Volume {
                 }
             });
             let staged = s.spawn(|| {
-                let r = staged_tail::write(&self.dir, id, &tail);
+                let r = staged_tail::write(&self.dir, id, tail);
                 (r, started.elapsed())
             });
             let flushed = self.flush_data();
@@ -1454,10 +1513,7 @@ impl Volume {
         kept?;
         staged?;
         flushed?;
-        let durable = started.elapsed();
-        self.record_commit(id, keep, false, started, durable)?;
-        txn.set_committed(tail);
-        Ok(())
+        Ok((keep, started, started.elapsed()))
     }
 
     /// The applier of `txn`, committed by `commit_apply_staged`, is done (`applied`: whether it
@@ -1495,18 +1551,24 @@ impl Volume {
         self.settled.notify_all();
     }
 
+    /// At open: write a staged `tail` in place under `txn`, which becomes the running transaction.
+    fn write_tail(&self, txn: &Arc<ApplyTxn>, tail: &[StagedChange]) -> Result<()> {
+        *self.txn.write() = Some(txn.clone());
+        let ops: Vec<ApplyOp<'_>> = tail.iter().map(StagedChange::op).collect();
+        self.apply_batch(txn, &ops)
+    }
+
     /// At open: write the staged `tail` of the committed generation in place again (under its
     /// journal `txn` when there is one left), then drop both.
     fn roll_forward(&self, txn: Option<Arc<ApplyTxn>>, tail: &[StagedChange]) -> Result<()> {
-        let ops: Vec<ApplyOp<'_>> = tail.iter().map(StagedChange::op).collect();
         match txn {
             Some(txn) => {
-                *self.txn.write() = Some(txn.clone());
-                let applied = self.apply_batch(&txn, &ops);
+                let written = self.write_tail(&txn, tail);
                 self.txn.write().take();
-                applied?;
+                written?;
             }
             None => {
+                let ops: Vec<ApplyOp<'_>> = tail.iter().map(StagedChange::op).collect();
                 for op in &ops {
                     match *op {
                         ApplyOp::Data { offset, data } => {

@@ -74,6 +74,19 @@ impl Receiver {
         }
     }
 
+    /// Take `volume`'s applier for a commit: with the changes it has not written in place yet
+    /// (holding back its next batch), or, when it holds none, finished (`None`; its failure, if
+    /// a change failed to apply).
+    fn take_tail(&self, volume: &str) -> Result<Option<(Arc<Applier>, Vec<Change>)>> {
+        let Some(a) = self.appliers.lock().remove(volume) else {
+            return Ok(None);
+        };
+        match a.unapplied() {
+            Ok(tail) if !tail.is_empty() => Ok(Some((a, tail))),
+            _ => finish_applier(a).map(|()| None),
+        }
+    }
+
     /// The replica of `g` and its running transaction, which must be the generation `g` names.
     fn committing(&self, g: &GenerationRef) -> Result<(Arc<crate::volume::Volume>, Arc<ApplyTxn>)> {
         let v = self.registry.require(&g.name)?;
@@ -96,26 +109,104 @@ impl Receiver {
         Ok((v, txn))
     }
 
+    /// Commit the generation of a group of several volumes: one commit point for the whole group
+    /// (see `commit_intent`). Every volume's data durable first — what its applier still holds
+    /// staged, as for a lone volume (`commit_one`) —, then the intent, then each volume's own
+    /// record, and the appliers write their tails in place after the answer.
+    fn commit_group(&self, group: &str, volumes: &[GenerationRef]) -> Result<ControlReply> {
+        let started = std::time::Instant::now();
+        let mut parts: Vec<GroupPart<'_>> = Vec::new();
+        let mut drained = Ok(());
+        for g in volumes {
+            // Every applier is taken (a failure of one does not leave the others running).
+            let (applier, tail) = match self.take_tail(&g.name) {
+                Ok(Some((a, tail))) => (Some(a), tail),
+                Ok(None) => (None, Vec::new()),
+                Err(e) => {
+                    drained = drained.and(Err(e));
+                    (None, Vec::new())
+                }
+            };
+            parts.push((g, applier, tail));
+        }
+        // Until the intent is written nothing is committed: on a failure every applier finishes
+        // what it holds (as a commit without tails would have), and the source may try again.
+        let unwind = |parts: Vec<GroupPart<'_>>| {
+            for (_, a, _) in parts {
+                if let Some(a) = a {
+                    let _ = finish_applier(a);
+                }
+            }
+        };
+        let mut ready = Vec::new();
+        let durable = drained.and_then(|()| {
+            for (g, _, tail) in &parts {
+                let (v, txn) = self.committing(g)?;
+                if tail.is_empty() {
+                    v.flush_replica()?;
+                } else {
+                    v.stage_apply(&txn, tail)?;
+                }
+                ready.push((v, txn));
+            }
+            Ok(())
+        });
+        let intent = durable.and_then(|()| {
+            commit_intent::write(
+                self.registry.data_dir().root(),
+                &Intent {
+                    group: group.to_string(),
+                    volumes: volumes
+                        .iter()
+                        .map(|g| IntentEntry {
+                            name: g.name.clone(),
+                            epoch: g.epoch,
+                            target: g.generation,
+                        })
+                        .collect(),
+                },
+            )
+        });
+        let intent = match intent {
+            Ok(i) => i,
+            Err(e) => {
+                unwind(parts);
+                return Err(e);
+            }
+        };
+        // Committed (the intent says so, also to the next open): each volume records it.
+        let mut recorded = Ok(());
+        let mut settling = Vec::new();
+        for ((_, applier, tail), (v, txn)) in parts.into_iter().zip(ready) {
+            let r = match applier {
+                Some(a) => v
+                    .record_staged(&txn, tail)
+                    .map(|()| settling.push((v, txn, a))),
+                None => v.commit_apply(&txn),
+            };
+            recorded = recorded.and(r);
+        }
+        if recorded.is_ok() {
+            commit_intent::remove(&intent);
+        }
+        log::debug!(
+            "group '{group}': committed {:.1} ms after its commit arrived, {} volume(s) with changes staged",
+            crate::ms(started.elapsed()),
+            settling.len()
+        );
+        for (v, txn, a) in settling {
+            settle_later(v, txn, a);
+        }
+        recorded.map(|()| ControlReply::ok())
+    }
+
     /// Commit the generation of a group of one volume (no intent: its own commit is atomic
     /// already, and the intent's two fsyncs are a good part of a small generation's time). The
     /// changes its applier still holds are staged instead of waited for (see `staged_tail`);
     /// the applier writes them in place after the answer, and the volume settles then.
     fn commit_one(&self, group: &str, g: &GenerationRef) -> Result<ControlReply> {
         let started = std::time::Instant::now();
-        let applier = self.appliers.lock().remove(&g.name);
-        let tail = applier
-            .as_ref()
-            .and_then(|a| a.unapplied().ok())
-            .unwrap_or_default();
-        let staged = match applier {
-            Some(a) if !tail.is_empty() => Some(a),
-            Some(a) => {
-                finish_applier(a)?;
-                None
-            }
-            None => None,
-        };
-        let Some(applier) = staged else {
+        let Some((applier, tail)) = self.take_tail(&g.name)? else {
             let (v, txn) = self.committing(g)?;
             v.commit_apply(&txn)?;
             log::debug!(
@@ -141,27 +232,7 @@ impl Receiver {
             "group '{group}': committed {:.1} ms after its commit arrived, {changes} changes staged",
             crate::ms(started.elapsed())
         );
-        let settle = {
-            let (v, txn) = (v.clone(), txn.clone());
-            move || {
-                let started = std::time::Instant::now();
-                let applied = finish_applier(applier);
-                v.finish_settle(&txn, applied);
-                log::debug!(
-                    "replica '{}': staged changes in place {:.1} ms after the commit",
-                    v.name(),
-                    crate::ms(started.elapsed())
-                );
-            }
-        };
-        if let Err(e) = std::thread::Builder::new()
-            .name("ferry-settle".into())
-            .spawn(settle)
-        {
-            // No thread: settle here, after all (the answer waits, nothing is lost).
-            log::warn!("cannot start a thread to settle '{}': {e}", g.name);
-            v.finish_settle(&txn, Err(Error::io("cannot start the settle thread", e)));
-        }
+        settle_later(v, txn, applier);
         Ok(ControlReply::ok())
     }
 
@@ -324,10 +395,8 @@ impl Receiver {
             }
             ControlMessage::Begin { group, volumes } => {
                 self.check_group(&group, &names(&volumes))?;
-                // The memory a commit stages its tail in, touched before a commit needs it.
-                if volumes.len() == 1 {
-                    crate::staged_tail::warm_up(2 * super::applier::MAX_QUEUED_BYTES);
-                }
+                // The memory a commit stages its tails in, touched before a commit needs it.
+                crate::staged_tail::warm_up(2 * super::applier::MAX_QUEUED_BYTES);
                 // Generations replace synchronous sessions (a resync after a suspension).
                 let mut sessions = self.sessions.lock();
                 for v in &volumes {
@@ -410,42 +479,7 @@ impl Receiver {
                 if let [g] = volumes.as_slice() {
                     return self.commit_one(&group, g);
                 }
-                // One commit point for the whole group (see `commit_intent`): every volume's data
-                // durable, then the intent, then each volume's own commit. Every acknowledged
-                // frame is applied first.
-                let mut txns = Vec::new();
-                let started = std::time::Instant::now();
-                for g in &volumes {
-                    self.finish_applying(&g.name)?;
-                }
-                log::debug!(
-                    "group '{group}': every frame applied {:.1} ms after its commit arrived",
-                    crate::ms(started.elapsed())
-                );
-                for g in &volumes {
-                    let (v, txn) = self.committing(g)?;
-                    v.flush_replica()?;
-                    txns.push((v, txn));
-                }
-                let intent = commit_intent::write(
-                    self.registry.data_dir().root(),
-                    &Intent {
-                        group: group.clone(),
-                        volumes: volumes
-                            .iter()
-                            .map(|g| IntentEntry {
-                                name: g.name.clone(),
-                                epoch: g.epoch,
-                                target: g.generation,
-                            })
-                            .collect(),
-                    },
-                )?;
-                for (v, txn) in txns {
-                    v.commit_apply(&txn)?;
-                }
-                commit_intent::remove(&intent);
-                Ok(ControlReply::ok())
+                self.commit_group(&group, &volumes)
             }
             ControlMessage::Abort { group, volumes } => {
                 self.check_group(&group, &volumes)?;
@@ -700,6 +734,36 @@ impl Receiver {
 
 fn matches(txn: &crate::apply_txn::ApplyTxn, f: &frame::Frame<'_>) -> bool {
     txn.id().epoch == f.epoch && txn.id().target == f.generation
+}
+
+/// A volume of a group being committed: its generation, its applier if that still holds
+/// changes, and those changes.
+type GroupPart<'a> = (&'a GenerationRef, Option<Arc<Applier>>, Vec<Change>);
+
+/// On a thread of its own: let `applier` write the staged tail of `txn`, committed, in place,
+/// then settle `v` (see `Volume::finish_settle`).
+fn settle_later(v: Arc<crate::volume::Volume>, txn: Arc<ApplyTxn>, applier: Arc<Applier>) {
+    let settle = {
+        let (v, txn) = (v.clone(), txn.clone());
+        move || {
+            let started = std::time::Instant::now();
+            let applied = finish_applier(applier);
+            v.finish_settle(&txn, applied);
+            log::debug!(
+                "replica '{}': staged changes in place {:.1} ms after the commit",
+                v.name(),
+                crate::ms(started.elapsed())
+            );
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("ferry-settle".into())
+        .spawn(settle)
+    {
+        // Without a thread the tail stays served from memory; the volume says to restart.
+        log::warn!("cannot start a thread to settle '{}': {e}", v.name());
+        v.finish_settle(&txn, Err(Error::io("cannot start the settle thread", e)));
+    }
 }
 
 /// Apply everything `a` holds and stop it: the first failure if a change was not applied.
