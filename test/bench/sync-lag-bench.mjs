@@ -427,9 +427,9 @@ function formatLag(cfg, lag) {
     `lag p99 under load ${loaded.p99.toFixed(2)} s ${met ? "meets goal" : "MISSES goal"} (<= ${GOALS.lagP99Seconds} s); ` +
       `÷ interval ${(loaded.p99 / cfg.lag.intervalSeconds).toFixed(2)}x` +
       (idle ? `, ÷ idle p99 ${(loaded.p99 / idle.p99).toFixed(2)}x` : ""),
-    `by construction the lag (age of the last completed cut) peaks just before a generation completes, at about interval + ` +
-      `this cycle (cuts keep to the interval, counted from the previous cut): here ${cfg.lag.intervalSeconds} s + ${(loaded.cycleMsP50 / 1000).toFixed(2)} s (p50 cycle) = ` +
-      `${(cfg.lag.intervalSeconds + loaded.cycleMsP50 / 1000).toFixed(2)} s`,
+    `by construction the lag (age of the last completed cut) peaks just before a generation completes, at about interval − ` +
+      `2 × the previous cycle + this cycle (a cut starts early by twice the last cycle's time): here ${cfg.lag.intervalSeconds} s − ` +
+      `${(loaded.cycleMsP50 / 1000).toFixed(2)} s (a p50 cycle) = ${(cfg.lag.intervalSeconds - loaded.cycleMsP50 / 1000).toFixed(2)} s`,
     `keeping up: the generations that carried data shipped and applied ${(loaded.shipBytesPerSecond / 1e6).toFixed(1)} MB/s ` +
       `(raw volume data, cut to commit), the writer wrote ${lag.writeMBps.toFixed(1)} MB/s` +
       (loaded.shipBytesPerSecond < lag.writeMBps * 1e6

@@ -120,7 +120,10 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
         .makeOptionMandatory(),
     )
     .addOption(
-      new Option("--interval <duration>", "time between generations: 500ms, 5s, 2m, 1h")
+      new Option(
+        "--interval <duration>",
+        "time between generations, and the lag the pair keeps under (a cut starts early by twice the last one's time): 500ms, 5s, 2m, 1h",
+      )
         .default(parseDuration(DEFAULT_INTERVAL), DEFAULT_INTERVAL)
         .argParser(parseDuration),
     )
@@ -311,7 +314,10 @@ export function registerReplicateCommands(program: Command, io: ProgramIo): void
     .option("--to-node <node>", "the node of that site holding the volumes, when it runs several volume services")
     .addOption(new Option("--mode <mode>", "async or sync, as for `replicate start`").choices(MODES).default("async"))
     .addOption(
-      new Option("--interval <duration>", "time between generations: 500ms, 5s, 2m, 1h")
+      new Option(
+        "--interval <duration>",
+        "time between generations, and the lag the pair keeps under (a cut starts early by twice the last one's time): 500ms, 5s, 2m, 1h",
+      )
         .default(parseDuration(DEFAULT_INTERVAL), DEFAULT_INTERVAL)
         .argParser(parseDuration),
     )

@@ -2,7 +2,8 @@
 //! one target site. Each cycle cuts the group with images (copy-before-write), sends the changes
 //! since what the target holds as verified frames over NATS with a bounded window of requests in
 //! flight (each acknowledged only once applied), then commits the generation at the target.
-//! Continuous mode runs a cycle every interval; `sync` runs one now and waits for it.
+//! Continuous mode runs a cycle every interval (starting early by twice the last cycle's time,
+//! so the lag stays under the interval); `sync` runs one now and waits for it.
 
 use super::frame::{self, FrameSizer};
 use super::protocol::{
@@ -498,13 +499,15 @@ impl Shipper {
             match &r {
                 Ok(_) => {
                     last_shipped = self.bytes_raw.load(Ordering::Relaxed) - before;
-                    // Cuts keep to the interval, however long shipping took (so the lag stays
-                    // under the interval plus one transfer); a sync pair catching up goes on at
-                    // once until it is synchronous.
+                    // The interval is the lag the pair keeps under (its RPO): the lag peaks just
+                    // before a generation lands, at the time from the previous cut to that
+                    // landing, so the next cut starts early by twice this cycle's time (up to
+                    // half the interval), whatever the cycle took. A sync pair catching up goes
+                    // on at once until it is synchronous.
                     next = if sync_pair && !self.synchronous() {
                         tokio::time::Instant::now()
                     } else {
-                        cycle_started + interval
+                        cycle_started + next_cut_after(interval, cycle_started.elapsed())
                     };
                     let mut st = self.status.lock();
                     st.state = "idle".into();
@@ -1176,6 +1179,15 @@ impl Shipper {
     }
 }
 
+/// How long after a cycle's start the next cut starts, for a pair whose lag is to stay under
+/// `interval` when a cycle takes about `took`: early by twice `took` (room for a cycle that takes
+/// longer than the last), never sooner than half the interval.
+fn next_cut_after(interval: Duration, took: Duration) -> Duration {
+    interval
+        .saturating_sub(took.saturating_mul(2))
+        .max(interval / 2)
+}
+
 /// Marks a commit under way for as long as it lives (also when its cycle is abandoned).
 struct Committing<'a>(&'a AtomicBool);
 
@@ -1279,6 +1291,18 @@ pub mod test_hooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuts_start_early_by_twice_the_last_cycle_to_keep_the_lag_under_the_interval() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_cut_after(ms(5000), ms(210)), ms(4580));
+        assert_eq!(next_cut_after(ms(5000), ms(0)), ms(5000));
+        // A cycle as long as the interval: never closer than half of it.
+        assert_eq!(next_cut_after(ms(5000), ms(4000)), ms(2500));
+        // With cycles of about the same length, the lag peaks before the interval.
+        let (took, interval) = (ms(300), ms(2000));
+        assert!(next_cut_after(interval, took) + took <= interval);
+    }
 
     #[test]
     fn begin_announces_no_more_runs_than_half_the_servers_max_payload_holds() {
