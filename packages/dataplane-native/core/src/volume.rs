@@ -1219,15 +1219,7 @@ impl Volume {
         txn.sync()?;
         let journaled = started.elapsed();
         for op in ops {
-            match op {
-                ApplyOp::Data { offset, data } => self
-                    .file
-                    .write_all_at(data, *offset)
-                    .ctx(|| format!("applying to replica '{}' at {offset} failed", self.name))?,
-                ApplyOp::Zero { offset, length } => {
-                    self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, *offset, *length)?
-                }
-            }
+            self.write_in_place(op)?;
             txn.applied(&self.file, op.offset(), op.length())?;
         }
         // Start writing the batch back now, without waiting: the fdatasync that the progress map
@@ -1296,6 +1288,11 @@ impl Volume {
                 why: "a generation is being applied; synchronous changes wait for it".into(),
             });
         }
+        self.write_in_place(op)
+    }
+
+    /// Write one change of a replica into its data file (a zero run punches a hole).
+    fn write_in_place(&self, op: &ApplyOp<'_>) -> Result<()> {
         match op {
             ApplyOp::Data { offset, data } => self
                 .file
@@ -1330,50 +1327,28 @@ impl Volume {
     /// Commit the running transaction: the replica now holds generation `target` completely.
     pub fn commit_apply(&self, txn: &ApplyTxn) -> Result<()> {
         let _hold = self.apply_hold.read();
-        let id = txn.id();
-        // The journal undoes this generation: keep it as the way back to the one before.
-        let keep = self.keeps_point(id)?;
-        let started = std::time::Instant::now();
-        // Both before the metadata that lists the point and commits the generation; independent
-        // of each other, so their fsyncs overlap.
-        let (kept, flushed) = std::thread::scope(|s| {
-            let kept = s.spawn(|| {
-                if keep {
-                    recovery_points::keep(&self.dir, &ApplyTxn::journal_path(&self.dir), id.base)
-                } else {
-                    Ok(())
-                }
-            });
-            let flushed = self.flush_data();
-            (
-                kept.join().expect("keeping a recovery point panicked"),
-                flushed,
-            )
-        });
-        kept?;
-        flushed?;
-        let durable = started.elapsed();
-        self.record_commit(id, keep, true, started, durable)?;
+        let keep = self.make_durable(txn, &[])?;
+        self.record_commit(txn.id(), keep, true)?;
         if let Some(t) = self.txn.write().take() {
             let _ = Arc::try_unwrap(t).map(|t| t.finish());
         }
+        self.remove_txn_files();
+        Ok(())
+    }
+
+    /// Remove the journal and progress map of a transaction that is over (a journal kept as a
+    /// recovery point stays, under its other name).
+    fn remove_txn_files(&self) {
         let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
         let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
-        Ok(())
     }
 
     /// Record generation `id.target` as the replica's last complete one (with the point back to
     /// `id.base` if `keep`), its data durable already. With `prune`, the journals of the points
     /// it drops are deleted now (else by `finish_settle`, after the answer: deleting a journal
     /// costs milliseconds, and an unlisted one is only an orphan until then).
-    fn record_commit(
-        &self,
-        id: TxnId,
-        keep: bool,
-        prune: bool,
-        started: Instant,
-        durable: std::time::Duration,
-    ) -> Result<()> {
+    fn record_commit(&self, id: TxnId, keep: bool, prune: bool) -> Result<()> {
+        let started = Instant::now();
         let rep = self.update_replica(|r| {
             if keep {
                 r.points.insert(
@@ -1396,12 +1371,10 @@ impl Volume {
             recovery_points::prune(&self.dir, &rep.points);
         }
         log::debug!(
-            "replica '{}' generation {}: data durable{} {:.1} ms, recorded {:.1} ms, points pruned {:.1} ms",
+            "replica '{}' generation {}: recorded {:.1} ms, points pruned {:.1} ms",
             self.name,
             id.target,
-            if keep { " and point kept" } else { "" },
-            ms(durable),
-            ms(recorded - durable),
+            ms(recorded),
             ms(started.elapsed() - recorded)
         );
         // A generation applied over a demoted volume's divergence settled it.
@@ -1415,8 +1388,9 @@ impl Volume {
     /// until `finish_settle`. The applier goes on writing them in place meanwhile.
     pub fn commit_apply_staged(&self, txn: &Arc<ApplyTxn>, tail: Vec<StagedChange>) -> Result<()> {
         let _hold = self.apply_hold.read();
-        let (keep, started, durable) = self.stage_held(txn, &tail)?;
-        self.record_commit(txn.id(), keep, false, started, durable)?;
+        self.check_running(txn)?;
+        let keep = self.make_durable(txn, &tail)?;
+        self.record_commit(txn.id(), keep, false)?;
         txn.set_committed(tail);
         Ok(())
     }
@@ -1426,7 +1400,8 @@ impl Volume {
     /// point (see `commit_intent`), and `record_staged` follows it.
     pub fn stage_apply(&self, txn: &Arc<ApplyTxn>, tail: &[StagedChange]) -> Result<()> {
         let _hold = self.apply_hold.read();
-        self.stage_held(txn, tail).map(|_| ())
+        self.check_running(txn)?;
+        self.make_durable(txn, tail).map(|_| ())
     }
 
     /// Record the generation `stage_apply` made durable with `tail` (after the group's intent).
@@ -1434,13 +1409,7 @@ impl Volume {
         let _hold = self.apply_hold.read();
         self.check_running(txn)?;
         let keep = self.keeps_point(txn.id())?;
-        self.record_commit(
-            txn.id(),
-            keep,
-            false,
-            Instant::now(),
-            std::time::Duration::ZERO,
-        )?;
+        self.record_commit(txn.id(), keep, false)?;
         txn.set_committed(tail);
         Ok(())
     }
@@ -1469,19 +1438,17 @@ impl Volume {
         Ok(id.base > 0 && rep.keep_points > 1 && rep.epoch == id.epoch)
     }
 
-    /// `tail` staged, the data written in place so far (every write returned before the tail
-    /// was taken) and the point's link, all durable, in parallel; call with `apply_hold` held.
-    /// Returns whether a point is kept, when it started and how long it took.
-    fn stage_held(
-        &self,
-        txn: &Arc<ApplyTxn>,
-        tail: &[StagedChange],
-    ) -> Result<(bool, Instant, std::time::Duration)> {
-        self.check_running(txn)?;
+    /// Everything a commit of `txn` needs on disk before the metadata records it, in parallel
+    /// (independent, so their fsyncs overlap): the data written in place so far (every write
+    /// returned before `tail` was taken), `tail` staged when there is one (see `staged_tail`),
+    /// and the journal linked as the point back to the base when one is kept. Call with
+    /// `apply_hold` held. Returns whether a point is kept.
+    fn make_durable(&self, txn: &ApplyTxn, tail: &[StagedChange]) -> Result<bool> {
         let id = txn.id();
+        // The journal undoes this generation: keep it as the way back to the one before.
         let keep = self.keeps_point(id)?;
         let started = std::time::Instant::now();
-        let (kept, staged, flushed) = std::thread::scope(|s| {
+        let (kept, staged, flushed, data_synced, tail_synced) = std::thread::scope(|s| {
             let kept = s.spawn(|| {
                 if keep {
                     recovery_points::keep(&self.dir, &ApplyTxn::journal_path(&self.dir), id.base)
@@ -1489,31 +1456,40 @@ impl Volume {
                     Ok(())
                 }
             });
-            let staged = s.spawn(|| {
-                let r = staged_tail::write(&self.dir, id, tail);
-                (r, started.elapsed())
+            let staged = (!tail.is_empty()).then(|| {
+                s.spawn(|| {
+                    let r = staged_tail::write(&self.dir, id, tail);
+                    (r, started.elapsed())
+                })
             });
             let flushed = self.flush_data();
             let data_synced = started.elapsed();
-            let (staged, tail_synced) = staged.join().expect("staging a tail panicked");
-            log::debug!(
-                "replica '{}' generation {}: tail of {} changes staged {:.1} ms, data synced {:.1} ms",
-                self.name,
-                id.target,
-                tail.len(),
-                ms(tail_synced),
-                ms(data_synced)
-            );
+            let (staged, tail_synced) = match staged {
+                Some(h) => h.join().expect("staging a tail panicked"),
+                None => (Ok(()), std::time::Duration::ZERO),
+            };
             (
                 kept.join().expect("keeping a recovery point panicked"),
                 staged,
                 flushed,
+                data_synced,
+                tail_synced,
             )
         });
+        log::debug!(
+            "replica '{}' generation {}: data synced {:.1} ms, tail of {} changes staged {:.1} ms, durable{} {:.1} ms",
+            self.name,
+            id.target,
+            ms(data_synced),
+            tail.len(),
+            ms(tail_synced),
+            if keep { " and point kept" } else { "" },
+            ms(started.elapsed())
+        );
         kept?;
         staged?;
         flushed?;
-        Ok((keep, started, started.elapsed()))
+        Ok(keep)
     }
 
     /// The applier of `txn`, committed by `commit_apply_staged`, is done (`applied`: whether it
@@ -1529,8 +1505,7 @@ impl Volume {
                 if let Some(rep) = self.replica() {
                     recovery_points::prune(&self.dir, &rep.points);
                 }
-                let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
-                let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
+                self.remove_txn_files();
                 let mut slot = self.txn.write();
                 if slot.as_ref().is_some_and(|t| Arc::ptr_eq(t, txn)) {
                     *slot = None;
@@ -1568,25 +1543,14 @@ impl Volume {
                 written?;
             }
             None => {
-                let ops: Vec<ApplyOp<'_>> = tail.iter().map(StagedChange::op).collect();
-                for op in &ops {
-                    match *op {
-                        ApplyOp::Data { offset, data } => {
-                            self.file.write_all_at(data, offset).ctx(|| {
-                                format!("applying to replica '{}' at {offset} failed", self.name)
-                            })?
-                        }
-                        ApplyOp::Zero { offset, length } => {
-                            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE, offset, length)?
-                        }
-                    }
+                for c in tail {
+                    self.write_in_place(&c.op())?;
                 }
             }
         }
         self.flush_data()?;
         staged_tail::invalidate(&self.dir)?;
-        let _ = std::fs::remove_file(ApplyTxn::progress_path(&self.dir));
-        let _ = std::fs::remove_file(ApplyTxn::journal_path(&self.dir));
+        self.remove_txn_files();
         log::info!(
             "replica '{}': wrote the last {} changes of its committed generation again after a stop",
             self.name,
